@@ -1,0 +1,200 @@
+//! The backend seam. `BackendStorage` is everything a device must do; `Storage` is the
+//! enum over the devices' storages, and each of its methods checks the device once and
+//! dispatches. Tensor ops (`crate::ops`) only ever call `Storage`, so adding a device is
+//! adding a variant here and an implementation of the trait, nothing else.
+//!
+//! Conventions for every method:
+//! - inputs come with their `Layout` (any strides unless a method says "contiguous");
+//! - outputs are fresh, contiguous, offset 0;
+//! - f32 is the compute type: ops other than conversions reject other dtypes.
+
+pub mod cpu;
+pub mod ops;
+
+pub use cpu::CpuStorage;
+pub use ops::{BinaryOp, Conv2dParams, Pool2dParams, ReduceOp, UnaryOp, UpdateRule};
+
+use crate::{DType, Device, Layout, Result};
+
+/// What a device must implement. Methods mirror the primitive ops of `crate::ops`.
+pub trait BackendStorage: Sized + Send + Sync {
+    fn device(&self) -> Device;
+    fn dtype(&self) -> DType;
+    /// Number of elements in the buffer (not of any view on it).
+    fn len(&self) -> usize;
+    fn to_cpu(&self) -> Result<CpuStorage>;
+
+    fn to_dtype(&self, l: &Layout, dtype: DType) -> Result<Self>;
+    /// A contiguous copy of the view `l`.
+    fn copy_strided(&self, l: &Layout) -> Result<Self>;
+    /// Writes the view `l` of `self` into the view `dst_l` of `dst` (same shape).
+    fn copy_into(&self, l: &Layout, dst: &mut Self, dst_l: &Layout) -> Result<()>;
+
+    fn unary(&self, l: &Layout, op: UnaryOp) -> Result<Self>;
+    /// Both layouts have the output's shape (broadcast dims have stride 0).
+    fn binary(&self, l: &Layout, rhs: &Self, rhs_l: &Layout, op: BinaryOp) -> Result<Self>;
+    /// Reduces over `dims`; the output keeps them with size 1.
+    fn reduce(&self, l: &Layout, op: ReduceOp, dims: &[usize]) -> Result<Self>;
+    /// `[b, m, k] x [b, k, n] -> [b, m, n]`; any strides (stride 0 on b broadcasts).
+    fn matmul(&self, l: &Layout, rhs: &Self, rhs_l: &Layout) -> Result<Self>;
+
+    /// Softmax (or log-softmax) over the last dim of a contiguous tensor.
+    fn softmax_last(&self, l: &Layout, log: bool) -> Result<Self>;
+
+    // Convolution. Inputs contiguous. Weight is `[c_out, c_in/groups, kh, kw]`.
+    fn conv2d(&self, l: &Layout, w: &Self, w_l: &Layout, p: &Conv2dParams) -> Result<Self>;
+    /// Gradient of conv2d's input given the output gradient; also conv_transpose2d's forward.
+    fn conv2d_backward_input(&self, l: &Layout, w: &Self, w_l: &Layout, p: &Conv2dParams) -> Result<Self>;
+    /// Gradient of conv2d's weight: `self` is the input x, `grad` the output gradient.
+    fn conv2d_backward_weight(&self, l: &Layout, grad: &Self, grad_l: &Layout, p: &Conv2dParams) -> Result<Self>;
+
+    // Pooling over contiguous NCHW.
+    /// Returns the output and, per output, the flat index of the max within its
+    /// `h_in * w_in` plane (u32), as PyTorch's `return_indices=True`.
+    fn max_pool2d(&self, l: &Layout, p: &Pool2dParams) -> Result<(Self, Self)>;
+    /// `out[plane, idx[i]] += self[i]` for each plane: max_pool2d's backward and max_unpool2d.
+    fn scatter_add_planes(&self, l: &Layout, idx: &Self, idx_l: &Layout, out_plane: usize) -> Result<Self>;
+    /// `out[i] = self[plane, idx[i]]`: max_unpool2d's backward.
+    fn gather_planes(&self, l: &Layout, idx: &Self, idx_l: &Layout) -> Result<Self>;
+    /// Average pooling, padding counted in the divisor (PyTorch's default).
+    fn avg_pool2d(&self, l: &Layout, p: &Pool2dParams) -> Result<Self>;
+    fn avg_pool2d_backward(&self, l: &Layout, p: &Pool2dParams) -> Result<Self>;
+    fn upsample_nearest2d(&self, l: &Layout, scale: (usize, usize)) -> Result<Self>;
+    fn upsample_nearest2d_backward(&self, l: &Layout, scale: (usize, usize)) -> Result<Self>;
+
+    // Batch norm in training mode over contiguous NCHW, fused.
+    /// Returns `(y, mean, invstd)`, the last two per channel; `var` is biased.
+    fn batch_norm_train(&self, l: &Layout, gamma: &Self, beta: &Self, eps: f32) -> Result<(Self, Self, Self)>;
+    /// Returns `(dx, dgamma, dbeta)`.
+    fn batch_norm_backward(&self, l: &Layout, dy: &Self, mean: &Self, invstd: &Self, gamma: &Self) -> Result<(Self, Self, Self)>;
+
+    /// One fused optimiser update, in place on contiguous buffers of the same length.
+    /// `state` holds the rule's buffers (momentum; or Adam's m then v).
+    fn optimizer_update(&mut self, grad: &Self, state: &mut [&mut Self], rule: UpdateRule) -> Result<()>;
+}
+
+/// The storage of a tensor on some device.
+pub enum Storage {
+    Cpu(CpuStorage),
+}
+
+macro_rules! dispatch {
+    ($self:expr, $s:ident => $body:expr) => {
+        match $self {
+            Storage::Cpu($s) => $body,
+        }
+    };
+}
+
+/// Unwraps same-device operands or fails with a device-mismatch error.
+macro_rules! same_device {
+    ($op:literal, $a:expr, $($b:expr),+ => |$x:ident, $($y:ident),+| $body:expr) => {
+        #[allow(unreachable_patterns)]
+        match ($a, $($b),+) {
+            (Storage::Cpu($x), $(Storage::Cpu($y)),+) => $body,
+            (a, b, ..) => return Err(crate::Error::DeviceMismatch { op: $op, lhs: a.device(), rhs: b.device() }),
+        }
+    };
+}
+
+impl Storage {
+    pub fn device(&self) -> Device { dispatch!(self, s => s.device()) }
+    pub fn dtype(&self) -> DType { dispatch!(self, s => s.dtype()) }
+    pub fn len(&self) -> usize { dispatch!(self, s => s.len()) }
+    pub fn is_empty(&self) -> bool { self.len() == 0 }
+    pub fn to_cpu(&self) -> Result<CpuStorage> { dispatch!(self, s => s.to_cpu()) }
+    /// Moves a host buffer onto `device`.
+    pub fn from_cpu(cpu: CpuStorage, device: Device) -> Result<Storage> {
+        match device {
+            Device::Cpu => Ok(Storage::Cpu(cpu)),
+        }
+    }
+    pub fn zeros(len: usize, dtype: DType, device: Device) -> Result<Storage> {
+        let cpu = match dtype {
+            DType::F32 => CpuStorage::F32(vec![0.0; len]),
+            DType::F16 => CpuStorage::F16(vec![half::f16::ZERO; len]),
+            DType::BF16 => CpuStorage::BF16(vec![half::bf16::ZERO; len]),
+            DType::U32 => CpuStorage::U32(vec![0; len]),
+        };
+        Storage::from_cpu(cpu, device)
+    }
+    pub fn to_device(&self, device: Device) -> Result<Storage> {
+        if self.device() == device {
+            return dispatch!(self, s => Ok(Storage::Cpu(s.clone())));
+        }
+        Storage::from_cpu(self.to_cpu()?, device)
+    }
+
+    pub fn to_dtype(&self, l: &Layout, dtype: DType) -> Result<Storage> { dispatch!(self, s => Ok(Storage::Cpu(s.to_dtype(l, dtype)?))) }
+    pub fn copy_strided(&self, l: &Layout) -> Result<Storage> { dispatch!(self, s => Ok(Storage::Cpu(s.copy_strided(l)?))) }
+    pub fn copy_into(&self, l: &Layout, dst: &mut Storage, dst_l: &Layout) -> Result<()> {
+        same_device!("copy_into", self, dst => |a, b| a.copy_into(l, b, dst_l))
+    }
+    pub fn unary(&self, l: &Layout, op: UnaryOp) -> Result<Storage> { dispatch!(self, s => Ok(Storage::Cpu(s.unary(l, op)?))) }
+    pub fn binary(&self, l: &Layout, rhs: &Storage, rhs_l: &Layout, op: BinaryOp) -> Result<Storage> {
+        same_device!("binary", self, rhs => |a, b| Ok(Storage::Cpu(a.binary(l, b, rhs_l, op)?)))
+    }
+    pub fn reduce(&self, l: &Layout, op: ReduceOp, dims: &[usize]) -> Result<Storage> {
+        dispatch!(self, s => Ok(Storage::Cpu(s.reduce(l, op, dims)?)))
+    }
+    pub fn matmul(&self, l: &Layout, rhs: &Storage, rhs_l: &Layout) -> Result<Storage> {
+        same_device!("matmul", self, rhs => |a, b| Ok(Storage::Cpu(a.matmul(l, b, rhs_l)?)))
+    }
+    pub fn softmax_last(&self, l: &Layout, log: bool) -> Result<Storage> {
+        dispatch!(self, s => Ok(Storage::Cpu(s.softmax_last(l, log)?)))
+    }
+    pub fn conv2d(&self, l: &Layout, w: &Storage, w_l: &Layout, p: &Conv2dParams) -> Result<Storage> {
+        same_device!("conv2d", self, w => |a, b| Ok(Storage::Cpu(a.conv2d(l, b, w_l, p)?)))
+    }
+    pub fn conv2d_backward_input(&self, l: &Layout, w: &Storage, w_l: &Layout, p: &Conv2dParams) -> Result<Storage> {
+        same_device!("conv2d_backward_input", self, w => |a, b| Ok(Storage::Cpu(a.conv2d_backward_input(l, b, w_l, p)?)))
+    }
+    pub fn conv2d_backward_weight(&self, l: &Layout, g: &Storage, g_l: &Layout, p: &Conv2dParams) -> Result<Storage> {
+        same_device!("conv2d_backward_weight", self, g => |a, b| Ok(Storage::Cpu(a.conv2d_backward_weight(l, b, g_l, p)?)))
+    }
+    pub fn max_pool2d(&self, l: &Layout, p: &Pool2dParams) -> Result<(Storage, Storage)> {
+        dispatch!(self, s => { let (o, i) = s.max_pool2d(l, p)?; Ok((Storage::Cpu(o), Storage::Cpu(i))) })
+    }
+    pub fn scatter_add_planes(&self, l: &Layout, idx: &Storage, idx_l: &Layout, out_plane: usize) -> Result<Storage> {
+        same_device!("scatter_add_planes", self, idx => |a, b| Ok(Storage::Cpu(a.scatter_add_planes(l, b, idx_l, out_plane)?)))
+    }
+    pub fn gather_planes(&self, l: &Layout, idx: &Storage, idx_l: &Layout) -> Result<Storage> {
+        same_device!("gather_planes", self, idx => |a, b| Ok(Storage::Cpu(a.gather_planes(l, b, idx_l)?)))
+    }
+    pub fn avg_pool2d(&self, l: &Layout, p: &Pool2dParams) -> Result<Storage> { dispatch!(self, s => Ok(Storage::Cpu(s.avg_pool2d(l, p)?))) }
+    pub fn avg_pool2d_backward(&self, l: &Layout, p: &Pool2dParams) -> Result<Storage> {
+        dispatch!(self, s => Ok(Storage::Cpu(s.avg_pool2d_backward(l, p)?)))
+    }
+    pub fn upsample_nearest2d(&self, l: &Layout, scale: (usize, usize)) -> Result<Storage> {
+        dispatch!(self, s => Ok(Storage::Cpu(s.upsample_nearest2d(l, scale)?)))
+    }
+    pub fn upsample_nearest2d_backward(&self, l: &Layout, scale: (usize, usize)) -> Result<Storage> {
+        dispatch!(self, s => Ok(Storage::Cpu(s.upsample_nearest2d_backward(l, scale)?)))
+    }
+    pub fn batch_norm_train(&self, l: &Layout, gamma: &Storage, beta: &Storage, eps: f32) -> Result<(Storage, Storage, Storage)> {
+        same_device!("batch_norm", self, gamma, beta => |x, g, b| {
+            let (y, m, s) = x.batch_norm_train(l, g, b, eps)?;
+            Ok((Storage::Cpu(y), Storage::Cpu(m), Storage::Cpu(s)))
+        })
+    }
+    pub fn batch_norm_backward(&self, l: &Layout, dy: &Storage, mean: &Storage, invstd: &Storage, gamma: &Storage) -> Result<(Storage, Storage, Storage)> {
+        same_device!("batch_norm_backward", self, dy, mean, invstd, gamma => |x, d, m, s, g| {
+            let (dx, dg, db) = x.batch_norm_backward(l, d, m, s, g)?;
+            Ok((Storage::Cpu(dx), Storage::Cpu(dg), Storage::Cpu(db)))
+        })
+    }
+    pub fn optimizer_update(&mut self, grad: &Storage, state: &mut [&mut Storage], rule: UpdateRule) -> Result<()> {
+        let device = self.device();
+        let mut cpu_state = Vec::with_capacity(state.len());
+        for s in state.iter_mut() {
+            match &mut **s {
+                Storage::Cpu(c) => cpu_state.push(c),
+            }
+        }
+        match (self, grad) {
+            (Storage::Cpu(p), Storage::Cpu(g)) => p.optimizer_update(g, &mut cpu_state, rule),
+            #[allow(unreachable_patterns)]
+            (_, g) => Err(crate::Error::DeviceMismatch { op: "optimizer_update", lhs: device, rhs: g.device() }),
+        }
+    }
+}

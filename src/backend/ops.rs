@@ -1,0 +1,211 @@
+//! The primitive op vocabulary shared by every backend. Each variant carries its scalar
+//! definition (`apply`, used by the CPU reference) and its kernel name (used by the CUDA
+//! backend), so the two cannot drift apart.
+
+/// Element-wise maps `f32 -> f32`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum UnaryOp {
+    Neg,
+    Recip,
+    Exp,
+    Log,
+    Sqrt,
+    Sqr,
+    Abs,
+    /// sign(x) in {-1, 0, 1}: the derivative of abs.
+    Sign,
+    Relu,
+    /// 1 where x > 0 else 0: the derivative of relu.
+    Step,
+    Sigmoid,
+    Tanh,
+    LeakyRelu(f32),
+    /// 1 where x > 0 else slope: the derivative of leaky_relu.
+    LeakyStep(f32),
+    Powf(f32),
+    Clamp(f32, f32),
+    /// 1 where lo < x < hi else 0: the derivative of clamp.
+    InRange(f32, f32),
+    /// x * mul + add
+    Affine(f32, f32),
+}
+
+impl UnaryOp {
+    #[inline(always)]
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            UnaryOp::Neg => -x,
+            UnaryOp::Recip => 1.0 / x,
+            UnaryOp::Exp => x.exp(),
+            UnaryOp::Log => x.ln(),
+            UnaryOp::Sqrt => x.sqrt(),
+            UnaryOp::Sqr => x * x,
+            UnaryOp::Abs => x.abs(),
+            UnaryOp::Sign => {
+                if x > 0.0 { 1.0 } else if x < 0.0 { -1.0 } else { 0.0 }
+            }
+            UnaryOp::Relu => x.max(0.0),
+            UnaryOp::Step => if x > 0.0 { 1.0 } else { 0.0 },
+            UnaryOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+            UnaryOp::Tanh => x.tanh(),
+            UnaryOp::LeakyRelu(s) => if x > 0.0 { x } else { s * x },
+            UnaryOp::LeakyStep(s) => if x > 0.0 { 1.0 } else { s },
+            UnaryOp::Powf(e) => x.powf(e),
+            UnaryOp::Clamp(lo, hi) => x.max(lo).min(hi),
+            UnaryOp::InRange(lo, hi) => if x > lo && x < hi { 1.0 } else { 0.0 },
+            UnaryOp::Affine(m, a) => x * m + a,
+        }
+    }
+
+    pub fn kernel_name(self) -> &'static str {
+        match self {
+            UnaryOp::Neg => "uneg",
+            UnaryOp::Recip => "urecip",
+            UnaryOp::Exp => "uexp",
+            UnaryOp::Log => "ulog",
+            UnaryOp::Sqrt => "usqrt",
+            UnaryOp::Sqr => "usqr",
+            UnaryOp::Abs => "uabs",
+            UnaryOp::Sign => "usign",
+            UnaryOp::Relu => "urelu",
+            UnaryOp::Step => "ustep",
+            UnaryOp::Sigmoid => "usigmoid",
+            UnaryOp::Tanh => "utanh",
+            UnaryOp::LeakyRelu(_) => "uleaky_relu",
+            UnaryOp::LeakyStep(_) => "uleaky_step",
+            UnaryOp::Powf(_) => "upowf",
+            UnaryOp::Clamp(..) => "uclamp",
+            UnaryOp::InRange(..) => "uin_range",
+            UnaryOp::Affine(..) => "uaffine",
+        }
+    }
+}
+
+/// Element-wise `(f32, f32) -> f32` over two operands already broadcast to one shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+    /// 1 where lhs == rhs else 0 (routes the gradient of max and min).
+    Eq,
+    /// 1 where lhs > rhs else 0.
+    Gt,
+}
+
+impl BinaryOp {
+    #[inline(always)]
+    pub fn apply(self, a: f32, b: f32) -> f32 {
+        match self {
+            BinaryOp::Add => a + b,
+            BinaryOp::Sub => a - b,
+            BinaryOp::Mul => a * b,
+            BinaryOp::Div => a / b,
+            BinaryOp::Max => a.max(b),
+            BinaryOp::Min => a.min(b),
+            BinaryOp::Eq => (a == b) as u8 as f32,
+            BinaryOp::Gt => (a > b) as u8 as f32,
+        }
+    }
+    pub fn kernel_name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "badd",
+            BinaryOp::Sub => "bsub",
+            BinaryOp::Mul => "bmul",
+            BinaryOp::Div => "bdiv",
+            BinaryOp::Max => "bmax",
+            BinaryOp::Min => "bmin",
+            BinaryOp::Eq => "beq",
+            BinaryOp::Gt => "bgt",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    Max,
+    Min,
+}
+
+impl ReduceOp {
+    pub fn identity(self) -> f32 {
+        match self {
+            ReduceOp::Sum => 0.0,
+            ReduceOp::Max => f32::NEG_INFINITY,
+            ReduceOp::Min => f32::INFINITY,
+        }
+    }
+    #[inline(always)]
+    pub fn combine(self, a: f32, b: f32) -> f32 {
+        match self {
+            ReduceOp::Sum => a + b,
+            ReduceOp::Max => a.max(b),
+            ReduceOp::Min => a.min(b),
+        }
+    }
+}
+
+/// Geometry of a 2-D convolution; the same struct describes the transposed convolution
+/// (whose forward is this convolution's input gradient).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Conv2dParams {
+    pub batch: usize,
+    pub c_in: usize,
+    pub h_in: usize,
+    pub w_in: usize,
+    pub c_out: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+    pub dilation: (usize, usize),
+    pub groups: usize,
+}
+
+impl Conv2dParams {
+    pub fn h_out(&self) -> usize {
+        (self.h_in + 2 * self.padding.0 - self.dilation.0 * (self.kh - 1) - 1) / self.stride.0 + 1
+    }
+    pub fn w_out(&self) -> usize {
+        (self.w_in + 2 * self.padding.1 - self.dilation.1 * (self.kw - 1) - 1) / self.stride.1 + 1
+    }
+    pub fn input_shape(&self) -> [usize; 4] { [self.batch, self.c_in, self.h_in, self.w_in] }
+    pub fn weight_shape(&self) -> [usize; 4] { [self.c_out, self.c_in / self.groups, self.kh, self.kw] }
+    pub fn output_shape(&self) -> [usize; 4] { [self.batch, self.c_out, self.h_out(), self.w_out()] }
+    /// Multiply-adds of the forward pass.
+    pub fn macs(&self) -> usize {
+        self.batch * self.c_out * self.h_out() * self.w_out() * (self.c_in / self.groups) * self.kh * self.kw
+    }
+}
+
+/// Geometry of a 2-D pooling window over an NCHW tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Pool2dParams {
+    pub batch: usize,
+    pub channels: usize,
+    pub h_in: usize,
+    pub w_in: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+}
+
+impl Pool2dParams {
+    pub fn h_out(&self) -> usize { (self.h_in + 2 * self.padding.0 - self.kh) / self.stride.0 + 1 }
+    pub fn w_out(&self) -> usize { (self.w_in + 2 * self.padding.1 - self.kw) / self.stride.1 + 1 }
+    pub fn input_shape(&self) -> [usize; 4] { [self.batch, self.channels, self.h_in, self.w_in] }
+    pub fn output_shape(&self) -> [usize; 4] { [self.batch, self.channels, self.h_out(), self.w_out()] }
+}
+
+/// Hyper-parameters of one fused optimiser update.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum UpdateRule {
+    Sgd { lr: f32, momentum: f32, weight_decay: f32, nesterov: bool },
+    /// `step` counts from 1; weight decay is PyTorch Adam's (L2, added to the gradient).
+    Adam { lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, step: u32 },
+}

@@ -1,0 +1,22 @@
+//! dfkd: a tensor engine with reverse-mode autograd, a CPU reference backend and CUDA
+//! kernels, and on it data-free knowledge distillation for fine-grained visual
+//! categorization (DFKD-FGVC).
+
+pub mod backend;
+mod device;
+mod dtype;
+mod error;
+mod layout;
+pub mod rng;
+
+pub use device::Device;
+pub use dtype::{DType, WithDType};
+pub use error::{Error, Result};
+pub use layout::{broadcast_shape, Layout};
+pub mod autograd;
+pub mod ops;
+mod tensor;
+
+pub use autograd::{no_grad, Gradients};
+pub use ops::{ConvOpts, Reduction};
+pub use tensor::{Tensor, TensorId};
