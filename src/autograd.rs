@@ -142,3 +142,70 @@ pub fn backward_with(root: &Tensor, grad: Tensor) -> Result<Gradients> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Device, Tensor};
+    use std::sync::Arc;
+
+    fn var(v: &[f32]) -> Tensor {
+        let t = Tensor::from_slice(v, &[v.len()], Device::Cpu).unwrap();
+        t.set_requires_grad(true).unwrap();
+        t
+    }
+
+    #[test]
+    fn gradients_accumulate_over_uses() {
+        let x = var(&[1.0, 2.0, 3.0]);
+        // y = x*x + 3x: dy/dx = 2x + 3
+        let y = x.mul(&x).unwrap().add(&x.scale(3.0).unwrap()).unwrap().sum_all().unwrap();
+        let g = y.backward().unwrap();
+        assert_eq!(g.get(&x).unwrap().to_vec_f32().unwrap(), vec![5.0, 7.0, 9.0]);
+    }
+
+    #[test]
+    fn frozen_parameters_pass_gradients_to_inputs_without_receiving_any() {
+        let w = var(&[2.0, -1.0]);
+        w.set_requires_grad(false).unwrap(); // a frozen "teacher"
+        let z = var(&[0.5, 0.25]); // the "generator output"
+        let loss = z.mul(&w).unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        assert!(g.get(&w).is_none());
+        assert_eq!(g.get(&z).unwrap().to_vec_f32().unwrap(), vec![2.0, -1.0]);
+    }
+
+    #[test]
+    fn no_grad_and_detach_cut_the_graph() {
+        let x = var(&[1.0]);
+        let y = no_grad(|| x.exp().unwrap());
+        assert!(!y.tracks_grad());
+        let d = x.exp().unwrap().detach();
+        assert!(!d.tracks_grad());
+        assert!(d.add(&x).unwrap().sum_all().unwrap().backward().is_ok());
+    }
+
+    #[test]
+    fn saved_tensors_are_freed_by_backward_and_a_second_backward_is_an_error() {
+        let x = var(&[0.5, 1.5]);
+        let y = x.exp().unwrap();
+        let saved = Arc::downgrade(y.storage_arc());
+        let loss = y.sum_all().unwrap();
+        drop(y);
+        assert!(saved.upgrade().is_some(), "the graph holds exp's output until backward");
+        loss.backward().unwrap();
+        assert!(saved.upgrade().is_none(), "backward must free saved activations");
+        let err = loss.backward().err().unwrap().to_string();
+        assert!(err.contains("second time"), "{err}");
+    }
+
+    #[test]
+    fn diamond_graphs_are_ordered_correctly() {
+        // b depends on a, and the root uses both: a's gradient must include b's path
+        let x = var(&[2.0]);
+        let a = x.scale(3.0).unwrap();
+        let b = a.sqr().unwrap();
+        let root = b.add(&a).unwrap().sum_all().unwrap(); // 9x^2 + 3x -> 18x + 3 = 39
+        assert_eq!(root.backward().unwrap().get(&x).unwrap().to_vec_f32().unwrap(), vec![39.0]);
+    }
+}

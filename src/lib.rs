@@ -20,3 +20,4 @@ mod tensor;
 pub use autograd::{no_grad, Gradients};
 pub use ops::{ConvOpts, Reduction};
 pub use tensor::{Tensor, TensorId};
+pub mod optim;

@@ -1,0 +1,64 @@
+//! Shared test helpers: random inputs and a finite-difference gradient checker.
+#![allow(dead_code)]
+
+use dfkd::rng::Rng;
+use dfkd::{Device, Result, Tensor};
+
+/// Random normal tensor (never zeros: a kernel that ignores its input must fail).
+pub fn randn(shape: &[usize], seed: u64) -> Tensor {
+    Tensor::randn(shape, 0.0, 1.0, &mut Rng::new(seed), Device::Cpu).unwrap()
+}
+
+/// Uniform tensor in [lo, hi).
+pub fn rand(shape: &[usize], lo: f32, hi: f32, seed: u64) -> Tensor {
+    Tensor::rand(shape, lo, hi, &mut Rng::new(seed), Device::Cpu).unwrap()
+}
+
+pub fn assert_close(got: &[f32], want: &[f32], abs: f32, rel: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= abs + rel * w.abs(),
+            "{what}: element {i}: got {g}, want {w} (tolerance {abs} + {rel} * |want|)"
+        );
+    }
+}
+
+/// Checks the gradient of `f` with respect to each input against central finite
+/// differences of the scalar `sum(f(inputs) * r)`, for a fixed random `r`.
+/// At most `max_probes` entries of each input are probed (spread over the tensor).
+/// Tolerance per entry: `abs + rel * |numeric|`.
+pub fn check_grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>, eps: f32, abs: f32, rel: f32) {
+    let vars: Vec<Tensor> = inputs.iter().map(|t| t.to_var().unwrap()).collect();
+    let out = f(&vars).unwrap();
+    let r = randn(out.dims(), 999);
+    let loss = |xs: &[Tensor]| -> f64 {
+        let y = dfkd::no_grad(|| f(xs)).unwrap();
+        let (y, r) = (y.to_vec_f32().unwrap(), r.to_vec_f32().unwrap());
+        y.iter().zip(&r).map(|(&a, &b)| a as f64 * b as f64).sum()
+    };
+    let grads = out.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    let max_probes = 40;
+    for (k, v) in vars.iter().enumerate() {
+        let analytic = grads.get(v).unwrap_or_else(|| panic!("input {k} got no gradient")).to_vec_f32().unwrap();
+        let base = v.to_vec_f32().unwrap();
+        let n = base.len();
+        let step = (n / max_probes).max(1);
+        for i in (0..n).step_by(step).take(max_probes) {
+            let probe = |delta: f32| {
+                let mut d = base.clone();
+                d[i] += delta;
+                let mut xs: Vec<Tensor> = vars.iter().map(|t| t.detach()).collect();
+                xs[k] = Tensor::from_vec(d, v.dims(), Device::Cpu).unwrap();
+                loss(&xs)
+            };
+            let numeric = ((probe(eps) - probe(-eps)) / (2.0 * eps as f64)) as f32;
+            let a = analytic[i];
+            assert!(
+                (a - numeric).abs() <= abs + rel * numeric.abs(),
+                "input {k} {:?}, entry {i}: analytic {a}, numeric {numeric} (tolerance {abs} + {rel} * |numeric|)",
+                v.dims()
+            );
+        }
+    }
+}
