@@ -7,6 +7,7 @@ mod device;
 mod dtype;
 mod error;
 mod layout;
+pub mod data;
 pub mod rng;
 
 pub use device::Device;
@@ -21,3 +22,8 @@ pub use autograd::{no_grad, Gradients};
 pub use ops::{ConvOpts, Reduction};
 pub use tensor::{Tensor, TensorId};
 pub mod optim;
+pub mod pipeline;
+pub mod nn;
+pub mod models;
+pub mod checkpoint;
+pub mod commands;
