@@ -19,6 +19,10 @@ impl Rng {
         Rng { s: [next(), next(), next(), next()] }
     }
 
+    /// The full generator state, to checkpoint a run and resume it exactly.
+    pub fn state(&self) -> [u64; 4] { self.s }
+    pub fn from_state(s: [u64; 4]) -> Rng { Rng { s } }
+
     /// An independent stream derived from this seed and a label (e.g. a class index).
     pub fn fork(&self, label: u64) -> Rng {
         Rng::new(self.s[0] ^ label.wrapping_mul(0xD6E8_FEB8_6659_FD93))

@@ -1,1 +1,210 @@
-fn main() {}
+//! `distill`: data-free knowledge distillation for fine-grained visual categorization.
+//! With no arguments it runs the embedded CPU demo end to end.
+
+use clap::{Args, Parser, Subcommand};
+use dfkd::commands::{bench, job, predict};
+use dfkd::pipeline::config::Config;
+use dfkd::{Device, Result};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "distill", version, about = "Data-free knowledge distillation for fine-grained visual categorization (DFKD-FGVC)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// A TOML config file (see `distill show-config`).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Start from a preset: cpu-demo, paper-cub, paper-cars, paper-aircraft.
+    #[arg(long, global = true)]
+    preset: Option<String>,
+    /// Override a config value, e.g. `--set distill.beta=5` (repeatable).
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, global = true)]
+    device: Option<String>,
+    /// Folder for data, teachers and runs.
+    #[arg(long, global = true)]
+    workdir: Option<PathBuf>,
+    #[arg(long, global = true)]
+    seed: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make (or check) the data set: the synthetic one is generated in the CUB layout.
+    MakeData,
+    /// Train the teacher on the data set (cached by configuration).
+    TrainTeacher,
+    /// The whole pipeline: data, teacher, data-free distillation, evaluation.
+    Distill(DistillArgs),
+    /// Evaluate a classifier checkpoint on the data set's test split.
+    Eval(EvalArgs),
+    /// Top-5 classes of images under a classifier (torchvision's eval transform).
+    Predict(PredictArgs),
+    /// Time training steps on random data.
+    Bench(BenchArgs),
+    /// Print the resolved configuration as TOML.
+    ShowConfig,
+}
+
+#[derive(Args, Default)]
+struct DistillArgs {
+    /// dfkd-fgvc, dafl, dfad, zskt, dfq or deepinversion.
+    #[arg(long)]
+    method: Option<String>,
+    /// Run folder name under <workdir>/ (default: the method's name).
+    #[arg(long)]
+    run: Option<String>,
+    /// Continue the run from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[arg(long)]
+    arch: String,
+    #[arg(long)]
+    weights: PathBuf,
+    #[arg(long)]
+    small_stem: Option<bool>,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    #[arg(long)]
+    arch: String,
+    #[arg(long)]
+    num_classes: usize,
+    #[arg(long)]
+    weights: PathBuf,
+    #[arg(long, default_value_t = 224)]
+    image_size: usize,
+    /// Use the small 3x3 stem (models trained at 32-64 px).
+    #[arg(long)]
+    small_stem: bool,
+    /// One JSON object per line: {"image", "logits", "top5"}.
+    #[arg(long)]
+    json: bool,
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long, default_value = "resnet18")]
+    arch: String,
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    #[arg(long, default_value_t = 64)]
+    image_size: usize,
+    #[arg(long, default_value_t = 200)]
+    num_classes: usize,
+    #[arg(long)]
+    small_stem: bool,
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+}
+
+fn resolve(c: &Common) -> Result<(Config, Device)> {
+    let mut cfg = match (&c.config, &c.preset) {
+        (Some(path), _) => Config::load(path)?,
+        (None, Some(p)) => Config::preset(p)?,
+        (None, None) => Config::cpu_demo(),
+    };
+    cfg.apply_overrides(&c.sets)?;
+    if let Some(d) = &c.device {
+        cfg.device = d.clone();
+    }
+    if let Some(w) = &c.workdir {
+        cfg.workdir = w.clone();
+    }
+    if let Some(s) = c.seed {
+        cfg.seed = s;
+    }
+    let device = Device::parse_user(&cfg.device)?;
+    Ok((cfg, device))
+}
+
+fn distill(cfg: &mut Config, device: Device, args: &DistillArgs, default_run: &str) -> Result<()> {
+    if let Some(m) = &args.method {
+        cfg.distill.method = m.clone();
+    }
+    let run = args.run.clone().unwrap_or_else(|| default_run.replace("{method}", &cfg.distill.method));
+    let opts = job::RunOptions { run_dir: cfg.workdir.join(run), resume: args.resume };
+    eprintln!("dfkd: {} -> {} on {} ({}), device {device}", cfg.teacher.arch, cfg.student.arch, cfg.data.dataset, cfg.distill.method);
+    let summary = job::run_job(cfg, device, &opts)?;
+    job::print_summary(&summary, summary.eval.models[0].per_class.len());
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let (mut cfg, device) = resolve(&cli.common)?;
+    match cli.command {
+        None => distill(&mut cfg, device, &DistillArgs::default(), "demo"),
+        Some(Command::Distill(a)) => distill(&mut cfg, device, &a, "{method}"),
+        Some(Command::MakeData) => job::prepare_data(&cfg).map(|_| ()),
+        Some(Command::TrainTeacher) => {
+            let ds = job::prepare_data(&cfg)?;
+            let run_dir = cfg.workdir.join("teacher");
+            std::fs::create_dir_all(&run_dir).map_err(|e| dfkd::Error::io(&run_dir, e))?;
+            let mut log = dfkd::pipeline::report::MetricsLog::open(&run_dir.join("metrics.jsonl"))?;
+            let (teacher, path) = job::prepare_teacher(&cfg, &ds, device, &mut log)?;
+            let ev = dfkd::pipeline::eval::evaluate(&[teacher.as_ref()], &ds, cfg.data.image_size, 128, device)?;
+            println!("teacher {} at {}: test top-1 {:.2}%, top-5 {:.2}%", cfg.teacher.arch, path.display(), ev.models[0].top1, ev.models[0].top5);
+            Ok(())
+        }
+        Some(Command::Eval(a)) => {
+            let ds = job::prepare_data(&cfg)?;
+            let small = a.small_stem.unwrap_or(cfg.data.image_size <= 64);
+            let model = predict::load_classifier(&a.arch, ds.num_classes(), small, &a.weights)?;
+            let ev = dfkd::pipeline::eval::evaluate(&[model.as_ref()], &ds, cfg.data.image_size, 128, device)?;
+            println!("{}", serde_json::to_string(&ev.models[0]).unwrap());
+            Ok(())
+        }
+        Some(Command::Predict(a)) => {
+            let args = predict::PredictArgs {
+                arch: a.arch, num_classes: a.num_classes, weights: a.weights, image_size: a.image_size,
+                small_stem: a.small_stem, json: a.json, images: a.images, device,
+            };
+            let failed = predict::run(&args)?;
+            if failed > 0 {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
+        Some(Command::Bench(a)) => {
+            let args = bench::BenchArgs {
+                arch: a.arch.clone(), batch: a.batch, image_size: a.image_size, num_classes: a.num_classes,
+                small_stem: a.small_stem, steps: a.steps, warmup: a.warmup, device,
+            };
+            let r = bench::run(&args)?;
+            let ms: Vec<String> = r.step_ms.iter().map(|t| format!("{t:.1}")).collect();
+            println!("{} batch {} {}px {} classes on {device}: {:.1} images/s (median step {:.1} ms; steps: {} ms)",
+                a.arch, a.batch, a.image_size, a.num_classes, r.images_per_sec, a.batch as f64 * 1e3 / r.images_per_sec, ms.join(", "));
+            Ok(())
+        }
+        Some(Command::ShowConfig) => {
+            print!("{}", cfg.to_toml());
+            Ok(())
+        }
+    }
+}

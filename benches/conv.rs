@@ -1,0 +1,52 @@
+//! conv2d forward and backward at ResNet-18 shapes (batch 32, 64 px input with the
+//! ImageNet stem), reported as FLOP/s (2 * multiply-adds).
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use dfkd::backend::Conv2dParams;
+use dfkd::rng::Rng;
+use dfkd::{ConvOpts, Device, Tensor};
+
+/// (name, c_in, c_out, hw, kernel, stride, padding)
+const SHAPES: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
+    ("stem_7x7_s2", 3, 64, 64, 7, 2, 3),
+    ("layer1_3x3", 64, 64, 16, 3, 1, 1),
+    ("layer2_3x3_s2", 64, 128, 16, 3, 2, 1),
+    ("layer2_3x3", 128, 128, 8, 3, 1, 1),
+    ("layer3_3x3", 256, 256, 4, 3, 1, 1),
+    ("layer4_3x3", 512, 512, 2, 3, 1, 1),
+    ("down_1x1_s2", 128, 256, 8, 1, 2, 0),
+];
+
+fn bench(c: &mut Criterion) {
+    let batch = 32;
+    let mut rng = Rng::new(0);
+    let mut group = c.benchmark_group("conv2d");
+    group.sample_size(10);
+    for &(name, ci, co, hw, k, s, p) in SHAPES {
+        let x = Tensor::randn(&[batch, ci, hw, hw], 0.0, 1.0, &mut rng, Device::Cpu).unwrap();
+        let w = Tensor::randn(&[co, ci, k, k], 0.0, 0.1, &mut rng, Device::Cpu).unwrap();
+        let opts = ConvOpts::default().stride(s).padding(p);
+        let params = Conv2dParams {
+            batch, c_in: ci, h_in: hw, w_in: hw, c_out: co, kh: k, kw: k,
+            stride: (s, s), padding: (p, p), dilation: (1, 1), groups: 1,
+        };
+        let flops = 2 * params.macs() as u64;
+        group.throughput(Throughput::Elements(flops));
+        group.bench_function(format!("forward/{name}"), |b| b.iter(|| dfkd::no_grad(|| x.conv2d(&w, None, opts).unwrap())));
+        // backward = input gradient + weight gradient: twice the forward's work
+        group.throughput(Throughput::Elements(2 * flops));
+        let (xv, wv) = (x.to_var().unwrap(), w.to_var().unwrap());
+        let gy = Tensor::randn(&params.output_shape(), 0.0, 1.0, &mut rng, Device::Cpu).unwrap();
+        group.bench_function(format!("backward/{name}"), |b| {
+            b.iter_batched(
+                || xv.conv2d(&wv, None, opts).unwrap().mul(&gy).unwrap().sum_all().unwrap(),
+                |loss| loss.backward().unwrap(),
+                criterion::BatchSize::PerIteration,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,177 @@
+//! The end-to-end job and its phases: make (or open) the data set, train (or load, or
+//! import) the teacher, distill a student data-free, evaluate both on the real test
+//! split, and summarise.
+
+use crate::checkpoint::{load_model, save_model};
+use crate::data::synthetic::{self, SyntheticSpec};
+use crate::data::Dataset;
+use crate::models::{build, Classifier};
+use crate::pipeline::config::Config;
+use crate::pipeline::distill::{self, Distiller};
+use crate::pipeline::eval::{evaluate, Evaluation};
+use crate::pipeline::report::{plot_curves, print_table, MetricsLog};
+use crate::pipeline::teacher::train_classifier;
+use crate::rng::Rng;
+use crate::{Device, Error, Result};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Opens the configured data set, generating the synthetic one first if needed.
+pub fn prepare_data(cfg: &Config) -> Result<Dataset> {
+    let d = &cfg.data;
+    if d.dataset != "synthetic" {
+        return crate::data::open(Path::new(&d.dataset));
+    }
+    let spec = SyntheticSpec {
+        num_classes: d.num_classes,
+        train_per_class: d.train_per_class,
+        test_per_class: d.test_per_class,
+        image_size: d.image_size as u32,
+        seed: cfg.seed,
+    };
+    let dir = cfg.workdir.join("data").join(format!("synthetic-birds-{}c-{}px-seed{}", d.num_classes, d.image_size, cfg.seed));
+    let t0 = Instant::now();
+    let ds = synthetic::ensure(&spec, &dir)?;
+    eprintln!("{:>14} {} ({} classes, {} train / {} test images) in {:.1}s", "data", dir.display(), ds.num_classes(), ds.train.len(), ds.test.len(), t0.elapsed().as_secs_f32());
+    Ok(ds)
+}
+
+/// A stable fingerprint of what determines a trained teacher, for its cache file.
+fn teacher_key(cfg: &Config, ds: &Dataset) -> String {
+    let text = format!("{}|{}|{}|{}|{}", ds.root.display(), cfg.data.image_size, cfg.seed, toml::to_string(&cfg.teacher).unwrap(), ds.train.len());
+    let hash = text.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    format!("{}-{hash:016x}", cfg.teacher.arch)
+}
+
+/// The teacher: imported weights, a cached earlier training, or trained now.
+pub fn prepare_teacher(cfg: &Config, ds: &Dataset, device: Device, log: &mut MetricsLog) -> Result<(Box<dyn Classifier>, PathBuf)> {
+    let t = &cfg.teacher;
+    let model = build(&t.arch, ds.num_classes(), t.small_stem, &mut Rng::new(cfg.seed).fork(1))?;
+    if let Some(w) = &t.weights {
+        load_model(model.as_ref(), w)?;
+        eprintln!("{:>14} imported {}", "teacher", w.display());
+        return Ok((model, w.clone()));
+    }
+    let dir = cfg.workdir.join("teachers");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let path = dir.join(format!("{}.safetensors", teacher_key(cfg, ds)));
+    if path.exists() {
+        load_model(model.as_ref(), &path)?;
+        eprintln!("{:>14} cached {}", "teacher", path.display());
+        return Ok((model, path));
+    }
+    train_classifier(model.as_ref(), ds, t, cfg.data.image_size, cfg.seed, device, log, "teacher")?;
+    save_model(model.as_ref(), &path)?;
+    Ok((model, path))
+}
+
+/// Options of a distillation run.
+pub struct RunOptions {
+    pub run_dir: PathBuf,
+    pub resume: bool,
+}
+
+pub struct JobSummary {
+    pub teacher_top1: f32,
+    pub student_top1: f32,
+    pub eval: Evaluation,
+    pub seconds: f32,
+    pub run_dir: PathBuf,
+}
+
+/// Prepares a run folder: a fresh one unless resuming, with the resolved config.
+fn open_run_dir(cfg: &Config, opts: &RunOptions) -> Result<()> {
+    let dir = &opts.run_dir;
+    if !opts.resume && dir.exists() {
+        for sub in ["checkpoint", "checkpoint.old", "checkpoint.tmp", "images"] {
+            let _ = std::fs::remove_dir_all(dir.join(sub));
+        }
+        let _ = std::fs::remove_file(dir.join("metrics.jsonl"));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let cfg_path = dir.join("config.toml");
+    if opts.resume && cfg_path.exists() {
+        let saved = Config::load(&cfg_path)?;
+        if saved != *cfg {
+            eprintln!("warning: resuming with a config that differs from {}", cfg_path.display());
+        }
+    }
+    std::fs::write(&cfg_path, cfg.to_toml()).map_err(|e| Error::io(&cfg_path, e))
+}
+
+/// The whole pipeline: data, teacher, data-free distillation, evaluation, summary.
+pub fn run_job(cfg: &Config, device: Device, opts: &RunOptions) -> Result<JobSummary> {
+    let t0 = Instant::now();
+    open_run_dir(cfg, opts)?;
+    let mut log = MetricsLog::open(&opts.run_dir.join("metrics.jsonl"))?;
+    let ds = prepare_data(cfg)?;
+    let size = cfg.data.image_size;
+    let (teacher, _) = prepare_teacher(cfg, &ds, device, &mut log)?;
+    let student = build(&cfg.student.arch, ds.num_classes(), cfg.student.small_stem, &mut Rng::new(cfg.seed).fork(2))?;
+    let eval_batch = 128;
+    let mut distiller = Distiller::new(cfg, teacher.as_ref(), student.as_ref(), device)?;
+    distill::run(&mut distiller, &opts.run_dir, opts.resume, &mut log, |s| {
+        Ok(evaluate(&[s], &ds, size, eval_batch, device)?.models[0].top1)
+    })?;
+    drop(distiller);
+    let eval = evaluate(&[teacher.as_ref(), student.as_ref()], &ds, size, eval_batch, device)?;
+    let summary = JobSummary {
+        teacher_top1: eval.models[0].top1,
+        student_top1: eval.models[1].top1,
+        eval,
+        seconds: t0.elapsed().as_secs_f32(),
+        run_dir: opts.run_dir.clone(),
+    };
+    log.write(&json!({"phase": "final", "teacher_top1": summary.teacher_top1, "teacher_top5": summary.eval.models[0].top5,
+        "student_top1": summary.student_top1, "student_top5": summary.eval.models[1].top5,
+        "agreement": summary.eval.agreement, "student_per_class": summary.eval.models[1].per_class,
+        "chance": 100.0 / ds.num_classes() as f32, "seconds": summary.seconds}))?;
+    crate::checkpoint::save_model(student.as_ref(), opts.run_dir.join("student.safetensors"))?;
+    draw_curves(&opts.run_dir)?;
+    Ok(summary)
+}
+
+/// Loss and accuracy curves from the run's metrics, as PNG.
+pub fn draw_curves(run_dir: &Path) -> Result<()> {
+    let records = MetricsLog::read_all(&run_dir.join("metrics.jsonl"))?;
+    let series = |phase: &str, x: &str, keys: &[&str]| -> Vec<(String, Vec<(f32, f32)>)> {
+        keys.iter()
+            .map(|k| {
+                let pts = records.iter().filter(|r| r["phase"] == phase)
+                    .filter_map(|r| Some((r[x].as_f64()? as f32, r[*k].as_f64()? as f32))).collect();
+                (k.to_string(), pts)
+            })
+            .filter(|(_, p): &(String, Vec<_>)| !p.is_empty())
+            .collect()
+    };
+    let losses = series("distill", "iteration", &["s_kd", "s_mhad", "s_sfcl", "s_at", "g_bn", "g_kd", "g_l1", "g_ce", "g_dafl", "g_js"]);
+    if !losses.is_empty() {
+        plot_curves("distillation losses by iteration", &losses, &run_dir.join("losses.png"))?;
+    }
+    let acc = series("distill", "epoch", &["student_top1"]);
+    if !acc.is_empty() {
+        plot_curves("student test top-1 by epoch", &acc, &run_dir.join("accuracy.png"))?;
+    }
+    let teacher = series("teacher", "epoch", &["loss", "train_top1"]);
+    if !teacher.is_empty() {
+        plot_curves("teacher training by epoch", &teacher, &run_dir.join("teacher.png"))?;
+    }
+    Ok(())
+}
+
+pub fn print_summary(s: &JobSummary, num_classes: usize) {
+    let chance = 100.0 / num_classes as f32;
+    print_table(
+        &["", "top-1 %", "top-5 %"],
+        &[
+            vec!["teacher".into(), format!("{:.2}", s.teacher_top1), format!("{:.2}", s.eval.models[0].top5)],
+            vec!["student (data-free)".into(), format!("{:.2}", s.student_top1), format!("{:.2}", s.eval.models[1].top5)],
+            vec!["chance".into(), format!("{chance:.2}"), format!("{:.2}", (500.0 / num_classes as f32).min(100.0))],
+        ],
+    );
+    if let Some(a) = s.eval.agreement {
+        println!("teacher-student agreement on the test split: {a:.2}%");
+    }
+    println!("time: {:.1}s; outputs in {} (metrics.jsonl, config.toml, losses.png, accuracy.png, images/, checkpoint/, student.safetensors)", s.seconds, s.run_dir.display());
+}

@@ -1,0 +1,302 @@
+//! The run configuration: every term, default and decision of METHOD.md, as a TOML
+//! file whose values the command line can override (`--set distill.beta=5`).
+
+use crate::{bail, Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where runs, data and caches go.
+    pub workdir: PathBuf,
+    /// "cpu", "cuda", "cuda:N", "auto".
+    pub device: String,
+    pub seed: u64,
+    pub data: DataConfig,
+    pub teacher: TeacherConfig,
+    pub student: StudentConfig,
+    pub generator: GeneratorConfig,
+    pub distill: DistillConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// A data set folder (CUB-200-2011, FGVC-Aircraft or Stanford Cars layout), or
+    /// "synthetic" for the embedded generated set (written in the CUB layout).
+    pub dataset: String,
+    /// Synthetic set: classes, image size, images per class.
+    pub num_classes: usize,
+    pub image_size: usize,
+    pub train_per_class: usize,
+    pub test_per_class: usize,
+    /// Aircraft uses resize + random crop instead of random-resized crop (METHOD.md).
+    pub random_resized_crop: bool,
+    pub workers: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TeacherConfig {
+    pub arch: String,
+    /// 3x3 stem without max pool, for 32-64 px images.
+    pub small_stem: bool,
+    /// A PyTorch state_dict as safetensors; when set, no teacher is trained.
+    pub weights: Option<PathBuf>,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+    pub label_smoothing: f32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StudentConfig {
+    pub arch: String,
+    pub small_stem: bool,
+    pub lr: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeneratorConfig {
+    /// Decision: z has 256 dims.
+    pub z_dim: usize,
+    /// Channels of the first feature map and of each of the 4 blocks (paper: 512,256,128,64,64).
+    pub channels: Vec<usize>,
+    /// Spatial attention module after each block.
+    pub sam: bool,
+    /// Decision: SAM reduction r = 8.
+    pub sam_reduction: usize,
+    /// lambda of F' = lambda * attention * F + F (paper's best: 0.05).
+    pub sam_lambda: f32,
+    /// Decision: the SAM softmax runs over H*W and is scaled by H*W (mean 1).
+    pub sam_softmax_scaled: bool,
+    pub spectral_norm: bool,
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistillConfig {
+    /// dfkd-fgvc (the paper), or a baseline: dafl, dfad, zskt, dfq, deepinversion.
+    pub method: String,
+    /// Mixed high-order attention distillation.
+    pub mhad: bool,
+    /// Semantic feature contrast learning.
+    pub sfcl: bool,
+    /// Generator: alpha * L_BN - L_KD.
+    pub alpha: f32,
+    /// Student: L_KD + beta * L_MHAD + gamma * L_SFCL.
+    pub beta: f32,
+    pub gamma: f32,
+    /// Decision: the student's KD temperature (scaled by tau^2).
+    pub tau_kd: f32,
+    /// Decision: the generator's KD temperature.
+    pub tau_gen: f32,
+    /// Decision: SFCL temperature.
+    pub tau_sfcl: f32,
+    /// Order R of the high-order attention.
+    pub mha_order: usize,
+    /// Decision: the attended maps are L2-normalised per sample before the MSE.
+    pub mhad_normalize: bool,
+    /// Decision: adapters start as identity when channel counts match.
+    pub adapter_identity_init: bool,
+    /// Decision: the projection head is hidden -> out (512 -> 128 in the paper setting).
+    pub proj_hidden: usize,
+    pub proj_dim: usize,
+    /// t generator steps then k student steps per iteration.
+    pub g_steps: usize,
+    pub s_steps: usize,
+    /// Decision: 50 iterations an epoch, as in DFAD.
+    pub iterations_per_epoch: usize,
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Save checkpoints and image grids every this many iterations.
+    pub checkpoint_every: usize,
+    /// Evaluate on the test split every this many epochs (0: only at the end).
+    pub eval_every: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self { Config::cpu_demo() }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self { Config::cpu_demo().data }
+}
+impl Default for TeacherConfig {
+    fn default() -> Self { Config::cpu_demo().teacher }
+}
+impl Default for StudentConfig {
+    fn default() -> Self { Config::cpu_demo().student }
+}
+impl Default for GeneratorConfig {
+    fn default() -> Self { Config::cpu_demo().generator }
+}
+impl Default for DistillConfig {
+    fn default() -> Self { Config::cpu_demo().distill }
+}
+
+impl Config {
+    /// The embedded default: the synthetic birds at 32 px, resnet20 -> resnet8, sized to
+    /// finish on a 2-core CPU in a few minutes.
+    pub fn cpu_demo() -> Config {
+        Config {
+            workdir: PathBuf::from("runs"),
+            device: "auto".into(),
+            seed: 0,
+            data: DataConfig {
+                dataset: "synthetic".into(),
+                num_classes: 10,
+                image_size: 32,
+                train_per_class: 100,
+                test_per_class: 50,
+                random_resized_crop: true,
+                workers: 2,
+            },
+            teacher: TeacherConfig {
+                arch: "resnet20".into(),
+                small_stem: true,
+                weights: None,
+                epochs: 30,
+                batch_size: 64,
+                lr: 0.1,
+                momentum: 0.9,
+                weight_decay: 5e-4,
+                label_smoothing: 0.0,
+            },
+            student: StudentConfig { arch: "resnet8".into(), small_stem: true, lr: 0.01, momentum: 0.9, weight_decay: 5e-4 },
+            generator: GeneratorConfig {
+                z_dim: 256,
+                channels: vec![128, 64, 32, 16, 16],
+                sam: true,
+                sam_reduction: 8,
+                sam_lambda: 0.05,
+                sam_softmax_scaled: true,
+                spectral_norm: true,
+                lr: 1e-3,
+                beta1: 0.5,
+                beta2: 0.999,
+            },
+            distill: DistillConfig {
+                method: "dfkd-fgvc".into(),
+                mhad: true,
+                sfcl: true,
+                alpha: 0.3,
+                beta: 10.0,
+                gamma: 8.0,
+                tau_kd: 4.0,
+                tau_gen: 1.0,
+                tau_sfcl: 0.1,
+                mha_order: 3,
+                mhad_normalize: true,
+                adapter_identity_init: true,
+                proj_hidden: 128,
+                proj_dim: 64,
+                g_steps: 20,
+                s_steps: 15,
+                iterations_per_epoch: 4,
+                epochs: 10,
+                batch_size: 64,
+                checkpoint_every: 10,
+                eval_every: 2,
+            },
+        }
+    }
+
+    /// The paper's full setting: ResNet-34 -> ResNet-18 at 224 px, for a GPU.
+    pub fn paper(dataset: &str, num_classes: usize) -> Config {
+        let mut c = Config::cpu_demo();
+        c.device = "cuda".into();
+        c.data.dataset = dataset.into();
+        c.data.num_classes = num_classes;
+        c.data.image_size = 224;
+        c.data.workers = 8;
+        c.teacher.arch = "resnet34".into();
+        c.teacher.small_stem = false;
+        c.teacher.epochs = 100;
+        c.teacher.lr = 0.01;
+        c.student.arch = "resnet18".into();
+        c.student.small_stem = false;
+        c.generator.channels = vec![512, 256, 128, 64, 64];
+        c.distill.proj_hidden = 512;
+        c.distill.proj_dim = 128;
+        c.distill.iterations_per_epoch = 50;
+        c.distill.epochs = 200;
+        c.distill.checkpoint_every = 50;
+        c.distill.eval_every = 10;
+        c
+    }
+
+    /// A preset by name: `cpu-demo`, `paper-cub`, `paper-cars`, `paper-aircraft`.
+    pub fn preset(name: &str) -> Result<Config> {
+        Ok(match name {
+            "cpu-demo" => Config::cpu_demo(),
+            "paper-cub" => Config::paper("data/CUB_200_2011", 200),
+            "paper-cars" => Config::paper("data/stanford_cars", 196),
+            "paper-aircraft" => {
+                let mut c = Config::paper("data/fgvc-aircraft-2013b", 100);
+                c.data.random_resized_crop = false;
+                c
+            }
+            other => bail!("unknown preset `{other}`: expected cpu-demo, paper-cub, paper-cars or paper-aircraft"),
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        toml::from_str(&text).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
+    }
+
+    pub fn to_toml(&self) -> String { toml::to_string_pretty(self).expect("config serialises") }
+
+    /// Applies `section.key=value` overrides, parsing the value as TOML (strings may
+    /// be bare).
+    pub fn apply_overrides(&mut self, sets: &[String]) -> Result<()> {
+        let mut doc: toml::Value = toml::Value::try_from(&*self).map_err(|e| Error::Msg(e.to_string()))?;
+        for s in sets {
+            let Some((key, value)) = s.split_once('=') else { bail!("--set `{s}`: expected key=value") };
+            let parsed: toml::Value = toml::from_str(&format!("v = {value}"))
+                .map(|t: toml::Table| t["v"].clone())
+                .unwrap_or_else(|_| toml::Value::String(value.to_string()));
+            let mut node = &mut doc;
+            let parts: Vec<&str> = key.trim().split('.').collect();
+            for (i, p) in parts.iter().enumerate() {
+                let table = node.as_table_mut().ok_or_else(|| Error::Msg(format!("--set `{key}`: `{p}` is not a section")))?;
+                if i + 1 == parts.len() {
+                    if !table.contains_key(*p) && *p != "weights" {
+                        bail!("--set `{key}`: unknown key `{p}`");
+                    }
+                    table.insert(p.to_string(), parsed.clone());
+                    break;
+                }
+                node = table.get_mut(*p).ok_or_else(|| Error::Msg(format!("--set `{key}`: unknown section `{p}`")))?;
+            }
+        }
+        *self = doc.try_into().map_err(|e| Error::Msg(format!("--set: {e}")))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn round_trip_and_overrides() {
+        let c = Config::cpu_demo();
+        let back: Config = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(c, back);
+        let mut c = Config::preset("paper-cub").unwrap();
+        c.apply_overrides(&["distill.beta=5".into(), "student.arch=wrn40_2".into(), "distill.sfcl=false".into()]).unwrap();
+        assert_eq!((c.distill.beta, c.student.arch.as_str(), c.distill.sfcl), (5.0, "wrn40_2", false));
+        assert!(c.apply_overrides(&["distill.nope=1".into()]).unwrap_err().to_string().contains("nope"));
+    }
+}

@@ -1,0 +1,371 @@
+//! The adversarial data-free distillation loop (METHOD.md, "Losses and the adversarial
+//! loop"): each iteration runs `g_steps` generator steps against the frozen teacher and
+//! student, then `s_steps` student steps on fresh synthetic batches. Baselines swap the
+//! losses (`Method`); DeepInversion optimises pixels instead of a generator.
+
+use super::checkpoint_dir::CheckpointDir;
+use super::config::Config;
+use super::generator::Generator;
+use super::losses::{self, Method, Mhad, ProjectionHead};
+use super::progress::Progress;
+use super::report::{save_image_grid, MetricsLog};
+use crate::checkpoint::{load_model, load_tensors, save_model, save_tensors};
+use crate::models::{Classifier, Features};
+use crate::nn::{Ctx, Module};
+use crate::optim::{CosineSchedule, Optimizer, ParamGroup};
+use crate::rng::Rng;
+use crate::{bail, no_grad, Device, Result, Tensor, TensorId};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// DeepInversion keeps the image batches it synthesised and trains the student on them.
+const POOL_BATCHES: usize = 32;
+
+/// Everything the student step trains besides the student itself.
+struct Aux {
+    mhad: Option<Mhad>,
+    head: Option<ProjectionHead>,
+}
+
+impl Module for Aux {
+    fn visit(&self, prefix: &str, f: &mut dyn FnMut(&str, crate::nn::Slot<'_>)) {
+        if let Some(m) = &self.mhad {
+            m.visit(&crate::nn::join(prefix, "mhad"), f);
+        }
+        if let Some(h) = &self.head {
+            h.visit(&crate::nn::join(prefix, "sfcl_head"), f);
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct State {
+    iteration: usize,
+    rng: [u64; 4],
+}
+
+pub struct Distiller<'a> {
+    cfg: &'a Config,
+    method: Method,
+    teacher: &'a dyn Classifier,
+    student: &'a dyn Classifier,
+    generator: Option<Generator>,
+    aux: Aux,
+    opt_s: Optimizer,
+    opt_g: Option<Optimizer>,
+    schedule: CosineSchedule,
+    rng: Rng,
+    iteration: usize,
+    pool: Vec<Tensor>,
+    device: Device,
+}
+
+/// Losses of one step, by name, for the metrics log.
+type Losses = Vec<(&'static str, f32)>;
+
+impl<'a> Distiller<'a> {
+    pub fn new(cfg: &'a Config, teacher: &'a dyn Classifier, student: &'a dyn Classifier, device: Device) -> Result<Self> {
+        let d = &cfg.distill;
+        let method = Method::parse(&d.method)?;
+        let mut rng = Rng::new(cfg.seed).fork(0xd15711);
+        teacher.freeze(true)?;
+        let generator = match method {
+            Method::DeepInversion => None,
+            _ => Some(Generator::new(&cfg.generator, cfg.data.image_size, &mut rng)?),
+        };
+        // a small probe batch decides how MHAD pairs the two networks' features
+        let probe = Tensor::randn(&[2, 3, cfg.data.image_size, cfg.data.image_size], 0.0, 1.0, &mut rng, device)?;
+        let (tp, sp) = no_grad(|| -> Result<(Features, Features)> { Ok((teacher.forward(&probe, false)?, student.forward(&probe, false)?)) })?;
+        let ours = method == Method::DfkdFgvc;
+        let mhad = if ours && d.mhad { Some(Mhad::new(&tp, &sp, d.mha_order, d.adapter_identity_init, d.mhad_normalize, &mut rng)?) } else { None };
+        let head = if ours && d.sfcl {
+            Some(ProjectionHead::new(tp.penultimate.dims()[1], sp.penultimate.dims()[1], d.proj_hidden, d.proj_dim, d.tau_sfcl, &mut rng)?)
+        } else {
+            None
+        };
+        let aux = Aux { mhad, head };
+        let mut params = student.parameters();
+        params.extend(aux.parameters());
+        let s = &cfg.student;
+        let opt_s = Optimizer::sgd(vec![ParamGroup::new(params, s.weight_decay)], s.lr, s.momentum, false);
+        let g = &cfg.generator;
+        let opt_g = generator.as_ref().map(|gen| Optimizer::adam(vec![ParamGroup::new(gen.parameters(), 0.0)], g.lr, g.beta1, g.beta2));
+        let total_iters = d.epochs * d.iterations_per_epoch;
+        let schedule = CosineSchedule { base: s.lr, min: 0.0, total: total_iters * d.s_steps };
+        Ok(Distiller { cfg, method, teacher, student, generator, aux, opt_s, opt_g, schedule, rng, iteration: 0, pool: vec![], device })
+    }
+
+    pub fn total_iterations(&self) -> usize { self.cfg.distill.epochs * self.cfg.distill.iterations_per_epoch }
+    pub fn iteration(&self) -> usize { self.iteration }
+
+    /// One iteration: the synthesis phase, then the student phase. Returns the mean of
+    /// each loss over the iteration's steps.
+    pub fn iterate(&mut self) -> Result<(Losses, Losses)> {
+        let g_losses = match self.method {
+            Method::DeepInversion => self.invert_pixels()?,
+            _ => self.generator_steps()?,
+        };
+        let s_losses = self.student_steps()?;
+        self.iteration += 1;
+        Ok((g_losses, s_losses))
+    }
+
+    fn fresh_images(&mut self, train: bool) -> Result<Tensor> {
+        let n = self.cfg.distill.batch_size;
+        let g = self.generator.as_ref().expect("a generator");
+        let z = g.sample_z(n, &mut self.rng, self.device)?;
+        g.forward(&z, &mut Ctx::new(train))
+    }
+
+    fn generator_steps(&mut self) -> Result<Losses> {
+        let d = &self.cfg.distill;
+        self.student.freeze(true)?;
+        let mut acc = Accumulator::default();
+        for _ in 0..d.g_steps {
+            let x = self.fresh_images(true)?;
+            let t = self.teacher.forward(&x, false)?;
+            let s = self.student.forward_ctx(&x, &mut Ctx::new(true))?;
+            let kd = s.logits.kd_loss(&t.logits, d.tau_gen)?;
+            let (loss, parts): (Tensor, Losses) = match self.method {
+                Method::DfkdFgvc | Method::Dfq => {
+                    let bn = losses::bn_loss(&t)?;
+                    let mut loss = bn.scale(d.alpha)?.sub(&kd)?;
+                    let mut parts = vec![("g_bn", bn.to_scalar()?), ("g_kd", kd.to_scalar()?)];
+                    if self.method == Method::Dfq {
+                        let k = t.logits.dims()[1];
+                        let targets: Vec<u32> = (0..x.dims()[0]).map(|_| self.rng.below(k) as u32).collect();
+                        let ce = t.logits.cross_entropy(&targets, 0.0)?;
+                        parts.push(("g_ce", ce.to_scalar()?));
+                        loss = loss.add(&ce)?;
+                    }
+                    (loss, parts)
+                }
+                Method::Dafl => {
+                    let l = losses::dafl_generator_loss(&t)?;
+                    (l.clone(), vec![("g_dafl", l.to_scalar()?)])
+                }
+                Method::Dfad => {
+                    let l1 = s.logits.l1(&t.logits)?;
+                    (l1.neg()?, vec![("g_l1", l1.to_scalar()?)])
+                }
+                Method::Zskt => (kd.neg()?, vec![("g_kd", kd.to_scalar()?)]),
+                Method::DeepInversion => unreachable!(),
+            };
+            check_finite(&parts, "generator", self.iteration)?;
+            let grads = loss.backward()?;
+            self.opt_g.as_mut().unwrap().step(&grads)?;
+            acc.add(&parts);
+        }
+        self.student.freeze(false)?;
+        Ok(acc.mean())
+    }
+
+    /// DeepInversion (ADI): optimise a batch of pixels against the teacher's BN
+    /// statistics and sampled targets, with image priors and the competition term.
+    fn invert_pixels(&mut self) -> Result<Losses> {
+        let d = &self.cfg.distill;
+        let (n, s, k) = (d.batch_size, self.cfg.data.image_size, self.teacher.num_classes());
+        let x = Tensor::randn(&[n, 3, s, s], 0.0, 1.0, &mut self.rng, self.device)?.to_var()?;
+        let targets: Vec<u32> = (0..n).map(|_| self.rng.below(k) as u32).collect();
+        let mut opt = Optimizer::adam(vec![ParamGroup::new(vec![x.clone()], 0.0)], 0.05, 0.5, 0.99);
+        self.student.freeze(true)?;
+        let mut acc = Accumulator::default();
+        for _ in 0..2 * d.g_steps {
+            let t = self.teacher.forward(&x, false)?;
+            let st = self.student.forward_ctx(&x, &mut Ctx::new(false))?;
+            let (bn, ce) = (losses::bn_loss(&t)?, t.logits.cross_entropy(&targets, 0.0)?);
+            let (tv, l2) = (losses::total_variation(&x)?, x.sqr()?.mean_all()?);
+            let js = losses::js_divergence(&t.logits, &st.logits)?;
+            let loss = bn.scale(d.alpha)?.add(&ce)?.add(&tv.scale(0.05)?)?.add(&l2.scale(1e-4)?)?.sub(&js)?;
+            let parts = vec![("g_bn", bn.to_scalar()?), ("g_ce", ce.to_scalar()?), ("g_js", js.to_scalar()?)];
+            check_finite(&parts, "deepinversion", self.iteration)?;
+            opt.step(&loss.backward()?)?;
+            acc.add(&parts);
+        }
+        self.student.freeze(false)?;
+        if self.pool.len() == POOL_BATCHES {
+            let i = self.rng.below(POOL_BATCHES);
+            self.pool[i] = x.detach();
+        } else {
+            self.pool.push(x.detach());
+        }
+        Ok(acc.mean())
+    }
+
+    fn student_steps(&mut self) -> Result<Losses> {
+        let d = &self.cfg.distill;
+        let mut acc = Accumulator::default();
+        for _ in 0..d.s_steps {
+            self.opt_s.set_lr(self.schedule.lr_at(self.opt_s.steps() as usize));
+            let x = match self.method {
+                Method::DeepInversion => self.pool[self.rng.below(self.pool.len())].clone(),
+                _ => no_grad(|| self.fresh_images(true))?.detach(),
+            };
+            let t = no_grad(|| self.teacher.forward(&x, false))?;
+            let s = self.student.forward_ctx(&x, &mut Ctx::new(true))?;
+            let mut parts = vec![];
+            let mut loss = match self.method {
+                Method::Dfad => s.logits.l1(&t.logits)?,
+                _ => s.logits.kd_loss(&t.logits, d.tau_kd)?,
+            };
+            parts.push(("s_kd", loss.to_scalar()?));
+            if self.method == Method::Zskt {
+                let at = losses::attention_transfer(&t, &s)?;
+                parts.push(("s_at", at.to_scalar()?));
+                loss = loss.add(&at.scale(250.0)?)?;
+            }
+            if let Some(m) = &self.aux.mhad {
+                let l = m.loss(&t, &s)?;
+                parts.push(("s_mhad", l.to_scalar()?));
+                loss = loss.add(&l.scale(d.beta)?)?;
+            }
+            if let Some(h) = &self.aux.head {
+                let l = h.loss(&t, &s)?;
+                parts.push(("s_sfcl", l.to_scalar()?));
+                loss = loss.add(&l.scale(d.gamma)?)?;
+            }
+            check_finite(&parts, "student", self.iteration)?;
+            self.opt_s.step(&loss.backward()?)?;
+            acc.add(&parts);
+        }
+        Ok(acc.mean())
+    }
+
+    /// A grid of freshly synthesised images (or the latest inverted batch).
+    pub fn save_samples(&mut self, path: &Path) -> Result<()> {
+        let x = match self.method {
+            Method::DeepInversion => match self.pool.last() {
+                Some(x) => x.clone(),
+                None => return Ok(()),
+            },
+            _ => no_grad(|| self.fresh_images(false))?,
+        };
+        let n = x.dims()[0].min(64);
+        save_image_grid(&x.narrow(0, 0, n)?, 8, path)
+    }
+
+    fn optimizer_names(module: &dyn Module) -> HashMap<TensorId, String> {
+        module.named_parameters().into_iter().map(|(n, t)| (t.id(), n)).collect()
+    }
+
+    /// Names of everything the student optimiser updates: `student.*` and `aux.*`.
+    fn student_side_names(&self) -> HashMap<TensorId, String> {
+        let mut names: HashMap<TensorId, String> =
+            Self::optimizer_names(self.student).into_iter().map(|(i, n)| (i, format!("student.{n}"))).collect();
+        names.extend(Self::optimizer_names(&self.aux).into_iter().map(|(i, n)| (i, format!("aux.{n}"))));
+        names
+    }
+
+    pub fn save_checkpoint(&self, ckpt: &CheckpointDir) -> Result<()> {
+        let state = State { iteration: self.iteration, rng: self.rng.state() };
+        ckpt.save(&state, |dir| {
+            save_model(self.student, dir.join("student.safetensors"))?;
+            save_model(&self.aux, dir.join("aux.safetensors"))?;
+            let s_state = self.opt_s.state_tensors(&self.student_side_names())?;
+            save_tensors(dir.join("optim_student.safetensors"), &s_state.iter().map(|(n, t)| (n.as_str(), t)).collect::<Vec<_>>())?;
+            if let (Some(g), Some(opt)) = (&self.generator, &self.opt_g) {
+                save_model(g, dir.join("generator.safetensors"))?;
+                let g_state = opt.state_tensors(&Self::optimizer_names(g))?;
+                save_tensors(dir.join("optim_generator.safetensors"), &g_state.iter().map(|(n, t)| (n.as_str(), t)).collect::<Vec<_>>())?;
+            }
+            let pool: Vec<(String, &Tensor)> = self.pool.iter().enumerate().map(|(i, t)| (format!("{i}"), t)).collect();
+            save_tensors(dir.join("pool.safetensors"), &pool)
+        })
+    }
+
+    /// Restores the state `save_checkpoint` wrote: models, optimisers, RNG, iteration.
+    pub fn resume(&mut self, ckpt: &CheckpointDir) -> Result<()> {
+        let (state, dir): (State, _) = ckpt.load()?;
+        load_model(self.student, dir.join("student.safetensors"))?;
+        load_model(&self.aux, dir.join("aux.safetensors"))?;
+        let as_map = |p: std::path::PathBuf| -> Result<HashMap<String, Tensor>> { Ok(load_tensors(p)?.into_iter().collect()) };
+        let names = self.student_side_names();
+        self.opt_s.load_state_tensors(&names, &as_map(dir.join("optim_student.safetensors"))?)?;
+        if let (Some(g), Some(opt)) = (&self.generator, &mut self.opt_g) {
+            load_model(g, dir.join("generator.safetensors"))?;
+            opt.load_state_tensors(&Self::optimizer_names(g), &as_map(dir.join("optim_generator.safetensors"))?)?;
+        }
+        let mut pool: Vec<(usize, Tensor)> =
+            load_tensors(dir.join("pool.safetensors"))?.into_iter().filter_map(|(n, t)| n.parse().ok().map(|i| (i, t))).collect();
+        pool.sort_by_key(|(i, _)| *i);
+        self.pool = pool.into_iter().map(|(_, t)| t).collect();
+        self.iteration = state.iteration;
+        self.rng = Rng::from_state(state.rng);
+        Ok(())
+    }
+}
+
+fn check_finite(parts: &Losses, phase: &str, iteration: usize) -> Result<()> {
+    for (name, v) in parts {
+        if !v.is_finite() {
+            bail!("{phase} step of iteration {iteration}: loss `{name}` is {v}; stopping (the last checkpoint is kept)");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Accumulator {
+    sums: Vec<(&'static str, f64)>,
+    count: usize,
+}
+
+impl Accumulator {
+    fn add(&mut self, parts: &Losses) {
+        for &(name, v) in parts {
+            match self.sums.iter_mut().find(|(n, _)| *n == name) {
+                Some(e) => e.1 += v as f64,
+                None => self.sums.push((name, v as f64)),
+            }
+        }
+        self.count += 1;
+    }
+    fn mean(&self) -> Losses { self.sums.iter().map(|&(n, s)| (n, (s / self.count.max(1) as f64) as f32)).collect() }
+}
+
+/// Runs the loop to the configured length, with checkpoints, image grids, evaluations
+/// and metrics, resuming from `run_dir`'s checkpoint when `resume`.
+pub fn run(
+    distiller: &mut Distiller,
+    run_dir: &Path,
+    resume: bool,
+    log: &mut MetricsLog,
+    mut evaluate: impl FnMut(&dyn Classifier) -> Result<f32>,
+) -> Result<()> {
+    let ckpt = CheckpointDir::new(run_dir);
+    if resume {
+        distiller.resume(&ckpt)?;
+        eprintln!("resumed from iteration {}", distiller.iteration());
+    }
+    let d = distiller.cfg.distill.clone();
+    let total = distiller.total_iterations();
+    let bar = Progress::new("distill", total as u64);
+    bar.set_position(distiller.iteration() as u64);
+    std::fs::create_dir_all(run_dir.join("images")).map_err(|e| crate::Error::io(run_dir, e))?;
+    while distiller.iteration() < total {
+        let (g, s) = distiller.iterate()?;
+        let it = distiller.iteration();
+        let mut record = json!({"phase": "distill", "iteration": it, "epoch": it as f32 / d.iterations_per_epoch as f32,
+                                "lr": distiller.opt_s.lr()});
+        for (n, v) in g.iter().chain(&s) {
+            record[*n] = json!(v);
+        }
+        let epoch_done = it % d.iterations_per_epoch == 0;
+        let epoch = it / d.iterations_per_epoch;
+        if epoch_done && d.eval_every > 0 && (epoch % d.eval_every == 0 || it == total) {
+            let acc = evaluate(distiller.student)?;
+            record["student_top1"] = json!(acc);
+        }
+        log.write(&record)?;
+        let kd = s.iter().find(|(n, _)| *n == "s_kd").map(|p| p.1).unwrap_or(f32::NAN);
+        bar.step(&format!("kd {kd:.3}"));
+        if it % d.checkpoint_every == 0 || it == total {
+            distiller.save_samples(&run_dir.join("images").join(format!("iter{it:06}.png")))?;
+            distiller.save_checkpoint(&ckpt)?;
+        }
+    }
+    bar.finish(&format!("{} iterations", total));
+    Ok(())
+}

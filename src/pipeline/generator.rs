@@ -1,0 +1,117 @@
+//! The generator G: z -> image, DCGAN-like with spectral-normalised transposed convs
+//! and a spatial attention module (SAM) after each block (METHOD.md).
+
+use super::attention::SpatialAttentionModule;
+use super::config::GeneratorConfig;
+use crate::nn::{join, BatchNorm2d, Conv2d, ConvTranspose2d, Ctx, Linear, Module, Slot, SpectralNorm};
+use crate::rng::Rng;
+use crate::{bail, ConvOpts, Device, Result, Tensor};
+
+/// A block's transposed conv, spectral-normalised or not (a config switch).
+enum Deconv {
+    Plain(ConvTranspose2d),
+    Normalized(SpectralNorm<ConvTranspose2d>),
+}
+
+struct Block {
+    deconv: Deconv,
+    sam: Option<SpatialAttentionModule>,
+}
+
+pub struct Generator {
+    fc: Linear,
+    bn0: BatchNorm2d,
+    blocks: Vec<Block>,
+    head: Conv2d,
+    pub z_dim: usize,
+    c0: usize,
+    s0: usize,
+}
+
+/// How many times the blocks double the first feature map: s = s0 * 2^4.
+const BLOCKS: usize = 4;
+
+impl Generator {
+    pub fn new(cfg: &GeneratorConfig, image_size: usize, rng: &mut Rng) -> Result<Generator> {
+        if cfg.channels.len() != BLOCKS + 1 {
+            bail!("generator.channels must list {} widths (first map and each block), got {:?}", BLOCKS + 1, cfg.channels);
+        }
+        if image_size % (1 << BLOCKS) != 0 {
+            bail!("generator: image size {image_size} must be a multiple of {}", 1 << BLOCKS);
+        }
+        let (c0, s0) = (cfg.channels[0], image_size >> BLOCKS);
+        let mut blocks = vec![];
+        for b in 0..BLOCKS {
+            let (ci, co) = (cfg.channels[b], cfg.channels[b + 1]);
+            let conv = ConvTranspose2d::new(ci, co, 3, ConvOpts::default().padding(1), 0, true, rng)?;
+            let deconv = if cfg.spectral_norm { Deconv::Normalized(SpectralNorm::new(conv, rng)?) } else { Deconv::Plain(conv) };
+            let sam = if cfg.sam {
+                Some(SpatialAttentionModule::new(co, cfg.sam_reduction, cfg.sam_lambda, cfg.sam_softmax_scaled, rng)?)
+            } else {
+                None
+            };
+            blocks.push(Block { deconv, sam });
+        }
+        Ok(Generator {
+            fc: Linear::new(cfg.z_dim, c0 * s0 * s0, true, rng)?,
+            bn0: BatchNorm2d::new(c0)?,
+            blocks,
+            head: Conv2d::new(cfg.channels[BLOCKS], 3, 3, ConvOpts::default().padding(1), true, rng)?,
+            z_dim: cfg.z_dim,
+            c0,
+            s0,
+        })
+    }
+
+    /// Standard normal noise for a batch.
+    pub fn sample_z(&self, n: usize, rng: &mut Rng, device: Device) -> Result<Tensor> {
+        Tensor::randn(&[n, self.z_dim], 0.0, 1.0, rng, device)
+    }
+
+    /// Images in the classifiers' input space (ImageNet-normalised): the tanh output is
+    /// read as pixels in [-1, 1], so synthesized images are valid pictures.
+    pub fn forward(&self, z: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let n = z.dims()[0];
+        let mut x = self.fc.forward(z)?.reshape(&[n, self.c0, self.s0, self.s0])?;
+        x = self.bn0.forward(&x, ctx)?;
+        for b in &self.blocks {
+            x = match &b.deconv {
+                Deconv::Plain(c) => c.forward(&x)?,
+                Deconv::Normalized(c) => c.forward(&x, ctx)?,
+            };
+            x = x.upsample_nearest2d(2)?.leaky_relu(0.2)?;
+            if let Some(sam) = &b.sam {
+                x = sam.forward(&x, ctx)?;
+            }
+        }
+        let pixels = self.head.forward(&x)?.tanh()?.affine(0.5, 0.5)?;
+        normalize_imagenet(&pixels)
+    }
+}
+
+/// `(x - mean) / std` per channel with ImageNet statistics.
+pub fn normalize_imagenet(pixels: &Tensor) -> Result<Tensor> {
+    use super::report::{MEAN, STD};
+    let dev = pixels.device();
+    let mean = Tensor::from_slice(&MEAN, &[1, 3, 1, 1], dev)?;
+    let inv_std = Tensor::from_vec(STD.iter().map(|s| 1.0 / s).collect::<Vec<f32>>(), &[1, 3, 1, 1], dev)?;
+    pixels.sub(&mean)?.mul(&inv_std)
+}
+
+impl Module for Generator {
+    fn visit(&self, prefix: &str, f: &mut dyn FnMut(&str, Slot<'_>)) {
+        self.fc.visit(&join(prefix, "fc"), f);
+        self.bn0.visit(&join(prefix, "bn0"), f);
+        for (i, b) in self.blocks.iter().enumerate() {
+            let p = join(prefix, &format!("blocks.{i}"));
+            match &b.deconv {
+                Deconv::Plain(c) => c.visit(&join(&p, "deconv"), f),
+                Deconv::Normalized(c) => c.visit(&join(&p, "deconv"), f),
+            }
+            if let Some(s) = &b.sam {
+                s.visit(&join(&p, "sam"), f);
+            }
+        }
+        self.head.visit(&join(prefix, "head"), f);
+    }
+}

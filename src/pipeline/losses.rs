@@ -1,0 +1,235 @@
+//! The distillation objectives of DFKD-FGVC and of the baselines (METHOD.md).
+
+use super::attention::{contrastive_loss, HighOrderAttention};
+use crate::models::Features;
+use crate::nn::{join, Conv2d, Linear, Module, Slot};
+use crate::rng::Rng;
+use crate::{bail, ConvOpts, Device, Result, Tensor};
+
+/// Which method's losses the loop uses (one switch reruns Tables 1 and 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    DfkdFgvc,
+    Dafl,
+    Dfad,
+    Zskt,
+    Dfq,
+    DeepInversion,
+}
+
+impl Method {
+    pub fn parse(s: &str) -> Result<Method> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "dfkd-fgvc" | "dfkd_fgvc" | "ours" => Method::DfkdFgvc,
+            "dafl" => Method::Dafl,
+            "dfad" => Method::Dfad,
+            "zskt" => Method::Zskt,
+            "dfq" => Method::Dfq,
+            "deepinversion" | "adi" => Method::DeepInversion,
+            _ => bail!("unknown method `{s}`: expected dfkd-fgvc, dafl, dfad, zskt, dfq or deepinversion"),
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::DfkdFgvc => "dfkd-fgvc",
+            Method::Dafl => "dafl",
+            Method::Dfad => "dfad",
+            Method::Zskt => "zskt",
+            Method::Dfq => "dfq",
+            Method::DeepInversion => "deepinversion",
+        }
+    }
+}
+
+/// DeepInversion's BN-statistics loss: sum over the teacher's BN layers of
+/// `||mu(x) - running_mean||_2 + ||var(x) - running_var||_2` on the synthetic batch.
+pub fn bn_loss(t: &Features) -> Result<Tensor> {
+    if t.bn_inputs.is_empty() {
+        bail!("bn_loss: the teacher's forward recorded no BatchNorm inputs");
+    }
+    let mut total: Option<Tensor> = None;
+    for (x, (rm, rv)) in t.bn_inputs.iter().zip(&t.bn_running) {
+        let (mean, var) = x.channel_stats()?;
+        let l = mean.sub(rm)?.sqr()?.sum_all()?.sqrt()?.add(&var.sub(rv)?.sqr()?.sum_all()?.sqrt()?)?;
+        total = Some(match total { Some(a) => a.add(&l)?, None => l });
+    }
+    Ok(total.unwrap())
+}
+
+/// DAFL's generator loss: one-hot CE on the teacher's own predictions, minus the mean
+/// absolute penultimate activation (weight 0.1), plus 5 x the negative entropy of the
+/// batch-mean prediction (class balance).
+pub fn dafl_generator_loss(t: &Features) -> Result<Tensor> {
+    let labels: Vec<u32> = t.logits.argmax_last()?.into_iter().map(|c| c as u32).collect();
+    let ce = t.logits.cross_entropy(&labels, 0.0)?;
+    let activation = t.penultimate.abs()?.mean_all()?.neg()?;
+    let p_mean = t.logits.softmax(1)?.mean(&[0], false)?;
+    let neg_entropy = p_mean.mul(&p_mean.clamp(1e-8, 1.0)?.log()?)?.sum_all()?;
+    ce.add(&activation.scale(0.1)?)?.add(&neg_entropy.scale(5.0)?)
+}
+
+/// Zagoruyko's attention map of a stage: the channel-mean of squares, flattened and
+/// L2-normalised per sample.
+fn attention_map(f: &Tensor) -> Result<Tensor> {
+    let n = f.dims()[0];
+    f.sqr()?.mean(&[1], false)?.reshape(&[n, f.elem_count() / n / f.dims()[1]])?.l2_normalize(1, 1e-12)
+}
+
+/// ZSKT's attention-transfer term between matching stages.
+pub fn attention_transfer(t: &Features, s: &Features) -> Result<Tensor> {
+    let mut total = Tensor::scalar(0.0, t.logits.device())?;
+    for (ft, fs) in t.stages.iter().zip(&s.stages) {
+        if ft.dims()[2..] != fs.dims()[2..] {
+            bail!("zskt: stage sizes {:?} and {:?} differ; attention transfer needs matching stages", ft.dims(), fs.dims());
+        }
+        total = total.add(&attention_map(ft)?.sub(&attention_map(fs)?)?.sqr()?.mean_all()?)?;
+    }
+    Ok(total)
+}
+
+/// Total variation of an image batch (DeepInversion's prior), mean absolute difference.
+pub fn total_variation(x: &Tensor) -> Result<Tensor> {
+    let [_, _, h, w] = x.dims4("total_variation")?;
+    let dh = x.narrow(2, 1, h - 1)?.sub(&x.narrow(2, 0, h - 1)?)?.abs()?.mean_all()?;
+    let dw = x.narrow(3, 1, w - 1)?.sub(&x.narrow(3, 0, w - 1)?)?.abs()?.mean_all()?;
+    dh.add(&dw)
+}
+
+/// Jensen-Shannon divergence between the teacher's and student's predictions,
+/// DeepInversion's "competition" term (the image step maximises it).
+pub fn js_divergence(t_logits: &Tensor, s_logits: &Tensor) -> Result<Tensor> {
+    let (pt, ps) = (t_logits.softmax(1)?, s_logits.softmax(1)?);
+    let m = pt.add(&ps)?.scale(0.5)?.clamp(1e-8, 1.0)?;
+    let kl = |p: &Tensor| -> Result<Tensor> { p.mul(&p.clamp(1e-8, 1.0)?.log()?.sub(&m.log()?)?)?.sum(&[1], false)?.mean_all() };
+    kl(&pt)?.add(&kl(&ps)?)?.scale(0.5)
+}
+
+/// Where MHAD compares the two networks.
+enum MhadSite {
+    /// Every stage: a 1x1-conv adapter from student to teacher channels.
+    Stages(Vec<Conv2d>),
+    /// Stages do not match (e.g. WRN or MobileNetV2 students): the penultimate features
+    /// only, through a 2-hidden-layer MLP (as the paper does).
+    Penultimate(Linear, Linear),
+}
+
+/// Mixed high-order attention distillation: adapters plus one MHA module per site,
+/// shared by both sides and trained with the student.
+pub struct Mhad {
+    site: MhadSite,
+    mha: Vec<HighOrderAttention>,
+    normalize: bool,
+}
+
+impl Mhad {
+    /// `t` and `s` are a forward of each network on the same small batch: they decide
+    /// whether stages match.
+    pub fn new(t: &Features, s: &Features, order: usize, identity_init: bool, normalize: bool, rng: &mut Rng) -> Result<Mhad> {
+        let stages_match = t.stages.len() == s.stages.len()
+            && t.stages.iter().zip(&s.stages).all(|(a, b)| a.dims()[2..] == b.dims()[2..]);
+        if stages_match {
+            let mut adapters = vec![];
+            let mut mha = vec![];
+            for (ft, fs) in t.stages.iter().zip(&s.stages) {
+                let (ct, cs) = (ft.dims()[1], fs.dims()[1]);
+                let a = Conv2d::new(cs, ct, 1, ConvOpts::default(), false, rng)?;
+                if identity_init && ct == cs {
+                    let mut eye = vec![0f32; ct * cs];
+                    (0..ct).for_each(|i| eye[i * cs + i] = 1.0);
+                    a.weight.assign(&Tensor::from_vec(eye, &[ct, cs, 1, 1], Device::Cpu)?)?;
+                }
+                adapters.push(a);
+                mha.push(HighOrderAttention::new(ct, order, rng)?);
+            }
+            Ok(Mhad { site: MhadSite::Stages(adapters), mha, normalize })
+        } else {
+            let (dt, ds) = (t.penultimate.dims()[1], s.penultimate.dims()[1]);
+            let mlp = (Linear::new(ds, dt, true, rng)?, Linear::new(dt, dt, true, rng)?);
+            Ok(Mhad { site: MhadSite::Penultimate(mlp.0, mlp.1), mha: vec![HighOrderAttention::new(dt, order, rng)?], normalize })
+        }
+    }
+
+    /// `sum over sites of MSE(MHA(F_t), MHA(adapter(F_s)))`, summed over positions and
+    /// averaged over N*C, on maps L2-normalised per sample when `normalize`.
+    pub fn loss(&self, t: &Features, s: &Features) -> Result<Tensor> {
+        let pairs: Vec<(Tensor, Tensor)> = match &self.site {
+            MhadSite::Stages(adapters) => {
+                t.stages.iter().zip(&s.stages).zip(adapters).map(|((ft, fs), a)| Ok((ft.detach(), a.forward(fs)?))).collect::<Result<_>>()?
+            }
+            MhadSite::Penultimate(l1, l2) => {
+                let as4 = |x: &Tensor| x.reshape(&[x.dims()[0], x.dims()[1], 1, 1]);
+                vec![(as4(&t.penultimate.detach())?, as4(&l2.forward(&l1.forward(&s.penultimate)?.relu()?)?)?)]
+            }
+        };
+        let mut total: Option<Tensor> = None;
+        for ((ft, fs), mha) in pairs.iter().zip(&self.mha) {
+            let (at, as_) = (mha.forward(ft)?, mha.forward(fs)?);
+            let [n, c, ..] = at.dims4("mhad")?;
+            let (at, as_) = if self.normalize { (per_sample_normalize(&at)?, per_sample_normalize(&as_)?) } else { (at, as_) };
+            let l = at.sub(&as_)?.sqr()?.sum_all()?.scale(1.0 / (n * c) as f32)?;
+            total = Some(match total { Some(a) => a.add(&l)?, None => l });
+        }
+        Ok(total.unwrap())
+    }
+}
+
+fn per_sample_normalize(x: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    x.flatten_from(1)?.l2_normalize(1, 1e-12)?.reshape(&dims)
+}
+
+impl Module for Mhad {
+    fn visit(&self, prefix: &str, f: &mut dyn FnMut(&str, Slot<'_>)) {
+        match &self.site {
+            MhadSite::Stages(adapters) => {
+                for (i, a) in adapters.iter().enumerate() {
+                    a.visit(&join(prefix, &format!("adapters.{i}")), f);
+                }
+            }
+            MhadSite::Penultimate(l1, l2) => {
+                l1.visit(&join(prefix, "mlp.0"), f);
+                l2.visit(&join(prefix, "mlp.2"), f);
+            }
+        }
+        for (i, m) in self.mha.iter().enumerate() {
+            m.visit(&join(prefix, &format!("mha.{i}")), f);
+        }
+    }
+}
+
+/// SFCL's projection head: `Linear(d, hidden) -> ReLU -> Linear(hidden, out)`, shared by
+/// both sides (the teacher side gets its own first layer only when widths differ), the
+/// teacher's projection detached.
+pub struct ProjectionHead {
+    teacher_in: Option<Linear>,
+    fc1: Linear,
+    fc2: Linear,
+    pub tau: f32,
+}
+
+impl ProjectionHead {
+    pub fn new(d_teacher: usize, d_student: usize, hidden: usize, out: usize, tau: f32, rng: &mut Rng) -> Result<Self> {
+        let teacher_in = if d_teacher != d_student { Some(Linear::new(d_teacher, hidden, true, rng)?) } else { None };
+        Ok(ProjectionHead { teacher_in, fc1: Linear::new(d_student, hidden, true, rng)?, fc2: Linear::new(hidden, out, true, rng)?, tau })
+    }
+
+    pub fn loss(&self, t: &Features, s: &Features) -> Result<Tensor> {
+        let t_hidden = match &self.teacher_in {
+            Some(l) => l.forward(&t.penultimate.detach())?,
+            None => self.fc1.forward(&t.penultimate.detach())?,
+        };
+        let zt = self.fc2.forward(&t_hidden.relu()?)?.detach();
+        let zs = self.fc2.forward(&self.fc1.forward(&s.penultimate)?.relu()?)?;
+        contrastive_loss(&zt, &zs, self.tau)
+    }
+}
+
+impl Module for ProjectionHead {
+    fn visit(&self, prefix: &str, f: &mut dyn FnMut(&str, Slot<'_>)) {
+        if let Some(l) = &self.teacher_in {
+            l.visit(&join(prefix, "teacher_in"), f);
+        }
+        self.fc1.visit(&join(prefix, "fc1"), f);
+        self.fc2.visit(&join(prefix, "fc2"), f);
+    }
+}

@@ -1,0 +1,10 @@
+pub mod config;
+pub mod report;
+pub mod attention;
+pub mod generator;
+pub mod losses;
+pub mod eval;
+pub mod progress;
+pub mod teacher;
+pub mod checkpoint_dir;
+pub mod distill;
