@@ -56,7 +56,10 @@ pub fn reduce(x: &[f32], l: &Layout, op: ReduceOp, dims: &[usize]) -> Result<Vec
     } else if n_out == 1 && n_red >= PAR_THRESHOLD && op == ReduceOp::Sum {
         // A full reduction: split the contiguous input across threads.
         if let Some(r) = l.contiguous_range() {
-            out[0] = x[r].par_chunks(1 << 14).map(|c| c.iter().sum::<f32>() as f64).sum::<f64>() as f32;
+            // chunk sums are collected in order and added sequentially: rayon's own
+            // `sum` groups by work stealing, which would make results vary run to run
+            let partial: Vec<f64> = x[r].par_chunks(1 << 14).map(|c| c.iter().sum::<f32>() as f64).collect();
+            out[0] = partial.iter().sum::<f64>() as f32;
         } else {
             out[0] = reduce_one(0);
         }
