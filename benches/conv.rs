@@ -1,6 +1,9 @@
 //! conv2d forward and backward at ResNet-18 shapes (batch 32, 64 px input with the
 //! ImageNet stem), reported as FLOP/s (2 * multiply-adds).
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dfkd::backend::Conv2dParams;
 use dfkd::rng::Rng;

@@ -2,6 +2,9 @@
 //! backward and the optimiser update, in images/s. PyTorch's number for the same step
 //! comes from `scripts/bench_pytorch.py`; both are logged in docs/PERF.md.
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dfkd::models::build;
 use dfkd::nn::Module;

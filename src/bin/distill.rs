@@ -7,6 +7,9 @@ use dfkd::pipeline::config::Config;
 use dfkd::{Device, Result};
 use std::path::PathBuf;
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "distill", version, about = "Data-free knowledge distillation for fine-grained visual categorization (DFKD-FGVC)")]
 struct Cli {
