@@ -55,7 +55,7 @@ fn the_job_writes_its_outputs_and_is_deterministic() {
         let s = job::run_job(&cfg, Device::Cpu, &RunOptions { run_dir: run.clone(), resume: false }).unwrap();
         assert!((0.0..=100.0).contains(&s.student_top1) && (0.0..=100.0).contains(&s.teacher_top1));
         assert_eq!(s.eval.models[1].per_class.len(), 10);
-        for f in ["config.toml", "metrics.jsonl", "losses.png", "accuracy.png", "student.safetensors", "checkpoint/state.json",
+        for f in ["config.toml", "metrics.jsonl", "losses_student.png", "losses_generator.png", "accuracy.png", "student.safetensors", "checkpoint/state.json",
                   "checkpoint/generator.safetensors", "images/iter000004.png"] {
             assert!(run.join(f).exists(), "{f} missing");
         }

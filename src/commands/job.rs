@@ -145,9 +145,14 @@ pub fn draw_curves(run_dir: &Path) -> Result<()> {
             .filter(|(_, p): &(String, Vec<_>)| !p.is_empty())
             .collect()
     };
-    let losses = series("distill", "iteration", &["s_kd", "s_mhad", "s_sfcl", "s_at", "g_bn", "g_kd", "g_l1", "g_ce", "g_dafl", "g_js"]);
-    if !losses.is_empty() {
-        plot_curves("distillation losses by iteration", &losses, &run_dir.join("losses.png"))?;
+    // two charts: the BN term is two orders of magnitude above the student's losses
+    let student = series("distill", "iteration", &["s_kd", "s_mhad", "s_sfcl", "s_at"]);
+    if !student.is_empty() {
+        plot_curves("student losses by iteration", &student, &run_dir.join("losses_student.png"))?;
+    }
+    let generator = series("distill", "iteration", &["g_bn", "g_kd", "g_l1", "g_ce", "g_dafl", "g_js"]);
+    if !generator.is_empty() {
+        plot_curves("generator losses by iteration", &generator, &run_dir.join("losses_generator.png"))?;
     }
     let acc = series("distill", "epoch", &["student_top1"]);
     if !acc.is_empty() {
@@ -173,5 +178,5 @@ pub fn print_summary(s: &JobSummary, num_classes: usize) {
     if let Some(a) = s.eval.agreement {
         println!("teacher-student agreement on the test split: {a:.2}%");
     }
-    println!("time: {:.1}s; outputs in {} (metrics.jsonl, config.toml, losses.png, accuracy.png, images/, checkpoint/, student.safetensors)", s.seconds, s.run_dir.display());
+    println!("time: {:.1}s; outputs in {} (metrics.jsonl, config.toml, losses_*.png, accuracy.png, images/, checkpoint/, student.safetensors)", s.seconds, s.run_dir.display());
 }
