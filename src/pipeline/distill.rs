@@ -153,6 +153,8 @@ impl<'a> Distiller<'a> {
                 Method::Zskt => (kd.neg()?, vec![("g_kd", kd.to_scalar()?)]),
                 Method::DeepInversion => unreachable!(),
             };
+            let mut parts = parts;
+            parts.push(("g_class_entropy", class_entropy(&t.logits)?));
             check_finite(&parts, "generator", self.iteration)?;
             let grads = loss.backward()?;
             self.opt_g.as_mut().unwrap().step(&grads)?;
@@ -295,6 +297,13 @@ impl<'a> Distiller<'a> {
         self.rng = Rng::from_state(state.rng);
         Ok(())
     }
+}
+
+/// Entropy (nats) of the teacher's batch-mean prediction on synthetic images: log(K)
+/// when the generator covers every class evenly, near 0 when it has collapsed to one.
+fn class_entropy(t_logits: &Tensor) -> Result<f32> {
+    let p = no_grad(|| t_logits.softmax(1)?.mean(&[0], false))?.to_vec_f32()?;
+    Ok(-p.iter().filter(|&&q| q > 0.0).map(|&q| q * q.ln()).sum::<f32>())
 }
 
 fn check_finite(parts: &Losses, phase: &str, iteration: usize) -> Result<()> {

@@ -1,7 +1,7 @@
 //! Element-wise maps, strided copies. Strided views are walked in runs along the last
 //! dimension after merging dimensions that are contiguous in every operand.
 
-use super::{CpuStorage, PAR_THRESHOLD};
+use super::{buffers, CpuStorage, PAR_THRESHOLD};
 use crate::backend::{BinaryOp, UnaryOp};
 use crate::{bail, Layout, Result};
 use rayon::prelude::*;
@@ -49,9 +49,13 @@ fn for_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Syn
 
 fn map1(x: &[f32], l: &Layout, f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     let n = l.elem_count();
-    let mut out = vec![0f32; n];
+    buffers::filled(n, |out| map1_into(x, l, f, out))
+}
+
+fn map1_into(x: &[f32], l: &Layout, f: impl Fn(f32) -> f32 + Sync, out: &mut [f32]) {
+    let n = out.len();
     if n == 0 {
-        return out;
+        return;
     }
     if let Some(r) = l.contiguous_range() {
         let x = &x[r];
@@ -60,22 +64,24 @@ fn map1(x: &[f32], l: &Layout, f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
         } else {
             out.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x));
         }
-        return out;
+        return;
     }
     let l = &coalesce(&[l])[0];
     let (row_len, s) = (*l.shape().last().unwrap(), *l.strides().last().unwrap());
-    for_rows(&mut out, row_len, |r, o| {
+    for_rows(out, row_len, |r, o| {
         let base = l.row_offset(r);
         o.iter_mut().enumerate().for_each(|(i, o)| *o = f(x[base + i * s]));
     });
-    out
 }
 
 fn map2(a: &[f32], la: &Layout, b: &[f32], lb: &Layout, f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let n = la.elem_count();
-    let mut out = vec![0f32; n];
+    buffers::filled(la.elem_count(), |out| map2_into(a, la, b, lb, f, out))
+}
+
+fn map2_into(a: &[f32], la: &Layout, b: &[f32], lb: &Layout, f: impl Fn(f32, f32) -> f32 + Sync, out: &mut [f32]) {
+    let n = out.len();
     if n == 0 {
-        return out;
+        return;
     }
     if let (Some(ra), Some(rb)) = (la.contiguous_range(), lb.contiguous_range()) {
         let (a, b) = (&a[ra], &b[rb]);
@@ -86,13 +92,13 @@ fn map2(a: &[f32], la: &Layout, b: &[f32], lb: &Layout, f: impl Fn(f32, f32) -> 
         } else {
             out.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| *o = f(a, b));
         }
-        return out;
+        return;
     }
     let ls = coalesce(&[la, lb]);
     let (la, lb) = (&ls[0], &ls[1]);
     let row_len = *la.shape().last().unwrap();
     let (sa, sb) = (*la.strides().last().unwrap(), *lb.strides().last().unwrap());
-    for_rows(&mut out, row_len, |r, o| {
+    for_rows(out, row_len, |r, o| {
         let (oa, ob) = (la.row_offset(r), lb.row_offset(r));
         match (sa, sb) {
             // the common broadcast shapes get loops the compiler can vectorise
@@ -102,7 +108,6 @@ fn map2(a: &[f32], la: &Layout, b: &[f32], lb: &Layout, f: impl Fn(f32, f32) -> 
             _ => o.iter_mut().enumerate().for_each(|(i, o)| *o = f(a[oa + i * sa], b[ob + i * sb])),
         }
     });
-    out
 }
 
 pub fn unary(x: &[f32], l: &Layout, op: UnaryOp) -> Result<Vec<f32>> {
