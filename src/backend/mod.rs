@@ -9,9 +9,11 @@
 //! - f32 is the compute type: ops other than conversions reject other dtypes.
 
 pub mod cpu;
+pub mod cuda;
 pub mod ops;
 
 pub use cpu::CpuStorage;
+pub use cuda::EmuStorage;
 pub use ops::{BinaryOp, Conv2dParams, Pool2dParams, ReduceOp, UnaryOp, UpdateRule};
 
 use crate::{DType, Device, Layout, Result};
@@ -76,12 +78,24 @@ pub trait BackendStorage: Sized + Send + Sync {
 /// The storage of a tensor on some device.
 pub enum Storage {
     Cpu(CpuStorage),
+    /// The CUDA kernels run on the CPU by the kernel emulator (`backend::cuda`).
+    CudaEmu(EmuStorage),
 }
 
+impl From<CpuStorage> for Storage {
+    fn from(s: CpuStorage) -> Storage { Storage::Cpu(s) }
+}
+impl From<EmuStorage> for Storage {
+    fn from(s: EmuStorage) -> Storage { Storage::CudaEmu(s) }
+}
+
+/// `$body` runs with `$s` bound to the device's storage; results go back into a
+/// `Storage` with `.into()`.
 macro_rules! dispatch {
     ($self:expr, $s:ident => $body:expr) => {
         match $self {
             Storage::Cpu($s) => $body,
+            Storage::CudaEmu($s) => $body,
         }
     };
 }
@@ -92,6 +106,7 @@ macro_rules! same_device {
         #[allow(unreachable_patterns)]
         match ($a, $($b),+) {
             (Storage::Cpu($x), $(Storage::Cpu($y)),+) => $body,
+            (Storage::CudaEmu($x), $(Storage::CudaEmu($y)),+) => $body,
             (a, b, ..) => return Err(crate::Error::DeviceMismatch { op: $op, lhs: a.device(), rhs: b.device() }),
         }
     };
@@ -107,11 +122,15 @@ impl Storage {
     pub fn from_cpu(cpu: CpuStorage, device: Device) -> Result<Storage> {
         match device {
             Device::Cpu => Ok(Storage::Cpu(cpu)),
+            Device::CudaEmu => Ok(Storage::CudaEmu(EmuStorage::from_cpu(cpu))),
+            Device::Cuda(n) => Err(crate::Error::Msg(format!(
+                "device cuda:{n}: the CUDA storage is not written yet (its kernels run on --device cuda-emu); use --device cpu"
+            ))),
         }
     }
     pub fn zeros(len: usize, dtype: DType, device: Device) -> Result<Storage> {
         let cpu = match dtype {
-            DType::F32 => CpuStorage::F32(vec![0.0; len]),
+            DType::F32 => CpuStorage::F32(cpu::buffers::zeroed(len)),
             DType::F16 => CpuStorage::F16(vec![half::f16::ZERO; len]),
             DType::BF16 => CpuStorage::BF16(vec![half::bf16::ZERO; len]),
             DType::U32 => CpuStorage::U32(vec![0; len]),
@@ -120,80 +139,82 @@ impl Storage {
     }
     pub fn to_device(&self, device: Device) -> Result<Storage> {
         if self.device() == device {
-            return dispatch!(self, s => Ok(Storage::Cpu(s.clone())));
+            return dispatch!(self, s => Ok(s.clone().into()));
         }
         Storage::from_cpu(self.to_cpu()?, device)
     }
 
-    pub fn to_dtype(&self, l: &Layout, dtype: DType) -> Result<Storage> { dispatch!(self, s => Ok(Storage::Cpu(s.to_dtype(l, dtype)?))) }
-    pub fn copy_strided(&self, l: &Layout) -> Result<Storage> { dispatch!(self, s => Ok(Storage::Cpu(s.copy_strided(l)?))) }
+    pub fn to_dtype(&self, l: &Layout, dtype: DType) -> Result<Storage> { dispatch!(self, s => Ok(s.to_dtype(l, dtype)?.into())) }
+    pub fn copy_strided(&self, l: &Layout) -> Result<Storage> { dispatch!(self, s => Ok(s.copy_strided(l)?.into())) }
     pub fn copy_into(&self, l: &Layout, dst: &mut Storage, dst_l: &Layout) -> Result<()> {
         same_device!("copy_into", self, dst => |a, b| a.copy_into(l, b, dst_l))
     }
-    pub fn unary(&self, l: &Layout, op: UnaryOp) -> Result<Storage> { dispatch!(self, s => Ok(Storage::Cpu(s.unary(l, op)?))) }
+    pub fn unary(&self, l: &Layout, op: UnaryOp) -> Result<Storage> { dispatch!(self, s => Ok(s.unary(l, op)?.into())) }
     pub fn binary(&self, l: &Layout, rhs: &Storage, rhs_l: &Layout, op: BinaryOp) -> Result<Storage> {
-        same_device!("binary", self, rhs => |a, b| Ok(Storage::Cpu(a.binary(l, b, rhs_l, op)?)))
+        same_device!("binary", self, rhs => |a, b| Ok(a.binary(l, b, rhs_l, op)?.into()))
     }
     pub fn reduce(&self, l: &Layout, op: ReduceOp, dims: &[usize]) -> Result<Storage> {
-        dispatch!(self, s => Ok(Storage::Cpu(s.reduce(l, op, dims)?)))
+        dispatch!(self, s => Ok(s.reduce(l, op, dims)?.into()))
     }
     pub fn matmul(&self, l: &Layout, rhs: &Storage, rhs_l: &Layout) -> Result<Storage> {
-        same_device!("matmul", self, rhs => |a, b| Ok(Storage::Cpu(a.matmul(l, b, rhs_l)?)))
+        same_device!("matmul", self, rhs => |a, b| Ok(a.matmul(l, b, rhs_l)?.into()))
     }
     pub fn softmax_last(&self, l: &Layout, log: bool) -> Result<Storage> {
-        dispatch!(self, s => Ok(Storage::Cpu(s.softmax_last(l, log)?)))
+        dispatch!(self, s => Ok(s.softmax_last(l, log)?.into()))
     }
     pub fn conv2d(&self, l: &Layout, w: &Storage, w_l: &Layout, p: &Conv2dParams) -> Result<Storage> {
-        same_device!("conv2d", self, w => |a, b| Ok(Storage::Cpu(a.conv2d(l, b, w_l, p)?)))
+        same_device!("conv2d", self, w => |a, b| Ok(a.conv2d(l, b, w_l, p)?.into()))
     }
     pub fn conv2d_backward_input(&self, l: &Layout, w: &Storage, w_l: &Layout, p: &Conv2dParams) -> Result<Storage> {
-        same_device!("conv2d_backward_input", self, w => |a, b| Ok(Storage::Cpu(a.conv2d_backward_input(l, b, w_l, p)?)))
+        same_device!("conv2d_backward_input", self, w => |a, b| Ok(a.conv2d_backward_input(l, b, w_l, p)?.into()))
     }
     pub fn conv2d_backward_weight(&self, l: &Layout, g: &Storage, g_l: &Layout, p: &Conv2dParams) -> Result<Storage> {
-        same_device!("conv2d_backward_weight", self, g => |a, b| Ok(Storage::Cpu(a.conv2d_backward_weight(l, b, g_l, p)?)))
+        same_device!("conv2d_backward_weight", self, g => |a, b| Ok(a.conv2d_backward_weight(l, b, g_l, p)?.into()))
     }
     pub fn max_pool2d(&self, l: &Layout, p: &Pool2dParams) -> Result<(Storage, Storage)> {
-        dispatch!(self, s => { let (o, i) = s.max_pool2d(l, p)?; Ok((Storage::Cpu(o), Storage::Cpu(i))) })
+        dispatch!(self, s => { let (o, i) = s.max_pool2d(l, p)?; Ok((o.into(), i.into())) })
     }
     pub fn scatter_add_planes(&self, l: &Layout, idx: &Storage, idx_l: &Layout, out_plane: usize) -> Result<Storage> {
-        same_device!("scatter_add_planes", self, idx => |a, b| Ok(Storage::Cpu(a.scatter_add_planes(l, b, idx_l, out_plane)?)))
+        same_device!("scatter_add_planes", self, idx => |a, b| Ok(a.scatter_add_planes(l, b, idx_l, out_plane)?.into()))
     }
     pub fn gather_planes(&self, l: &Layout, idx: &Storage, idx_l: &Layout) -> Result<Storage> {
-        same_device!("gather_planes", self, idx => |a, b| Ok(Storage::Cpu(a.gather_planes(l, b, idx_l)?)))
+        same_device!("gather_planes", self, idx => |a, b| Ok(a.gather_planes(l, b, idx_l)?.into()))
     }
-    pub fn avg_pool2d(&self, l: &Layout, p: &Pool2dParams) -> Result<Storage> { dispatch!(self, s => Ok(Storage::Cpu(s.avg_pool2d(l, p)?))) }
+    pub fn avg_pool2d(&self, l: &Layout, p: &Pool2dParams) -> Result<Storage> { dispatch!(self, s => Ok(s.avg_pool2d(l, p)?.into())) }
     pub fn avg_pool2d_backward(&self, l: &Layout, p: &Pool2dParams) -> Result<Storage> {
-        dispatch!(self, s => Ok(Storage::Cpu(s.avg_pool2d_backward(l, p)?)))
+        dispatch!(self, s => Ok(s.avg_pool2d_backward(l, p)?.into()))
     }
     pub fn upsample_nearest2d(&self, l: &Layout, scale: (usize, usize)) -> Result<Storage> {
-        dispatch!(self, s => Ok(Storage::Cpu(s.upsample_nearest2d(l, scale)?)))
+        dispatch!(self, s => Ok(s.upsample_nearest2d(l, scale)?.into()))
     }
     pub fn upsample_nearest2d_backward(&self, l: &Layout, scale: (usize, usize)) -> Result<Storage> {
-        dispatch!(self, s => Ok(Storage::Cpu(s.upsample_nearest2d_backward(l, scale)?)))
+        dispatch!(self, s => Ok(s.upsample_nearest2d_backward(l, scale)?.into()))
     }
     pub fn batch_norm_train(&self, l: &Layout, gamma: &Storage, beta: &Storage, eps: f32) -> Result<(Storage, Storage, Storage)> {
         same_device!("batch_norm", self, gamma, beta => |x, g, b| {
             let (y, m, s) = x.batch_norm_train(l, g, b, eps)?;
-            Ok((Storage::Cpu(y), Storage::Cpu(m), Storage::Cpu(s)))
+            Ok((y.into(), m.into(), s.into()))
         })
     }
     pub fn batch_norm_backward(&self, l: &Layout, dy: &Storage, mean: &Storage, invstd: &Storage, gamma: &Storage) -> Result<(Storage, Storage, Storage)> {
         same_device!("batch_norm_backward", self, dy, mean, invstd, gamma => |x, d, m, s, g| {
             let (dx, dg, db) = x.batch_norm_backward(l, d, m, s, g)?;
-            Ok((Storage::Cpu(dx), Storage::Cpu(dg), Storage::Cpu(db)))
+            Ok((dx.into(), dg.into(), db.into()))
         })
     }
     pub fn optimizer_update(&mut self, grad: &Storage, state: &mut [&mut Storage], rule: UpdateRule) -> Result<()> {
         let device = self.device();
-        let mut cpu_state = Vec::with_capacity(state.len());
-        for s in state.iter_mut() {
-            match &mut **s {
-                Storage::Cpu(c) => cpu_state.push(c),
-            }
+        if let Some(s) = state.iter().find(|s| s.device() != device) {
+            return Err(crate::Error::DeviceMismatch { op: "optimizer_update", lhs: device, rhs: s.device() });
+        }
+        macro_rules! unwrap_state {
+            ($v:ident) => {
+                state.iter_mut().map(|s| match &mut **s { Storage::$v(c) => c, _ => unreachable!("devices checked above") }).collect::<Vec<_>>()
+            };
         }
         match (self, grad) {
-            (Storage::Cpu(p), Storage::Cpu(g)) => p.optimizer_update(g, &mut cpu_state, rule),
-            #[allow(unreachable_patterns)]
+            (Storage::Cpu(p), Storage::Cpu(g)) => p.optimizer_update(g, &mut unwrap_state!(Cpu), rule),
+            (Storage::CudaEmu(p), Storage::CudaEmu(g)) => p.optimizer_update(g, &mut unwrap_state!(CudaEmu), rule),
             (_, g) => Err(crate::Error::DeviceMismatch { op: "optimizer_update", lhs: device, rhs: g.device() }),
         }
     }

@@ -147,6 +147,13 @@ impl ReduceOp {
             ReduceOp::Min => a.min(b),
         }
     }
+    pub fn kernel_name(self) -> &'static str {
+        match self {
+            ReduceOp::Sum => "rsum",
+            ReduceOp::Max => "rmax",
+            ReduceOp::Min => "rmin",
+        }
+    }
 }
 
 /// Geometry of a 2-D convolution; the same struct describes the transposed convolution

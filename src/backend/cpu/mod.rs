@@ -3,6 +3,7 @@
 //! goes through the `gemm` crate.
 
 mod batch_norm;
+pub(crate) mod buffers;
 mod conv;
 mod elementwise;
 mod matmul;
@@ -10,6 +11,9 @@ mod optim;
 mod pool;
 mod reduce;
 mod softmax;
+
+/// Also used by the CUDA backend to shape its strided kernel arguments.
+pub(crate) use elementwise::coalesce;
 
 use super::{BackendStorage, BinaryOp, Conv2dParams, Pool2dParams, ReduceOp, UnaryOp, UpdateRule};
 use crate::{bail, DType, Device, Error, Layout, Result};
@@ -25,6 +29,14 @@ pub enum CpuStorage {
     F16(Vec<f16>),
     BF16(Vec<bf16>),
     U32(Vec<u32>),
+}
+
+impl Drop for CpuStorage {
+    fn drop(&mut self) {
+        if let CpuStorage::F32(v) = self {
+            buffers::recycle(std::mem::take(v));
+        }
+    }
 }
 
 impl CpuStorage {

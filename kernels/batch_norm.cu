@@ -1,0 +1,72 @@
+// Batch norm in training mode over contiguous [n, c, spatial] tensors, with the CPU
+// reference's formulas (src/backend/cpu/batch_norm.rs). Per-channel statistics take
+// one block per channel (grid-stride over channels); element-wise passes one thread
+// per element. Statistics are float block reductions where the CPU sums in f64.
+#include "common.cuh"
+
+// Element j of channel ch: planes of `s` values, `c` planes per batch item.
+__device__ __forceinline__ unsigned int channel_at(unsigned int j, unsigned int ch, unsigned int c, unsigned int s) {
+    return (j / s) * c * s + ch * s + j % s;
+}
+
+// mean and invstd = 1 / sqrt(var + eps) per channel, var biased, from two passes
+// (mean, then centred squares) so a large mean cannot cancel the variance.
+DFKD_KERNEL(bn_stats_f32, (unsigned int n, unsigned int c, unsigned int s, float eps, const float* x, float* mean,
+                           float* invstd)) {
+    const unsigned int m = n * s;
+    for (unsigned int ch = blockIdx.x; ch < c; ch += gridDim.x) {
+        float acc = 0.0f;
+        for (unsigned int j = threadIdx.x; j < m; j += blockDim.x) acc += x[channel_at(j, ch, c, s)];
+        const float mu = block_reduce(acc, SumOp()) / (float)m;
+        acc = 0.0f;
+        for (unsigned int j = threadIdx.x; j < m; j += blockDim.x) {
+            const float d = x[channel_at(j, ch, c, s)] - mu;
+            acc += d * d;
+        }
+        const float var = block_reduce(acc, SumOp()) / (float)m;
+        if (threadIdx.x == 0) {
+            mean[ch] = mu;
+            invstd[ch] = 1.0f / sqrtf(var + eps);
+        }
+    }
+}
+
+// y = (x - mean) * (invstd * gamma) + beta
+DFKD_KERNEL(bn_apply_f32, (unsigned int total, unsigned int c, unsigned int s, const float* x, const float* mean,
+                           const float* invstd, const float* gamma, const float* beta, float* y)) {
+    GRID_STRIDE(i, total) {
+        const unsigned int ch = (i / s) % c;
+        y[i] = (x[i] - mean[ch]) * (invstd[ch] * gamma[ch]) + beta[ch];
+    }
+}
+
+// dbeta = sum dy, dgamma = invstd * sum (x - mean) * dy, per channel.
+DFKD_KERNEL(bn_backward_reduce_f32, (unsigned int n, unsigned int c, unsigned int s, const float* x, const float* dy,
+                                     const float* mean, const float* invstd, float* dgamma, float* dbeta)) {
+    const unsigned int m = n * s;
+    for (unsigned int ch = blockIdx.x; ch < c; ch += gridDim.x) {
+        float sdy = 0.0f, dot = 0.0f;
+        for (unsigned int j = threadIdx.x; j < m; j += blockDim.x) {
+            const unsigned int k = channel_at(j, ch, c, s);
+            sdy += dy[k];
+            dot += (x[k] - mean[ch]) * dy[k];
+        }
+        sdy = block_reduce(sdy, SumOp());
+        dot = block_reduce(dot, SumOp());
+        if (threadIdx.x == 0) {
+            dbeta[ch] = sdy;
+            dgamma[ch] = dot * invstd[ch];
+        }
+    }
+}
+
+// dx = gamma * invstd * (dy - dbeta / m - (x - mean) * invstd * dgamma / m)
+DFKD_KERNEL(bn_backward_dx_f32, (unsigned int total, unsigned int c, unsigned int s, unsigned int m, const float* x,
+                                 const float* dy, const float* mean, const float* invstd, const float* gamma,
+                                 const float* dgamma, const float* dbeta, float* dx)) {
+    GRID_STRIDE(i, total) {
+        const unsigned int ch = (i / s) % c;
+        const float k = gamma[ch] * invstd[ch], db = dbeta[ch] / (float)m, dg = invstd[ch] * dgamma[ch] / (float)m;
+        dx[i] = k * (dy[i] - db - (x[i] - mean[ch]) * dg);
+    }
+}

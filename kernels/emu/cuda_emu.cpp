@@ -1,0 +1,312 @@
+// The emulator's runtime: the block pool, the fiber scheduler, barriers and warp
+// exchanges. The semantics are documented at the top of cuda_emu.h.
+
+// glibc's fortified longjmp (__longjmp_chk) rejects jumps to another stack, which is
+// exactly what switching fibers is.
+#undef _FORTIFY_SOURCE
+#include "cuda_emu.h"
+
+#include <setjmp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <condition_variable>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace emu {
+namespace {
+
+// 64 KiB is plenty for our kernels (no big local arrays, no recursion); a guard page
+// below each stack turns an overflow into a segfault instead of silent corruption.
+constexpr size_t STACK_BYTES = 64 * 1024;
+constexpr size_t GUARD_BYTES = 4096;
+constexpr unsigned MAX_BLOCK_THREADS = 1024;
+
+enum class State : uint8_t { Ready, Waiting, Done };
+
+struct Fiber {
+    jmp_buf ctx;            // where the fiber resumes
+    void* mapping = nullptr;
+    uint3 tid;
+    unsigned lane, warp;
+    State state;
+    const unsigned* wait_gen; // Waiting: runnable again once *wait_gen != wait_val
+    unsigned wait_val;
+};
+
+struct Warp {
+    unsigned gen;      // bumped when all lanes of the mask have arrived
+    unsigned arrived;  // lanes arrived in this round
+    unsigned mask;     // the mask of this round
+    unsigned exists;   // lanes of this warp that exist in the block
+    uint64_t vals[2][32]; // double-buffered by gen parity: a lane can only write round
+                          // g+2 after everyone has passed round g+1, i.e. read round g
+};
+
+// A host thread that runs blocks: its fibers (created once, reused by every block it
+// runs) and the state of the block it is running.
+struct Worker {
+    jmp_buf sched;
+    std::vector<Fiber*> fibers;
+    Fiber* cur = nullptr;
+    void (*thread_fn)(void*) = nullptr;
+    void* ctx = nullptr;
+    unsigned alive = 0, bar_count = 0, bar_gen = 0;
+    Warp warps[MAX_BLOCK_THREADS / 32];
+
+    ~Worker() {
+        for (Fiber* f : fibers) {
+            munmap(f->mapping, STACK_BYTES + GUARD_BYTES);
+            delete f;
+        }
+    }
+};
+
+thread_local Worker t_worker;
+thread_local ucontext_t t_creator;
+thread_local Fiber* t_new_fiber;
+thread_local std::string t_last_error;
+
+// noinline: each keeps its jmp_buf inside its own live frame.
+__attribute__((noinline)) void resume(Worker& w, Fiber* f) {
+    if (_setjmp(w.sched) == 0) _longjmp(f->ctx, 1);
+}
+__attribute__((noinline)) void suspend(Worker& w, Fiber* f) {
+    if (_setjmp(f->ctx) == 0) _longjmp(w.sched, 1);
+}
+
+void finish_thread(Worker& w, Fiber* f) {
+    f->state = State::Done;
+    --w.alive;
+    // exited threads count as arrived at a pending __syncthreads
+    if (w.bar_count > 0 && w.bar_count == w.alive) {
+        w.bar_count = 0;
+        ++w.bar_gen;
+    }
+}
+
+void fiber_main() {
+    Fiber* f = t_new_fiber;
+    Worker& w = t_worker;
+    // Park here; the first resume of this fiber continues into the loop.
+    if (_setjmp(f->ctx) == 0) setcontext(&t_creator);
+    for (;;) {
+        w.thread_fn(w.ctx);
+        finish_thread(w, f);
+        suspend(w, f);
+    }
+}
+
+Fiber* new_fiber() {
+    auto* f = new Fiber();
+    f->mapping = mmap(nullptr, STACK_BYTES + GUARD_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (f->mapping == MAP_FAILED) fail("mmap of a fiber stack failed");
+    mprotect(f->mapping, GUARD_BYTES, PROT_NONE);
+    ucontext_t uc;
+    getcontext(&uc);
+    uc.uc_stack.ss_sp = static_cast<char*>(f->mapping) + GUARD_BYTES;
+    uc.uc_stack.ss_size = STACK_BYTES;
+    uc.uc_link = nullptr;
+    makecontext(&uc, fiber_main, 0);
+    t_new_fiber = f;
+    swapcontext(&t_creator, &uc); // runs fiber_main up to its park point
+    return f;
+}
+
+[[noreturn]] void deadlock(Worker& w, unsigned n) {
+    unsigned at_bar = 0, at_warp = 0;
+    for (unsigned i = 0; i < n; ++i) {
+        Fiber* f = w.fibers[i];
+        if (f->state != State::Waiting) continue;
+        if (f->wait_gen == &w.bar_gen) ++at_bar; else ++at_warp;
+    }
+    char msg[256];
+    snprintf(msg, sizeof msg,
+             "deadlock in block (%u,%u,%u): %u threads wait at __syncthreads, %u at warp operations, %u exited",
+             t_block_idx.x, t_block_idx.y, t_block_idx.z, at_bar, at_warp, n - w.alive);
+    fail(msg);
+}
+
+void run_block(Worker& w, const Config& c, unsigned b) {
+    const unsigned bx = c.block[0], by = c.block[1];
+    const unsigned n = bx * by * c.block[2];
+    t_block_idx = uint3{b % c.grid[0], (b / c.grid[0]) % c.grid[1], b / (c.grid[0] * c.grid[1])};
+    while (w.fibers.size() < n) w.fibers.push_back(new_fiber());
+    for (unsigned i = 0; i < n; ++i) {
+        Fiber* f = w.fibers[i];
+        // CUDA's linear thread id is x + y*bx + z*bx*by; lanes are its low 5 bits
+        f->tid = uint3{i % bx, (i / bx) % by, i / (bx * by)};
+        f->lane = i % 32;
+        f->warp = i / 32;
+        f->state = State::Ready;
+    }
+    for (unsigned k = 0; k < (n + 31) / 32; ++k) {
+        Warp& wp = w.warps[k];
+        wp.arrived = 0;
+        unsigned lanes = n - k * 32 < 32 ? n - k * 32 : 32;
+        wp.exists = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1;
+    }
+    w.alive = n;
+    w.bar_count = 0;
+    // Round-robin over the fibers still alive until all are done; a full pass with
+    // nothing runnable is a deadlock.
+    while (w.alive > 0) {
+        bool progress = false;
+        for (unsigned i = 0; i < n; ++i) {
+            Fiber* f = w.fibers[i];
+            if (f->state == State::Done || (f->state == State::Waiting && *f->wait_gen == f->wait_val)) continue;
+            f->state = State::Ready;
+            w.cur = f;
+            t_thread_idx = f->tid;
+            resume(w, f);
+            progress = true;
+        }
+        if (!progress) deadlock(w, n);
+    }
+}
+
+struct Job {
+    const Config* cfg;
+    void (*thread_fn)(void*);
+    void* ctx;
+    unsigned n_blocks;
+    std::atomic<unsigned> next{0};
+};
+
+void run_blocks(Job& j) {
+    Worker& w = t_worker;
+    w.thread_fn = j.thread_fn;
+    w.ctx = j.ctx;
+    t_grid_dim = dim3(j.cfg->grid[0], j.cfg->grid[1], j.cfg->grid[2]);
+    t_block_dim = dim3(j.cfg->block[0], j.cfg->block[1], j.cfg->block[2]);
+    for (unsigned b; (b = j.next.fetch_add(1)) < j.n_blocks;) run_block(w, *j.cfg, b);
+}
+
+// The host threads that run blocks beside the launching thread. One launch at a time:
+// the whole pool works on it and the launch returns when every block is done, as a
+// synchronised CUDA stream would.
+class Pool {
+  public:
+    Pool() {
+        unsigned n = std::thread::hardware_concurrency();
+        if (const char* s = getenv("DFKD_EMU_THREADS")) n = (unsigned)atoi(s);
+        for (unsigned i = 1; i < (n > 1 ? n : 1); ++i) std::thread([this] { loop(); }).detach();
+        helpers_ = n > 1 ? n - 1 : 0;
+    }
+    void launch(Job& j) {
+        std::lock_guard<std::mutex> one_launch(launch_mu_);
+        const bool share = j.n_blocks > 1 && helpers_ > 0;
+        if (share) {
+            std::lock_guard<std::mutex> lk(mu_);
+            job_ = &j;
+            ++seq_;
+            busy_ = helpers_;
+        }
+        work_cv_.notify_all();
+        run_blocks(j);
+        if (share) {
+            std::unique_lock<std::mutex> lk(mu_);
+            done_cv_.wait(lk, [this] { return busy_ == 0; });
+        }
+    }
+
+  private:
+    void loop() {
+        uint64_t seen = 0;
+        std::unique_lock<std::mutex> lk(mu_);
+        for (;;) {
+            work_cv_.wait(lk, [&] { return seq_ != seen; });
+            seen = seq_;
+            Job* j = job_;
+            lk.unlock();
+            run_blocks(*j);
+            lk.lock();
+            if (--busy_ == 0) done_cv_.notify_all();
+        }
+    }
+    unsigned helpers_ = 0;
+    std::mutex launch_mu_, mu_;
+    std::condition_variable work_cv_, done_cv_;
+    Job* job_ = nullptr;
+    uint64_t seq_ = 0;
+    unsigned busy_ = 0;
+};
+
+int config_error(const char* what) {
+    t_last_error = what;
+    return 1;
+}
+
+} // namespace
+
+void fail(const char* what) {
+    fprintf(stderr, "cuda emulator: %s\n", what);
+    abort();
+}
+
+unsigned int lane_id() { return t_worker.cur->lane; }
+
+void syncthreads() {
+    Worker& w = t_worker;
+    Fiber* f = w.cur;
+    const unsigned g = w.bar_gen;
+    if (++w.bar_count == w.alive) { // the last to arrive releases the others and goes on
+        w.bar_count = 0;
+        ++w.bar_gen;
+        return;
+    }
+    f->state = State::Waiting;
+    f->wait_gen = &w.bar_gen;
+    f->wait_val = g;
+    suspend(w, f);
+}
+
+const uint64_t* warp_exchange(unsigned int mask, uint64_t v) {
+    Worker& w = t_worker;
+    Fiber* f = w.cur;
+    Warp& wp = w.warps[f->warp];
+    const unsigned bit = 1u << f->lane;
+    if (!(mask & bit)) fail("a lane calls a *_sync warp operation with a mask that excludes itself");
+    if (wp.arrived == 0) wp.mask = mask;
+    else if (wp.mask != mask) fail("lanes of one warp call *_sync warp operations with different masks");
+    const unsigned g = wp.gen;
+    wp.vals[g & 1][f->lane] = v;
+    wp.arrived |= bit;
+    if (wp.arrived == (mask & wp.exists)) {
+        wp.arrived = 0;
+        ++wp.gen;
+    } else {
+        f->state = State::Waiting;
+        f->wait_gen = &wp.gen;
+        f->wait_val = g;
+        suspend(w, f);
+    }
+    return wp.vals[g & 1];
+}
+
+int run(const Config* c, void (*thread_fn)(void*), void* ctx) {
+    static Pool* pool = new Pool(); // never destroyed: its threads are detached
+    const unsigned threads = c->block[0] * c->block[1] * c->block[2];
+    if (c->grid[0] == 0 || c->grid[1] == 0 || c->grid[2] == 0 || threads == 0)
+        return config_error("launch with an empty grid or block");
+    if (threads > MAX_BLOCK_THREADS || c->block[2] > 64 || c->grid[1] > 65535 || c->grid[2] > 65535)
+        return config_error("launch configuration exceeds CUDA limits (1024 threads a block, block.z <= 64, grid.y/z <= 65535)");
+    if (c->shared_bytes > DFKD_EMU_MAX_DYN_SHARED)
+        return config_error("dynamic shared memory above 48 KiB");
+    Job j;
+    j.cfg = c;
+    j.thread_fn = thread_fn;
+    j.ctx = ctx;
+    j.n_blocks = c->grid[0] * c->grid[1] * c->grid[2];
+    pool->launch(j);
+    return 0;
+}
+
+} // namespace emu
+
+extern "C" const char* emu_last_error() { return emu::t_last_error.c_str(); }

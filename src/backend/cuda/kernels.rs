@@ -1,0 +1,85 @@
+//! The compiled kernels as build.rs embedded them: the emulator's launch entries (the
+//! kernels compiled as C++, linked in), and per kernels/*.cu file the flattened source
+//! for NVRTC and, when nvcc was found at build time, a fatbin (sm_80, sm_90, PTX).
+
+use crate::{Error, Result};
+use std::ffi::{c_char, c_void, CStr};
+
+/// Launch configuration of an emulated launch; twin of `emu::Config` in cuda_emu.h.
+#[repr(C)]
+pub struct EmuConfig {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub shared_bytes: u32,
+}
+
+/// `emu_launch_<kernel>(cfg, args)`: runs the kernel to completion on the CPU; `args`
+/// points at each argument's value, as cuLaunchKernel's `kernelParams`. Returns 0, or
+/// 1 for a bad configuration (reason in `emu_last_error`).
+pub type EmuLaunch = unsafe extern "C" fn(*const EmuConfig, *const *mut c_void) -> i32;
+
+pub struct KernelModule {
+    pub name: &'static str,
+    pub source: &'static str,
+    pub fatbin: Option<&'static [u8]>,
+}
+
+include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+extern "C" {
+    fn emu_last_error() -> *const c_char;
+    fn emu_selftest(launch_ms: *mut f64) -> i32;
+}
+
+/// The emulator entry of `kernel`, if some kernels/*.cu defines it.
+pub fn emu_entry(kernel: &str) -> Option<EmuLaunch> {
+    EMU_KERNELS.binary_search_by_key(&kernel, |(n, _)| n).ok().map(|i| EMU_KERNELS[i].1)
+}
+
+/// The reason the last emulated launch on this thread was refused.
+pub fn emu_error() -> String {
+    // SAFETY: emu_last_error returns a pointer to a NUL-terminated thread-local string
+    // that stays valid until the next launch on this thread; we copy it at once.
+    unsafe { CStr::from_ptr(emu_last_error()) }.to_string_lossy().into_owned()
+}
+
+/// Runs the emulator's own semantic checks (kernels/emu/selftest.cu): returns the
+/// number of failed checks (printed to stderr) and the best time in ms of one launch of
+/// 64 blocks x 256 threads with two barriers and a warp reduction.
+pub fn emulator_selftest() -> (i32, f64) {
+    let mut ms = 0.0;
+    // SAFETY: emu_selftest only writes the f64 it is given.
+    let failures = unsafe { emu_selftest(&mut ms) };
+    (failures, ms)
+}
+
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen libnvrtc and reports whether it loaded.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Compiles one kernel file's embedded source to PTX with NVRTC for `arch` (e.g.
+/// "sm_90"): what the runtime does when no embedded fatbin loads on the user's card.
+pub fn nvrtc_compile(m: &KernelModule, arch: &'static str) -> Result<cudarc::nvrtc::Ptx> {
+    let opts = cudarc::nvrtc::CompileOptions { arch: Some(arch), name: Some(format!("{}.cu", m.name)), ..Default::default() };
+    cudarc::nvrtc::compile_ptx_with_opts(m.source, opts).map_err(|e| {
+        let log = match &e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+            e => format!("{e:?}"),
+        };
+        Error::Msg(format!("NVRTC failed on kernels/{}.cu for {arch}:\n{log}", m.name))
+    })
+}
+
+/// Compiles every kernel file with NVRTC; returns their names. Needs libnvrtc.
+pub fn nvrtc_compile_all(arch: &'static str) -> Result<Vec<&'static str>> {
+    if !nvrtc_present() {
+        return Err(Error::Msg("libnvrtc not found: install the CUDA tools (scripts/install-cuda-tools.sh) and put their lib on LD_LIBRARY_PATH".into()));
+    }
+    MODULES.iter().map(|m| nvrtc_compile(m, arch).map(|_| m.name)).collect()
+}
+
+/// How many kernel files carry an nvcc fatbin (built when nvcc was found), of how many.
+pub fn embedded_fatbins() -> (usize, usize) {
+    (MODULES.iter().filter(|m| m.fatbin.is_some()).count(), MODULES.len())
+}
