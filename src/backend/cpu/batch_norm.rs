@@ -2,7 +2,7 @@
 //! are per channel over the batch and the spatial positions, `m = n * spatial` values,
 //! each channel being `n` strided planes of `spatial` values.
 
-use super::PAR_THRESHOLD;
+use super::{buffers, PAR_THRESHOLD};
 use crate::{bail, Result};
 use rayon::prelude::*;
 
@@ -19,10 +19,11 @@ pub fn forward_train(x: &[f32], shape: &[usize], gamma: &[f32], beta: &[f32], ep
         let sq: f64 = planes(x, c, s, ch).map(|p| sum_f64_by(p, |v| (v as f64 - mean) * (v as f64 - mean))).sum();
         (mean as f32, (1.0 / (sq / m as f64 + eps as f64).sqrt()) as f32)
     });
-    let mut y = vec![0f32; x.len()];
-    for_planes(&mut y, c, s, |i, ch, y| {
-        let (mean, scale, shift) = (stats[ch].0, stats[ch].1 * gamma[ch], beta[ch]);
-        y.iter_mut().zip(&x[i * s..][..s]).for_each(|(y, &x)| *y = (x - mean) * scale + shift);
+    let y = buffers::filled(x.len(), |y| {
+        for_planes(y, c, s, |i, ch, y| {
+            let (mean, scale, shift) = (stats[ch].0, stats[ch].1 * gamma[ch], beta[ch]);
+            y.iter_mut().zip(&x[i * s..][..s]).for_each(|(y, &x)| *y = (x - mean) * scale + shift);
+        });
     });
     Ok((y, stats.iter().map(|s| s.0).collect(), stats.iter().map(|s| s.1).collect()))
 }
@@ -46,13 +47,14 @@ pub fn backward(x: &[f32], shape: &[usize], dy: &[f32], mean: &[f32], invstd: &[
             .sum();
         (dbeta as f32, (dot * invstd[ch] as f64) as f32)
     });
-    let mut dx = vec![0f32; x.len()];
-    for_planes(&mut dx, c, s, |i, ch, dx| {
-        // dx = k * (dy - dbeta / m - (x - mean) * invstd * dgamma / m), per-channel terms hoisted.
-        let ((dbeta, dgamma), mean, invstd) = (sums[ch], mean[ch], invstd[ch]);
-        let (k, db, dg) = (gamma[ch] * invstd, dbeta / m as f32, invstd * dgamma / m as f32);
-        let (x, dy) = (&x[i * s..][..s], &dy[i * s..][..s]);
-        dx.iter_mut().zip(x.iter().zip(dy)).for_each(|(dx, (&x, &dy))| *dx = k * (dy - db - (x - mean) * dg));
+    let dx = buffers::filled(x.len(), |dx| {
+        for_planes(dx, c, s, |i, ch, dx| {
+            // dx = k * (dy - dbeta / m - (x - mean) * invstd * dgamma / m), per-channel terms hoisted.
+            let ((dbeta, dgamma), mean, invstd) = (sums[ch], mean[ch], invstd[ch]);
+            let (k, db, dg) = (gamma[ch] * invstd, dbeta / m as f32, invstd * dgamma / m as f32);
+            let (x, dy) = (&x[i * s..][..s], &dy[i * s..][..s]);
+            dx.iter_mut().zip(x.iter().zip(dy)).for_each(|(dx, (&x, &dy))| *dx = k * (dy - db - (x - mean) * dg));
+        });
     });
     Ok((dx, sums.iter().map(|s| s.1).collect(), sums.iter().map(|s| s.0).collect()))
 }
@@ -190,7 +192,8 @@ mod tests {
                 (0..v.len())
                     .map(|i| {
                         let (mut up, mut down) = (v.to_vec(), v.to_vec());
-                        (up[i] += h, down[i] -= h);
+                        up[i] += h;
+                        down[i] -= h;
                         (at(&up) - at(&down)) / (2.0 * h)
                     })
                     .collect()

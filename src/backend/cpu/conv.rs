@@ -15,18 +15,26 @@
 //! (a 2x2 map gives 4 columns per sample); the column budget bounds memory on large maps.
 //! Threads each take a contiguous run of samples and run single-threaded GEMMs, so
 //! im2col and col2im parallelise too; with fewer samples than threads the GEMM itself
-//! goes parallel instead.
+//! goes parallel instead. The weight gradient sums over the whole batch: each thread
+//! accumulates a private, transposed partial (the gemm crate's faster orientation for
+//! long sums), and the partials are added up at the end; when there are few columns per
+//! thread, one shared accumulation with a parallel GEMM is cheaper.
+//!
+//! Tile width, budget and thresholds were tuned on ResNet-18 shapes (batch 32, 64x64
+//! input) on two AVX-512 cores, where the three passes reach 200-250 GFLOP/s.
 
+use super::buffers;
 use crate::backend::Conv2dParams;
 use crate::{bail, Result};
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::Cell;
 
-/// Most floats in one column buffer (4 MiB): wide enough for a large GEMM `n` even on
-/// 2x2 maps, small enough to stay in cache between im2col and the GEMM's packing.
+/// Most floats in one column buffer (4 MiB); a sample needing more is cut into bands of
+/// output rows.
 const COL_BUDGET: usize = 1 << 20;
-/// Columns per tile the GEMMs aim for.
+/// Columns per tile the GEMMs aim for: wide enough to amortise packing the weights,
+/// narrow enough to stay in cache (wider tiles measured slower with 64 channels).
 const TILE_COLS: usize = 256;
 /// Fewest columns per thread (samples x output pixels) for which private per-thread
 /// weight gradients beat splitting each GEMM across threads.
@@ -38,28 +46,8 @@ pub fn conv2d(x: &[f32], w: &[f32], p: &Conv2dParams) -> Result<Vec<f32>> {
     let g = Geom::new(p, "conv2d")?;
     check_len("conv2d", "input", x.len(), g.in_len())?;
     check_len("conv2d", "weight", w.len(), g.w_len())?;
-    let mut out = vec![0f32; g.out_len()];
-    g.for_each_task(&mut out, g.out_sample(), |b0, out, par| {
-        with_scratch(|col, tmp| {
-            for t in g.tiles(b0, b0 + out.len() / g.out_sample(), TILE_COLS) {
-                let n = t.cols(&g);
-                for gi in 0..p.groups {
-                    let cols = g.im2col(x, t, gi, col);
-                    let w_g = View { data: &w[gi * g.cout_g * g.ckk..], rs: g.ckk, cs: 1 };
-                    // One sample: write straight into the output plane; several: into a
-                    // [c_out/g, nb * hw] buffer, then reorder into NCHW.
-                    let dst_off = ((t.b0 - b0) * p.c_out + gi * g.cout_g) * g.hw + t.r0 * g.wo;
-                    if t.nb == 1 {
-                        matmul(g.cout_g, n, g.ckk, &mut out[dst_off..], g.hw, 1, false, w_g, cols, par);
-                    } else {
-                        let tmp = sized(tmp, g.cout_g * n);
-                        matmul(g.cout_g, n, g.ckk, tmp, n, 1, false, w_g, cols, par);
-                        unpack(tmp, &mut out[dst_off..], g.cout_g, p.c_out * g.hw, g.hw, t.nb);
-                    }
-                }
-            }
-        })
-    });
+    // Every element is written: a tile's GEMMs cover all its channels and pixels.
+    let out = buffers::filled(g.out_len(), |out| g.for_each_task(out, g.out_sample(), |b0, out, par| g.forward(x, w, b0, out, par)));
     Ok(out)
 }
 
@@ -68,31 +56,10 @@ pub fn conv2d_backward_input(grad: &[f32], w: &[f32], p: &Conv2dParams) -> Resul
     let g = Geom::new(p, "conv2d_backward_input")?;
     check_len("conv2d_backward_input", "grad", grad.len(), g.out_len())?;
     check_len("conv2d_backward_input", "weight", w.len(), g.w_len())?;
-    let mut dx = vec![0f32; g.in_len()];
+    let mut dx = buffers::zeroed(g.in_len());
     // Tasks own whole samples: row bands of one sample overlap in dx, so they stay on
     // one thread.
-    g.for_each_task(&mut dx, g.in_sample(), |b0, dx, par| {
-        with_scratch(|dcol, tmp| {
-            for t in g.tiles(b0, b0 + dx.len() / g.in_sample(), TILE_COLS) {
-                let n = t.cols(&g);
-                for gi in 0..p.groups {
-                    let grad_t = g.grad_tile(grad, t, gi, tmp);
-                    // wᵀ: element (r, co) of the [ckk, c_out/g] matrix is w_g[co, r].
-                    let w_t = View { data: &w[gi * g.cout_g * g.ckk..], rs: 1, cs: g.ckk };
-                    let x_off = ((t.b0 - b0) * p.c_in + gi * g.cin_g) * g.plane;
-                    if g.pointwise && t.nb == 1 {
-                        // The column matrix is the input plane itself: nothing to scatter.
-                        let off = x_off + t.r0 * g.wo;
-                        matmul(g.ckk, n, g.cout_g, &mut dx[off..], g.plane, 1, false, w_t, grad_t, par);
-                    } else {
-                        let dcol = sized(dcol, g.ckk * n);
-                        matmul(g.ckk, n, g.cout_g, dcol, n, 1, false, w_t, grad_t, par);
-                        g.col2im(dcol, t, &mut dx[x_off..]);
-                    }
-                }
-            }
-        })
-    });
+    g.for_each_task(&mut dx, g.in_sample(), |b0, dx, par| g.backward_input(grad, w, b0, dx, par));
     Ok(dx)
 }
 
@@ -100,7 +67,7 @@ pub fn conv2d_backward_weight(x: &[f32], grad: &[f32], p: &Conv2dParams) -> Resu
     let g = Geom::new(p, "conv2d_backward_weight")?;
     check_len("conv2d_backward_weight", "input", x.len(), g.in_len())?;
     check_len("conv2d_backward_weight", "grad", grad.len(), g.out_len())?;
-    let mut dw = vec![0f32; g.w_len()];
+    let mut dw = buffers::zeroed(g.w_len());
     let (tasks, per_task, par) = g.split();
     if tasks <= 1 || per_task * g.hw < SPLIT_K_MIN {
         // One accumulation over the whole batch; threads split the GEMMs instead.
@@ -113,7 +80,7 @@ pub fn conv2d_backward_weight(x: &[f32], grad: &[f32], p: &Conv2dParams) -> Resu
     let partials: Vec<Vec<f32>> = (0..tasks)
         .into_par_iter()
         .map(|i| {
-            let mut dwt = vec![0f32; g.w_len()];
+            let mut dwt = buffers::zeroed(g.w_len());
             g.accumulate_dw(x, grad, i * per_task, ((i + 1) * per_task).min(p.batch), &mut dwt, true, Parallelism::None);
             dwt
         })
@@ -126,6 +93,7 @@ pub fn conv2d_backward_weight(x: &[f32], grad: &[f32], p: &Conv2dParams) -> Resu
             dw.iter_mut().enumerate().for_each(|(r, d)| *d += part[r * g.cout_g + co]);
         }
     });
+    partials.into_iter().for_each(buffers::recycle);
     Ok(dw)
 }
 
@@ -163,7 +131,7 @@ impl Tile {
 impl Geom {
     fn new(p: &Conv2dParams, op: &str) -> Result<Geom> {
         let (kh, kw) = (p.kh, p.kw);
-        if p.groups == 0 || p.c_in % p.groups != 0 || p.c_out % p.groups != 0 {
+        if p.groups == 0 || !p.c_in.is_multiple_of(p.groups) || !p.c_out.is_multiple_of(p.groups) {
             bail!("{op}: groups = {} must divide c_in = {} and c_out = {}", p.groups, p.c_in, p.c_out);
         }
         if kh == 0 || kw == 0 || p.stride.0 == 0 || p.stride.1 == 0 || p.dilation.0 == 0 || p.dilation.1 == 0 {
@@ -217,7 +185,7 @@ impl Geom {
         let per_sample = self.ckk * self.hw;
         let mut tiles = vec![];
         if per_sample <= COL_BUDGET {
-            let nb = (target / self.hw).clamp(1, COL_BUDGET / per_sample);
+            let nb = (target / self.hw).clamp(1, COL_BUDGET / per_sample.max(1));
             for b in (b0..b1).step_by(nb) {
                 tiles.push(Tile { b0: b, nb: nb.min(b1 - b), r0: 0, nr: self.ho });
             }
@@ -230,6 +198,53 @@ impl Geom {
             }
         }
         tiles
+    }
+
+    /// The forward pass for the samples of `out`, the first being `b0`.
+    fn forward(&self, x: &[f32], w: &[f32], b0: usize, out: &mut [f32], par: Parallelism) {
+        with_scratch(|col, tmp| {
+            for t in self.tiles(b0, b0 + out.len() / self.out_sample(), TILE_COLS) {
+                let n = t.cols(self);
+                for gi in 0..self.p.groups {
+                    let cols = self.im2col(x, t, gi, col);
+                    let w_g = View { data: &w[gi * self.cout_g * self.ckk..], rs: self.ckk, cs: 1 };
+                    // One sample: write straight into the output planes; several: into a
+                    // [c_out/g, nb * hw] buffer, then reorder into NCHW.
+                    let off = ((t.b0 - b0) * self.p.c_out + gi * self.cout_g) * self.hw + t.r0 * self.wo;
+                    if t.nb == 1 {
+                        matmul(self.cout_g, n, self.ckk, &mut out[off..], self.hw, 1, false, w_g, cols, par);
+                    } else {
+                        let tmp = sized(tmp, self.cout_g * n);
+                        matmul(self.cout_g, n, self.ckk, tmp, n, 1, false, w_g, cols, par);
+                        unpack(tmp, &mut out[off..], self.cout_g, self.out_sample(), self.hw, t.nb);
+                    }
+                }
+            }
+        })
+    }
+
+    /// Adds the input gradient of the samples of `dx`, the first being `b0`.
+    fn backward_input(&self, grad: &[f32], w: &[f32], b0: usize, dx: &mut [f32], par: Parallelism) {
+        with_scratch(|dcol, tmp| {
+            for t in self.tiles(b0, b0 + dx.len() / self.in_sample(), TILE_COLS) {
+                let n = t.cols(self);
+                for gi in 0..self.p.groups {
+                    let grad_t = self.grad_tile(grad, t, gi, tmp);
+                    // wᵀ: element (r, co) of the [ckk, c_out/g] matrix is w_g[co, r].
+                    let w_t = View { data: &w[gi * self.cout_g * self.ckk..], rs: 1, cs: self.ckk };
+                    let off = ((t.b0 - b0) * self.p.c_in + gi * self.cin_g) * self.plane;
+                    if self.pointwise && t.nb == 1 {
+                        // The column matrix is the input plane itself: nothing to scatter.
+                        let dst = &mut dx[off + t.r0 * self.wo..];
+                        matmul(self.ckk, n, self.cout_g, dst, self.plane, 1, false, w_t, grad_t, par);
+                    } else {
+                        let dcol = sized(dcol, self.ckk * n);
+                        matmul(self.ckk, n, self.cout_g, dcol, n, 1, false, w_t, grad_t, par);
+                        self.col2im(dcol, t, &mut dx[off..]);
+                    }
+                }
+            }
+        })
     }
 
     /// `dw += grad · colᵀ` over samples `b0..b1`, per group. `transposed` stores each
@@ -363,8 +378,8 @@ struct View<'a> {
     cs: usize,
 }
 
-/// `dst[m, n] = (dst if accumulate) + lhs[m, k] · rhs[k, n]`, `dst` row-major with row
-/// stride `dst_rs`.
+/// `dst[m, n] = (dst if accumulate) + lhs[m, k] · rhs[k, n]`, element `(i, j)` of `dst`
+/// at `i * dst_rs + j * dst_cs`.
 #[allow(clippy::too_many_arguments)]
 fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, dst_cs: usize, accumulate: bool, lhs: View, rhs: View, par: Parallelism) {
     if m == 0 || n == 0 {
@@ -561,9 +576,13 @@ mod tests {
             let (mut y, mut dx, mut dw) = (vec![0f32; g.len()], vec![0f32; x.len()], vec![0f32; w.len()]);
             let (mut my, mut mdx, mut mdw) = (y.clone(), dx.clone(), dw.clone());
             naive_walk(&p, |xi, wi, oi| {
-                (y[oi] += x[xi] * w[wi], my[oi] += (x[xi] * w[wi]).abs());
-                (dx[xi] += g[oi] * w[wi], mdx[xi] += (g[oi] * w[wi]).abs());
-                (dw[wi] += x[xi] * g[oi], mdw[wi] += (x[xi] * g[oi]).abs());
+                let (xw, gw, xg) = (x[xi] * w[wi], g[oi] * w[wi], x[xi] * g[oi]);
+                y[oi] += xw;
+                my[oi] += xw.abs();
+                dx[xi] += gw;
+                mdx[xi] += gw.abs();
+                dw[wi] += xg;
+                mdw[wi] += xg.abs();
             });
             let tol = |got: &[f32], want: &[f32], mag: &[f32], what: &str| {
                 for (j, ((a, b), m)) in got.iter().zip(want).zip(mag).enumerate() {
@@ -573,6 +592,17 @@ mod tests {
             tol(&conv2d(&x, &w, &p).unwrap(), &y, &my, "conv2d");
             tol(&conv2d_backward_input(&g, &w, &p).unwrap(), &dx, &mdx, "backward_input");
             tol(&conv2d_backward_weight(&x, &g, &p).unwrap(), &dw, &mdw, "backward_weight");
+        }
+    }
+
+    #[test]
+    fn empty_shapes() {
+        for p in [params(0, 3, (5, 5), 4, (3, 3), 1, 1, 1, 1), params(2, 0, (5, 5), 4, (3, 3), 1, 1, 1, 1)] {
+            let (x, w) = (vec![1.0; p.input_shape().iter().product()], vec![1.0; p.weight_shape().iter().product()]);
+            let g = vec![1.0; p.output_shape().iter().product()];
+            assert!(conv2d(&x, &w, &p).unwrap().iter().all(|&v| v == 0.0));
+            assert_eq!(conv2d_backward_input(&g, &w, &p).unwrap().len(), x.len());
+            assert_eq!(conv2d_backward_weight(&x, &g, &p).unwrap().len(), w.len());
         }
     }
 

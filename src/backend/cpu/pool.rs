@@ -2,7 +2,7 @@
 //! `[h, w]` plane at a time (planes are independent), in parallel over planes when the
 //! output is large.
 
-use super::PAR_THRESHOLD;
+use super::{buffers, PAR_THRESHOLD};
 use crate::backend::Pool2dParams;
 use crate::{bail, Result};
 use rayon::prelude::*;
@@ -27,10 +27,10 @@ pub fn max_pool2d(x: &[f32], p: &Pool2dParams) -> Result<(Vec<f32>, Vec<u32>)> {
                 let cols = window(ow, p.stride.1, p.padding.1, p.kw, p.w_in);
                 let (mut best, mut best_i) = (f32::NEG_INFINITY, rows.start * p.w_in + cols.start);
                 for ih in rows.clone() {
-                    for iw in cols.clone() {
-                        let v = x[ih * p.w_in + iw];
+                    let start = ih * p.w_in + cols.start;
+                    for (j, &v) in x[start..start + cols.len()].iter().enumerate() {
                         if v > best || v.is_nan() {
-                            (best, best_i) = (v, ih * p.w_in + iw);
+                            (best, best_i) = (v, start + j);
                         }
                     }
                 }
@@ -52,7 +52,7 @@ pub fn scatter_add_planes(src: &[f32], src_shape: &[usize], idx: &[u32], out_pla
     if let Some(i) = idx.iter().find(|&&i| i as usize >= out_plane) {
         bail!("scatter_add_planes: index {i} out of range for planes of {out_plane} elements");
     }
-    let mut out = vec![0f32; planes * out_plane];
+    let mut out = buffers::zeroed(planes * out_plane);
     for_planes(&mut out, out_plane, |p, out| {
         let (src, idx) = (&src[p * len..][..len], &idx[p * len..][..len]);
         src.iter().zip(idx).for_each(|(v, &i)| out[i as usize] += v);
@@ -71,10 +71,11 @@ pub fn gather_planes(src: &[f32], src_shape: &[usize], idx: &[u32], idx_shape: &
     if let Some(i) = idx.iter().find(|&&i| i as usize >= plane) {
         bail!("gather_planes: index {i} out of range for planes of {plane} elements");
     }
-    let mut out = vec![0f32; idx.len()];
-    for_planes(&mut out, len, |p, out| {
-        let (src, idx) = (&src[p * plane..][..plane], &idx[p * len..][..len]);
-        out.iter_mut().zip(idx).for_each(|(o, &i)| *o = src[i as usize]);
+    let out = buffers::filled(idx.len(), |out| {
+        for_planes(out, len, |p, out| {
+            let (src, idx) = (&src[p * plane..][..plane], &idx[p * len..][..len]);
+            out.iter_mut().zip(idx).for_each(|(o, &i)| *o = src[i as usize]);
+        });
     });
     Ok(out)
 }
@@ -86,30 +87,31 @@ pub fn avg_pool2d(x: &[f32], p: &Pool2dParams) -> Result<Vec<f32>> {
     check(p, x.len(), "avg_pool2d")?;
     let (ho, wo, plane) = (p.h_out(), p.w_out(), p.h_in * p.w_in);
     let scale = 1.0 / (p.kh * p.kw) as f32;
-    let mut out = vec![0f32; p.batch * p.channels * ho * wo];
-    for_planes(&mut out, ho * wo, |i, out| {
-        let x = &x[i * plane..][..plane];
-        for oh in 0..ho {
-            let rows = window(oh, p.stride.0, p.padding.0, p.kh, p.h_in);
-            for ow in 0..wo {
-                let cols = window(ow, p.stride.1, p.padding.1, p.kw, p.w_in);
-                let sum: f32 = rows.clone().map(|ih| x[ih * p.w_in..][cols.clone()].iter().sum::<f32>()).sum();
-                out[oh * wo + ow] = sum * scale;
+    let out = buffers::filled(p.batch * p.channels * ho * wo, |out| {
+        for_planes(out, ho * wo, |i, out| {
+            let x = &x[i * plane..][..plane];
+            for oh in 0..ho {
+                let rows = window(oh, p.stride.0, p.padding.0, p.kh, p.h_in);
+                for ow in 0..wo {
+                    let cols = window(ow, p.stride.1, p.padding.1, p.kw, p.w_in);
+                    let sum: f32 = rows.clone().map(|ih| x[ih * p.w_in..][cols.clone()].iter().sum::<f32>()).sum();
+                    out[oh * wo + ow] = sum * scale;
+                }
             }
-        }
+        });
     });
     Ok(out)
 }
 
 /// The gradient of `avg_pool2d`: each output gradient spread evenly over its window.
 pub fn avg_pool2d_backward(g: &[f32], p: &Pool2dParams) -> Result<Vec<f32>> {
+    check(p, p.batch * p.channels * p.h_in * p.w_in, "avg_pool2d_backward")?;
     let (ho, wo, plane) = (p.h_out(), p.w_out(), p.h_in * p.w_in);
     if g.len() != p.batch * p.channels * ho * wo {
         bail!("avg_pool2d_backward: gradient has {} elements, expected {:?}", g.len(), p.output_shape());
     }
-    check(p, p.batch * p.channels * plane, "avg_pool2d_backward")?;
     let scale = 1.0 / (p.kh * p.kw) as f32;
-    let mut dx = vec![0f32; p.batch * p.channels * plane];
+    let mut dx = buffers::zeroed(p.batch * p.channels * plane);
     for_planes(&mut dx, plane, |i, dx| {
         let g = &g[i * ho * wo..][..ho * wo];
         for oh in 0..ho {
@@ -128,13 +130,16 @@ pub fn avg_pool2d_backward(g: &[f32], p: &Pool2dParams) -> Result<Vec<f32>> {
 pub fn upsample_nearest2d(x: &[f32], shape: &[usize], (sh, sw): (usize, usize)) -> Result<Vec<f32>> {
     let [b, c, h, w] = nchw(shape, x.len(), "upsample_nearest2d")?;
     let (ho, wo) = (h * sh, w * sw);
-    let mut out = vec![0f32; b * c * ho * wo];
-    for_planes(&mut out, ho * wo, |i, out| {
-        let x = &x[i * h * w..][..h * w];
-        for (oh, row) in out.chunks_exact_mut(wo).enumerate() {
-            let src = &x[oh / sh * w..][..w];
-            row.iter_mut().enumerate().for_each(|(ow, o)| *o = src[ow / sw]);
-        }
+    let out = buffers::filled(b * c * ho * wo, |out| {
+        for_planes(out, ho * wo, |i, out| {
+            let x = &x[i * h * w..][..h * w];
+            // Build each output row once, then copy it to the other sh - 1 rows.
+            for (src, rows) in x.chunks_exact(w).zip(out.chunks_exact_mut(sh * wo)) {
+                let (first, rest) = rows.split_at_mut(wo);
+                first.chunks_exact_mut(sw).zip(src).for_each(|(o, &v)| o.iter_mut().for_each(|o| *o = v));
+                rest.chunks_exact_mut(wo).for_each(|row| row.copy_from_slice(first));
+            }
+        });
     });
     Ok(out)
 }
@@ -147,12 +152,13 @@ pub fn upsample_nearest2d_backward(g: &[f32], shape: &[usize], (sh, sw): (usize,
         bail!("upsample_nearest2d_backward: gradient {shape:?} is not a multiple of the scale ({sh}, {sw})");
     }
     let (h, w) = (ho / sh, wo / sw);
-    let mut dx = vec![0f32; b * c * h * w];
+    let mut dx = buffers::zeroed(b * c * h * w);
     for_planes(&mut dx, h * w, |i, dx| {
         let g = &g[i * ho * wo..][..ho * wo];
         for (oh, row) in g.chunks_exact(wo).enumerate() {
             let dst = &mut dx[oh / sh * w..][..w];
-            row.iter().enumerate().for_each(|(ow, v)| dst[ow / sw] += v);
+            // One value at a time, in row-major order: the CUDA kernel's summation order.
+            dst.iter_mut().zip(row.chunks_exact(sw)).for_each(|(d, block)| block.iter().for_each(|v| *d += v));
         }
     });
     Ok(dx)
