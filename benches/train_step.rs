@@ -7,7 +7,6 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dfkd::models::build;
-use dfkd::nn::Module;
 use dfkd::optim::{Optimizer, ParamGroup};
 use dfkd::rng::Rng;
 use dfkd::{Device, Tensor};
