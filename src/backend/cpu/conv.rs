@@ -436,16 +436,7 @@ fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
 mod tests {
     use super::*;
 
-    /// Deterministic values in [-1, 1) from a linear congruential generator.
-    fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::backend::cpu::test_rand as rand;
 
     /// Calls `f(x_index, w_index, out_index)` for every multiply-add of the convolution.
     fn naive_walk(p: &Conv2dParams, mut f: impl FnMut(usize, usize, usize)) {

@@ -31,6 +31,13 @@ pub enum CpuStorage {
     U32(Vec<u32>),
 }
 
+/// Deterministic values in [-1, 1) for the kernels' unit tests.
+#[cfg(test)]
+pub(crate) fn test_rand(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = crate::rng::Rng::new(seed);
+    (0..n).map(|_| rng.range(-1.0, 1.0)).collect()
+}
+
 impl Drop for CpuStorage {
     fn drop(&mut self) {
         if let CpuStorage::F32(v) = self {

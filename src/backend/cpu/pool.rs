@@ -215,16 +215,7 @@ fn nchw(shape: &[usize], len: usize, op: &str) -> Result<[usize; 4]> {
 mod tests {
     use super::*;
 
-    /// Deterministic values in [-1, 1) from a linear congruential generator.
-    fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::backend::cpu::test_rand as rand;
 
     fn params(batch: usize, channels: usize, (h_in, w_in): (usize, usize), (kh, kw): (usize, usize), stride: (usize, usize), padding: (usize, usize)) -> Pool2dParams {
         Pool2dParams { batch, channels, h_in, w_in, kh, kw, stride, padding }
