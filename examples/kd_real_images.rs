@@ -7,7 +7,6 @@
 use dfkd::commands::job::prepare_data;
 use dfkd::data::loader::{Loader, LoaderConfig};
 use dfkd::models::build;
-use dfkd::nn::Module;
 use dfkd::optim::{Optimizer, ParamGroup};
 use dfkd::pipeline::config::Config;
 use dfkd::pipeline::eval::evaluate;

@@ -4,7 +4,6 @@
 
 use dfkd::commands::job::{self, RunOptions};
 use dfkd::models::build;
-use dfkd::nn::Module;
 use dfkd::pipeline::checkpoint_dir::CheckpointDir;
 use dfkd::pipeline::config::Config;
 use dfkd::pipeline::distill::Distiller;
