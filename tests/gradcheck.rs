@@ -3,7 +3,7 @@
 
 mod common;
 use common::{check_grads, rand, randn};
-use dfkd::{ConvOpts, Tensor};
+use dfkd::{ConvOpts, Device, Tensor};
 
 const EPS: f32 = 1e-2;
 const ABS: f32 = 2e-3;
@@ -134,6 +134,10 @@ fn pooling_and_upsampling() {
     check1(distinct(&[2, 3, 7, 7], 37), |x| x.max_pool2d(3, 2, 1));
     let (_, idx) = distinct(&[2, 3, 6, 6], 38).max_pool2d_with_indices(2, 2, 0).unwrap();
     check1(randn(&[2, 3, 3, 3], 39), move |x| x.max_unpool2d(&idx, (6, 6)));
+    // a remapping that repeats some pixels and drops others (gradients must add up)
+    let remap: Vec<u32> = (0..2 * 3 * 4 * 5).map(|i| ((i * 7 + i / 3) % 30) as u32).collect();
+    let remap = Tensor::from_vec(remap, &[2, 3, 4, 5], Device::Cpu).unwrap();
+    check1(randn(&[2, 3, 5, 6], 46), move |x| x.gather_planes(&remap));
     check1(randn(&[2, 3, 6, 7], 40), |x| x.avg_pool2d(2, 2, 0));
     check1(randn(&[2, 3, 7, 7], 41), |x| x.avg_pool2d(3, 2, 1));
     check1(randn(&[2, 3, 4, 4], 42), |x| x.adaptive_avg_pool2d(1));

@@ -68,7 +68,18 @@ fn the_job_writes_its_outputs_and_is_deterministic() {
 #[test]
 fn a_resumed_run_continues_exactly() {
     let w = workdir("resume");
-    let cfg = tiny(&w);
+    resumes_exactly(&w, tiny(&w));
+}
+
+#[test]
+fn a_resumed_run_with_an_image_pool_continues_exactly() {
+    let w = workdir("resume-pool");
+    let mut cfg = tiny(&w);
+    cfg.distill.pool_batches = 3; // full after 3 generator steps: replacement is exercised too
+    resumes_exactly(&w, cfg);
+}
+
+fn resumes_exactly(w: &PathBuf, cfg: Config) {
     let ds = job::prepare_data(&cfg).unwrap();
     let teacher = build("resnet8", 10, true, &mut Rng::new(5)).unwrap();
     let student = || build("resnet8", 10, true, &mut Rng::new(6)).unwrap();
@@ -103,7 +114,7 @@ fn a_resumed_run_continues_exactly() {
     for ((n, a), (_, b)) in s1.named_parameters().iter().zip(s3.named_parameters()) {
         assert_eq!(a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap(), "{n} differs after resume");
     }
-    std::fs::remove_dir_all(&w).unwrap();
+    std::fs::remove_dir_all(w).unwrap();
 }
 
 #[test]

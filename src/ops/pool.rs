@@ -50,6 +50,25 @@ impl Tensor {
         }))
     }
 
+    /// `out[p, j] = self[p, indices[p, j]]` within each (sample, channel) plane: any
+    /// per-plane remapping of pixels (shifts, flips). Indices are u32 `[n, c, ho, wo]`,
+    /// each below `h * w`; the gradient scatters back (and adds where pixels repeat).
+    pub fn gather_planes(&self, indices: &Tensor) -> Result<Tensor> {
+        let [n, c, h, w] = self.dims4("gather_planes")?;
+        let [ni, ci, ..] = indices.dims4("gather_planes indices")?;
+        if (ni, ci) != (n, c) {
+            bail!("gather_planes: indices {:?} must have the planes of input {:?}", indices.dims(), self.dims());
+        }
+        let x = self.contiguous()?;
+        let s = x.storage().gather_planes(x.layout(), &indices.storage(), indices.layout())?;
+        let ix = indices.clone();
+        Ok(from_op(s, indices.dims(), "gather_planes", &[&x], move |g, _| {
+            let g = g.contiguous()?;
+            let s = g.storage().scatter_add_planes(g.layout(), &ix.storage(), ix.layout(), h * w)?;
+            Ok(vec![Some(Tensor::from_storage(s, &[n, c, h, w]))])
+        }))
+    }
+
     /// Average pooling (zero padding counts in the divisor, as PyTorch's default).
     pub fn avg_pool2d(&self, k: usize, stride: usize, padding: usize) -> Result<Tensor> {
         let p = pool_params(self.dims4("avg_pool2d")?, k, stride, padding, "avg_pool2d")?;

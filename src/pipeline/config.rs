@@ -78,6 +78,10 @@ pub struct GeneratorConfig {
     /// Decision: the SAM softmax runs over H*W and is scaled by H*W (mean 1).
     pub sam_softmax_scaled: bool,
     pub spectral_norm: bool,
+    /// Decision: a BatchNorm after each block's upsampled transposed conv, as in DCGAN
+    /// (METHOD.md says "DCGAN-like" and is silent on it). Without it the spectral-normed
+    /// blocks shrink activations and the images start as flat grey fields.
+    pub block_bn: bool,
     pub lr: f32,
     pub beta1: f32,
     pub beta2: f32,
@@ -112,6 +116,19 @@ pub struct DistillConfig {
     /// Decision: the projection head is hidden -> out (512 -> 128 in the paper setting).
     pub proj_hidden: usize,
     pub proj_dim: usize,
+    /// Decision: a BatchNorm after the projection head's first layer (SimCLR's head);
+    /// without it the head's outputs collapse to one direction (see `ProjectionHead`).
+    pub proj_bn: bool,
+    /// Decision: 0 (the paper) trains the student on fresh generator output at every
+    /// step. N > 0 keeps the batches the generator steps synthesise in a pool of N
+    /// batches (random replacement once full) and draws each student batch from all of
+    /// it, as CMI and Fast-DFKD do: the student stops forgetting earlier generator
+    /// states, and student steps skip the generator's forward pass.
+    pub pool_batches: usize,
+    /// Decision: 0 (the paper) feeds synthetic images as they are; N > 0 shifts each one
+    /// by up to N pixels and mirrors half of them before the teacher and the student see
+    /// it, in generator and student steps alike (see `pipeline::augment`).
+    pub augment_shift: usize,
     /// t generator steps then k student steps per iteration.
     pub g_steps: usize,
     pub s_steps: usize,
@@ -182,6 +199,7 @@ impl Config {
                 sam_lambda: 0.05,
                 sam_softmax_scaled: true,
                 spectral_norm: true,
+                block_bn: true,
                 lr: 1e-3,
                 beta1: 0.5,
                 beta2: 0.999,
@@ -201,8 +219,11 @@ impl Config {
                 adapter_identity_init: true,
                 proj_hidden: 128,
                 proj_dim: 64,
+                proj_bn: true,
                 // The demo's budget (METHOD.md: t = 20, 50 iterations an epoch, 200
                 // epochs): a 2-core CPU affords ~24 iterations in its ~2.5 minutes.
+                pool_batches: 0,
+                augment_shift: 0,
                 g_steps: 5,
                 s_steps: 15,
                 iterations_per_epoch: 4,

@@ -3,6 +3,7 @@
 //! student, then `s_steps` student steps on fresh synthetic batches. Baselines swap the
 //! losses (`Method`); DeepInversion optimises pixels instead of a generator.
 
+use super::augment::random_shift_flip;
 use super::checkpoint_dir::CheckpointDir;
 use super::config::Config;
 use super::generator::Generator;
@@ -20,8 +21,9 @@ use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
 
-/// DeepInversion keeps the image batches it synthesised and trains the student on them.
-const POOL_BATCHES: usize = 32;
+/// DeepInversion keeps the image batches it synthesised and trains the student on them;
+/// its pool holds this many batches unless `distill.pool_batches` says otherwise.
+const INVERSION_POOL_BATCHES: usize = 32;
 
 /// Everything the student step trains besides the student itself.
 struct Aux {
@@ -69,6 +71,9 @@ impl<'a> Distiller<'a> {
     pub fn new(cfg: &'a Config, teacher: &'a dyn Classifier, student: &'a dyn Classifier, device: Device) -> Result<Self> {
         let d = &cfg.distill;
         let method = Method::parse(&d.method)?;
+        if d.pool_batches > 0 && d.g_steps == 0 {
+            bail!("distill.pool_batches = {} needs generator steps to fill the pool, but distill.g_steps = 0", d.pool_batches);
+        }
         let mut rng = Rng::new(cfg.seed).fork(0xd15711);
         teacher.freeze(true)?;
         let generator = match method {
@@ -81,7 +86,7 @@ impl<'a> Distiller<'a> {
         let ours = method == Method::DfkdFgvc;
         let mhad = if ours && d.mhad { Some(Mhad::new(&tp, &sp, d.mha_order, d.adapter_identity_init, d.mhad_normalize, &mut rng)?) } else { None };
         let head = if ours && d.sfcl {
-            Some(ProjectionHead::new(tp.penultimate.dims()[1], sp.penultimate.dims()[1], d.proj_hidden, d.proj_dim, d.tau_sfcl, &mut rng)?)
+            Some(ProjectionHead::new(tp.penultimate.dims()[1], sp.penultimate.dims()[1], d.proj_hidden, d.proj_dim, d.proj_bn, d.tau_sfcl, &mut rng)?)
         } else {
             None
         };
@@ -124,7 +129,8 @@ impl<'a> Distiller<'a> {
         self.student.freeze(true)?;
         let mut acc = Accumulator::default();
         for _ in 0..d.g_steps {
-            let x = self.fresh_images(true)?;
+            let raw = self.fresh_images(true)?;
+            let x = self.augment(&raw)?;
             let t = self.teacher.forward(&x, false)?;
             let s = self.student.forward_ctx(&x, &mut Ctx::new(true))?;
             let kd = s.logits.kd_loss(&t.logits, d.tau_gen)?;
@@ -159,6 +165,9 @@ impl<'a> Distiller<'a> {
             let grads = loss.backward()?;
             self.opt_g.as_mut().unwrap().step(&grads)?;
             acc.add(&parts);
+            if d.pool_batches > 0 {
+                self.remember(raw.detach(), d.pool_batches);
+            }
         }
         self.student.freeze(false)?;
         Ok(acc.mean())
@@ -175,8 +184,9 @@ impl<'a> Distiller<'a> {
         self.student.freeze(true)?;
         let mut acc = Accumulator::default();
         for _ in 0..2 * d.g_steps {
-            let t = self.teacher.forward(&x, false)?;
-            let st = self.student.forward_ctx(&x, &mut Ctx::new(false))?;
+            let xa = self.augment(&x)?;
+            let t = self.teacher.forward(&xa, false)?;
+            let st = self.student.forward_ctx(&xa, &mut Ctx::new(false))?;
             let (bn, ce) = (losses::bn_loss(&t)?, t.logits.cross_entropy(&targets, 0.0)?);
             let (tv, l2) = (losses::total_variation(&x)?, x.sqr()?.mean_all()?);
             let js = losses::js_divergence(&t.logits, &st.logits)?;
@@ -187,13 +197,44 @@ impl<'a> Distiller<'a> {
             acc.add(&parts);
         }
         self.student.freeze(false)?;
-        if self.pool.len() == POOL_BATCHES {
-            let i = self.rng.below(POOL_BATCHES);
-            self.pool[i] = x.detach();
-        } else {
-            self.pool.push(x.detach());
-        }
+        let capacity = if d.pool_batches > 0 { d.pool_batches } else { INVERSION_POOL_BATCHES };
+        self.remember(x.detach(), capacity);
         Ok(acc.mean())
+    }
+
+    /// The batch as the networks see it: randomly shifted and mirrored when
+    /// `distill.augment_shift` > 0, unchanged otherwise.
+    fn augment(&mut self, x: &Tensor) -> Result<Tensor> {
+        match self.cfg.distill.augment_shift {
+            0 => Ok(x.clone()),
+            s => random_shift_flip(x, s, &mut self.rng),
+        }
+    }
+
+    /// Adds a synthesised batch to the pool, replacing a random one when it is full.
+    fn remember(&mut self, batch: Tensor, capacity: usize) {
+        if self.pool.len() >= capacity {
+            let i = self.rng.below(self.pool.len());
+            self.pool[i] = batch;
+        } else {
+            self.pool.push(batch);
+        }
+    }
+
+    /// Whether student steps draw from the pool instead of fresh generator output.
+    fn uses_pool(&self) -> bool { self.method == Method::DeepInversion || self.cfg.distill.pool_batches > 0 }
+
+    /// A student batch of images drawn at random from the whole pool, so that one batch
+    /// mixes several generator states.
+    fn pooled_images(&mut self) -> Result<Tensor> {
+        let n = self.cfg.distill.batch_size;
+        let picks: Vec<Tensor> = (0..n)
+            .map(|_| {
+                let b = &self.pool[self.rng.below(self.pool.len())];
+                b.narrow(0, self.rng.below(b.dims()[0]), 1)
+            })
+            .collect::<Result<_>>()?;
+        Tensor::cat(&picks.iter().collect::<Vec<_>>(), 0)
     }
 
     fn student_steps(&mut self) -> Result<Losses> {
@@ -201,10 +242,8 @@ impl<'a> Distiller<'a> {
         let mut acc = Accumulator::default();
         for _ in 0..d.s_steps {
             self.opt_s.set_lr(self.schedule.lr_at(self.opt_s.steps() as usize));
-            let x = match self.method {
-                Method::DeepInversion => self.pool[self.rng.below(self.pool.len())].clone(),
-                _ => no_grad(|| self.fresh_images(true))?.detach(),
-            };
+            let x = if self.uses_pool() { self.pooled_images()? } else { no_grad(|| self.fresh_images(true))?.detach() };
+            let x = self.augment(&x)?;
             let t = no_grad(|| self.teacher.forward(&x, false))?;
             let s = self.student.forward_ctx(&x, &mut Ctx::new(true))?;
             let mut parts = vec![];

@@ -15,6 +15,8 @@ enum Deconv {
 
 struct Block {
     deconv: Deconv,
+    /// DCGAN's BatchNorm after the upsampled transposed conv (`generator.block_bn`).
+    bn: Option<BatchNorm2d>,
     sam: Option<SpatialAttentionModule>,
 }
 
@@ -50,7 +52,8 @@ impl Generator {
             } else {
                 None
             };
-            blocks.push(Block { deconv, sam });
+            let bn = if cfg.block_bn { Some(BatchNorm2d::new(co)?) } else { None };
+            blocks.push(Block { deconv, bn, sam });
         }
         Ok(Generator {
             fc: Linear::new(cfg.z_dim, c0 * s0 * s0, true, rng)?,
@@ -79,7 +82,11 @@ impl Generator {
                 Deconv::Plain(c) => c.forward(&x)?,
                 Deconv::Normalized(c) => c.forward(&x, ctx)?,
             };
-            x = x.upsample_nearest2d(2)?.leaky_relu(0.2)?;
+            x = x.upsample_nearest2d(2)?;
+            if let Some(bn) = &b.bn {
+                x = bn.forward(&x, ctx)?;
+            }
+            x = x.leaky_relu(0.2)?;
             if let Some(sam) = &b.sam {
                 x = sam.forward(&x, ctx)?;
             }
@@ -107,6 +114,9 @@ impl Module for Generator {
             match &b.deconv {
                 Deconv::Plain(c) => c.visit(&join(&p, "deconv"), f),
                 Deconv::Normalized(c) => c.visit(&join(&p, "deconv"), f),
+            }
+            if let Some(bn) = &b.bn {
+                bn.visit(&join(&p, "bn"), f);
             }
             if let Some(s) = &b.sam {
                 s.visit(&join(&p, "sam"), f);

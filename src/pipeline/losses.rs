@@ -2,7 +2,7 @@
 
 use super::attention::{contrastive_loss, HighOrderAttention};
 use crate::models::Features;
-use crate::nn::{join, Conv2d, Linear, Module, Slot};
+use crate::nn::{join, BatchNorm2d, Conv2d, Ctx, Linear, Module, Slot};
 use crate::rng::Rng;
 use crate::{bail, ConvOpts, Device, Result, Tensor};
 
@@ -197,20 +197,40 @@ impl Module for Mhad {
     }
 }
 
-/// SFCL's projection head: `Linear(d, hidden) -> ReLU -> Linear(hidden, out)`, shared by
-/// both sides (the teacher side gets its own first layer only when widths differ), the
-/// teacher's projection detached.
+/// SFCL's projection head: `Linear(d, hidden) -> [BN] -> ReLU -> Linear(hidden, out)`,
+/// shared by both sides (the teacher side gets its own first layer only when widths
+/// differ), the teacher's projection detached.
+///
+/// Decision (`distill.proj_bn`): a BatchNorm after the first layer, as in SimCLR's head.
+/// Penultimate features are post-ReLU averages, all positive and alike across samples;
+/// without centring, all 2N projections point the same way, every similarity is ~1/tau
+/// and NT-Xent sits at log(2N - 1) with vanishing gradients (seen in the CPU demo).
+/// Each side's batch is normalised with its own statistics.
 pub struct ProjectionHead {
     teacher_in: Option<Linear>,
     fc1: Linear,
+    bn: Option<BatchNorm2d>,
     fc2: Linear,
     pub tau: f32,
 }
 
 impl ProjectionHead {
-    pub fn new(d_teacher: usize, d_student: usize, hidden: usize, out: usize, tau: f32, rng: &mut Rng) -> Result<Self> {
+    pub fn new(d_teacher: usize, d_student: usize, hidden: usize, out: usize, bn: bool, tau: f32, rng: &mut Rng) -> Result<Self> {
         let teacher_in = if d_teacher != d_student { Some(Linear::new(d_teacher, hidden, true, rng)?) } else { None };
-        Ok(ProjectionHead { teacher_in, fc1: Linear::new(d_student, hidden, true, rng)?, fc2: Linear::new(hidden, out, true, rng)?, tau })
+        let bn = if bn { Some(BatchNorm2d::new(hidden)?) } else { None };
+        Ok(ProjectionHead { teacher_in, fc1: Linear::new(d_student, hidden, true, rng)?, bn, fc2: Linear::new(hidden, out, true, rng)?, tau })
+    }
+
+    /// `fc2(relu(bn(h)))` for a side's hidden activations `h` [N, hidden].
+    fn project(&self, h: &Tensor) -> Result<Tensor> {
+        let h = match &self.bn {
+            Some(bn) => {
+                let [n, c] = h.dims2("projection head")?;
+                bn.forward(&h.reshape(&[n, c, 1, 1])?, &mut Ctx::new(true))?.reshape(&[n, c])?
+            }
+            None => h.clone(),
+        };
+        self.fc2.forward(&h.relu()?)
     }
 
     pub fn loss(&self, t: &Features, s: &Features) -> Result<Tensor> {
@@ -218,8 +238,8 @@ impl ProjectionHead {
             Some(l) => l.forward(&t.penultimate.detach())?,
             None => self.fc1.forward(&t.penultimate.detach())?,
         };
-        let zt = self.fc2.forward(&t_hidden.relu()?)?.detach();
-        let zs = self.fc2.forward(&self.fc1.forward(&s.penultimate)?.relu()?)?;
+        let zt = self.project(&t_hidden)?.detach();
+        let zs = self.project(&self.fc1.forward(&s.penultimate)?)?;
         contrastive_loss(&zt, &zs, self.tau)
     }
 }
@@ -230,6 +250,9 @@ impl Module for ProjectionHead {
             l.visit(&join(prefix, "teacher_in"), f);
         }
         self.fc1.visit(&join(prefix, "fc1"), f);
+        if let Some(bn) = &self.bn {
+            bn.visit(&join(prefix, "bn"), f);
+        }
         self.fc2.visit(&join(prefix, "fc2"), f);
     }
 }

@@ -1,6 +1,7 @@
 pub mod config;
 pub mod report;
 pub mod attention;
+pub mod augment;
 pub mod generator;
 pub mod losses;
 pub mod eval;
