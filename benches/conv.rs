@@ -2,7 +2,7 @@
 //! ImageNet stem), reported as FLOP/s (2 * multiply-adds).
 
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: dfkd::allocator::MiMalloc = dfkd::allocator::MiMalloc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dfkd::backend::Conv2dParams;
@@ -21,6 +21,7 @@ const SHAPES: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
 ];
 
 fn bench(c: &mut Criterion) {
+    dfkd::allocator::keep_freed_pages();
     let batch = 32;
     let mut rng = Rng::new(0);
     let mut group = c.benchmark_group("conv2d");

@@ -3,7 +3,7 @@
 //! comes from `scripts/bench_pytorch.py`; both are logged in docs/PERF.md.
 
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: dfkd::allocator::MiMalloc = dfkd::allocator::MiMalloc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dfkd::models::build;
@@ -12,6 +12,7 @@ use dfkd::rng::Rng;
 use dfkd::{Device, Tensor};
 
 fn bench(c: &mut Criterion) {
+    dfkd::allocator::keep_freed_pages();
     let (batch, size, classes) = (32, 64, 200);
     let mut rng = Rng::new(0);
     let model = build("resnet18", classes, false, &mut rng).unwrap();

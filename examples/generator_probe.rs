@@ -48,6 +48,12 @@ fn main() -> dfkd::Result<()> {
         }
         if step == steps {
             save_image_grid(&x.narrow(0, 0, 32)?, 8, std::path::Path::new("/tmp/probe.png"))?;
+            for (i, (x, (rm, rv))) in t.bn_inputs.iter().zip(&t.bn_running).enumerate() {
+                let (m, v) = x.channel_stats()?;
+                let dm = m.sub(rm)?.sqr()?.sum_all()?.sqrt()?.to_scalar()?;
+                let dv = v.sub(rv)?.sqr()?.sum_all()?.sqrt()?.to_scalar()?;
+                println!("bn {i:2} {:?}: |mean - rm| {dm:.3}, |var - rv| {dv:.3}", x.dims());
+            }
             break;
         }
         let loss = bn.scale(cfg.distill.alpha)?;

@@ -2,6 +2,7 @@
 //! kernels, and on it data-free knowledge distillation for fine-grained visual
 //! categorization (DFKD-FGVC).
 
+pub mod allocator;
 pub mod backend;
 mod device;
 mod dtype;

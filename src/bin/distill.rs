@@ -8,7 +8,7 @@ use dfkd::{Device, Result};
 use std::path::PathBuf;
 
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: dfkd::allocator::MiMalloc = dfkd::allocator::MiMalloc;
 
 #[derive(Parser)]
 #[command(name = "distill", version, about = "Data-free knowledge distillation for fine-grained visual categorization (DFKD-FGVC)")]
@@ -152,6 +152,7 @@ fn distill(cfg: &mut Config, device: Device, args: &DistillArgs, default_run: &s
 }
 
 fn main() {
+    dfkd::allocator::keep_freed_pages();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e}");
