@@ -102,8 +102,10 @@ impl Plan {
 /// limit): larger batches are split.
 const MAX_BATCH: usize = 65535;
 
-/// `[b, m, k] x [b, k, n] -> [b, m, n]` on the device, any strides.
-pub fn matmul(dev: &'static CudaDev, a: &CudaBuf, la: &Layout, b: &CudaBuf, lb: &Layout) -> Result<CudaBuf> {
+/// `[b, m, k] x [b, k, n] -> [b, m, n]` on the device, any strides; with `sum_batch`
+/// the `[m, n]` sum of the b products instead, accumulated in place by one GEMM call per
+/// sample (beta = 1 after the first), in batch order.
+pub fn matmul(dev: &'static CudaDev, a: &CudaBuf, la: &Layout, b: &CudaBuf, lb: &Layout, sum_batch: bool) -> Result<CudaBuf> {
     let (sa, sb) = (la.shape(), lb.shape());
     if la.rank() != 3 || lb.rank() != 3 || sa[0] != sb[0] || sa[2] != sb[1] {
         bail!("matmul: expected [b, m, k] x [b, k, n], got {sa:?} x {sb:?}");
@@ -119,7 +121,7 @@ pub fn matmul(dev: &'static CudaDev, a: &CudaBuf, la: &Layout, b: &CudaBuf, lb: 
         }
     }
     let dims @ [batch, m, k, n] = [sa[0], sa[1], sa[2], sb[2]];
-    let mut c = dev.alloc(batch * m * n, DType::F32)?;
+    let mut c = dev.alloc(if sum_batch { m * n } else { batch * m * n }, DType::F32)?;
     if batch * m * n == 0 || k == 0 {
         return Ok(c); // zeros: an empty sum
     }
@@ -130,18 +132,25 @@ pub fn matmul(dev: &'static CudaDev, a: &CudaBuf, la: &Layout, b: &CudaBuf, lb: 
     let int = |v: usize, what: &str| i32::try_from(v).map_err(|_| Error::Msg(format!("matmul: {what} = {v} exceeds cuBLAS's 32-bit sizes")));
     let (mm, nn, kk, lda, ldb, ldc) = (int(p.m, "n")?, int(p.n, "m")?, int(p.k, "k")?, int(p.lda, "lda")?, int(p.ldb, "ldb")?, int(p.ldc, "ldc")?);
     let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
-    let (alpha, beta) = (1f32, 0f32);
+    let alpha = 1f32;
+    // (first sample, samples in this call, beta): chunks of a batch, or one sample at a
+    // time accumulating into the same output
+    let calls: Vec<(usize, usize, f32)> = if sum_batch {
+        (0..batch).map(|i| (i, 1, if i == 0 { 0.0 } else { 1.0 })).collect()
+    } else {
+        (0..batch).step_by(MAX_BATCH).map(|i| (i, (batch - i).min(MAX_BATCH), 0.0)).collect()
+    };
     let blas = dev.blas();
-    for start in (0..batch).step_by(MAX_BATCH) {
-        let count = (batch - start).min(MAX_BATCH);
+    for (start, count, beta) in calls {
         let pa = dev.ptr(b, p.offset_a + start * p.stride_a);
         let pb = dev.ptr(a, p.offset_b + start * p.stride_b);
-        let pc = dev.ptr_mut(&mut c, start * p.stride_c);
+        let pc = dev.ptr_mut(&mut c, if sum_batch { 0 } else { start * p.stride_c });
         // SAFETY: the pointers address live f32 buffers of this device; the plan's
         // sizes, leading dimensions and batch strides describe views that lie inside
         // them (they come from the tensors' layouts, checked against the buffers when
         // the layouts were made, or from the contiguous copies made above); the output
-        // holds batch * m * n elements. alpha and beta are host scalars (cuBLAS's
+        // holds batch * m * n elements (m * n when summing, every call writing the same
+        // matrix, ordered by the stream). alpha and beta are host scalars (cuBLAS's
         // default pointer mode) read before the call returns. The handle is bound to
         // the device's stream, so the GEMM is ordered with the kernels around it.
         unsafe {

@@ -86,6 +86,13 @@ impl Gpu for Emu {
         // the emulator has no cuBLAS: the CPU GEMM stands in
         fallback!("matmul", a.matmul(la, b, lb))
     }
+    fn matmul_sum(&self, a: &CpuStorage, la: &Layout, b: &CpuStorage, lb: &Layout) -> Result<CpuStorage> {
+        fallback!("matmul", {
+            let per_sample = a.matmul(la, b, lb)?;
+            let (batch, mn) = (la.shape()[0], la.shape()[1] * lb.shape()[2]);
+            per_sample.reduce(&Layout::contiguous(&[batch, mn]), crate::backend::ReduceOp::Sum, &[0])
+        })
+    }
 
     fn to_host(&self, b: &CpuStorage) -> Result<CpuStorage> { Ok(b.clone()) }
     fn from_host(&self, cpu: CpuStorage) -> Result<CpuStorage> { Ok(cpu) }

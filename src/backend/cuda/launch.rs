@@ -213,6 +213,9 @@ pub trait Gpu {
     /// Batched GEMM `[b, m, k] x [b, k, n] -> [b, m, n]` on strided views (stride 0 on b
     /// broadcasts): cuBLAS on a GPU, the CPU GEMM on the emulator.
     fn matmul(&self, a: &Self::Buf, la: &Layout, b: &Self::Buf, lb: &Layout) -> Result<Self::Buf>;
+    /// The same products summed over the batch, `[m, n]` (conv2d's weight gradient):
+    /// cuBLAS accumulates into one output, so the per-sample products are never stored.
+    fn matmul_sum(&self, a: &Self::Buf, la: &Layout, b: &Self::Buf, lb: &Layout) -> Result<Self::Buf>;
     /// A copy on the host, after all queued work.
     fn to_host(&self, b: &Self::Buf) -> Result<crate::backend::CpuStorage>;
     /// A buffer of this device holding `cpu`'s values.

@@ -379,7 +379,7 @@ pub fn batch_norm_backward<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, dy: &G::Buf, m
 // (kernels/conv.cu), one GEMM per group. With K = c_in/groups * kh * kw columns per
 // group and L = h_out * w_out: forward out_g = W_g [c_out/g, K] x col_g [K, L];
 // input gradient col_g = W_gᵀ x grad_g, then col2im; weight gradient
-// dW_g = sum over the batch of grad_g x col_gᵀ.
+// dW_g = sum over the batch of grad_g x col_gᵀ (`Gpu::matmul_sum`).
 
 struct ConvDims {
     b: usize,
@@ -478,8 +478,7 @@ pub fn conv2d_backward_weight<G: Gpu>(g: &G, x: &G::Buf, lx: &Layout, grad: &G::
     for gi in 0..p.groups {
         let grad_g = Layout::new(vec![d.b, d.co_g, d.l], vec![p.c_out * d.l, d.l, 1], go + gi * d.co_g * d.l);
         let col_t = Layout::new(vec![d.b, d.l, d.k_g], vec![ck * d.l, 1, d.l], gi * d.k_g * d.l);
-        let per_sample = g.matmul(grad, &grad_g, &col, &col_t)?;
-        let part = reduce(g, &per_sample, &Layout::contiguous(&[d.b, d.co_g * d.k_g]), ReduceOp::Sum, &[0])?;
+        let part = g.matmul_sum(grad, &grad_g, &col, &col_t)?;
         place_group(g, part, &mut dw, gi, p.groups, [1, d.co_g, d.k_g])?;
     }
     Ok(dw.expect("groups >= 1"))
