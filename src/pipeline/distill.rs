@@ -70,11 +70,17 @@ impl<'a> Distiller<'a> {
         let d = &cfg.distill;
         let method = Method::parse(&d.method)?;
         let mut rng = Rng::new(cfg.seed).fork(0xd15711);
+        // every module is built on the CPU; the loop runs where `device` says
+        teacher.to_device(device)?;
+        student.to_device(device)?;
         teacher.freeze(true)?;
         let generator = match method {
             Method::DeepInversion => None,
             _ => Some(Generator::new(&cfg.generator, cfg.data.image_size, &mut rng)?),
         };
+        if let Some(g) = &generator {
+            g.to_device(device)?;
+        }
         // a small probe batch decides how MHAD pairs the two networks' features
         let probe = Tensor::randn(&[2, 3, cfg.data.image_size, cfg.data.image_size], 0.0, 1.0, &mut rng, device)?;
         let (tp, sp) = no_grad(|| -> Result<(Features, Features)> { Ok((teacher.forward(&probe, false)?, student.forward(&probe, false)?)) })?;
@@ -86,6 +92,7 @@ impl<'a> Distiller<'a> {
             None
         };
         let aux = Aux { mhad, head };
+        aux.to_device(device)?;
         let mut params = student.parameters();
         params.extend(aux.parameters());
         let s = &cfg.student;
