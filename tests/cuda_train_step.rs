@@ -16,6 +16,9 @@ use dfkd::optim::{Optimizer, ParamGroup};
 use dfkd::rng::Rng;
 use dfkd::{Device, Tensor};
 
+/// The tests of this file share the GPU's allocator counters: run them one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 struct Step {
     loss: f32,
     /// (name, gradient) in state_dict order.
@@ -69,6 +72,7 @@ fn assert_tensors_close(got: &[(String, Vec<f32>)], want: &[(String, Vec<f32>)],
 
 #[test]
 fn resnet18_training_step_matches_the_cpu() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let cpu = train_step(Device::Cpu);
     assert!(cpu.loss.is_finite() && cpu.grads.len() == 62, "{} {}", cpu.loss, cpu.grads.len());
     for dev in common::cuda_devices() {
@@ -80,4 +84,44 @@ fn resnet18_training_step_matches_the_cpu() {
         let a = assert_tensors_close(&got.after, &cpu.after, &format!("{dev} after the step:"));
         eprintln!("{dev}: worst error {g:.3} (gradients) and {a:.3} (after the step) of the tolerance");
     }
+}
+
+/// On a GPU, a training step of shapes seen before is served entirely by the caching
+/// allocator: no cuMemAlloc after the first step (skipped on the emulator, whose
+/// buffers are host memory).
+#[test]
+fn repeated_steps_never_call_the_driver_allocator() {
+    let Some(n) = common::cuda_devices().into_iter().find_map(|d| match d {
+        Device::Cuda(n) => Some(n),
+        _ => None,
+    }) else {
+        eprintln!("note: no GPU: the caching allocator's steady state is checked on cuda devices only");
+        return;
+    };
+    if std::env::var_os("DFKD_CUDA_NO_CACHE").is_some() {
+        eprintln!("note: DFKD_CUDA_NO_CACHE is set: nothing is cached, nothing to check");
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::Cuda(n);
+    let model = build("resnet18", 5, true, &mut Rng::new(1)).unwrap();
+    model.to_device(dev).unwrap();
+    let mut opt = Optimizer::sgd(vec![ParamGroup::new(model.parameters(), 5e-4)], 0.05, 0.9, false);
+    let x = Tensor::randn(&[4, 3, 32, 32], 0.0, 1.0, &mut Rng::new(2), dev).unwrap();
+    let mut step = || {
+        let loss = model.logits(&x, true).unwrap().cross_entropy(&[0, 1, 2, 3], 0.0).unwrap();
+        opt.step(&loss.backward().unwrap()).unwrap();
+        loss.to_scalar().unwrap()
+    };
+    // two steps: the first creates the optimiser state, the second is the steady state
+    step();
+    step();
+    let before = dfkd::backend::cuda::cuda_alloc_stats(n).unwrap();
+    for _ in 0..3 {
+        step();
+    }
+    let after = dfkd::backend::cuda::cuda_alloc_stats(n).unwrap();
+    eprintln!("{dev}: {before:?} -> {after:?}");
+    assert_eq!(after.misses, before.misses, "{dev}: steady-state steps called cuMemAlloc");
+    assert!(after.hits > before.hits);
 }

@@ -141,6 +141,8 @@ pub fn matmul(dev: &'static CudaDev, a: &CudaBuf, la: &Layout, b: &CudaBuf, lb: 
         (0..batch).step_by(MAX_BATCH).map(|i| (i, (batch - i).min(MAX_BATCH), 0.0)).collect()
     };
     let blas = dev.blas();
+    // the handle belongs to the device's context: make it current on this thread
+    dev.bind()?;
     for (start, count, beta) in calls {
         let pa = dev.ptr(b, p.offset_a + start * p.stride_a);
         let pb = dev.ptr(a, p.offset_b + start * p.stride_b);

@@ -7,6 +7,8 @@
 //! kernels, GEMMs and copies, and a buffer dropped on the host may be reused at once
 //! (see `alloc.rs`). Kernel faults surface at the next synchronisation (a copy to the
 //! host); `DFKD_CUDA_SYNC=1` synchronises after every launch to name the kernel.
+//! `DFKD_CUDA_NO_CACHE=1` frees every buffer on drop instead of caching it, so that
+//! compute-sanitizer's memcheck sees use-after-free and leaks (slow: it synchronises).
 
 use super::alloc::{size_class, AllocStats, FreeLists};
 use super::launch::{marshal, Arg, Gpu, LaunchCfg};
@@ -31,6 +33,7 @@ pub struct CudaDev {
     blas: Mutex<CudaBlas>,
     free: Mutex<FreeLists<sys::CUdeviceptr>>,
     sync_each_launch: bool,
+    no_cache: bool,
 }
 
 /// Device memory from the caching allocator: `len` elements of `dtype` at `ptr`, in a
@@ -51,9 +54,21 @@ impl std::fmt::Debug for CudaBuf {
 
 impl Drop for CudaBuf {
     fn drop(&mut self) {
-        if self.class > 0 {
-            self.dev.lock_free().put(self.class, self.ptr);
+        if self.class == 0 {
+            return;
         }
+        if self.dev.no_cache {
+            // no error path in drop: a failure here resurfaces at the next sync
+            let _ = self.dev.synchronize();
+            self.dev.lock_free().put(self.class, self.ptr);
+            for (_, ptr) in self.dev.lock_free().drain() {
+                // SAFETY: the block came from cuMemAlloc, its buffer is being dropped,
+                // and the stream was synchronised above, so no queued work uses it.
+                let _ = unsafe { drv::free_sync(ptr) };
+            }
+            return;
+        }
+        self.dev.lock_free().put(self.class, self.ptr);
     }
 }
 
@@ -112,7 +127,7 @@ impl CudaDev {
         }
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::Msg(format!("cuda:{ordinal} ({describe}): cannot create a cuBLAS handle: {e}")))?;
-        let sync_each_launch = std::env::var_os("DFKD_CUDA_SYNC").is_some_and(|v| v != "0");
+        let flag = |name: &str| std::env::var_os(name).is_some_and(|v| v != "0");
         Ok(CudaDev {
             ordinal,
             describe,
@@ -122,13 +137,22 @@ impl CudaDev {
             functions: Mutex::new(HashMap::new()),
             blas: Mutex::new(blas),
             free: Mutex::new(FreeLists::default()),
-            sync_each_launch,
+            sync_each_launch: flag("DFKD_CUDA_SYNC"),
+            no_cache: flag("DFKD_CUDA_NO_CACHE"),
         })
     }
 
     pub fn ordinal(&self) -> usize { self.ordinal }
     pub fn describe(&self) -> &str { &self.describe }
     pub fn alloc_stats(&self) -> AllocStats { self.lock_free().stats() }
+
+    /// Peak memory bandwidth in GB/s from the driver's memory clock and bus width
+    /// (double data rate); `None` when the driver does not report them.
+    pub fn peak_bandwidth_gbs(&self) -> Option<f64> {
+        use sys::CUdevice_attribute::{CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH as BUS, CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE as CLOCK};
+        let (khz, bits) = (self.ctx.attribute(CLOCK).ok()?, self.ctx.attribute(BUS).ok()?);
+        (khz > 0 && bits > 0).then(|| 2.0 * khz as f64 * 1e3 * bits as f64 / 8.0 / 1e9)
+    }
 
     /// An error about this device: "cuda:N: what: driver error".
     pub(super) fn error(&self, what: &str, e: impl std::fmt::Display) -> Error {
@@ -137,7 +161,7 @@ impl CudaDev {
 
     /// Makes the context current on the calling thread (the data loader and rayon
     /// threads may create tensors too); a no-op when it already is.
-    fn bind(&self) -> Result<()> { self.ctx.bind_to_thread().map_err(|e| self.error("binding the context to this thread", driver_error(e))) }
+    pub(super) fn bind(&self) -> Result<()> { self.ctx.bind_to_thread().map_err(|e| self.error("binding the context to this thread", driver_error(e))) }
 
     fn lock_free(&self) -> MutexGuard<'_, FreeLists<sys::CUdeviceptr>> { self.free.lock().unwrap_or_else(|e| e.into_inner()) }
 

@@ -78,5 +78,19 @@ pub fn cuda_synchronize(ordinal: usize) -> crate::Result<()> {
     }
 }
 
+/// The peak memory bandwidth of `cuda:ordinal` in GB/s, if the driver reports it.
+pub fn cuda_peak_bandwidth_gbs(ordinal: usize) -> crate::Result<Option<f64>> { device::get(ordinal).map(|d| d.peak_bandwidth_gbs()) }
+
+/// kernels/conv.cu's im2col alone on a CUDA device's contiguous NCHW input: the column
+/// buffer `[b, c_in * kh * kw, h_out * w_out]`. For the benches.
+pub fn im2col(x: &crate::backend::Storage, l: &crate::Layout, p: &crate::backend::Conv2dParams) -> crate::Result<crate::backend::Storage> {
+    use crate::backend::Storage;
+    match x {
+        Storage::CudaEmu(s) => storage::im2col(s, l, p).map(Storage::CudaEmu),
+        Storage::Cuda(s) => storage::im2col(s, l, p).map(Storage::Cuda),
+        Storage::Cpu(_) => crate::bail!("im2col is a CUDA kernel; the tensor is on the cpu"),
+    }
+}
+
 /// The caching allocator's counters of `cuda:ordinal`, once it is open.
 pub fn cuda_alloc_stats(ordinal: usize) -> Option<AllocStats> { device::is_open(ordinal).map(|d| d.alloc_stats()) }

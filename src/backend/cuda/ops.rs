@@ -409,6 +409,14 @@ fn conv_operand<G: Gpu>(g: &G, b: &G::Buf, l: &Layout, shape: [usize; 4], op: &'
     Ok(off)
 }
 
+/// The column buffer `[b, c_in * kh * kw, h_out * w_out]` of a contiguous input alone
+/// (for benches; the convolutions call `im2col` below).
+pub fn im2col_of<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, p: &Conv2dParams) -> Result<G::Buf> {
+    conv_dims(p, "im2col")?;
+    let off = conv_operand(g, x, l, p.input_shape(), "im2col")?;
+    im2col(g, x, off, p)
+}
+
 fn im2col<G: Gpu>(g: &G, x: &G::Buf, off: usize, p: &Conv2dParams) -> Result<G::Buf> {
     let n = check_u32(p.batch * p.c_in * p.kh * p.kw * p.h_out() * p.w_out())?;
     let mut col = g.alloc(n as usize, DType::F32)?;

@@ -89,6 +89,9 @@ impl<S: GpuStorage> BackendStorage for S {
     }
 }
 
+/// kernels/conv.cu's im2col alone, for the benches.
+pub fn im2col<S: GpuStorage>(x: &S, l: &Layout, p: &Conv2dParams) -> Result<S> { ops::im2col_of(&x.gpu(), x.buf(), l, p).map(S::wrap) }
+
 /// Memory of a CUDA GPU.
 #[derive(Debug)]
 pub struct CudaStorage(CudaBuf);
