@@ -178,3 +178,34 @@ fn every_method_runs_on_cuda_devices() {
         }
     }
 }
+
+/// A checkpoint written on a CUDA device resumes there: models, optimiser state and
+/// DeepInversion's image pool all come back onto the device.
+#[test]
+fn a_run_resumes_on_cuda_devices() {
+    for dev in common::cuda_devices() {
+        let w = workdir(&format!("resume-{dev}"));
+        let mut cfg = tiny(&w);
+        let teacher = build("resnet8", 10, true, &mut Rng::new(5)).unwrap();
+        for method in ["dfkd-fgvc", "deepinversion"] {
+            cfg.distill.method = method.into();
+            // DeepInversion's student steps draw from the pool: enough draws to reach
+            // the batch that came from the checkpoint
+            cfg.distill.s_steps = if method == "deepinversion" { 6 } else { 1 };
+            let ckpt = CheckpointDir::new(&w.join(method));
+            let student = build("resnet8", 10, true, &mut Rng::new(6)).unwrap();
+            let mut d = Distiller::new(&cfg, teacher.as_ref(), student.as_ref(), dev).unwrap();
+            d.iterate().unwrap_or_else(|e| panic!("{dev} {method}: {e}"));
+            d.save_checkpoint(&ckpt).unwrap();
+            drop(d);
+            let student = build("resnet8", 10, true, &mut Rng::new(7)).unwrap();
+            let mut d = Distiller::new(&cfg, teacher.as_ref(), student.as_ref(), dev).unwrap();
+            d.resume(&ckpt).unwrap_or_else(|e| panic!("{dev} {method}: resume: {e}"));
+            let (g, s) = d.iterate().unwrap_or_else(|e| panic!("{dev} {method} after resume: {e}"));
+            assert_eq!(d.iteration(), 2);
+            assert!(g.iter().chain(&s).all(|(_, v)| v.is_finite()), "{dev} {method}: {g:?} {s:?}");
+            assert!(student.parameters().iter().all(|p| p.device() == dev));
+        }
+        std::fs::remove_dir_all(&w).unwrap();
+    }
+}

@@ -299,7 +299,8 @@ impl<'a> Distiller<'a> {
         let mut pool: Vec<(usize, Tensor)> =
             load_tensors(dir.join("pool.safetensors"))?.into_iter().filter_map(|(n, t)| n.parse().ok().map(|i| (i, t))).collect();
         pool.sort_by_key(|(i, _)| *i);
-        self.pool = pool.into_iter().map(|(_, t)| t).collect();
+        // checkpoints load on the host; the student trains on the pool where it runs
+        self.pool = pool.into_iter().map(|(_, t)| t.to_device(self.device)).collect::<Result<_>>()?;
         self.iteration = state.iteration;
         self.rng = Rng::from_state(state.rng);
         Ok(())
