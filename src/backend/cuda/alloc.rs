@@ -115,7 +115,7 @@ mod tests {
         assert_eq!(size_class(7 * mib + 1), 8 * mib);
         for bytes in (1..5000).chain((0..4000).map(|i| 12345 + i * 7919)).chain([(1 << 30) + 1, (3 << 29) - 3]) {
             let c = size_class(bytes);
-            assert!(c >= bytes && c % MIN_BLOCK == 0, "{bytes} -> {c}");
+            assert!(c >= bytes && c.is_multiple_of(MIN_BLOCK), "{bytes} -> {c}");
             assert!(c - bytes < MIN_BLOCK || (c - bytes) * 4 < bytes, "{bytes} -> {c} wastes a quarter or more");
             assert_eq!(size_class(c), c, "a class is its own class");
         }

@@ -335,9 +335,9 @@ impl Gpu for &'static CudaDev {
         Ok(())
     }
 
-    fn matmul(&self, a: &CudaBuf, la: &Layout, b: &CudaBuf, lb: &Layout) -> Result<CudaBuf> { cublas::matmul(*self, a, la, b, lb, false) }
-    fn matmul_sum(&self, a: &CudaBuf, la: &Layout, b: &CudaBuf, lb: &Layout) -> Result<CudaBuf> { cublas::matmul(*self, a, la, b, lb, true) }
+    fn matmul(&self, a: &CudaBuf, la: &Layout, b: &CudaBuf, lb: &Layout) -> Result<CudaBuf> { cublas::matmul(self, a, la, b, lb, false) }
+    fn matmul_sum(&self, a: &CudaBuf, la: &Layout, b: &CudaBuf, lb: &Layout) -> Result<CudaBuf> { cublas::matmul(self, a, la, b, lb, true) }
 
-    fn to_host(&self, b: &CudaBuf) -> Result<CpuStorage> { self.download(b) }
-    fn from_host(&self, cpu: CpuStorage) -> Result<CudaBuf> { self.upload(&cpu) }
+    fn download(&self, b: &CudaBuf) -> Result<CpuStorage> { CudaDev::download(self, b) }
+    fn upload(&self, cpu: CpuStorage) -> Result<CudaBuf> { CudaDev::upload(self, &cpu) }
 }

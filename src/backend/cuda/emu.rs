@@ -94,6 +94,6 @@ impl Gpu for Emu {
         })
     }
 
-    fn to_host(&self, b: &CpuStorage) -> Result<CpuStorage> { Ok(b.clone()) }
-    fn from_host(&self, cpu: CpuStorage) -> Result<CpuStorage> { Ok(cpu) }
+    fn download(&self, b: &CpuStorage) -> Result<CpuStorage> { Ok(b.clone()) }
+    fn upload(&self, cpu: CpuStorage) -> Result<CpuStorage> { Ok(cpu) }
 }

@@ -217,7 +217,7 @@ pub trait Gpu {
     /// cuBLAS accumulates into one output, so the per-sample products are never stored.
     fn matmul_sum(&self, a: &Self::Buf, la: &Layout, b: &Self::Buf, lb: &Layout) -> Result<Self::Buf>;
     /// A copy on the host, after all queued work.
-    fn to_host(&self, b: &Self::Buf) -> Result<crate::backend::CpuStorage>;
+    fn download(&self, b: &Self::Buf) -> Result<crate::backend::CpuStorage>;
     /// A buffer of this device holding `cpu`'s values.
-    fn from_host(&self, cpu: crate::backend::CpuStorage) -> Result<Self::Buf>;
+    fn upload(&self, cpu: crate::backend::CpuStorage) -> Result<Self::Buf>;
 }

@@ -25,7 +25,7 @@ impl<S: GpuStorage> BackendStorage for S {
     fn device(&self) -> Device { self.gpu().device() }
     fn dtype(&self) -> DType { self.gpu().dtype(self.buf()) }
     fn len(&self) -> usize { self.gpu().len(self.buf()) }
-    fn to_cpu(&self) -> Result<CpuStorage> { self.gpu().to_host(self.buf()) }
+    fn to_cpu(&self) -> Result<CpuStorage> { self.gpu().download(self.buf()) }
 
     fn to_dtype(&self, l: &Layout, dtype: DType) -> Result<Self> {
         if dtype == self.dtype() {
@@ -33,8 +33,8 @@ impl<S: GpuStorage> BackendStorage for S {
         }
         fallback!("to_dtype", {
             let g = self.gpu();
-            let converted = g.to_host(self.buf())?.to_dtype(l, dtype)?;
-            g.from_host(converted).map(S::wrap)
+            let converted = g.download(self.buf())?.to_dtype(l, dtype)?;
+            g.upload(converted).map(S::wrap)
         })
     }
     fn copy_strided(&self, l: &Layout) -> Result<Self> { ops::copy_strided(&self.gpu(), self.buf(), l).map(S::wrap) }
