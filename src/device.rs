@@ -17,9 +17,30 @@ pub enum Device {
 }
 
 impl Device {
-    /// Resolves a user's `--device` string. `auto` picks the fastest device present.
+    /// Resolves a user's `--device` string and checks that the device can be used now,
+    /// so that a bad choice fails before any work: `cuda[:N]` opens the GPU (context,
+    /// kernels, cuBLAS) and reports why it cannot.
     pub fn parse_user(s: &str) -> crate::Result<Device> {
-        s.parse()
+        let d: Device = s.parse()?;
+        if let Device::Cuda(n) = d {
+            crate::backend::cuda::cuda_device(n)?;
+        }
+        Ok(d)
+    }
+
+    /// `cuda:0` when a driver is present and the GPU opens, else the CPU (saying why
+    /// on stderr when a driver was there but the GPU could not be used).
+    fn auto() -> Device {
+        if !crate::backend::cuda::cuda_driver_present() {
+            return Device::Cpu;
+        }
+        match crate::backend::cuda::cuda_device(0) {
+            Ok(_) => Device::Cuda(0),
+            Err(e) => {
+                eprintln!("note: --device auto: {e}; using the CPU");
+                Device::Cpu
+            }
+        }
     }
 }
 
@@ -27,13 +48,11 @@ impl FromStr for Device {
     type Err = crate::Error;
     fn from_str(s: &str) -> crate::Result<Device> {
         let driver = crate::backend::cuda::cuda_driver_present;
-        let no_driver = || crate::Error::Msg("no CUDA driver found (libcuda.so); use --device cpu".into());
+        let no_driver = || crate::Error::Msg(format!("device `{s}`: no CUDA driver found (libcuda.so); use --device cpu"));
         match s {
             "cpu" => Ok(Device::Cpu),
             "cuda-emu" => Ok(Device::CudaEmu),
-            // CUDA when present, once its storage exists (backend::cuda); until then the
-            // CPU, so that `auto` never picks a device that cannot hold tensors.
-            "auto" => Ok(Device::Cpu),
+            "auto" => Ok(Device::auto()),
             "cuda" if driver() => Ok(Device::Cuda(0)),
             s if s.starts_with("cuda:") => match s["cuda:".len()..].parse() {
                 Ok(n) if driver() => Ok(Device::Cuda(n)),

@@ -24,7 +24,6 @@ pub struct TensorInner {
     storage: Arc<RwLock<Storage>>,
     layout: Layout,
     dtype: DType,
-    device: Device,
     node: Option<Node>,
     requires_grad: AtomicBool,
 }
@@ -46,16 +45,12 @@ impl Tensor {
     // ---- construction ----------------------------------------------------------
 
     pub(crate) fn from_parts(storage: Arc<RwLock<Storage>>, layout: Layout, node: Option<Node>) -> Tensor {
-        let (dtype, device) = {
-            let s = storage.read().unwrap();
-            (s.dtype(), s.device())
-        };
+        let dtype = storage.read().unwrap().dtype();
         Tensor(Arc::new(TensorInner {
             id: TensorId::new(),
             storage,
             layout,
             dtype,
-            device,
             node,
             requires_grad: AtomicBool::new(false),
         }))
@@ -88,7 +83,10 @@ impl Tensor {
     pub fn full(value: f32, shape: &[usize], device: Device) -> Result<Tensor> {
         Tensor::from_vec(vec![value; shape.iter().product()], shape, device)
     }
-    pub fn zeros(shape: &[usize], device: Device) -> Result<Tensor> { Tensor::full(0.0, shape, device) }
+    /// Zeros made on the device itself (no host buffer to copy on a GPU).
+    pub fn zeros(shape: &[usize], device: Device) -> Result<Tensor> {
+        Ok(Tensor::from_storage(Storage::zeros(shape.iter().product(), DType::F32, device)?, shape))
+    }
     pub fn ones(shape: &[usize], device: Device) -> Result<Tensor> { Tensor::full(1.0, shape, device) }
     pub fn scalar(value: f32, device: Device) -> Result<Tensor> { Tensor::full(value, &[], device) }
     pub fn zeros_like(&self) -> Result<Tensor> { Tensor::zeros(self.dims(), self.device()) }
@@ -113,7 +111,9 @@ impl Tensor {
     pub fn elem_count(&self) -> usize { self.0.layout.elem_count() }
     pub fn layout(&self) -> &Layout { &self.0.layout }
     pub fn dtype(&self) -> DType { self.0.dtype }
-    pub fn device(&self) -> Device { self.0.device }
+    /// Read from the storage rather than cached: `move_to` swaps the storage of every
+    /// tensor sharing it at once.
+    pub fn device(&self) -> Device { self.storage().device() }
     pub fn is_contiguous(&self) -> bool { self.0.layout.is_contiguous() }
     pub(crate) fn node(&self) -> Option<&Node> { self.0.node.as_ref() }
     pub(crate) fn storage_arc(&self) -> &Arc<RwLock<Storage>> { &self.0.storage }
@@ -188,6 +188,19 @@ impl Tensor {
         }
         let s = self.storage().copy_strided(self.layout())?.to_device(device)?;
         Ok(Tensor::from_storage(s, self.dims()))
+    }
+
+    /// Moves the storage to `device` in place: the tensor keeps its id (optimiser state
+    /// and gradients are keyed by it), and views sharing the storage move with it. For
+    /// parameters and buffers (`Module::to_device`); not recorded by autograd.
+    pub fn move_to(&self, device: Device) -> Result<()> {
+        if device == self.device() {
+            return Ok(());
+        }
+        // the whole buffer, so that every view's layout stays valid
+        let moved = self.storage().to_device(device)?;
+        *self.storage_mut() = moved;
+        Ok(())
     }
 
     /// Converts the element type. Differentiable between float types.

@@ -1,7 +1,8 @@
 //! Parity of every CUDA kernel with the CPU reference. Each test body runs on every
 //! CUDA device present against `Device::Cpu`: always `CudaEmu` (the same kernels
 //! compiled as C++ and run by the kernel emulator, so CI without a GPU checks them),
-//! and `Cuda` once its storage exists and a GPU is there (skipped with a note today).
+//! and `Cuda(0)` when a GPU opens (skipped with a note otherwise; `DFKD_TEST_DEVICE`
+//! picks one device, see `common::cuda_devices`).
 //!
 //! Inputs are random and non-zero, at odd sizes (never a multiple of the 256-thread
 //! block or of a warp), on strided views (transposed, broadcast, offset) wherever the
@@ -10,19 +11,14 @@
 //! math library or FMA contraction may round differently, and a sum-length-scaled
 //! bound where the reduction order differs from the CPU's f64 accumulation.
 
+mod common;
+
 use dfkd::backend::{cuda, BackendStorage, BinaryOp, CpuStorage, ReduceOp, Storage, UnaryOp, UpdateRule};
 use dfkd::rng::Rng;
 use dfkd::{DType, Device, Layout, Tensor};
 
 /// The CUDA devices to compare with the CPU.
-fn devices() -> Vec<Device> {
-    if cuda::cuda_driver_present() {
-        eprintln!("note: a CUDA driver is present, but the Cuda storage is not written yet: Cuda parity skipped");
-    } else {
-        eprintln!("note: no CUDA driver (libcuda.so): Cuda parity skipped, CudaEmu only");
-    }
-    vec![Device::CudaEmu]
-}
+fn devices() -> Vec<Device> { common::cuda_devices() }
 
 fn randn(n: usize, seed: u64) -> Vec<f32> {
     let mut r = Rng::new(seed);
@@ -277,18 +273,83 @@ fn device_parsing() {
     assert_eq!("cuda-emu".parse::<Device>().unwrap(), Device::CudaEmu);
     assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
     assert_eq!(Device::CudaEmu.to_string(), "cuda-emu");
+    assert_eq!(Device::Cuda(1).to_string(), "cuda:1");
+    let gpu = cuda::cuda_driver_present() && cuda::cuda_device(0).is_ok();
     if cuda::cuda_driver_present() {
         assert_eq!("cuda:1".parse::<Device>().unwrap(), Device::Cuda(1));
+        // parse_user opens the device: an ordinal past the last GPU is an error naming it
+        let e = Device::parse_user("cuda:4096").unwrap_err().to_string();
+        assert!(e.starts_with("cuda:4096: "), "{e}");
     } else {
         let e = "cuda".parse::<Device>().unwrap_err().to_string();
         assert!(e.contains("no CUDA driver found (libcuda.so); use --device cpu"), "{e}");
         assert!("cuda:0".parse::<Device>().is_err());
+        let e = dfkd::Tensor::zeros(&[2], Device::Cuda(0)).unwrap_err().to_string();
+        assert!(e.starts_with("cuda:0: no CUDA driver found"), "{e}");
     }
-    assert_eq!("auto".parse::<Device>().unwrap(), Device::Cpu, "auto picks the CPU until the Cuda storage exists");
+    let auto = if gpu { Device::Cuda(0) } else { Device::Cpu };
+    assert_eq!("auto".parse::<Device>().unwrap(), auto, "auto picks cuda:0 exactly when it opens");
     assert!("cuda:x".parse::<Device>().is_err());
     // a U32 storage moves to the emulated device and back unchanged
     let s = Storage::from_cpu(CpuStorage::U32(vec![1, 2, 3]), Device::CudaEmu).unwrap();
     assert_eq!(s.dtype(), DType::U32);
+    assert_eq!(format!("{:?}", s.to_cpu().unwrap()), "U32([1, 2, 3])");
+}
+
+/// Ops refuse operands on different devices instead of copying one across; moving a
+/// tensor in place keeps its id and moves every view of its storage.
+#[test]
+fn devices_do_not_mix_and_move_in_place() {
+    for dev in devices() {
+        let a = Tensor::from_vec(randn(6, 60), &[2, 3], Device::Cpu).unwrap();
+        let b = Tensor::from_vec(randn(6, 61), &[2, 3], dev).unwrap();
+        let e = a.add(&b).unwrap_err().to_string();
+        assert!(e.contains("different devices"), "{dev}: {e}");
+        let view = a.transpose(0, 1).unwrap();
+        let id = a.id();
+        a.move_to(dev).unwrap();
+        assert_eq!((a.id(), a.device(), view.device()), (id, dev, dev));
+        assert_eq!(view.to_vec_f32().unwrap(), Tensor::from_vec(randn(6, 60), &[2, 3], Device::Cpu).unwrap().t().unwrap().to_vec_f32().unwrap());
+        assert_eq!(a.add(&b).unwrap().device(), dev);
+        a.move_to(Device::Cpu).unwrap();
+        assert_eq!(a.device(), Device::Cpu);
+        // f16 storage converts through the host (a listed fallback) and stays on the device
+        let h = b.to_dtype(DType::F16).unwrap();
+        assert_eq!((h.device(), h.dtype()), (dev, DType::F16));
+        let back = h.to_dtype(DType::F32).unwrap().to_vec_f32().unwrap();
+        assert!(back.iter().zip(randn(6, 61)).all(|(x, y)| (x - y).abs() <= 1e-3 * y.abs().max(1.0)), "{dev} f16 round trip");
+    }
+}
+
+/// Every GEMM layout the convolutions and `matmul` use: plain, transposed, broadcast
+/// batch, and a view with no unit stride (copied first), against the CPU GEMM.
+#[test]
+fn matmul_views() {
+    // sums of k products of N(0,1) values in another order: 1e-5 + 1e-5 * |cpu| * k
+    let (b, m, k, n) = (3, 37, 29, 19);
+    let x = randn(4 * b * m * k + 7, 70);
+    let y = randn(4 * b * k * n + 5, 71);
+    let lhs = [
+        ("contiguous", Layout::new(vec![b, m, k], vec![m * k, k, 1], 0)),
+        ("transposed", Layout::new(vec![b, m, k], vec![m * k, 1, m], 3)),
+        ("broadcast", Layout::new(vec![b, m, k], vec![0, k, 1], 7)),
+        ("strided", Layout::new(vec![b, m, k], vec![2 * m * k, 2 * k, 2], 1)),
+    ];
+    let rhs = [
+        ("contiguous", Layout::new(vec![b, k, n], vec![k * n, n, 1], 0)),
+        ("transposed", Layout::new(vec![b, k, n], vec![k * n, 1, k], 5)),
+        ("strided", Layout::new(vec![b, k, n], vec![3 * k * n, 3 * n, 3], 2)),
+    ];
+    for dev in devices() {
+        let (cx, cy, gx, gy) = (on(Device::Cpu, &x), on(Device::Cpu, &y), on(dev, &x), on(dev, &y));
+        for (ln, la) in &lhs {
+            for (rn, lb) in &rhs {
+                let want = values(&cx.matmul(la, &cy, lb).unwrap());
+                let got = values(&gx.matmul(la, &gy, lb).unwrap());
+                assert_close(&got, &want, 1e-5, 1e-5 * k as f32, &format!("{dev} matmul {ln} x {rn}"));
+            }
+        }
+    }
 }
 
 /// Every kernel source, as embedded for the runtime, compiles with NVRTC for sm_80 and

@@ -1,6 +1,9 @@
 //! End to end on a tiny synthetic set: the job writes what it promises, the same seed
 //! gives the same numbers, a resumed run equals an uninterrupted one, and a NaN stops
-//! the run with a message naming the loss.
+//! the run with a message naming the loss. The job and every method also run on the
+//! CUDA devices (the kernel emulator always, a GPU when one opens).
+
+mod common;
 
 use dfkd::commands::job::{self, RunOptions};
 use dfkd::models::build;
@@ -142,5 +145,78 @@ fn every_method_runs_one_iteration() {
         let (g, s) = d.iterate().unwrap_or_else(|e| panic!("{method}: {e}"));
         assert!(!g.is_empty() && !s.is_empty(), "{method} reported no losses");
         assert!(g.iter().chain(&s).all(|(_, v)| v.is_finite()), "{method}: {g:?} {s:?}");
+    }
+}
+
+/// The whole job on each CUDA device: the data loader's batches, the teacher's
+/// training, the generator, student and auxiliary modules, evaluation and checkpoints
+/// all run there (a tensor left on the CPU would fail with a device mismatch).
+#[test]
+fn the_job_runs_on_cuda_devices() {
+    for dev in common::cuda_devices() {
+        let w = workdir(&format!("job-{dev}"));
+        let mut cfg = tiny(&w);
+        cfg.distill.s_steps = 1;
+        cfg.distill.epochs = 1;
+        cfg.distill.checkpoint_every = 1;
+        let run = w.join("run");
+        let s = job::run_job(&cfg, dev, &RunOptions { run_dir: run.clone(), resume: false }).unwrap_or_else(|e| panic!("{dev}: {e}"));
+        assert!((0.0..=100.0).contains(&s.student_top1) && (0.0..=100.0).contains(&s.teacher_top1), "{dev}");
+        for f in ["metrics.jsonl", "student.safetensors", "checkpoint/state.json", "checkpoint/generator.safetensors", "images/iter000002.png"] {
+            assert!(run.join(f).exists(), "{dev}: {f} missing");
+        }
+        let records = distill_records(&run);
+        assert_eq!(records.len(), 2, "{dev}");
+        assert!(!records.iter().any(|r| r.contains("NaN") || r.contains("null")), "{dev}: {records:?}");
+        std::fs::remove_dir_all(&w).unwrap();
+    }
+}
+
+#[test]
+fn every_method_runs_on_cuda_devices() {
+    for dev in common::cuda_devices() {
+        let w = workdir(&format!("methods-{dev}"));
+        let mut cfg = tiny(&w);
+        cfg.distill.s_steps = 1;
+        let teacher = build("resnet8", 10, true, &mut Rng::new(5)).unwrap();
+        for method in ["dfkd-fgvc", "dafl", "dfad", "zskt", "dfq", "deepinversion"] {
+            cfg.distill.method = method.into();
+            let student = build("resnet8", 10, true, &mut Rng::new(6)).unwrap();
+            let mut d = Distiller::new(&cfg, teacher.as_ref(), student.as_ref(), dev).unwrap();
+            assert!(student.parameters().iter().all(|p| p.device() == dev), "{dev} {method}: the student was not moved");
+            let (g, s) = d.iterate().unwrap_or_else(|e| panic!("{dev} {method}: {e}"));
+            assert!(g.iter().chain(&s).all(|(_, v)| v.is_finite()), "{dev} {method}: {g:?} {s:?}");
+        }
+    }
+}
+
+/// A checkpoint written on a CUDA device resumes there: models, optimiser state and
+/// DeepInversion's image pool all come back onto the device.
+#[test]
+fn a_run_resumes_on_cuda_devices() {
+    for dev in common::cuda_devices() {
+        let w = workdir(&format!("resume-{dev}"));
+        let mut cfg = tiny(&w);
+        let teacher = build("resnet8", 10, true, &mut Rng::new(5)).unwrap();
+        for method in ["dfkd-fgvc", "deepinversion"] {
+            cfg.distill.method = method.into();
+            // DeepInversion's student steps draw from the pool: enough draws to reach
+            // the batch that came from the checkpoint
+            cfg.distill.s_steps = if method == "deepinversion" { 6 } else { 1 };
+            let ckpt = CheckpointDir::new(&w.join(method));
+            let student = build("resnet8", 10, true, &mut Rng::new(6)).unwrap();
+            let mut d = Distiller::new(&cfg, teacher.as_ref(), student.as_ref(), dev).unwrap();
+            d.iterate().unwrap_or_else(|e| panic!("{dev} {method}: {e}"));
+            d.save_checkpoint(&ckpt).unwrap();
+            drop(d);
+            let student = build("resnet8", 10, true, &mut Rng::new(7)).unwrap();
+            let mut d = Distiller::new(&cfg, teacher.as_ref(), student.as_ref(), dev).unwrap();
+            d.resume(&ckpt).unwrap_or_else(|e| panic!("{dev} {method}: resume: {e}"));
+            let (g, s) = d.iterate().unwrap_or_else(|e| panic!("{dev} {method} after resume: {e}"));
+            assert_eq!(d.iteration(), 2);
+            assert!(g.iter().chain(&s).all(|(_, v)| v.is_finite()), "{dev} {method}: {g:?} {s:?}");
+            assert!(student.parameters().iter().all(|p| p.device() == dev));
+        }
+        std::fs::remove_dir_all(&w).unwrap();
     }
 }

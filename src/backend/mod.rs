@@ -13,7 +13,7 @@ pub mod cuda;
 pub mod ops;
 
 pub use cpu::CpuStorage;
-pub use cuda::EmuStorage;
+pub use cuda::{CudaStorage, EmuStorage};
 pub use ops::{BinaryOp, Conv2dParams, Pool2dParams, ReduceOp, UnaryOp, UpdateRule};
 
 use crate::{DType, Device, Layout, Result};
@@ -80,6 +80,8 @@ pub enum Storage {
     Cpu(CpuStorage),
     /// The CUDA kernels run on the CPU by the kernel emulator (`backend::cuda`).
     CudaEmu(EmuStorage),
+    /// A CUDA GPU's memory (`backend::cuda`).
+    Cuda(CudaStorage),
 }
 
 impl From<CpuStorage> for Storage {
@@ -87,6 +89,9 @@ impl From<CpuStorage> for Storage {
 }
 impl From<EmuStorage> for Storage {
     fn from(s: EmuStorage) -> Storage { Storage::CudaEmu(s) }
+}
+impl From<CudaStorage> for Storage {
+    fn from(s: CudaStorage) -> Storage { Storage::Cuda(s) }
 }
 
 /// `$body` runs with `$s` bound to the device's storage; results go back into a
@@ -96,17 +101,20 @@ macro_rules! dispatch {
         match $self {
             Storage::Cpu($s) => $body,
             Storage::CudaEmu($s) => $body,
+            Storage::Cuda($s) => $body,
         }
     };
 }
 
-/// Unwraps same-device operands or fails with a device-mismatch error.
+/// Unwraps same-device operands or fails with a device-mismatch error. GPUs must also
+/// agree on the ordinal.
 macro_rules! same_device {
     ($op:literal, $a:expr, $($b:expr),+ => |$x:ident, $($y:ident),+| $body:expr) => {
         #[allow(unreachable_patterns)]
         match ($a, $($b),+) {
             (Storage::Cpu($x), $(Storage::Cpu($y)),+) => $body,
             (Storage::CudaEmu($x), $(Storage::CudaEmu($y)),+) => $body,
+            (Storage::Cuda($x), $(Storage::Cuda($y)),+) if true $(&& $y.device() == $x.device())+ => $body,
             (a, b, ..) => return Err(crate::Error::DeviceMismatch { op: $op, lhs: a.device(), rhs: b.device() }),
         }
     };
@@ -123,12 +131,14 @@ impl Storage {
         match device {
             Device::Cpu => Ok(Storage::Cpu(cpu)),
             Device::CudaEmu => Ok(Storage::CudaEmu(EmuStorage::from_cpu(cpu))),
-            Device::Cuda(n) => Err(crate::Error::Msg(format!(
-                "device cuda:{n}: the CUDA storage is not written yet (its kernels run on --device cuda-emu); use --device cpu"
-            ))),
+            Device::Cuda(n) => Ok(Storage::Cuda(CudaStorage::from_cpu(&cpu, n)?)),
         }
     }
     pub fn zeros(len: usize, dtype: DType, device: Device) -> Result<Storage> {
+        if let Device::Cuda(n) = device {
+            // filled on the device: no host buffer, no copy
+            return Ok(Storage::Cuda(CudaStorage::zeros(len, dtype, n)?));
+        }
         let cpu = match dtype {
             DType::F32 => CpuStorage::F32(cpu::buffers::zeroed(len)),
             DType::F16 => CpuStorage::F16(vec![half::f16::ZERO; len]),
@@ -139,7 +149,7 @@ impl Storage {
     }
     pub fn to_device(&self, device: Device) -> Result<Storage> {
         if self.device() == device {
-            return dispatch!(self, s => Ok(s.clone().into()));
+            return dispatch!(self, s => Ok(s.copy_strided(&Layout::contiguous(&[s.len()]))?.into()));
         }
         Storage::from_cpu(self.to_cpu()?, device)
     }
@@ -215,6 +225,7 @@ impl Storage {
         match (self, grad) {
             (Storage::Cpu(p), Storage::Cpu(g)) => p.optimizer_update(g, &mut unwrap_state!(Cpu), rule),
             (Storage::CudaEmu(p), Storage::CudaEmu(g)) => p.optimizer_update(g, &mut unwrap_state!(CudaEmu), rule),
+            (Storage::Cuda(p), Storage::Cuda(g)) if g.device() == device => p.optimizer_update(g, &mut unwrap_state!(Cuda), rule),
             (_, g) => Err(crate::Error::DeviceMismatch { op: "optimizer_update", lhs: device, rhs: g.device() }),
         }
     }

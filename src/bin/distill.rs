@@ -30,7 +30,7 @@ struct Common {
     /// Override a config value, e.g. `--set distill.beta=5` (repeatable).
     #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
     sets: Vec<String>,
-    /// cpu, cuda, cuda:N or auto.
+    /// cpu, cuda, cuda:N, cuda-emu (the CUDA kernels emulated on the CPU: slow, for tests) or auto (cuda:0 when a GPU opens, else cpu).
     #[arg(long, global = true)]
     device: Option<String>,
     /// Folder for data, teachers and runs.
@@ -180,6 +180,7 @@ fn run(cli: Cli) -> Result<()> {
             let ds = job::prepare_data(&cfg)?;
             let small = a.small_stem.unwrap_or(cfg.data.image_size <= 64);
             let model = predict::load_classifier(&a.arch, ds.num_classes(), small, &a.weights)?;
+            model.to_device(device)?;
             let ev = dfkd::pipeline::eval::evaluate(&[model.as_ref()], &ds, cfg.data.image_size, 128, device)?;
             println!("{}", serde_json::to_string(&ev.models[0]).unwrap());
             Ok(())

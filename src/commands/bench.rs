@@ -29,6 +29,7 @@ pub fn run(a: &BenchArgs) -> Result<BenchResult> {
     }
     let mut rng = Rng::new(0);
     let model = build(&a.arch, a.num_classes, a.small_stem, &mut rng)?;
+    model.to_device(a.device)?;
     let mut opt = Optimizer::sgd(vec![ParamGroup::new(model.parameters(), 5e-4)], 0.01, 0.9, false);
     let x = Tensor::randn(&[a.batch, 3, a.image_size, a.image_size], 0.0, 1.0, &mut rng, a.device)?;
     let labels: Vec<u32> = (0..a.batch).map(|_| rng.below(a.num_classes) as u32).collect();

@@ -44,10 +44,12 @@ fn teacher_key(cfg: &Config, ds: &Dataset) -> String {
     format!("{}-{hash:016x}", cfg.teacher.arch)
 }
 
-/// The teacher: imported weights, a cached earlier training, or trained now.
+/// The teacher on `device`: imported weights, a cached earlier training, or trained now.
 pub fn prepare_teacher(cfg: &Config, ds: &Dataset, device: Device, log: &mut MetricsLog) -> Result<(Box<dyn Classifier>, PathBuf)> {
     let t = &cfg.teacher;
     let model = build(&t.arch, ds.num_classes(), t.small_stem, &mut Rng::new(cfg.seed).fork(1))?;
+    // loading then writes straight into the device's buffers
+    model.to_device(device)?;
     if let Some(w) = &t.weights {
         load_model(model.as_ref(), w)?;
         eprintln!("{:>14} imported {}", "teacher", w.display());
@@ -109,6 +111,7 @@ pub fn run_job(cfg: &Config, device: Device, opts: &RunOptions) -> Result<JobSum
     let size = cfg.data.image_size;
     let (teacher, _) = prepare_teacher(cfg, &ds, device, &mut log)?;
     let student = build(&cfg.student.arch, ds.num_classes(), cfg.student.small_stem, &mut Rng::new(cfg.seed).fork(2))?;
+    student.to_device(device)?;
     let eval_batch = 128;
     let mut distiller = Distiller::new(cfg, teacher.as_ref(), student.as_ref(), device)?;
     distill::run(&mut distiller, &opts.run_dir, opts.resume, &mut log, |s| {

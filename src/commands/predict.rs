@@ -47,6 +47,7 @@ pub fn predict_one(model: &dyn Classifier, path: &Path, image_size: usize, devic
 /// processed. Returns how many failed.
 pub fn run(args: &PredictArgs) -> Result<usize> {
     let model = load_classifier(&args.arch, args.num_classes, args.small_stem, &args.weights)?;
+    model.to_device(args.device)?;
     let mut failed = 0;
     for path in &args.images {
         match predict_one(model.as_ref(), path, args.image_size, args.device) {

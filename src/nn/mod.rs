@@ -23,7 +23,7 @@ pub use dropout::Dropout;
 pub use linear::Linear;
 pub use spectral_norm::{SpectralNorm, Weighted};
 
-use crate::{Result, Tensor};
+use crate::{Device, Error, Result, Tensor};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Whether a named tensor is trained or only tracked.
@@ -94,6 +94,23 @@ pub trait Module {
     /// Number of trainable scalars (what PyTorch's `sum(p.numel() for p in parameters())` counts).
     fn num_parameters(&self) -> usize {
         self.parameters().iter().map(|t| t.elem_count()).sum()
+    }
+
+    /// Moves every parameter and buffer to `device` in place (layers are built on the
+    /// CPU). Tensors keep their ids, so an optimiser made before the move still finds
+    /// its parameters; its state must not exist yet (move before the first step).
+    fn to_device(&self, device: Device) -> Result<()> {
+        let mut result = Ok(());
+        self.visit("", &mut |name, slot| {
+            let t = match slot {
+                Slot::Parameter(t) | Slot::Buffer(t) => t,
+                Slot::Counter(_) => return,
+            };
+            if result.is_ok() {
+                result = t.move_to(device).map_err(|e| Error::Msg(format!("moving `{name}` to {device}: {e}")));
+            }
+        });
+        result
     }
 
     /// `frozen = true` turns `requires_grad` off on every parameter: gradients still flow

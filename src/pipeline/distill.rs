@@ -75,11 +75,17 @@ impl<'a> Distiller<'a> {
             bail!("distill.pool_batches = {} needs generator steps to fill the pool, but distill.g_steps = 0", d.pool_batches);
         }
         let mut rng = Rng::new(cfg.seed).fork(0xd15711);
+        // every module is built on the CPU; the loop runs where `device` says
+        teacher.to_device(device)?;
+        student.to_device(device)?;
         teacher.freeze(true)?;
         let generator = match method {
             Method::DeepInversion => None,
             _ => Some(Generator::new(&cfg.generator, cfg.data.image_size, &mut rng)?),
         };
+        if let Some(g) = &generator {
+            g.to_device(device)?;
+        }
         // a small probe batch decides how MHAD pairs the two networks' features
         let probe = Tensor::randn(&[2, 3, cfg.data.image_size, cfg.data.image_size], 0.0, 1.0, &mut rng, device)?;
         let (tp, sp) = no_grad(|| -> Result<(Features, Features)> { Ok((teacher.forward(&probe, false)?, student.forward(&probe, false)?)) })?;
@@ -91,6 +97,7 @@ impl<'a> Distiller<'a> {
             None
         };
         let aux = Aux { mhad, head };
+        aux.to_device(device)?;
         let mut params = student.parameters();
         params.extend(aux.parameters());
         let s = &cfg.student;
@@ -331,7 +338,8 @@ impl<'a> Distiller<'a> {
         let mut pool: Vec<(usize, Tensor)> =
             load_tensors(dir.join("pool.safetensors"))?.into_iter().filter_map(|(n, t)| n.parse().ok().map(|i| (i, t))).collect();
         pool.sort_by_key(|(i, _)| *i);
-        self.pool = pool.into_iter().map(|(_, t)| t).collect();
+        // checkpoints load on the host; the student trains on the pool where it runs
+        self.pool = pool.into_iter().map(|(_, t)| t.to_device(self.device)).collect::<Result<_>>()?;
         self.iteration = state.iteration;
         self.rng = Rng::from_state(state.rng);
         Ok(())

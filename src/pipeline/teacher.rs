@@ -11,7 +11,8 @@ use crate::optim::{CosineSchedule, Optimizer, ParamGroup};
 use crate::{bail, Device, Result, Tensor};
 use serde_json::json;
 
-/// Trains `model` in place; returns the last epoch's training accuracy (%).
+/// Trains `model` in place on `device` (moving it there first); returns the last
+/// epoch's training accuracy (%).
 pub fn train_classifier(
     model: &dyn Classifier,
     ds: &Dataset,
@@ -22,6 +23,7 @@ pub fn train_classifier(
     log: &mut MetricsLog,
     phase: &str,
 ) -> Result<f32> {
+    model.to_device(device)?;
     let loader = Loader::new(&ds.train, LoaderConfig::train(ds, cfg.batch_size, image_size as u32, seed));
     if loader.is_empty() {
         bail!("{phase}: {} training images are fewer than one batch of {}", ds.train.len(), cfg.batch_size);

@@ -62,3 +62,33 @@ pub fn check_grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>, e
         }
     }
 }
+
+/// The CUDA devices a test compares with the CPU: `CudaEmu` always (the kernels on the
+/// emulator), and `Cuda(0)` when a driver is present and the GPU opens; otherwise a
+/// note on stderr says why the GPU case was skipped. `DFKD_TEST_DEVICE` picks one
+/// device instead (`cuda-emu`, `cuda`, `cuda:N`), and then a GPU that does not open
+/// fails the test rather than skipping it (scripts/gpu-check sets it).
+pub fn cuda_devices() -> Vec<Device> {
+    use dfkd::backend::cuda;
+    if let Ok(name) = std::env::var("DFKD_TEST_DEVICE") {
+        let dev: Device = name.parse().unwrap_or_else(|e| panic!("DFKD_TEST_DEVICE={name}: {e}"));
+        if let Device::Cuda(n) = dev {
+            let what = cuda::cuda_device(n).unwrap_or_else(|e| panic!("DFKD_TEST_DEVICE={name}: {e}"));
+            eprintln!("note: testing on {dev} ({what})");
+        }
+        return vec![dev];
+    }
+    let mut out = vec![Device::CudaEmu];
+    if !cuda::cuda_driver_present() {
+        eprintln!("note: no CUDA driver (libcuda.so): the Cuda case is skipped, CudaEmu only");
+        return out;
+    }
+    match cuda::cuda_device(0) {
+        Ok(what) => {
+            eprintln!("note: also testing on cuda:0 ({what})");
+            out.push(Device::Cuda(0));
+        }
+        Err(e) => eprintln!("note: the Cuda case is skipped: {e}"),
+    }
+    out
+}

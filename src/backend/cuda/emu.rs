@@ -4,14 +4,35 @@
 
 use super::kernels::{emu_entry, emu_error, EmuConfig};
 use super::launch::{marshal, Arg, Gpu, LaunchCfg};
+use super::storage::GpuStorage;
 use crate::backend::{BackendStorage, CpuStorage};
-use crate::{bail, DType, Layout, Result};
+use crate::{bail, DType, Device, Layout, Result};
 use half::{bf16, f16};
 
+#[derive(Clone, Copy, Debug)]
 pub struct Emu;
+
+/// Memory of the emulated CUDA device: host buffers that only emulated kernels (or a
+/// listed CPU fallback) touch.
+#[derive(Clone, Debug)]
+pub struct EmuStorage(CpuStorage);
+
+impl EmuStorage {
+    pub fn from_cpu(cpu: CpuStorage) -> EmuStorage { EmuStorage(cpu) }
+}
+
+impl GpuStorage for EmuStorage {
+    type G = Emu;
+    fn gpu(&self) -> Emu { Emu }
+    fn buf(&self) -> &CpuStorage { &self.0 }
+    fn buf_mut(&mut self) -> &mut CpuStorage { &mut self.0 }
+    fn wrap(b: CpuStorage) -> Self { EmuStorage(b) }
+}
 
 impl Gpu for Emu {
     type Buf = CpuStorage;
+
+    fn device(&self) -> Device { Device::CudaEmu }
 
     fn alloc(&self, len: usize, dtype: DType) -> Result<CpuStorage> {
         Ok(match dtype {
@@ -62,7 +83,17 @@ impl Gpu for Emu {
     }
 
     fn matmul(&self, a: &CpuStorage, la: &Layout, b: &CpuStorage, lb: &Layout) -> Result<CpuStorage> {
-        // the emulator has no cuBLAS: the CPU GEMM stands in (listed in CPU_FALLBACKS)
-        a.matmul(la, b, lb)
+        // the emulator has no cuBLAS: the CPU GEMM stands in
+        fallback!("matmul", a.matmul(la, b, lb))
     }
+    fn matmul_sum(&self, a: &CpuStorage, la: &Layout, b: &CpuStorage, lb: &Layout) -> Result<CpuStorage> {
+        fallback!("matmul", {
+            let per_sample = a.matmul(la, b, lb)?;
+            let (batch, mn) = (la.shape()[0], la.shape()[1] * lb.shape()[2]);
+            per_sample.reduce(&Layout::contiguous(&[batch, mn]), crate::backend::ReduceOp::Sum, &[0])
+        })
+    }
+
+    fn download(&self, b: &CpuStorage) -> Result<CpuStorage> { Ok(b.clone()) }
+    fn upload(&self, cpu: CpuStorage) -> Result<CpuStorage> { Ok(cpu) }
 }

@@ -198,6 +198,7 @@ impl LaunchCfg {
 /// the same on both.
 pub trait Gpu {
     type Buf;
+    fn device(&self) -> crate::Device;
     /// A zeroed buffer.
     fn alloc(&self, len: usize, dtype: DType) -> Result<Self::Buf>;
     fn dtype(&self, b: &Self::Buf) -> DType;
@@ -212,4 +213,11 @@ pub trait Gpu {
     /// Batched GEMM `[b, m, k] x [b, k, n] -> [b, m, n]` on strided views (stride 0 on b
     /// broadcasts): cuBLAS on a GPU, the CPU GEMM on the emulator.
     fn matmul(&self, a: &Self::Buf, la: &Layout, b: &Self::Buf, lb: &Layout) -> Result<Self::Buf>;
+    /// The same products summed over the batch, `[m, n]` (conv2d's weight gradient):
+    /// cuBLAS accumulates into one output, so the per-sample products are never stored.
+    fn matmul_sum(&self, a: &Self::Buf, la: &Layout, b: &Self::Buf, lb: &Layout) -> Result<Self::Buf>;
+    /// A copy on the host, after all queued work.
+    fn download(&self, b: &Self::Buf) -> Result<crate::backend::CpuStorage>;
+    /// A buffer of this device holding `cpu`'s values.
+    fn upload(&self, cpu: crate::backend::CpuStorage) -> Result<Self::Buf>;
 }

@@ -3,33 +3,23 @@
 //! - `Device::CudaEmu`: the kernels compiled as C++ and run on the CPU by the kernel
 //!   emulator (kernels/emu). Always available; it is how CI, which has no GPU, tests
 //!   every kernel against the CPU reference (tests/cuda_parity.rs).
-//! - `Device::Cuda(n)`: a GPU through cudarc (driver loaded at run time). Its storage
-//!   is not written yet: asking for it is an error that says so.
+//! - `Device::Cuda(n)`: a GPU through cudarc, the driver loaded at run time
+//!   (`device.rs`: context, stream, caching allocator `alloc.rs`, kernel modules
+//!   `loader.rs`; GEMMs through cuBLAS, `cublas.rs`).
 //!
-//! Ops without a kernel of ours run the CPU reference on the emulator's host buffers,
-//! and only those listed in `CPU_FALLBACKS`: the list is the one place that says what
-//! the emulator does not exercise yet, and `fallback!` refuses (at compile time) an op
-//! missing from it.
-
-mod emu;
-mod kernels;
-mod launch;
-mod ops;
-
-pub use kernels::{embedded_fatbins, emulator_selftest, nvrtc_compile_all, nvrtc_present};
-
-use super::{BackendStorage, BinaryOp, Conv2dParams, CpuStorage, Pool2dParams, ReduceOp, UnaryOp, UpdateRule};
-use crate::{DType, Device, Layout, Result};
-use emu::Emu;
+//! Both storages get their `BackendStorage` from one generic implementation
+//! (`storage.rs`). Ops without a kernel of ours run the CPU reference, and only those
+//! listed in `CPU_FALLBACKS`: the list is the one place that says what the kernels do
+//! not cover yet, and `fallback!` refuses (at compile time) an op missing from it.
 
 /// Ops the CUDA devices run through the CPU reference rather than a kernel of ours,
 /// and why.
 pub const CPU_FALLBACKS: &[(&str, &str)] = &[
-    ("to_dtype", "no f16/bf16/u32 conversion kernels yet (f32 -> f32 uses the copy kernel)"),
-    ("matmul", "GEMM is cuBLAS's job on a GPU; the emulator has no cuBLAS and uses the CPU GEMM (for matmul and for the GEMMs of conv2d and its gradients, whose im2col/col2im are kernels)"),
+    ("to_dtype", "no f16/bf16/u32 conversion kernels yet: the GPU copies to the host, converts and copies back (f32 -> f32 uses the copy kernel)"),
+    ("matmul", "on the emulator only: it has no cuBLAS and uses the CPU GEMM (for matmul and for the GEMMs of conv2d and its gradients, whose im2col/col2im are kernels); a GPU uses cuBLAS"),
 ];
 
-const fn listed(op: &str) -> bool {
+pub(crate) const fn listed(op: &str) -> bool {
     let mut i = 0;
     while i < CPU_FALLBACKS.len() {
         let (a, b) = (CPU_FALLBACKS[i].0.as_bytes(), op.as_bytes());
@@ -50,87 +40,57 @@ const fn listed(op: &str) -> bool {
 /// Runs the CPU reference for `$op`, which must be listed in `CPU_FALLBACKS`.
 macro_rules! fallback {
     ($op:literal, $e:expr) => {{
-        const { assert!(listed($op), concat!("CPU fallback `", $op, "` is not listed in CPU_FALLBACKS")) };
+        const { assert!($crate::backend::cuda::listed($op), concat!("CPU fallback `", $op, "` is not listed in CPU_FALLBACKS")) };
         $e
     }};
 }
 
-/// Memory of the emulated CUDA device: host buffers that only emulated kernels (or a
-/// listed CPU fallback) touch.
-#[derive(Clone, Debug)]
-pub struct EmuStorage(CpuStorage);
+mod alloc;
+mod cublas;
+mod device;
+mod emu;
+mod kernels;
+mod launch;
+mod loader;
+mod ops;
+mod storage;
 
-impl EmuStorage {
-    pub fn from_cpu(cpu: CpuStorage) -> EmuStorage { EmuStorage(cpu) }
-}
+pub use alloc::AllocStats;
+pub use emu::EmuStorage;
+pub use kernels::{embedded_fatbins, emulator_selftest, nvrtc_compile_all, nvrtc_present};
+pub use storage::CudaStorage;
 
-/// `CudaEmu` is always there; `Cuda` needs libcuda, and its storage is still to come.
+/// Whether libcuda loads. `Device::Cuda` needs it (and a GPU, `cuda_device`).
 pub fn cuda_driver_present() -> bool {
     // SAFETY: only tries to dlopen libcuda and reports whether it loaded.
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-impl BackendStorage for EmuStorage {
-    fn device(&self) -> Device { Device::CudaEmu }
-    fn dtype(&self) -> DType { self.0.dtype() }
-    fn len(&self) -> usize { self.0.len() }
-    fn to_cpu(&self) -> Result<CpuStorage> { Ok(self.0.clone()) }
+/// Opens `cuda:ordinal` (context, kernels, cuBLAS) if it is not open yet, and
+/// describes it ("NVIDIA H100 80GB HBM3, sm_90"); the error says why it cannot be used.
+pub fn cuda_device(ordinal: usize) -> crate::Result<String> { device::get(ordinal).map(|d| d.describe().to_string()) }
 
-    fn to_dtype(&self, l: &Layout, dtype: DType) -> Result<Self> {
-        if dtype == self.0.dtype() {
-            return self.copy_strided(l);
-        }
-        fallback!("to_dtype", self.0.to_dtype(l, dtype).map(EmuStorage))
-    }
-    fn copy_strided(&self, l: &Layout) -> Result<Self> { ops::copy_strided(&Emu, &self.0, l).map(EmuStorage) }
-    fn copy_into(&self, l: &Layout, dst: &mut Self, dst_l: &Layout) -> Result<()> { ops::copy_into(&Emu, &self.0, l, &mut dst.0, dst_l) }
-    fn unary(&self, l: &Layout, op: UnaryOp) -> Result<Self> { ops::unary(&Emu, &self.0, l, op).map(EmuStorage) }
-    fn binary(&self, l: &Layout, rhs: &Self, rhs_l: &Layout, op: BinaryOp) -> Result<Self> {
-        ops::binary(&Emu, &self.0, l, &rhs.0, rhs_l, op).map(EmuStorage)
-    }
-    fn reduce(&self, l: &Layout, op: ReduceOp, dims: &[usize]) -> Result<Self> { ops::reduce(&Emu, &self.0, l, op, dims).map(EmuStorage) }
-    fn matmul(&self, l: &Layout, rhs: &Self, rhs_l: &Layout) -> Result<Self> {
-        fallback!("matmul", self.0.matmul(l, &rhs.0, rhs_l).map(EmuStorage))
-    }
-    fn softmax_last(&self, l: &Layout, log: bool) -> Result<Self> { ops::softmax_last(&Emu, &self.0, l, log).map(EmuStorage) }
-    fn conv2d(&self, l: &Layout, w: &Self, w_l: &Layout, p: &Conv2dParams) -> Result<Self> {
-        ops::conv2d(&Emu, &self.0, l, &w.0, w_l, p).map(EmuStorage)
-    }
-    fn conv2d_backward_input(&self, l: &Layout, w: &Self, w_l: &Layout, p: &Conv2dParams) -> Result<Self> {
-        ops::conv2d_backward_input(&Emu, &self.0, l, &w.0, w_l, p).map(EmuStorage)
-    }
-    fn conv2d_backward_weight(&self, l: &Layout, grad: &Self, grad_l: &Layout, p: &Conv2dParams) -> Result<Self> {
-        ops::conv2d_backward_weight(&Emu, &self.0, l, &grad.0, grad_l, p).map(EmuStorage)
-    }
-    fn max_pool2d(&self, l: &Layout, p: &Pool2dParams) -> Result<(Self, Self)> {
-        ops::max_pool2d(&Emu, &self.0, l, p).map(|(o, i)| (EmuStorage(o), EmuStorage(i)))
-    }
-    fn scatter_add_planes(&self, l: &Layout, idx: &Self, idx_l: &Layout, out_plane: usize) -> Result<Self> {
-        ops::scatter_add_planes(&Emu, &self.0, l, &idx.0, idx_l, out_plane).map(EmuStorage)
-    }
-    fn gather_planes(&self, l: &Layout, idx: &Self, idx_l: &Layout) -> Result<Self> {
-        ops::gather_planes(&Emu, &self.0, l, &idx.0, idx_l).map(EmuStorage)
-    }
-    fn avg_pool2d(&self, l: &Layout, p: &Pool2dParams) -> Result<Self> { ops::avg_pool2d(&Emu, &self.0, l, p).map(EmuStorage) }
-    fn avg_pool2d_backward(&self, l: &Layout, p: &Pool2dParams) -> Result<Self> {
-        ops::avg_pool2d_backward(&Emu, &self.0, l, p).map(EmuStorage)
-    }
-    fn upsample_nearest2d(&self, l: &Layout, scale: (usize, usize)) -> Result<Self> {
-        ops::upsample_nearest2d(&Emu, &self.0, l, scale).map(EmuStorage)
-    }
-    fn upsample_nearest2d_backward(&self, l: &Layout, scale: (usize, usize)) -> Result<Self> {
-        ops::upsample_nearest2d_backward(&Emu, &self.0, l, scale).map(EmuStorage)
-    }
-    fn batch_norm_train(&self, l: &Layout, gamma: &Self, beta: &Self, eps: f32) -> Result<(Self, Self, Self)> {
-        let (y, m, s) = ops::batch_norm_train(&Emu, &self.0, l, &gamma.0, &beta.0, eps)?;
-        Ok((EmuStorage(y), EmuStorage(m), EmuStorage(s)))
-    }
-    fn batch_norm_backward(&self, l: &Layout, dy: &Self, mean: &Self, invstd: &Self, gamma: &Self) -> Result<(Self, Self, Self)> {
-        let (dx, dg, db) = ops::batch_norm_backward(&Emu, &self.0, l, &dy.0, &mean.0, &invstd.0, &gamma.0)?;
-        Ok((EmuStorage(dx), EmuStorage(dg), EmuStorage(db)))
-    }
-    fn optimizer_update(&mut self, grad: &Self, state: &mut [&mut Self], rule: UpdateRule) -> Result<()> {
-        let mut bufs: Vec<&mut CpuStorage> = state.iter_mut().map(|s| &mut s.0).collect();
-        ops::optimizer_update(&Emu, &mut self.0, &grad.0, &mut bufs, rule)
+/// Waits for the work queued on `cuda:ordinal` (for timing); a no-op on an unopened device.
+pub fn cuda_synchronize(ordinal: usize) -> crate::Result<()> {
+    match device::is_open(ordinal) {
+        Some(d) => d.synchronize(),
+        None => Ok(()),
     }
 }
+
+/// The peak memory bandwidth of `cuda:ordinal` in GB/s, if the driver reports it.
+pub fn cuda_peak_bandwidth_gbs(ordinal: usize) -> crate::Result<Option<f64>> { device::get(ordinal).map(|d| d.peak_bandwidth_gbs()) }
+
+/// kernels/conv.cu's im2col alone on a CUDA device's contiguous NCHW input: the column
+/// buffer `[b, c_in * kh * kw, h_out * w_out]`. For the benches.
+pub fn im2col(x: &crate::backend::Storage, l: &crate::Layout, p: &crate::backend::Conv2dParams) -> crate::Result<crate::backend::Storage> {
+    use crate::backend::Storage;
+    match x {
+        Storage::CudaEmu(s) => storage::im2col(s, l, p).map(Storage::CudaEmu),
+        Storage::Cuda(s) => storage::im2col(s, l, p).map(Storage::Cuda),
+        Storage::Cpu(_) => crate::bail!("im2col is a CUDA kernel; the tensor is on the cpu"),
+    }
+}
+
+/// The caching allocator's counters of `cuda:ordinal`, once it is open.
+pub fn cuda_alloc_stats(ordinal: usize) -> Option<AllocStats> { device::is_open(ordinal).map(|d| d.alloc_stats()) }

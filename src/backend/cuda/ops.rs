@@ -379,7 +379,7 @@ pub fn batch_norm_backward<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, dy: &G::Buf, m
 // (kernels/conv.cu), one GEMM per group. With K = c_in/groups * kh * kw columns per
 // group and L = h_out * w_out: forward out_g = W_g [c_out/g, K] x col_g [K, L];
 // input gradient col_g = W_gᵀ x grad_g, then col2im; weight gradient
-// dW_g = sum over the batch of grad_g x col_gᵀ.
+// dW_g = sum over the batch of grad_g x col_gᵀ (`Gpu::matmul_sum`).
 
 struct ConvDims {
     b: usize,
@@ -407,6 +407,14 @@ fn conv_operand<G: Gpu>(g: &G, b: &G::Buf, l: &Layout, shape: [usize; 4], op: &'
         bail!("{op}: operand {:?} does not match the params' {shape:?}", l.shape());
     }
     Ok(off)
+}
+
+/// The column buffer `[b, c_in * kh * kw, h_out * w_out]` of a contiguous input alone
+/// (for benches; the convolutions call `im2col` below).
+pub fn im2col_of<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, p: &Conv2dParams) -> Result<G::Buf> {
+    conv_dims(p, "im2col")?;
+    let off = conv_operand(g, x, l, p.input_shape(), "im2col")?;
+    im2col(g, x, off, p)
 }
 
 fn im2col<G: Gpu>(g: &G, x: &G::Buf, off: usize, p: &Conv2dParams) -> Result<G::Buf> {
@@ -478,8 +486,7 @@ pub fn conv2d_backward_weight<G: Gpu>(g: &G, x: &G::Buf, lx: &Layout, grad: &G::
     for gi in 0..p.groups {
         let grad_g = Layout::new(vec![d.b, d.co_g, d.l], vec![p.c_out * d.l, d.l, 1], go + gi * d.co_g * d.l);
         let col_t = Layout::new(vec![d.b, d.l, d.k_g], vec![ck * d.l, 1, d.l], gi * d.k_g * d.l);
-        let per_sample = g.matmul(grad, &grad_g, &col, &col_t)?;
-        let part = reduce(g, &per_sample, &Layout::contiguous(&[d.b, d.co_g * d.k_g]), ReduceOp::Sum, &[0])?;
+        let part = g.matmul_sum(grad, &grad_g, &col, &col_t)?;
         place_group(g, part, &mut dw, gi, p.groups, [1, d.co_g, d.k_g])?;
     }
     Ok(dw.expect("groups >= 1"))
