@@ -11,11 +11,13 @@
 //! the emulator does not exercise yet, and `fallback!` refuses (at compile time) an op
 //! missing from it.
 
+pub mod attention;
 mod emu;
 mod kernels;
 mod launch;
 mod ops;
 
+pub use attention::{force_version, VERSIONS};
 pub use kernels::{embedded_fatbins, emulator_selftest, nvrtc_compile_all, nvrtc_present};
 
 use super::{BackendStorage, BinaryOp, Conv2dParams, CpuStorage, Pool2dParams, ReduceOp, UnaryOp, UpdateRule};
@@ -132,5 +134,33 @@ impl BackendStorage for EmuStorage {
     fn optimizer_update(&mut self, grad: &Self, state: &mut [&mut Self], rule: UpdateRule) -> Result<()> {
         let mut bufs: Vec<&mut CpuStorage> = state.iter_mut().map(|s| &mut s.0).collect();
         ops::optimizer_update(&Emu, &mut self.0, &grad.0, &mut bufs, rule)
+    }
+    fn spatial_attention(&self, l: &Layout, f: &Self, f_l: &Layout, k: f32) -> Result<(Self, Self)> {
+        attention::spatial_attention(&Emu, &self.0, l, &f.0, f_l, k).map(|(y, s)| (EmuStorage(y), EmuStorage(s)))
+    }
+    fn spatial_attention_backward(&self, l: &Layout, f: &Self, f_l: &Layout, dy: &Self, dy_l: &Layout, stats: &Self, k: f32) -> Result<(Self, Self)> {
+        attention::spatial_attention_backward(&Emu, &self.0, l, &f.0, f_l, &dy.0, dy_l, &stats.0, k).map(|(a, f)| (EmuStorage(a), EmuStorage(f)))
+    }
+    fn hoa_products(&self, l: &Layout, order: usize) -> Result<Self> { attention::hoa_products(&Emu, &self.0, l, order).map(EmuStorage) }
+    fn hoa_products_backward(&self, l: &Layout, dh: &Self, dh_l: &Layout, order: usize) -> Result<Self> {
+        attention::hoa_products_backward(&Emu, &self.0, l, &dh.0, dh_l, order).map(EmuStorage)
+    }
+    fn hoa_combine(&self, l: &Layout, f: &Self, f_l: &Layout, order: usize) -> Result<Self> {
+        attention::hoa_combine(&Emu, &self.0, l, &f.0, f_l, order).map(EmuStorage)
+    }
+    fn hoa_combine_backward(&self, l: &Layout, f: &Self, f_l: &Layout, dy: &Self, dy_l: &Layout, order: usize) -> Result<(Self, Self)> {
+        attention::hoa_combine_backward(&Emu, &self.0, l, &f.0, f_l, &dy.0, dy_l, order).map(|(u, f)| (EmuStorage(u), EmuStorage(f)))
+    }
+    fn contrastive_normalize(&self, l: &Layout, s: &Self, s_l: &Layout, eps: f32) -> Result<(Self, Self)> {
+        attention::contrastive_normalize(&Emu, &self.0, l, &s.0, s_l, eps).map(|(z, n)| (EmuStorage(z), EmuStorage(n)))
+    }
+    fn contrastive_normalize_backward(&self, l: &Layout, norms: &Self, dzhat: &Self, eps: f32, dtype: DType) -> Result<(Self, Self)> {
+        attention::contrastive_normalize_backward(&Emu, &self.0, l, &norms.0, &dzhat.0, eps, dtype).map(|(t, s)| (EmuStorage(t), EmuStorage(s)))
+    }
+    fn contrastive_rows(&self, l: &Layout, tau: f32) -> Result<(Self, Self)> {
+        attention::contrastive_rows_fwd(&Emu, &self.0, l, tau).map(|(a, b)| (EmuStorage(a), EmuStorage(b)))
+    }
+    fn contrastive_sym(&self, l: &Layout, lse: &Self, dloss: &Self, dloss_l: &Layout, tau: f32) -> Result<Self> {
+        attention::contrastive_sym(&Emu, &self.0, l, &lse.0, &dloss.0, dloss_l, tau).map(EmuStorage)
     }
 }
