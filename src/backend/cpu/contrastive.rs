@@ -1,8 +1,9 @@
 //! Fused contrastive similarity (NT-Xent) on the CPU, the parts around the similarity
 //! GEMM (the math: kernels/contrastive.cu). The sizes are small (2n = 128 rows of
-//! d = 128 in the paper): plain loops on one thread, libm `exp`, f64 row sums as the
-//! composition's softmax has.
+//! d = 128 in the paper): plain loops on one thread, where what costs is the 2n^2
+//! exponentials: the vectorisable `simd::exp`, each computed once.
 
+use super::simd::exp;
 use super::CpuStorage;
 use crate::backend::attention::{check_dtype, contiguous_start, contrastive_rows};
 use crate::backend::BackendStorage;
@@ -39,10 +40,14 @@ pub fn normalize_backward(zhat: &[f32], norms: &[f32], dzhat: &[f32], d: usize, 
 /// with j = i masked out.
 pub fn rows(sim: &[f32], n: usize, inv_tau: f32) -> (Vec<f32>, Vec<f32>) {
     let (mut loss, mut lse) = (vec![0f32; n], vec![0f32; n]);
+    let mut e = vec![0f32; 2 * n];
     for (i, row) in sim.chunks_exact(2 * n).enumerate() {
-        let logits = row.iter().enumerate().filter(|&(j, _)| j != i).map(|(_, &v)| v * inv_tau);
-        let m = logits.clone().fold(f32::NEG_INFINITY, f32::max);
-        let l = (logits.map(|v| ((v - m) as f64).exp()).sum::<f64>().ln() as f32) + m;
+        let m = row.iter().enumerate().filter(|&(j, _)| j != i).fold(f32::NEG_INFINITY, |m, (_, &v)| m.max(v * inv_tau));
+        // all 2n terms in one vectorised pass, the masked one zeroed (not subtracted:
+        // the anchor's similarity with itself is the largest)
+        e.iter_mut().zip(row).for_each(|(e, &v)| *e = exp(v * inv_tau - m));
+        e[i] = 0.0;
+        let l = (e.iter().map(|&v| v as f64).sum::<f64>().ln() as f32) + m;
         lse[i] = l;
         loss[i] = l - row[n + i] * inv_tau;
     }
@@ -53,18 +58,18 @@ pub fn rows(sim: &[f32], n: usize, inv_tau: f32) -> (Vec<f32>, Vec<f32>) {
 /// similarity matrix of the 2n normalised rows (kernels/contrastive.cu).
 pub fn sym(sim: &[f32], lse: &[f32], dloss: &[f32], n: usize, inv_tau: f32) -> Vec<f32> {
     let m = 2 * n;
-    let g = |i: usize, j: usize| -> f32 {
-        if i >= n {
-            return 0.0;
-        }
-        let p = if j == i { 0.0 } else { (sim[i * m + j] * inv_tau - lse[i]).exp() };
-        dloss[i] * (p - if j == n + i { 1.0 } else { 0.0 }) * inv_tau
-    };
+    // G's non-zero rows, each exponential once
+    let mut g = vec![0f32; n * m];
+    for (i, (gr, sr)) in g.chunks_exact_mut(m).zip(sim.chunks_exact(m)).enumerate() {
+        gr.iter_mut().zip(sr).for_each(|(g, &v)| *g = exp(v * inv_tau - lse[i]));
+        gr[i] = 0.0;
+        gr[n + i] -= 1.0;
+        gr.iter_mut().for_each(|g| *g = dloss[i] * *g * inv_tau);
+    }
+    let at = |i: usize, j: usize| if i < n { g[i * m + j] } else { 0.0 };
     let mut s = vec![0f32; m * m];
-    for i in 0..m {
-        for j in 0..m {
-            s[i * m + j] = g(i, j) + g(j, i);
-        }
+    for (i, row) in s.chunks_exact_mut(m).enumerate() {
+        row.iter_mut().enumerate().for_each(|(j, v)| *v = at(i, j) + at(j, i));
     }
     s
 }
