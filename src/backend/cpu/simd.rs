@@ -57,8 +57,7 @@ pub(crate) use multiversion;
 /// registers): a single running sum would serialise on the add latency.
 pub const LANES: usize = 16;
 
-/// `(max, sum of f(x))`-style reductions share this shape: `acc[i % LANES]` folds
-/// element i, then the lanes combine in order (deterministic).
+/// `acc[i % LANES]` folds element i; `tree` then combines the lanes (deterministic).
 #[inline(always)]
 pub fn fold_lanes(x: &[f32], init: f32, mut f: impl FnMut(f32, f32) -> f32) -> [f32; LANES] {
     let mut acc = [init; LANES];
@@ -72,6 +71,20 @@ pub fn fold_lanes(x: &[f32], init: f32, mut f: impl FnMut(f32, f32) -> f32) -> [
         acc[i] = f(acc[i], v);
     }
     acc
+}
+
+/// Combines the lanes pairwise (4 levels, not 15 dependent steps: this fixed cost is
+/// per plane, and planes of 4x4 are common).
+#[inline(always)]
+pub fn tree(mut acc: [f32; LANES], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut n = LANES;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            acc[i] = f(acc[i], acc[i + n]);
+        }
+    }
+    acc[0]
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! passes while it sits in L1/L2 (a 32x32 plane is 4 KiB, a 224x224 one 196 KiB), so
 //! memory sees each input read once and each output written once.
 
-use super::simd::{exp, fold_lanes, multiversion, LANES};
+use super::simd::{exp, fold_lanes, multiversion, tree, LANES};
 use super::{buffers, CpuStorage, PAR_THRESHOLD};
 use crate::backend::attention::{check_dtype, Planes};
 use crate::backend::BackendStorage;
@@ -17,7 +17,7 @@ multiversion! {
     /// Planes of `hw` values: writes `y` and per plane `(max, 1/sum)`.
     fn forward_planes(hw: usize, k: f32, a: &[f32], f: &[f32], y: &mut [f32], stats: &mut [f32]) {
         for (((a, f), y), st) in a.chunks_exact(hw).zip(f.chunks_exact(hw)).zip(y.chunks_exact_mut(hw)).zip(stats.chunks_exact_mut(2)) {
-            let m = fold_lanes(a, f32::NEG_INFINITY, f32::max).iter().fold(f32::NEG_INFINITY, |x, &v| x.max(v));
+            let m = tree(fold_lanes(a, f32::NEG_INFINITY, f32::max), f32::max);
             // y holds exp(a - m) until the last pass
             let mut acc = [0f32; LANES];
             let (mut yc, mut ac) = (y.chunks_exact_mut(LANES), a.chunks_exact(LANES));
@@ -31,7 +31,7 @@ multiversion! {
                 *y = exp(a - m);
                 acc[i] += *y;
             }
-            let inv = 1.0 / acc.iter().map(|&v| v as f64).sum::<f64>() as f32;
+            let inv = 1.0 / tree(acc, |x, y| x + y);
             for (y, &f) in y.iter_mut().zip(f) {
                 *y = f + k * (*y * inv) * f;
             }
@@ -61,7 +61,7 @@ multiversion! {
                 *da = exp(a - m) * inv;
                 acc[i] += *da * f * g;
             }
-            let dot = acc.iter().map(|&v| v as f64).sum::<f64>() as f32;
+            let dot = tree(acc, |x, y| x + y);
             for (((da, df), &f), &g) in da.iter_mut().zip(df.iter_mut()).zip(f).zip(dy) {
                 let w = *da;
                 *da = k * w * (f * g - dot);
