@@ -3,7 +3,7 @@
 //! d = 128 in the paper): plain loops on one thread, where what costs is the 2n^2
 //! exponentials: the vectorisable `simd::exp`, each computed once.
 
-use super::simd::exp;
+use super::simd::{exp, fold_lanes, tree};
 use super::CpuStorage;
 use crate::backend::attention::{check_dtype, contiguous_start, contrastive_rows};
 use crate::backend::BackendStorage;
@@ -42,12 +42,13 @@ pub fn rows(sim: &[f32], n: usize, inv_tau: f32) -> (Vec<f32>, Vec<f32>) {
     let (mut loss, mut lse) = (vec![0f32; n], vec![0f32; n]);
     let mut e = vec![0f32; 2 * n];
     for (i, row) in sim.chunks_exact(2 * n).enumerate() {
-        let m = row.iter().enumerate().filter(|&(j, _)| j != i).fold(f32::NEG_INFINITY, |m, (_, &v)| m.max(v * inv_tau));
-        // all 2n terms in one vectorised pass, the masked one zeroed (not subtracted:
-        // the anchor's similarity with itself is the largest)
-        e.iter_mut().zip(row).for_each(|(e, &v)| *e = exp(v * inv_tau - m));
-        e[i] = 0.0;
-        let l = (e.iter().map(|&v| v as f64).sum::<f64>().ln() as f32) + m;
+        // the logits with the anchor's own masked to -inf (exp gives 0 for it), then
+        // max and sum in vectorised passes
+        e.iter_mut().zip(row).for_each(|(e, &v)| *e = v * inv_tau);
+        e[i] = f32::NEG_INFINITY;
+        let m = tree(fold_lanes(&e, f32::NEG_INFINITY, f32::max), f32::max);
+        e.iter_mut().for_each(|e| *e = exp(*e - m));
+        let l = tree(fold_lanes(&e, 0.0, |a, v| a + v), |a, b| a + b).ln() + m;
         lse[i] = l;
         loss[i] = l - row[n + i] * inv_tau;
     }
@@ -66,10 +67,13 @@ pub fn sym(sim: &[f32], lse: &[f32], dloss: &[f32], n: usize, inv_tau: f32) -> V
         gr[n + i] -= 1.0;
         gr.iter_mut().for_each(|g| *g = dloss[i] * *g * inv_tau);
     }
-    let at = |i: usize, j: usize| if i < n { g[i * m + j] } else { 0.0 };
+    // S = G + Gᵀ: G's rows into S's first n rows, then Gᵀ added column by column
     let mut s = vec![0f32; m * m];
-    for (i, row) in s.chunks_exact_mut(m).enumerate() {
-        row.iter_mut().enumerate().for_each(|(j, v)| *v = at(i, j) + at(j, i));
+    s[..n * m].copy_from_slice(&g);
+    for (i, gr) in g.chunks_exact(m).enumerate() {
+        for (j, &v) in gr.iter().enumerate() {
+            s[j * m + i] += v;
+        }
     }
     s
 }
