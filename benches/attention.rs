@@ -110,7 +110,7 @@ fn unfused(case: &Case, x: &[Tensor]) -> Result<Tensor> {
         Op::Spatial => spatial_attention(&x[0], &x[1], LAMBDA, true),
         Op::HighOrder => {
             let cq = case.shape[1] / 4;
-            let mut parts = x[1].split(1, &vec![cq; ORDER * (ORDER + 1) / 2])?.into_iter();
+            let mut parts = x[1].split(1, &[cq; ORDER * (ORDER + 1) / 2])?.into_iter();
             let z: Vec<Vec<Tensor>> = (1..=ORDER).map(|r| (0..r).map(|_| parts.next().unwrap()).collect()).collect();
             let v: Vec<Conv2d> =
                 (0..ORDER).map(|r| Conv2d { weight: x[2 + r].clone(), bias: Some(x[2 + ORDER + r].clone()), opts: ConvOpts::default() }).collect();

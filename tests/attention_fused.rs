@@ -67,7 +67,7 @@ fn high_order_products_and_combine_match_their_compositions() {
         for (order, n, c, h, w) in [(3, 2, 5, 3, 7), (2, 3, 4, 4, 4), (4, 1, 3, 5, 5), (1, 2, 3, 1, 1)] {
             let what = format!("{dev} order {order} [{n}, {c}, {h}, {w}]");
             let z = randn(&[n, order * (order + 1) / 2 * c, h, w], 3, dev);
-            let fused = run(&[z.clone()], |v| v[0].hoa_products(order));
+            let fused = run(std::slice::from_ref(&z), |v| v[0].hoa_products(order));
             let reference = run(&[z], |v| {
                 let prods: Vec<Tensor> = split_orders(&v[0], order)
                     .into_iter()

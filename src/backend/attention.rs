@@ -66,7 +66,7 @@ impl HighOrder {
     /// `z` is `[n, R(R+1)/2 * cq, ...]` (the stacked 1x1-conv output).
     pub fn products(op: &str, z: &Layout, order: usize) -> Result<HighOrder> {
         let s = z.shape();
-        if order == 0 || s.len() < 2 || s[1] % HighOrder::slices(order) != 0 {
+        if order == 0 || s.len() < 2 || !s[1].is_multiple_of(HighOrder::slices(order)) {
             bail!("{op}: order {order} needs [n, R(R+1)/2 * c, ...] with R >= 1, got {s:?}");
         }
         contiguous_start(z, op)?;

@@ -15,11 +15,11 @@ pub fn exp(x: f32) -> f32 {
     // round(x * log2(e)) by the 1.5 * 2^23 trick: no libm `floor` call, and the
     // integer lands in the low mantissa bits of `t`
     const MAGIC: f32 = 12_582_912.0;
-    let xc = if x < LO { LO } else if x > HI { HI } else { x };
+    let xc = x.clamp(LO, HI);
     let t = xc * std::f32::consts::LOG2_E + MAGIC;
     let n = t - MAGIC;
     let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 5.000_000_1e-1;
+    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
     let e = p * (r * r) + r + 1.0;
     // 2^n: t's bits are 0x4b40_0000 + n
     let scale = f32::from_bits(t.to_bits().wrapping_sub(0x4b40_0000 - 127) << 23);
@@ -35,12 +35,15 @@ pub fn sigmoid(x: f32) -> f32 { 1.0 / (1.0 + exp(-x)) }
 /// closures it calls are inlined into each copy.
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
-        $(#[$m])* $vis fn $name($($a: $t),*) $(-> $r)? {
+        $(#[$m])* #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($a: $t),*) $(-> $r)? {
             #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
             fn body($($a: $t),*) $(-> $r)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($a: $t),*) $(-> $r)? { body($($a),*) }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: `avx2` only needs the CPU features just detected.

@@ -1,5 +1,6 @@
 //! The CUDA backend: our kernels (kernels/*.cu) driven from one host implementation
-//! (`ops.rs`, written against the `Gpu` trait in `launch.rs`) on two devices:
+//! (`ops.rs`, and `attention.rs` for the fused attention kernels, written against the
+//! `Gpu` trait in `launch.rs`) on two devices:
 //! - `Device::CudaEmu`: the kernels compiled as C++ and run on the CPU by the kernel
 //!   emulator (kernels/emu). Always available; it is how CI, which has no GPU, tests
 //!   every kernel against the CPU reference (tests/cuda_parity.rs).
