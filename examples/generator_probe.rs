@@ -25,7 +25,7 @@ fn main() -> dfkd::Result<()> {
     dfkd::checkpoint::load_model(teacher.as_ref(), &args[2])?;
     teacher.freeze(true)?;
     let mut rng = Rng::new(cfg.seed);
-    let g = Generator::new(&cfg.generator, cfg.data.image_size, &mut rng)?;
+    let g = Generator::new(&cfg.generator, cfg.data.image_size, cfg.distill.fused_attention, &mut rng)?;
     let gc = &cfg.generator;
     let mut opt = Optimizer::adam(vec![ParamGroup::new(g.parameters(), 0.0)], gc.lr, gc.beta1, gc.beta2);
     let t0 = std::time::Instant::now();

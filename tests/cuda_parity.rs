@@ -1,4 +1,5 @@
-//! Parity of every CUDA kernel with the CPU reference. Each test body runs on every
+//! Parity of every CUDA kernel with the CPU reference (the fused attention kernels:
+//! tests/attention_parity.rs). Each test body runs on every
 //! CUDA device present against `Device::Cpu`: always `CudaEmu` (the same kernels
 //! compiled as C++ and run by the kernel emulator, so CI without a GPU checks them),
 //! and `Cuda(0)` when a GPU opens (skipped with a note otherwise; `DFKD_TEST_DEVICE`

@@ -157,3 +157,18 @@ fn batch_norm_train_and_eval() {
     check_grads(&[randn(&[5, 3], 49), randn(&[3], 50), randn(&[3], 51)], bn(true), EPS, ABS, REL);
     check1(x, |x| { let (m, v) = x.channel_stats()?; m.add(&v) });
 }
+
+#[test]
+fn fused_attention_ops() {
+    // spatial attention, scaled (k = lambda * h * w) and not
+    check2(randn(&[2, 3, 4, 5], 60), randn(&[2, 3, 4, 5], 61), |a, f| a.spatial_attention_fused(f, 0.05, true));
+    check2(randn(&[2, 3, 3, 3], 62).affine(2.0, 0.0).unwrap(), randn(&[2, 3, 3, 3], 63), |a, f| a.spatial_attention_fused(f, 0.5, false));
+    // high-order products: factors at least 0.3 from 0, so a probe never flips a
+    // product's sign (the ReLU kink)
+    let away = rand(&[2, 12, 3, 3], 0.3, 1.5, 64).mul(&randn(&[2, 12, 3, 3], 65).map(dfkd::backend::UnaryOp::Sign).unwrap()).unwrap();
+    check1(away, |z| z.hoa_products(3));
+    check2(randn(&[2, 6, 3, 3], 66), randn(&[2, 2, 3, 3], 67), |u, f| u.hoa_combine(f, 3));
+    // NT-Xent on unnormalised features
+    check2(randn(&[5, 7], 68), randn(&[5, 7], 69).affine(2.0, 0.0).unwrap(), |t, s| t.nt_xent_fused(s, 0.5));
+    check2(randn(&[4, 6], 70), randn(&[4, 6], 71), |t, s| t.nt_xent_fused(s, 0.1));
+}

@@ -8,6 +8,7 @@
 //! - outputs are fresh, contiguous, offset 0;
 //! - f32 is the compute type: ops other than conversions reject other dtypes.
 
+pub mod attention;
 pub mod cpu;
 pub mod cuda;
 pub mod ops;
@@ -73,6 +74,39 @@ pub trait BackendStorage: Sized + Send + Sync {
     /// One fused optimiser update, in place on contiguous buffers of the same length.
     /// `state` holds the rule's buffers (momentum; or Adam's m then v).
     fn optimizer_update(&mut self, grad: &Self, state: &mut [&mut Self], rule: UpdateRule) -> Result<()>;
+
+    // Fused attention (shape checks: `attention.rs`; math: kernels/spatial_attention.cu,
+    // high_order_attention.cu, contrastive.cu). Inputs contiguous, f32 or bf16 of one
+    // dtype; math in f32; outputs in the inputs' dtype unless a method says f32.
+    /// `self` = logits `a`, `f` the features, both `[n, c, h, w]`: `y = f + k * w * f`
+    /// with `w` the softmax of `a` over each plane. Returns `y` and, per plane,
+    /// `(max, 1/sum)` (f32 `[n * c * 2]`) for the backward pass.
+    fn spatial_attention(&self, l: &Layout, f: &Self, f_l: &Layout, k: f32) -> Result<(Self, Self)>;
+    /// Returns `(da, df)`; `dy` has the shape of `a` and `f`.
+    #[allow(clippy::too_many_arguments)]
+    fn spatial_attention_backward(&self, l: &Layout, f: &Self, f_l: &Layout, dy: &Self, dy_l: &Layout, stats: &Self, k: f32) -> Result<(Self, Self)>;
+    /// `self` = z `[n, R(R+1)/2 * c, ...]` (the stacked `W_{r,k}` outputs) -> h
+    /// `[n, R * c, ...]`, `h[r] = relu(prod_k z[r][k])`.
+    fn hoa_products(&self, l: &Layout, order: usize) -> Result<Self>;
+    /// Returns dz given dh.
+    fn hoa_products_backward(&self, l: &Layout, dh: &Self, dh_l: &Layout, order: usize) -> Result<Self>;
+    /// `self` = u `[n, R * c, ...]` (the `V_r` outputs), `f` `[n, c, ...]`:
+    /// `f * (1/R) sum_r sigmoid(u[r])`.
+    fn hoa_combine(&self, l: &Layout, f: &Self, f_l: &Layout, order: usize) -> Result<Self>;
+    /// Returns `(du, df)` given dy.
+    fn hoa_combine_backward(&self, l: &Layout, f: &Self, f_l: &Layout, dy: &Self, dy_l: &Layout, order: usize) -> Result<(Self, Self)>;
+    /// `self` = t, and s, `[n, d]` each: returns `zhat = [t; s]` with rows divided by
+    /// `max(norm, eps)` (f32 `[2n, d]`) and the norms (f32 `[2n]`).
+    fn contrastive_normalize(&self, l: &Layout, s: &Self, s_l: &Layout, eps: f32) -> Result<(Self, Self)>;
+    /// `self` = zhat with layout `l` `[2n, d]`, `dzhat` the same: returns `(dt, ds)` in
+    /// `dtype`.
+    fn contrastive_normalize_backward(&self, l: &Layout, norms: &Self, dzhat: &Self, eps: f32, dtype: DType) -> Result<(Self, Self)>;
+    /// `self` = sim `[n, 2n]` (f32 dot products of zhat's first n rows with all 2n):
+    /// returns the NT-Xent loss of each anchor row and its log-sum-exp (f32 `[n]` each).
+    fn contrastive_rows(&self, l: &Layout, tau: f32) -> Result<(Self, Self)>;
+    /// `self` = sim: returns `S` (f32 `[2n, 2n]`) with `dzhat = S zhat`, given the
+    /// saved `lse` and the row losses' gradient `dloss`.
+    fn contrastive_sym(&self, l: &Layout, lse: &Self, dloss: &Self, dloss_l: &Layout, tau: f32) -> Result<Self>;
 }
 
 /// The storage of a tensor on some device.
@@ -211,6 +245,44 @@ impl Storage {
             let (dx, dg, db) = x.batch_norm_backward(l, d, m, s, g)?;
             Ok((dx.into(), dg.into(), db.into()))
         })
+    }
+    pub fn spatial_attention(&self, l: &Layout, f: &Storage, f_l: &Layout, k: f32) -> Result<(Storage, Storage)> {
+        same_device!("spatial_attention", self, f => |a, f| { let (y, s) = a.spatial_attention(l, f, f_l, k)?; Ok((y.into(), s.into())) })
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub fn spatial_attention_backward(&self, l: &Layout, f: &Storage, f_l: &Layout, dy: &Storage, dy_l: &Layout, stats: &Storage, k: f32) -> Result<(Storage, Storage)> {
+        same_device!("spatial_attention_backward", self, f, dy, stats => |a, f, dy, st| {
+            let (da, df) = a.spatial_attention_backward(l, f, f_l, dy, dy_l, st, k)?;
+            Ok((da.into(), df.into()))
+        })
+    }
+    pub fn hoa_products(&self, l: &Layout, order: usize) -> Result<Storage> { dispatch!(self, s => Ok(s.hoa_products(l, order)?.into())) }
+    pub fn hoa_products_backward(&self, l: &Layout, dh: &Storage, dh_l: &Layout, order: usize) -> Result<Storage> {
+        same_device!("hoa_products_backward", self, dh => |z, dh| Ok(z.hoa_products_backward(l, dh, dh_l, order)?.into()))
+    }
+    pub fn hoa_combine(&self, l: &Layout, f: &Storage, f_l: &Layout, order: usize) -> Result<Storage> {
+        same_device!("hoa_combine", self, f => |u, f| Ok(u.hoa_combine(l, f, f_l, order)?.into()))
+    }
+    pub fn hoa_combine_backward(&self, l: &Layout, f: &Storage, f_l: &Layout, dy: &Storage, dy_l: &Layout, order: usize) -> Result<(Storage, Storage)> {
+        same_device!("hoa_combine_backward", self, f, dy => |u, f, dy| {
+            let (du, df) = u.hoa_combine_backward(l, f, f_l, dy, dy_l, order)?;
+            Ok((du.into(), df.into()))
+        })
+    }
+    pub fn contrastive_normalize(&self, l: &Layout, s: &Storage, s_l: &Layout, eps: f32) -> Result<(Storage, Storage)> {
+        same_device!("contrastive_normalize", self, s => |t, s| { let (z, n) = t.contrastive_normalize(l, s, s_l, eps)?; Ok((z.into(), n.into())) })
+    }
+    pub fn contrastive_normalize_backward(&self, l: &Layout, norms: &Storage, dzhat: &Storage, eps: f32, dtype: DType) -> Result<(Storage, Storage)> {
+        same_device!("contrastive_normalize_backward", self, norms, dzhat => |z, n, g| {
+            let (dt, ds) = z.contrastive_normalize_backward(l, n, g, eps, dtype)?;
+            Ok((dt.into(), ds.into()))
+        })
+    }
+    pub fn contrastive_rows(&self, l: &Layout, tau: f32) -> Result<(Storage, Storage)> {
+        dispatch!(self, s => { let (loss, lse) = s.contrastive_rows(l, tau)?; Ok((loss.into(), lse.into())) })
+    }
+    pub fn contrastive_sym(&self, l: &Layout, lse: &Storage, dloss: &Storage, dloss_l: &Layout, tau: f32) -> Result<Storage> {
+        same_device!("contrastive_sym", self, lse, dloss => |s, lse, d| Ok(s.contrastive_sym(l, lse, d, dloss_l, tau)?.into()))
     }
     pub fn optimizer_update(&mut self, grad: &Storage, state: &mut [&mut Storage], rule: UpdateRule) -> Result<()> {
         let device = self.device();

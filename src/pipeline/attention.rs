@@ -1,7 +1,9 @@
 //! The three attention computations DFKD-FGVC is built on, as compositions of engine
 //! ops (the reference that autograd differentiates; fused kernels are checked against
 //! these): spatial attention (SAM's last line), mixed high-order attention (MHA) and
-//! the contrastive similarity loss (SFCL's NT-Xent).
+//! the contrastive similarity loss (SFCL's NT-Xent). The modules run the fused ops
+//! (`crate::ops::attention`) unless built with `fused = false`
+//! (`distill.fused_attention`), which runs these compositions for comparison.
 
 use crate::nn::{BatchNorm2d, Conv2d, ConvTranspose2d, Ctx, Module, Slot};
 use crate::rng::Rng;
@@ -34,10 +36,12 @@ pub struct SpatialAttentionModule {
     expand: Conv2d,
     pub lambda: f32,
     pub scaled: bool,
+    /// The fused op, or the composition `spatial_attention`.
+    pub fused: bool,
 }
 
 impl SpatialAttentionModule {
-    pub fn new(c: usize, r: usize, lambda: f32, scaled: bool, rng: &mut Rng) -> Result<Self> {
+    pub fn new(c: usize, r: usize, lambda: f32, scaled: bool, fused: bool, rng: &mut Rng) -> Result<Self> {
         let cr = (c / r).max(1);
         let pad1 = ConvOpts::default().padding(1);
         Ok(SpatialAttentionModule {
@@ -53,6 +57,7 @@ impl SpatialAttentionModule {
             expand: Conv2d::new(cr, c, 1, ConvOpts::default(), true, rng)?,
             lambda,
             scaled,
+            fused,
         })
     }
 
@@ -68,6 +73,9 @@ impl SpatialAttentionModule {
         let u = self.bn3.forward(&self.dec1.forward(&q)?, ctx)?.relu()?.max_unpool2d(&idx, (h, w))?;
         let a = self.bn4.forward(&self.dec2.forward(&u)?, ctx)?.relu()?;
         let a_s = self.expand.forward(&a)?;
+        if self.fused {
+            return a_s.spatial_attention_fused(f, self.lambda, self.scaled);
+        }
         spatial_attention(&a_s, f, self.lambda, self.scaled)
     }
 }
@@ -113,19 +121,31 @@ pub struct HighOrderAttention {
     v: Vec<Conv2d>,
     order: usize,
     hidden: usize,
+    /// The fused kernels around one grouped V GEMM, or the composition.
+    pub fused: bool,
 }
 
 impl HighOrderAttention {
-    pub fn new(c: usize, order: usize, rng: &mut Rng) -> Result<Self> {
+    pub fn new(c: usize, order: usize, fused: bool, rng: &mut Rng) -> Result<Self> {
         let hidden = (c / 4).max(1);
         let n_w = order * (order + 1) / 2;
         let w = Conv2d::new(c, n_w * hidden, 1, ConvOpts::default(), false, rng)?;
         let v = (0..order).map(|_| Conv2d::new(hidden, c, 1, ConvOpts::default(), true, rng)).collect::<Result<_>>()?;
-        Ok(HighOrderAttention { w, v, order, hidden })
+        Ok(HighOrderAttention { w, v, order, hidden, fused })
     }
 
     pub fn forward(&self, f: &Tensor) -> Result<Tensor> {
         let all = self.w.forward(f)?;
+        if self.fused {
+            // products + ReLU of every order in one pass; the V_r as one grouped 1x1
+            // conv (a GEMM per order, cuBLAS on a GPU); sigmoid, mean and the multiply
+            // by F in one pass (kernels/high_order_attention.cu says why this split)
+            let h = all.hoa_products(self.order)?;
+            let w = Tensor::cat(&self.v.iter().map(|v| &v.weight).collect::<Vec<_>>(), 0)?;
+            let b = self.v.iter().map(|v| v.bias.as_ref()).collect::<Option<Vec<_>>>().map(|b| Tensor::cat(&b, 0)).transpose()?;
+            let u = h.conv2d(&w, b.as_ref(), ConvOpts::default().groups(self.order))?;
+            return u.hoa_combine(f, self.order);
+        }
         let mut parts = all.split(1, &vec![self.hidden; self.order * (self.order + 1) / 2])?.into_iter();
         let z: Vec<Vec<Tensor>> = (1..=self.order).map(|r| (0..r).map(|_| parts.next().unwrap()).collect()).collect();
         high_order_attention(f, &z, &self.v)

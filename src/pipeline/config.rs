@@ -113,6 +113,10 @@ pub struct DistillConfig {
     pub mhad_normalize: bool,
     /// Decision: adapters start as identity when channel counts match.
     pub adapter_identity_init: bool,
+    /// SAM, MHA and SFCL run the fused ops (kernels/spatial_attention.cu,
+    /// high_order_attention.cu, contrastive.cu, and their CPU twins); false runs the
+    /// compositions of engine ops in pipeline/attention.rs, for comparison.
+    pub fused_attention: bool,
     /// Decision: the projection head is hidden -> out (512 -> 128 in the paper setting).
     pub proj_hidden: usize,
     pub proj_dim: usize,
@@ -217,6 +221,7 @@ impl Config {
                 mha_order: 3,
                 mhad_normalize: true,
                 adapter_identity_init: true,
+                fused_attention: true,
                 proj_hidden: 128,
                 proj_dim: 64,
                 proj_bn: true,

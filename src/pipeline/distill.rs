@@ -81,7 +81,7 @@ impl<'a> Distiller<'a> {
         teacher.freeze(true)?;
         let generator = match method {
             Method::DeepInversion => None,
-            _ => Some(Generator::new(&cfg.generator, cfg.data.image_size, &mut rng)?),
+            _ => Some(Generator::new(&cfg.generator, cfg.data.image_size, d.fused_attention, &mut rng)?),
         };
         if let Some(g) = &generator {
             g.to_device(device)?;
@@ -90,9 +90,9 @@ impl<'a> Distiller<'a> {
         let probe = Tensor::randn(&[2, 3, cfg.data.image_size, cfg.data.image_size], 0.0, 1.0, &mut rng, device)?;
         let (tp, sp) = no_grad(|| -> Result<(Features, Features)> { Ok((teacher.forward(&probe, false)?, student.forward(&probe, false)?)) })?;
         let ours = method == Method::DfkdFgvc;
-        let mhad = if ours && d.mhad { Some(Mhad::new(&tp, &sp, d.mha_order, d.adapter_identity_init, d.mhad_normalize, &mut rng)?) } else { None };
+        let mhad = if ours && d.mhad { Some(Mhad::new(&tp, &sp, d.mha_order, d.adapter_identity_init, d.mhad_normalize, d.fused_attention, &mut rng)?) } else { None };
         let head = if ours && d.sfcl {
-            Some(ProjectionHead::new(tp.penultimate.dims()[1], sp.penultimate.dims()[1], d.proj_hidden, d.proj_dim, d.proj_bn, d.tau_sfcl, &mut rng)?)
+            Some(ProjectionHead::new(tp.penultimate.dims()[1], sp.penultimate.dims()[1], d.proj_hidden, d.proj_dim, d.proj_bn, d.tau_sfcl, d.fused_attention, &mut rng)?)
         } else {
             None
         };

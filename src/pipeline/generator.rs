@@ -34,7 +34,8 @@ pub struct Generator {
 const BLOCKS: usize = 4;
 
 impl Generator {
-    pub fn new(cfg: &GeneratorConfig, image_size: usize, rng: &mut Rng) -> Result<Generator> {
+    /// `fused_attention`: SAM runs the fused spatial attention op (else the composition).
+    pub fn new(cfg: &GeneratorConfig, image_size: usize, fused_attention: bool, rng: &mut Rng) -> Result<Generator> {
         if cfg.channels.len() != BLOCKS + 1 {
             bail!("generator.channels must list {} widths (first map and each block), got {:?}", BLOCKS + 1, cfg.channels);
         }
@@ -48,7 +49,7 @@ impl Generator {
             let conv = ConvTranspose2d::new(ci, co, 3, ConvOpts::default().padding(1), 0, true, rng)?;
             let deconv = if cfg.spectral_norm { Deconv::Normalized(SpectralNorm::new(conv, rng)?) } else { Deconv::Plain(conv) };
             let sam = if cfg.sam {
-                Some(SpatialAttentionModule::new(co, cfg.sam_reduction, cfg.sam_lambda, cfg.sam_softmax_scaled, rng)?)
+                Some(SpatialAttentionModule::new(co, cfg.sam_reduction, cfg.sam_lambda, cfg.sam_softmax_scaled, fused_attention, rng)?)
             } else {
                 None
             };

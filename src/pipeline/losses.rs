@@ -124,7 +124,7 @@ pub struct Mhad {
 impl Mhad {
     /// `t` and `s` are a forward of each network on the same small batch: they decide
     /// whether stages match.
-    pub fn new(t: &Features, s: &Features, order: usize, identity_init: bool, normalize: bool, rng: &mut Rng) -> Result<Mhad> {
+    pub fn new(t: &Features, s: &Features, order: usize, identity_init: bool, normalize: bool, fused: bool, rng: &mut Rng) -> Result<Mhad> {
         let stages_match = t.stages.len() == s.stages.len()
             && t.stages.iter().zip(&s.stages).all(|(a, b)| a.dims()[2..] == b.dims()[2..]);
         if stages_match {
@@ -139,13 +139,13 @@ impl Mhad {
                     a.weight.assign(&Tensor::from_vec(eye, &[ct, cs, 1, 1], Device::Cpu)?)?;
                 }
                 adapters.push(a);
-                mha.push(HighOrderAttention::new(ct, order, rng)?);
+                mha.push(HighOrderAttention::new(ct, order, fused, rng)?);
             }
             Ok(Mhad { site: MhadSite::Stages(adapters), mha, normalize })
         } else {
             let (dt, ds) = (t.penultimate.dims()[1], s.penultimate.dims()[1]);
             let mlp = (Linear::new(ds, dt, true, rng)?, Linear::new(dt, dt, true, rng)?);
-            Ok(Mhad { site: MhadSite::Penultimate(mlp.0, mlp.1), mha: vec![HighOrderAttention::new(dt, order, rng)?], normalize })
+            Ok(Mhad { site: MhadSite::Penultimate(mlp.0, mlp.1), mha: vec![HighOrderAttention::new(dt, order, fused, rng)?], normalize })
         }
     }
 
@@ -212,13 +212,15 @@ pub struct ProjectionHead {
     bn: Option<BatchNorm2d>,
     fc2: Linear,
     pub tau: f32,
+    /// The fused NT-Xent, or the composition `contrastive_loss`.
+    pub fused: bool,
 }
 
 impl ProjectionHead {
-    pub fn new(d_teacher: usize, d_student: usize, hidden: usize, out: usize, bn: bool, tau: f32, rng: &mut Rng) -> Result<Self> {
+    pub fn new(d_teacher: usize, d_student: usize, hidden: usize, out: usize, bn: bool, tau: f32, fused: bool, rng: &mut Rng) -> Result<Self> {
         let teacher_in = if d_teacher != d_student { Some(Linear::new(d_teacher, hidden, true, rng)?) } else { None };
         let bn = if bn { Some(BatchNorm2d::new(hidden)?) } else { None };
-        Ok(ProjectionHead { teacher_in, fc1: Linear::new(d_student, hidden, true, rng)?, bn, fc2: Linear::new(hidden, out, true, rng)?, tau })
+        Ok(ProjectionHead { teacher_in, fc1: Linear::new(d_student, hidden, true, rng)?, bn, fc2: Linear::new(hidden, out, true, rng)?, tau, fused })
     }
 
     /// `fc2(relu(bn(h)))` for a side's hidden activations `h` [N, hidden].
@@ -240,6 +242,9 @@ impl ProjectionHead {
         };
         let zt = self.project(&t_hidden)?.detach();
         let zs = self.project(&self.fc1.forward(&s.penultimate)?)?;
+        if self.fused {
+            return zt.nt_xent_fused(&zs, self.tau);
+        }
         contrastive_loss(&zt, &zs, self.tau)
     }
 }

@@ -145,12 +145,18 @@ pub fn binary(a: &[f32], la: &Layout, b: &[f32], lb: &Layout, op: BinaryOp) -> R
 
 pub fn copy_strided(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
     fn go<T: Copy + Default + Send + Sync>(v: &[T], l: &Layout) -> Vec<T> {
+        let mut out = vec![T::default(); l.elem_count()];
+        go_into(v, l, &mut out);
+        out
+    }
+    /// Writes the view into `out` (all of it).
+    fn go_into<T: Copy + Send + Sync>(v: &[T], l: &Layout, out: &mut [T]) {
         if let Some(r) = l.contiguous_range() {
-            return v[r].to_vec();
+            out.copy_from_slice(&v[r]);
+            return;
         }
         let l = &coalesce(&[l])[0];
         let (row_len, s) = (*l.shape().last().unwrap(), *l.strides().last().unwrap());
-        let mut out = vec![T::default(); l.elem_count()];
         let body = |(r, o): (usize, &mut [T])| {
             let base = l.row_offset(r);
             o.iter_mut().enumerate().for_each(|(i, o)| *o = v[base + i * s]);
@@ -160,10 +166,12 @@ pub fn copy_strided(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
         } else {
             out.chunks_mut(row_len).enumerate().for_each(body);
         }
-        out
     }
     Ok(match s {
-        CpuStorage::F32(v) => CpuStorage::F32(go(v, l)),
+        // f32 copies come from the buffer pool: broadcasts materialised by backward
+        // passes (a sum's gradient) are full activation-sized buffers every step, and
+        // fresh ones fault their pages in (a fifth of an MHAD student step)
+        CpuStorage::F32(v) => CpuStorage::F32(buffers::filled(l.elem_count(), |out| go_into(v, l, out))),
         CpuStorage::F16(v) => CpuStorage::F16(go(v, l)),
         CpuStorage::BF16(v) => CpuStorage::BF16(go(v, l)),
         CpuStorage::U32(v) => CpuStorage::U32(go(v, l)),

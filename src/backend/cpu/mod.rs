@@ -4,13 +4,17 @@
 
 mod batch_norm;
 pub(crate) mod buffers;
+mod contrastive;
 mod conv;
 mod elementwise;
+mod high_order_attention;
 mod matmul;
 mod optim;
 mod pool;
 mod reduce;
+mod simd;
 mod softmax;
+mod spatial_attention;
 
 /// Also used by the CUDA backend to shape its strided kernel arguments.
 pub(crate) use elementwise::coalesce;
@@ -18,6 +22,7 @@ pub(crate) use elementwise::coalesce;
 use super::{BackendStorage, BinaryOp, Conv2dParams, Pool2dParams, ReduceOp, UnaryOp, UpdateRule};
 use crate::{bail, DType, Device, Error, Layout, Result};
 use half::{bf16, f16};
+use std::borrow::Cow;
 
 /// Work below this many elements stays on the calling thread: rayon's fork-join costs
 /// a few microseconds, more than a small loop.
@@ -78,6 +83,28 @@ impl CpuStorage {
         match l.contiguous_range() {
             Some(r) => Ok(&data[r]),
             None => bail!("{op}: expected contiguous indices"),
+        }
+    }
+    /// A contiguous f32 or bf16 view as f32: borrowed for f32, widened for bf16 (the
+    /// fused attention ops take either and compute in f32).
+    pub(crate) fn f32_view<'a>(&'a self, l: &Layout, op: &'static str) -> Result<Cow<'a, [f32]>> {
+        match self {
+            CpuStorage::BF16(v) => match l.contiguous_range() {
+                Some(r) => Ok(Cow::Owned(v[r].iter().map(|x| x.to_f32()).collect())),
+                None => bail!("{op}: expected a contiguous input, got strides {:?} for shape {:?}", l.strides(), l.shape()),
+            },
+            _ => self.contiguous_f32(l, op).map(Cow::Borrowed),
+        }
+    }
+    /// f32 results stored as `dtype` (f32 or bf16, rounded to nearest even).
+    pub(crate) fn from_f32_as(v: Vec<f32>, dtype: DType) -> CpuStorage {
+        match dtype {
+            DType::BF16 => {
+                let out = CpuStorage::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect());
+                buffers::recycle(v);
+                out
+            }
+            _ => CpuStorage::F32(v),
         }
     }
     /// The elements of a view, in row-major order, as f32.
@@ -185,6 +212,32 @@ impl BackendStorage for CpuStorage {
         let dy = dy.contiguous_f32(l, "batch_norm_backward")?;
         let (dx, dg, db) = batch_norm::backward(x, l.shape(), dy, mean.f32("bn")?, invstd.f32("bn")?, gamma.f32("bn")?)?;
         Ok((CpuStorage::F32(dx), CpuStorage::F32(dg), CpuStorage::F32(db)))
+    }
+    fn spatial_attention(&self, l: &Layout, f: &Self, f_l: &Layout, k: f32) -> Result<(Self, Self)> {
+        spatial_attention::forward_storage(self, l, f, f_l, k)
+    }
+    fn spatial_attention_backward(&self, l: &Layout, f: &Self, f_l: &Layout, dy: &Self, dy_l: &Layout, stats: &Self, k: f32) -> Result<(Self, Self)> {
+        spatial_attention::backward_storage(self, l, f, f_l, dy, dy_l, stats, k)
+    }
+    fn hoa_products(&self, l: &Layout, order: usize) -> Result<Self> { high_order_attention::products_storage(self, l, order) }
+    fn hoa_products_backward(&self, l: &Layout, dh: &Self, dh_l: &Layout, order: usize) -> Result<Self> {
+        high_order_attention::products_backward_storage(self, l, dh, dh_l, order)
+    }
+    fn hoa_combine(&self, l: &Layout, f: &Self, f_l: &Layout, order: usize) -> Result<Self> {
+        high_order_attention::combine_storage(self, l, f, f_l, order)
+    }
+    fn hoa_combine_backward(&self, l: &Layout, f: &Self, f_l: &Layout, dy: &Self, dy_l: &Layout, order: usize) -> Result<(Self, Self)> {
+        high_order_attention::combine_backward_storage(self, l, f, f_l, dy, dy_l, order)
+    }
+    fn contrastive_normalize(&self, l: &Layout, s: &Self, s_l: &Layout, eps: f32) -> Result<(Self, Self)> {
+        contrastive::normalize_storage(self, l, s, s_l, eps)
+    }
+    fn contrastive_normalize_backward(&self, l: &Layout, norms: &Self, dzhat: &Self, eps: f32, dtype: DType) -> Result<(Self, Self)> {
+        contrastive::normalize_backward_storage(self, l, norms, dzhat, eps, dtype)
+    }
+    fn contrastive_rows(&self, l: &Layout, tau: f32) -> Result<(Self, Self)> { contrastive::rows_storage(self, l, tau) }
+    fn contrastive_sym(&self, l: &Layout, lse: &Self, dloss: &Self, dloss_l: &Layout, tau: f32) -> Result<Self> {
+        contrastive::sym_storage(self, l, lse, dloss, dloss_l, tau)
     }
     fn optimizer_update(&mut self, grad: &Self, state: &mut [&mut Self], rule: UpdateRule) -> Result<()> {
         let g = grad.f32("optimizer_update")?;

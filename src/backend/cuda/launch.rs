@@ -191,6 +191,11 @@ impl LaunchCfg {
     pub fn rows(rows: u32, row_len: u32) -> LaunchCfg {
         LaunchCfg { grid: rows.clamp(1, 4 * MAX_BLOCKS), block: row_len.next_multiple_of(32).clamp(32, BLOCK), shared_bytes: 0 }
     }
+    /// One warp per row, `BLOCK / 32` rows per block (grid-stride over rows): for rows
+    /// too short to keep a whole block busy.
+    pub fn warp_rows(rows: u32) -> LaunchCfg {
+        LaunchCfg { grid: rows.div_ceil(BLOCK / 32).clamp(1, 4 * MAX_BLOCKS), block: BLOCK, shared_bytes: 0 }
+    }
 }
 
 /// A device the kernels run on: the emulator or a CUDA GPU. Ops are written once

@@ -1,5 +1,6 @@
 //! The CUDA backend: our kernels (kernels/*.cu) driven from one host implementation
-//! (`ops.rs`, written against the `Gpu` trait in `launch.rs`) on two devices:
+//! (`ops.rs`, and `attention.rs` for the fused attention kernels, written against the
+//! `Gpu` trait in `launch.rs`) on two devices:
 //! - `Device::CudaEmu`: the kernels compiled as C++ and run on the CPU by the kernel
 //!   emulator (kernels/emu). Always available; it is how CI, which has no GPU, tests
 //!   every kernel against the CPU reference (tests/cuda_parity.rs).
@@ -46,6 +47,7 @@ macro_rules! fallback {
 }
 
 mod alloc;
+pub mod attention;
 mod cublas;
 mod device;
 mod emu;
@@ -56,6 +58,7 @@ mod ops;
 mod storage;
 
 pub use alloc::AllocStats;
+pub use attention::{force_version, VERSIONS};
 pub use emu::EmuStorage;
 pub use kernels::{embedded_fatbins, emulator_selftest, nvrtc_compile_all, nvrtc_present};
 pub use storage::CudaStorage;

@@ -5,7 +5,7 @@
 
 use super::device::{self, CudaBuf};
 use super::launch::Gpu;
-use super::ops;
+use super::{attention, ops};
 use crate::backend::{BackendStorage, BinaryOp, Conv2dParams, CpuStorage, Pool2dParams, ReduceOp, UnaryOp, UpdateRule};
 use crate::{DType, Device, Layout, Result};
 
@@ -81,6 +81,34 @@ impl<S: GpuStorage> BackendStorage for S {
     fn batch_norm_backward(&self, l: &Layout, dy: &Self, mean: &Self, invstd: &Self, gamma: &Self) -> Result<(Self, Self, Self)> {
         let (dx, dg, db) = ops::batch_norm_backward(&self.gpu(), self.buf(), l, dy.buf(), mean.buf(), invstd.buf(), gamma.buf())?;
         Ok((S::wrap(dx), S::wrap(dg), S::wrap(db)))
+    }
+    fn spatial_attention(&self, l: &Layout, f: &Self, f_l: &Layout, k: f32) -> Result<(Self, Self)> {
+        attention::spatial_attention(&self.gpu(), self.buf(), l, f.buf(), f_l, k).map(|(y, s)| (S::wrap(y), S::wrap(s)))
+    }
+    fn spatial_attention_backward(&self, l: &Layout, f: &Self, f_l: &Layout, dy: &Self, dy_l: &Layout, stats: &Self, k: f32) -> Result<(Self, Self)> {
+        attention::spatial_attention_backward(&self.gpu(), self.buf(), l, f.buf(), f_l, dy.buf(), dy_l, stats.buf(), k).map(|(a, f)| (S::wrap(a), S::wrap(f)))
+    }
+    fn hoa_products(&self, l: &Layout, order: usize) -> Result<Self> { attention::hoa_products(&self.gpu(), self.buf(), l, order).map(S::wrap) }
+    fn hoa_products_backward(&self, l: &Layout, dh: &Self, dh_l: &Layout, order: usize) -> Result<Self> {
+        attention::hoa_products_backward(&self.gpu(), self.buf(), l, dh.buf(), dh_l, order).map(S::wrap)
+    }
+    fn hoa_combine(&self, l: &Layout, f: &Self, f_l: &Layout, order: usize) -> Result<Self> {
+        attention::hoa_combine(&self.gpu(), self.buf(), l, f.buf(), f_l, order).map(S::wrap)
+    }
+    fn hoa_combine_backward(&self, l: &Layout, f: &Self, f_l: &Layout, dy: &Self, dy_l: &Layout, order: usize) -> Result<(Self, Self)> {
+        attention::hoa_combine_backward(&self.gpu(), self.buf(), l, f.buf(), f_l, dy.buf(), dy_l, order).map(|(u, f)| (S::wrap(u), S::wrap(f)))
+    }
+    fn contrastive_normalize(&self, l: &Layout, s: &Self, s_l: &Layout, eps: f32) -> Result<(Self, Self)> {
+        attention::contrastive_normalize(&self.gpu(), self.buf(), l, s.buf(), s_l, eps).map(|(z, n)| (S::wrap(z), S::wrap(n)))
+    }
+    fn contrastive_normalize_backward(&self, l: &Layout, norms: &Self, dzhat: &Self, eps: f32, dtype: DType) -> Result<(Self, Self)> {
+        attention::contrastive_normalize_backward(&self.gpu(), self.buf(), l, norms.buf(), dzhat.buf(), eps, dtype).map(|(t, s)| (S::wrap(t), S::wrap(s)))
+    }
+    fn contrastive_rows(&self, l: &Layout, tau: f32) -> Result<(Self, Self)> {
+        attention::contrastive_rows_fwd(&self.gpu(), self.buf(), l, tau).map(|(a, b)| (S::wrap(a), S::wrap(b)))
+    }
+    fn contrastive_sym(&self, l: &Layout, lse: &Self, dloss: &Self, dloss_l: &Layout, tau: f32) -> Result<Self> {
+        attention::contrastive_sym(&self.gpu(), self.buf(), l, lse.buf(), dloss.buf(), dloss_l, tau).map(S::wrap)
     }
     fn optimizer_update(&mut self, grad: &Self, state: &mut [&mut Self], rule: UpdateRule) -> Result<()> {
         let g = self.gpu();

@@ -1,0 +1,223 @@
+//! The fused attention ops (spatial attention, high-order attention, contrastive
+//! similarity) against the compositions of engine ops they replace, forward and
+//! forward+backward, on every device:
+//! - `cpu`: criterion times the fused CPU loops and the composition (which on the CPU
+//!   is also the CPU reference), at the CPU demo's shapes (batch 64, 32 px: resnet8/20
+//!   stages, generator blocks) and at the paper's shapes (224 px ResNet-18 stages,
+//!   generator blocks, 2n = 128 x d = 128) with 4 samples instead of 64, so the bench
+//!   takes a few minutes on 2 cores (the paper's contrastive shape is full size);
+//! - `cuda-emu`: every numbered version of every kernel is validated against the CPU
+//!   loops on each shape (2 samples); emulator timings say nothing about a GPU and
+//!   are not taken;
+//! - `cuda`: skipped with a note until the `Device::Cuda` storage exists; then the
+//!   same loop times each version and, with `DFKD_PEAK_GBS` (the card's bandwidth,
+//!   e.g. 3350 for an H100 SXM), prints the fraction of it reached.
+//!
+//! Throughput is the *minimal* byte count of each pass, the op's inputs read once and
+//! outputs written once (f32): spatial attention forward reads a and f and writes y
+//! (3 tensors), backward reads a, f, dy and writes da, df (5); high-order attention
+//! forward reads z (R(R+1)/2 * C/4 channels) and f and writes y, backward reads z, f
+//! and dy and writes dz and df (the V GEMM's intermediates and weights are not
+//! counted: a fully fused implementation would not store them); the contrastive loss
+//! reads t and s (and writes dt, ds backward). Criterion prints it as GiB/s.
+//! `scripts/bench_attention_pytorch.py` runs the same ops in PyTorch.
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use dfkd::autograd::backward_with;
+use dfkd::backend::cuda;
+use dfkd::nn::Conv2d;
+use dfkd::pipeline::attention::{contrastive_loss, high_order_attention, spatial_attention};
+use dfkd::rng::Rng;
+use dfkd::{ConvOpts, Device, Result, Tensor};
+
+const ORDER: usize = 3;
+const LAMBDA: f32 = 0.05;
+const TAU: f32 = 0.1;
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Spatial,
+    HighOrder,
+    Contrastive,
+}
+
+/// One op at one shape: `[n, c, h, w]`, or `[n, d, 1, 1]` for the contrastive loss.
+#[derive(Clone, Copy)]
+struct Case {
+    op: Op,
+    name: &'static str,
+    shape: [usize; 4],
+}
+
+const CASES: &[Case] = &[
+    // the CPU demo: generator blocks at s = 32 (channels 64/32/16/16 at 4/8/16/32 px)
+    Case { op: Op::Spatial, name: "demo_gen_64x4x4", shape: [64, 64, 4, 4] },
+    Case { op: Op::Spatial, name: "demo_gen_32x8x8", shape: [64, 32, 8, 8] },
+    Case { op: Op::Spatial, name: "demo_gen_16x32x32", shape: [64, 16, 32, 32] },
+    // the paper: generator blocks at s = 224, 4 samples
+    Case { op: Op::Spatial, name: "paper_gen_256x28x28_b4", shape: [4, 256, 28, 28] },
+    Case { op: Op::Spatial, name: "paper_gen_64x224x224_b4", shape: [4, 64, 224, 224] },
+    // the CPU demo: resnet8/resnet20 stages at 32 px
+    Case { op: Op::HighOrder, name: "demo_stage_16x32x32", shape: [64, 16, 32, 32] },
+    Case { op: Op::HighOrder, name: "demo_stage_32x16x16", shape: [64, 32, 16, 16] },
+    Case { op: Op::HighOrder, name: "demo_stage_64x8x8", shape: [64, 64, 8, 8] },
+    // the paper: ResNet-18 stages at 224 px, 4 samples
+    Case { op: Op::HighOrder, name: "paper_stage_64x56x56_b4", shape: [4, 64, 56, 56] },
+    Case { op: Op::HighOrder, name: "paper_stage_128x28x28_b4", shape: [4, 128, 28, 28] },
+    Case { op: Op::HighOrder, name: "paper_stage_256x14x14_b4", shape: [4, 256, 14, 14] },
+    Case { op: Op::HighOrder, name: "paper_stage_512x7x7_b4", shape: [4, 512, 7, 7] },
+    // SFCL: n anchors of d (the demo's projection is 64 wide, the paper's 128)
+    Case { op: Op::Contrastive, name: "demo_n64_d64", shape: [64, 64, 1, 1] },
+    Case { op: Op::Contrastive, name: "paper_n64_d128", shape: [64, 128, 1, 1] },
+];
+
+/// The op's inputs as leaf variables: spatial (a, f); high-order (f, z, V weights,
+/// V biases); contrastive (t, s).
+fn inputs(case: &Case, n: usize, dev: Device) -> Vec<Tensor> {
+    let [_, c, h, w] = case.shape;
+    let mut rng = Rng::new(7);
+    let mut t = |shape: &[usize], std: f32| Tensor::randn(shape, 0.0, std, &mut rng, dev).unwrap().to_var().unwrap();
+    match case.op {
+        Op::Spatial => vec![t(&[n, c, h, w], 2.0), t(&[n, c, h, w], 1.0)],
+        Op::HighOrder => {
+            let cq = c / 4;
+            let mut v = vec![t(&[n, c, h, w], 1.0), t(&[n, ORDER * (ORDER + 1) / 2 * cq, h, w], 1.0)];
+            v.extend((0..ORDER).map(|_| t(&[c, cq, 1, 1], 0.3)).collect::<Vec<_>>());
+            v.extend((0..ORDER).map(|_| t(&[c], 0.1)).collect::<Vec<_>>());
+            v
+        }
+        Op::Contrastive => vec![t(&[n, c], 1.0), t(&[n, c], 1.0)],
+    }
+}
+
+fn fused(case: &Case, x: &[Tensor]) -> Result<Tensor> {
+    match case.op {
+        Op::Spatial => x[0].spatial_attention_fused(&x[1], LAMBDA, true),
+        Op::HighOrder => {
+            let w = Tensor::cat(&x[2..2 + ORDER].iter().collect::<Vec<_>>(), 0)?;
+            let b = Tensor::cat(&x[2 + ORDER..].iter().collect::<Vec<_>>(), 0)?;
+            x[1].hoa_products(ORDER)?.conv2d(&w, Some(&b), ConvOpts::default().groups(ORDER))?.hoa_combine(&x[0], ORDER)
+        }
+        Op::Contrastive => x[0].nt_xent_fused(&x[1], TAU),
+    }
+}
+
+fn unfused(case: &Case, x: &[Tensor]) -> Result<Tensor> {
+    match case.op {
+        Op::Spatial => spatial_attention(&x[0], &x[1], LAMBDA, true),
+        Op::HighOrder => {
+            let cq = case.shape[1] / 4;
+            let mut parts = x[1].split(1, &[cq; ORDER * (ORDER + 1) / 2])?.into_iter();
+            let z: Vec<Vec<Tensor>> = (1..=ORDER).map(|r| (0..r).map(|_| parts.next().unwrap()).collect()).collect();
+            let v: Vec<Conv2d> =
+                (0..ORDER).map(|r| Conv2d { weight: x[2 + r].clone(), bias: Some(x[2 + ORDER + r].clone()), opts: ConvOpts::default() }).collect();
+            high_order_attention(&x[0], &z, &v)
+        }
+        Op::Contrastive => contrastive_loss(&x[0], &x[1], TAU),
+    }
+}
+
+/// Backward from `dy` after a forward; returns the output and the inputs' gradients.
+fn fwd_bwd(y: &Tensor, dy: &Tensor, inputs: &[Tensor]) -> Vec<Tensor> {
+    let g = backward_with(y, dy.clone()).unwrap();
+    let mut out = vec![y.clone()];
+    out.extend(inputs.iter().map(|x| g.get(x).unwrap().clone()));
+    out
+}
+
+/// The output gradient backward starts from: made once per case, outside the timed
+/// region (a fresh activation-sized buffer per iteration costs page faults).
+fn output_grad(y: &Tensor) -> Tensor { Tensor::full(0.5, y.dims(), y.device()).unwrap() }
+
+/// Minimal bytes of (forward, backward) in f32, as the header defines them.
+fn min_bytes(case: &Case, n: usize) -> (u64, u64) {
+    let [_, c, h, w] = case.shape;
+    let map = (n * c * h * w * 4) as u64;
+    match case.op {
+        Op::Spatial => (3 * map, 5 * map),
+        Op::HighOrder => {
+            let z = map / 4 * (ORDER * (ORDER + 1) / 2) as u64;
+            (z + 2 * map, 2 * z + 3 * map)
+        }
+        Op::Contrastive => (2 * map, 4 * map),
+    }
+}
+
+/// The kernel families an op's fused path launches.
+fn families(op: Op) -> &'static [&'static str] {
+    match op {
+        Op::Spatial => &["spatial_attention_fwd", "spatial_attention_bwd"],
+        Op::HighOrder => &["hoa_products_fwd", "hoa_products_bwd", "hoa_combine_fwd", "hoa_combine_bwd"],
+        Op::Contrastive => &["contrastive_rows"],
+    }
+}
+
+/// Every version of every kernel the case uses, forward and backward on the
+/// emulator against the CPU loops (1e-5 + 1e-4 * |cpu|).
+fn validate_on_emulator(case: &Case) {
+    let n = case.shape[0].min(2);
+    let vals = |dev: Device| -> Vec<Vec<f32>> {
+        let x = inputs(case, n, dev);
+        let y = fused(case, &x).unwrap();
+        fwd_bwd(&y, &output_grad(&y), &x).iter().map(|t| t.to_vec_f32().unwrap()).collect()
+    };
+    let want = vals(Device::Cpu);
+    for family in families(case.op) {
+        let versions = cuda::VERSIONS.iter().find(|(f, _)| f == family).unwrap().1;
+        for &v in versions {
+            cuda::force_version(family, Some(v)).unwrap();
+            let got = vals(Device::CudaEmu);
+            cuda::force_version(family, None).unwrap();
+            let worst = got.iter().flatten().zip(want.iter().flatten()).map(|(g, w)| (g - w).abs() / (1e-5 + 1e-4 * w.abs())).fold(0f32, f32::max);
+            let verdict = if worst <= 1.0 { "valid" } else { "MISMATCH" };
+            println!("cuda-emu {}/{}: {family} v{v}: {verdict} (worst error {worst:.2} of the tolerance; timing needs a GPU)", op_name(case.op), case.name);
+            assert!(worst <= 1.0, "{family} v{v} disagrees with the CPU on {}", case.name);
+        }
+    }
+}
+
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::Spatial => "spatial_attention",
+        Op::HighOrder => "high_order_attention",
+        Op::Contrastive => "contrastive",
+    }
+}
+
+fn bench_cpu(c: &mut Criterion, case: &Case) {
+    let n = case.shape[0];
+    let (fwd_bytes, bwd_bytes) = min_bytes(case, n);
+    let mut group = c.benchmark_group(format!("{}/{}/cpu", op_name(case.op), case.name));
+    group.sample_size(10).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(2));
+    let x = inputs(case, n, Device::Cpu);
+    let dy = output_grad(&dfkd::no_grad(|| fused(case, &x)).unwrap());
+    for (label, f) in [("fused", fused as fn(&Case, &[Tensor]) -> Result<Tensor>), ("unfused", unfused)] {
+        group.throughput(Throughput::Bytes(fwd_bytes));
+        group.bench_function(format!("{label}_fwd"), |b| b.iter(|| dfkd::no_grad(|| f(case, &x).unwrap())));
+        group.throughput(Throughput::Bytes(fwd_bytes + bwd_bytes));
+        group.bench_function(format!("{label}_fwd_bwd"), |b| b.iter(|| fwd_bwd(&f(case, &x).unwrap(), &dy, &x)));
+    }
+    group.finish();
+}
+
+fn bench(c: &mut Criterion) {
+    let cuda_note = if cuda::cuda_driver_present() {
+        "skipped: a CUDA driver is present, but the Device::Cuda storage is not written yet"
+    } else {
+        "skipped: no CUDA device"
+    };
+    if let Ok(peak) = std::env::var("DFKD_PEAK_GBS") {
+        println!("DFKD_PEAK_GBS={peak}: GPU timings will print their fraction of it");
+    }
+    for case in CASES {
+        validate_on_emulator(case);
+        println!("cuda {}/{}: {cuda_note}", op_name(case.op), case.name);
+        bench_cpu(c, case);
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
