@@ -13,7 +13,12 @@ use dfkd::pipeline::attention::{contrastive_loss, high_order_attention, HighOrde
 use dfkd::rng::Rng;
 use dfkd::{ConvOpts, Device, Result, Tensor};
 
-const DEVICES: [Device; 2] = [Device::Cpu, Device::CudaEmu];
+/// The CPU, the emulator, and `cuda:0` when one opens (or `DFKD_TEST_DEVICE`).
+fn devices() -> Vec<Device> {
+    let mut d = vec![Device::Cpu];
+    d.extend(common::cuda_devices());
+    d
+}
 const FWD: (f32, f32) = (1e-5, 1e-5);
 const GRAD: (f32, f32) = (1e-5, 1e-4);
 
@@ -43,7 +48,7 @@ fn compare(what: &str, fused: Vec<Vec<f32>>, reference: Vec<Vec<f32>>) {
 #[test]
 fn spatial_attention_matches_the_composition() {
     // 63 (odd, scalar paths), 64 (4-wide paths), 1517 (block-per-plane versions)
-    for dev in DEVICES {
+    for dev in devices() {
         for (shape, scaled) in [([3, 5, 7, 9], true), ([2, 3, 8, 8], true), ([1, 2, 37, 41], true), ([2, 3, 5, 3], false)] {
             let (a, f) = (randn(&shape, 1, dev).affine(2.0, 0.0).unwrap(), randn(&shape, 2, dev));
             let fused = run(&[a.clone(), f.clone()], |v| v[0].spatial_attention_fused(&v[1], 0.05, scaled));
@@ -63,7 +68,7 @@ fn split_orders(z: &Tensor, order: usize) -> Vec<Vec<Tensor>> {
 
 #[test]
 fn high_order_products_and_combine_match_their_compositions() {
-    for dev in DEVICES {
+    for dev in devices() {
         for (order, n, c, h, w) in [(3, 2, 5, 3, 7), (2, 3, 4, 4, 4), (4, 1, 3, 5, 5), (1, 2, 3, 1, 1)] {
             let what = format!("{dev} order {order} [{n}, {c}, {h}, {w}]");
             let z = randn(&[n, order * (order + 1) / 2 * c, h, w], 3, dev);
@@ -96,7 +101,7 @@ fn high_order_products_and_combine_match_their_compositions() {
 fn high_order_attention_matches_the_composition() {
     let (order, n, c, h, w) = (3, 2, 12, 5, 7);
     let cq = c / 4;
-    for dev in DEVICES {
+    for dev in devices() {
         let z = randn(&[n, 6 * cq, h, w], 6, dev);
         let f = randn(&[n, c, h, w], 7, dev);
         let vw: Vec<Tensor> = (0..order).map(|r| randn(&[c, cq, 1, 1], 10 + r as u64, dev).scale(0.5).unwrap()).collect();
@@ -137,7 +142,7 @@ fn high_order_attention_module_fused_and_unfused_agree() {
 
 #[test]
 fn contrastive_loss_matches_the_composition() {
-    for dev in DEVICES {
+    for dev in devices() {
         for (n, d, tau) in [(7, 11, 0.1), (64, 33, 0.5), (1, 5, 0.1)] {
             let (t, s) = (randn(&[n, d], 30, dev), randn(&[n, d], 31, dev).affine(3.0, 0.0).unwrap());
             let fused = run(&[t.clone(), s.clone()], |v| v[0].nt_xent_fused(&v[1], tau));

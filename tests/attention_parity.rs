@@ -15,6 +15,7 @@
 //!   results differ as above, so outputs are equal unless an f32 result sits at a
 //!   bf16 rounding boundary: then they differ by one bf16 ulp (at most 2^-7 relative).
 
+mod common;
 use dfkd::backend::{cuda, BackendStorage, CpuStorage, Storage};
 use dfkd::rng::Rng;
 use dfkd::{DType, Device, Layout};
@@ -27,12 +28,8 @@ thread_local! {
     static OFFSET: std::cell::Cell<usize> = const { std::cell::Cell::new(3) };
 }
 
-fn devices() -> Vec<Device> {
-    if cuda::cuda_driver_present() {
-        eprintln!("note: a CUDA driver is present, but the Cuda storage is not written yet: Cuda parity skipped");
-    }
-    vec![Device::CudaEmu]
-}
+/// The emulator, and `cuda:0` when one opens (or the one `DFKD_TEST_DEVICE` names).
+fn devices() -> Vec<Device> { common::cuda_devices() }
 
 fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut r = Rng::new(seed);
