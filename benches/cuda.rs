@@ -11,10 +11,9 @@
 
 use criterion::{Criterion, Throughput};
 use dfkd::backend::{cuda, BinaryOp, Conv2dParams, CpuStorage, Storage};
-use dfkd::models::build;
-use dfkd::optim::{Optimizer, ParamGroup};
+use dfkd::commands::bench::TrainStep;
 use dfkd::rng::Rng;
-use dfkd::{Device, Layout, Tensor};
+use dfkd::{Device, Layout};
 use std::time::Instant;
 
 /// cuda:0 when a driver is present and the device opens.
@@ -105,25 +104,13 @@ fn kernels(c: &mut Criterion, peak: Option<f64>) {
 }
 
 fn train_step(c: &mut Criterion) {
-    let (batch, size, classes) = (32, 64, 200);
-    let dev = Device::Cuda(0);
-    let mut rng = Rng::new(0);
-    let model = build("resnet18", classes, false, &mut rng).unwrap();
-    model.to_device(dev).unwrap();
-    let mut opt = Optimizer::sgd(vec![ParamGroup::new(model.parameters(), 5e-4)], 0.01, 0.9, false);
-    let x = Tensor::randn(&[batch, 3, size, size], 0.0, 1.0, &mut rng, dev).unwrap();
-    let labels: Vec<u32> = (0..batch).map(|_| rng.below(classes) as u32).collect();
+    let batch = 32;
+    let mut step = TrainStep::new("resnet18", batch, 64, 200, false, Device::Cuda(0)).unwrap();
     let mut group = c.benchmark_group("cuda_train_step");
     group.sample_size(20);
     group.throughput(Throughput::Elements(batch as u64));
-    group.bench_function("resnet18_b32_64px_200c_sgd", |b| {
-        b.iter(|| {
-            let loss = model.logits(&x, true).unwrap().cross_entropy(&labels, 0.0).unwrap();
-            opt.step(&loss.backward().unwrap()).unwrap();
-            // reading the loss waits for the step's kernels
-            loss.to_scalar().unwrap()
-        })
-    });
+    // the step reads its loss, which waits for the step's kernels
+    group.bench_function("resnet18_b32_64px_200c_sgd", |b| b.iter(|| step.run().unwrap()));
     group.finish();
     if let Some(s) = cuda::cuda_alloc_stats(0) {
         println!(
