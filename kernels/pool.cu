@@ -66,7 +66,8 @@ DFKD_KERNEL(avg_pool2d_f32, (unsigned int n, PoolGeom g, const float* x, float* 
     }
 }
 
-// One thread per input element: the sum of grad * scale over the windows covering it.
+// One thread per input element: the sum of grad over the windows covering it, times
+// scale (once, after the sum, as the CPU reference: no multiply-add to fuse).
 DFKD_KERNEL(avg_pool2d_backward_f32, (unsigned int n, PoolGeom g, const float* grad, float* dx)) {
     const float scale = 1.0f / (float)(g.kh * g.kw);
     GRID_STRIDE(i, n) {
@@ -77,8 +78,8 @@ DFKD_KERNEL(avg_pool2d_backward_f32, (unsigned int n, PoolGeom g, const float* g
         covering(c, g.sw, g.pw, g.kw, g.w_out, q0, q1);
         float acc = 0.0f;
         for (unsigned int oh = o0; oh < o1; ++oh)
-            for (unsigned int ow = q0; ow < q1; ++ow) acc += gp[oh * g.w_out + ow] * scale;
-        dx[i] = acc;
+            for (unsigned int ow = q0; ow < q1; ++ow) acc += gp[oh * g.w_out + ow];
+        dx[i] = acc * scale;
     }
 }
 

@@ -242,7 +242,10 @@ fn optimizer_kernels() {
                 state.iter().for_each(|s| out.extend(values(s)));
                 out
             };
-            assert_close(&run(dev), &run(Device::Cpu), 1e-7, 1e-6, &format!("{dev} {rule:?}"));
+            // abs 1e-6: nvcc fuses `wd * p + g` and `momentum * buf + d` into FMAs (one
+            // rounding fewer than the CPU), which shows where the two terms cancel; the
+            // emulator (g++, no FMA) matches the CPU exactly.
+            assert_close(&run(dev), &run(Device::Cpu), 1e-6, 1e-6, &format!("{dev} {rule:?}"));
         }
     }
 }

@@ -7,10 +7,12 @@
 #include "cuda_emu.h"
 
 #include <setjmp.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <condition_variable>
 #include <mutex>
@@ -132,6 +134,23 @@ Fiber* new_fiber() {
     fail(msg);
 }
 
+// The order fibers run in between barriers (DFKD_EMU_SCHEDULE, or emu_set_schedule).
+// -1: not read from the environment yet.
+std::atomic<int> g_schedule{-1};
+
+bool schedule_reverse() {
+    int s = g_schedule.load(std::memory_order_relaxed);
+    if (s < 0) {
+        const char* e = getenv("DFKD_EMU_SCHEDULE");
+        if (!e || !*e || strcmp(e, "forward") == 0) s = 0;
+        else if (strcmp(e, "reverse") == 0) s = 1;
+        else fail("DFKD_EMU_SCHEDULE must be `forward` or `reverse`");
+        int unset = -1;
+        g_schedule.compare_exchange_strong(unset, s);
+    }
+    return s == 1;
+}
+
 void run_block(Worker& w, const Config& c, unsigned b) {
     const unsigned bx = c.block[0], by = c.block[1];
     const unsigned n = bx * by * c.block[2];
@@ -153,12 +172,17 @@ void run_block(Worker& w, const Config& c, unsigned b) {
     }
     w.alive = n;
     w.bar_count = 0;
+    // A GPU hands a block shared memory holding whatever the last block left there:
+    // all-ones bytes (NaN as f32, -1 as int) make a read before any write show.
+    memset(dfkd_smem, 0xff, c.shared_bytes);
     // Round-robin over the fibers still alive until all are done; a full pass with
-    // nothing runnable is a deadlock.
+    // nothing runnable is a deadlock. The order within a pass is the schedule: a
+    // kernel that is missing a barrier gives different results under the two orders.
+    const bool reverse = schedule_reverse();
     while (w.alive > 0) {
         bool progress = false;
-        for (unsigned i = 0; i < n; ++i) {
-            Fiber* f = w.fibers[i];
+        for (unsigned k = 0; k < n; ++k) {
+            Fiber* f = w.fibers[reverse ? n - 1 - k : k];
             if (f->state == State::Done || (f->state == State::Waiting && *f->wait_gen == f->wait_val)) continue;
             f->state = State::Ready;
             w.cur = f;
@@ -310,3 +334,137 @@ int run(const Config* c, void (*thread_fn)(void*), void* ctx) {
 } // namespace emu
 
 extern "C" const char* emu_last_error() { return emu::t_last_error.c_str(); }
+
+// ---- memcheck: buffers between guard pages ------------------------------------------
+//
+// With DFKD_EMU_MEMCHECK=1 the Rust side (src/backend/cuda/emu.rs) copies every buffer
+// a launch gets into a fresh mapping laid out as
+//   [guard page][canary][buffer][guard page]
+// with the buffer ending exactly at the upper guard page, so it is aligned to its
+// length's alignment (element-aligned always; the kernels' vector paths check 16-byte
+// alignment and fall back otherwise). A kernel touching a guard page stops the process
+// with a message naming the kernel, the argument, the offset and the thread; a write
+// into the canary before the buffer is reported when it is released after the launch.
+
+namespace emu {
+namespace {
+
+constexpr unsigned char CANARY = 0xa5;
+constexpr int MAX_GUARDED = 512;
+
+struct Guarded {
+    std::atomic<bool> used{false};
+    char* map = nullptr;
+    size_t map_bytes = 0;
+    char* data = nullptr;
+    size_t bytes = 0;
+    int arg = 0;
+    char kernel[96] = {};
+};
+
+Guarded g_guarded[MAX_GUARDED];
+std::mutex g_guard_mu;
+struct sigaction g_old_segv;
+
+size_t page_size() {
+    static const size_t p = (size_t)sysconf(_SC_PAGESIZE);
+    return p;
+}
+
+// SIGSEGV: a guard page names the buffer; any other fault goes to the previous handler
+// (Rust's stack-overflow report, or the default crash).
+void on_segv(int sig, siginfo_t* si, void* uctx) {
+    const uintptr_t a = (uintptr_t)si->si_addr;
+    const size_t page = page_size();
+    for (Guarded& g : g_guarded) {
+        if (!g.used.load(std::memory_order_acquire)) continue;
+        const uintptr_t lo = (uintptr_t)g.map, hi = lo + g.map_bytes, data = (uintptr_t)g.data;
+        if (a < lo || a >= hi || (a >= lo + page && a < hi - page)) continue;
+        char msg[512];
+        const bool after = a >= data;
+        int len = snprintf(msg, sizeof msg,
+                           "cuda-emu memcheck: kernel `%s` touched argument #%d (a buffer of %zu bytes) %zu bytes %s, "
+                           "in thread (%u,%u,%u) of block (%u,%u,%u)\n",
+                           g.kernel, g.arg, g.bytes, after ? (size_t)(a - data) - g.bytes : (size_t)(data - a),
+                           after ? "past its end" : "before its start", t_thread_idx.x, t_thread_idx.y, t_thread_idx.z,
+                           t_block_idx.x, t_block_idx.y, t_block_idx.z);
+        if (len > 0) {
+            ssize_t ignored = write(2, msg, (size_t)len < sizeof msg ? (size_t)len : sizeof msg - 1);
+            (void)ignored;
+        }
+        abort();
+    }
+    sigaction(SIGSEGV, &g_old_segv, nullptr); // not ours: re-fault into the old handler
+    (void)sig;
+    (void)uctx;
+}
+
+void install_segv_handler() {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_segv;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &g_old_segv);
+}
+
+} // namespace
+} // namespace emu
+
+// Sets the schedule (0 forward, 1 reverse) for launches from now on; returns the old one.
+extern "C" int emu_set_schedule(int reverse) {
+    const int old = emu::schedule_reverse() ? 1 : 0;
+    emu::g_schedule.store(reverse ? 1 : 0);
+    return old;
+}
+
+// A guarded copy of `bytes` bytes at `src`, as argument `arg` of `kernel`; returns the
+// copy's address, or null when the guard table is full (the caller passes the buffer
+// unguarded then).
+extern "C" void* emu_guard_alloc(const void* src, size_t bytes, int arg, const char* kernel) {
+    using namespace emu;
+    static std::once_flag once;
+    std::call_once(once, install_segv_handler);
+    const size_t page = page_size();
+    const size_t inner = (bytes + page - 1) / page * page;
+    const size_t map_bytes = inner + 2 * page;
+    std::lock_guard<std::mutex> lk(g_guard_mu);
+    Guarded* g = nullptr;
+    for (Guarded& c : g_guarded)
+        if (!c.used.load(std::memory_order_relaxed)) { g = &c; break; }
+    if (!g) return nullptr;
+    void* m = mmap(nullptr, map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) fail("memcheck: mmap of a guarded buffer failed");
+    char* map = static_cast<char*>(m);
+    mprotect(map, page, PROT_NONE);
+    mprotect(map + page + inner, page, PROT_NONE);
+    memset(map + page, CANARY, inner);
+    g->map = map;
+    g->map_bytes = map_bytes;
+    g->data = map + page + inner - bytes;
+    g->bytes = bytes;
+    g->arg = arg;
+    snprintf(g->kernel, sizeof g->kernel, "%s", kernel);
+    if (bytes) memcpy(g->data, src, bytes);
+    g->used.store(true, std::memory_order_release);
+    return g->data;
+}
+
+// Releases a guarded copy made by emu_guard_alloc, first copying it back to `dst`
+// (unless null). Returns 0, or 1 when the canary before the buffer was overwritten.
+extern "C" int emu_guard_release(void* data, void* dst) {
+    using namespace emu;
+    std::lock_guard<std::mutex> lk(g_guard_mu);
+    for (Guarded& g : g_guarded) {
+        if (!g.used.load(std::memory_order_relaxed) || g.data != data) continue;
+        const size_t page = page_size();
+        int rc = 0;
+        for (char* p = g.map + page; p < g.data; ++p)
+            if ((unsigned char)*p != CANARY) { rc = 1; break; }
+        if (dst && g.bytes) memcpy(dst, g.data, g.bytes);
+        g.used.store(false, std::memory_order_release);
+        munmap(g.map, g.map_bytes);
+        return rc;
+    }
+    fail("memcheck: release of a buffer that is not guarded");
+}

@@ -238,3 +238,15 @@ inline unsigned int min(unsigned int a, unsigned int b) { return a < b ? a : b; 
 inline unsigned int max(unsigned int a, unsigned int b) { return a > b ? a : b; }
 inline float min(float a, float b) { return fminf(a, b); }
 inline float max(float a, float b) { return fmaxf(a, b); }
+
+// Checks the emulator offers beyond CUDA's semantics (cuda_emu.cpp):
+// - DFKD_EMU_SCHEDULE=forward|reverse: the order the threads of a block run in between
+//   barriers. A missing `__syncthreads` makes a kernel's result depend on it, so the
+//   suite runs under both orders (scripts/test).
+// - Dynamic shared memory starts every block as all-ones bytes (NaN, -1), as a GPU
+//   leaves it holding garbage; static `__shared__` arrays keep the previous block's.
+// - DFKD_EMU_MEMCHECK=1 (read by the Rust side): buffers between guard pages, see
+//   emu_guard_alloc.
+extern "C" int emu_set_schedule(int reverse);
+extern "C" void* emu_guard_alloc(const void* src, size_t bytes, int arg, const char* kernel);
+extern "C" int emu_guard_release(void* data, void* dst);

@@ -64,6 +64,34 @@ DFKD_KERNEL(st_early_exit, (int* y)) {
     y[threadIdx.x] = flag;
 }
 
+// Deliberately wrong kernels, for the tests of the emulator's checks
+// (src/backend/cuda/emu.rs): each must be caught.
+
+// Writes y[first..=last]: off by one when the host gives -1 or the length.
+DFKD_KERNEL(st_bad_write_range, (float* y, int first, int last)) {
+    for (int i = first + (int)threadIdx.x; i <= last; i += (int)blockDim.x) y[i] = 1.0f;
+}
+
+// Off by one: reads x[1..=n].
+DFKD_KERNEL(st_bad_read_past_end, (const float* x, float* y, unsigned n)) {
+    for (unsigned i = threadIdx.x; i < n; i += blockDim.x) y[i] = x[i + 1];
+}
+
+// Writes through a pointer the host passed read-only.
+DFKD_KERNEL(st_bad_write_input, (const float* x, float* y)) {
+    if (threadIdx.x == 0) const_cast<float*>(x)[0] = y[0];
+}
+
+// Shifts a block's values by one through shared memory with no barrier between the
+// writes and the reads: right only when thread t-1 happens to run before thread t.
+DFKD_KERNEL(st_bad_missing_barrier, (const float* x, float* y)) {
+    extern __shared__ __align__(16) unsigned char dfkd_smem[];
+    float* s = reinterpret_cast<float*>(dfkd_smem);
+    const unsigned t = threadIdx.x;
+    s[t] = x[t];
+    y[t] = s[t == 0 ? 0 : t - 1];
+}
+
 namespace {
 int launch(int (*entry)(const emu::Config*, void**), dim3 g, dim3 b, unsigned shmem, std::vector<void*> args) {
     emu::Config c{{g.x, g.y, g.z}, {b.x, b.y, b.z}, shmem};

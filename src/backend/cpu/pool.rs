@@ -110,6 +110,8 @@ pub fn avg_pool2d_backward(g: &[f32], p: &Pool2dParams) -> Result<Vec<f32>> {
     if g.len() != p.batch * p.channels * ho * wo {
         bail!("avg_pool2d_backward: gradient has {} elements, expected {:?}", g.len(), p.output_shape());
     }
+    // Sum the covering windows' gradients, then scale once: the CUDA kernel does the
+    // same, so no multiply-add is there for nvcc to fuse and the two agree exactly.
     let scale = 1.0 / (p.kh * p.kw) as f32;
     let mut dx = buffers::zeroed(p.batch * p.channels * plane);
     for_planes(&mut dx, plane, |i, dx| {
@@ -117,10 +119,11 @@ pub fn avg_pool2d_backward(g: &[f32], p: &Pool2dParams) -> Result<Vec<f32>> {
         for oh in 0..ho {
             let rows = window(oh, p.stride.0, p.padding.0, p.kh, p.h_in);
             for ow in 0..wo {
-                let (cols, v) = (window(ow, p.stride.1, p.padding.1, p.kw, p.w_in), g[oh * wo + ow] * scale);
+                let (cols, v) = (window(ow, p.stride.1, p.padding.1, p.kw, p.w_in), g[oh * wo + ow]);
                 rows.clone().for_each(|ih| dx[ih * p.w_in..][cols.clone()].iter_mut().for_each(|d| *d += v));
             }
         }
+        dx.iter_mut().for_each(|d| *d *= scale);
     });
     Ok(dx)
 }

@@ -1,6 +1,12 @@
 //! The emulator as a `Gpu`: device memory is host memory (a `CpuStorage`), and a launch
 //! calls the kernel's C++ entry (kernels compiled by build.rs through kernels/emu), which
 //! runs every block on the emulator's thread pool and returns when all are done.
+//!
+//! `DFKD_EMU_MEMCHECK=1` is the emulator's compute-sanitizer memcheck: every buffer a
+//! launch gets is copied between guard pages for the launch (kernels/emu/cuda_emu.cpp),
+//! so a kernel reading or writing past a buffer's end stops the process with the
+//! kernel, argument and thread named; writes just before a buffer's start and writes
+//! into a buffer the host passed read-only (`ptr`, not `ptr_mut`) are errors.
 
 use super::kernels::{emu_entry, emu_error, EmuConfig};
 use super::launch::{marshal, Arg, Gpu, LaunchCfg};
@@ -8,6 +14,10 @@ use super::storage::GpuStorage;
 use crate::backend::{BackendStorage, CpuStorage};
 use crate::{bail, DType, Device, Layout, Result};
 use half::{bf16, f16};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::sync::OnceLock;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Emu;
@@ -52,7 +62,9 @@ impl Gpu for Emu {
             CpuStorage::BF16(v) => v.as_ptr() as u64,
             CpuStorage::U32(v) => v.as_ptr() as u64,
         };
-        base + (offset * b.dtype().size_in_bytes()) as u64
+        let addr = base + (offset * b.dtype().size_in_bytes()) as u64;
+        memcheck::note(addr, base, b.len() * b.dtype().size_in_bytes(), false);
+        addr
     }
     fn ptr_mut(&self, b: &mut CpuStorage, offset: usize) -> u64 {
         assert!(offset <= b.len(), "offset {offset} past a buffer of {}", b.len());
@@ -63,23 +75,28 @@ impl Gpu for Emu {
             CpuStorage::BF16(v) => v.as_mut_ptr() as u64,
             CpuStorage::U32(v) => v.as_mut_ptr() as u64,
         };
-        base + (offset * size) as u64
+        let addr = base + (offset * size) as u64;
+        memcheck::note(addr, base, b.len() * size, true);
+        addr
     }
 
     fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[Arg]) -> Result<()> {
         let Some(entry) = emu_entry(kernel) else { bail!("cuda-emu: no kernel named `{kernel}` in kernels/*.cu") };
         let c = EmuConfig { grid: [cfg.grid, 1, 1], block: [cfg.block, 1, 1], shared_bytes: cfg.shared_bytes };
-        let params = marshal(args);
+        let guarded = memcheck::enabled().then(|| memcheck::Guarded::new(kernel, args));
+        let params = marshal(guarded.as_ref().map_or(args, |g| &g.args));
         // SAFETY: `params` points at `args`' values, which outlive this call, in the
         // kernel's parameter order with the kernel's parameter types (ops.rs builds them
         // from the signatures in kernels/*.cu); buffer addresses come from live buffers
         // that the caller borrows for the duration of the launch, and the kernels stay
-        // inside the lengths they are given. The launch is synchronous.
+        // inside the lengths they are given (or memcheck's guard pages stop the process).
+        // The launch is synchronous.
         let rc = unsafe { entry(&c, params.as_ptr()) };
+        let checked = guarded.map_or(Ok(()), |g| g.release());
         if rc != 0 {
             bail!("cuda-emu: launch of `{kernel}` ({cfg:?}) refused: {}", emu_error());
         }
-        Ok(())
+        checked
     }
 
     fn matmul(&self, a: &CpuStorage, la: &Layout, b: &CpuStorage, lb: &Layout) -> Result<CpuStorage> {
@@ -96,4 +113,230 @@ impl Gpu for Emu {
 
     fn download(&self, b: &CpuStorage) -> Result<CpuStorage> { Ok(b.clone()) }
     fn upload(&self, cpu: CpuStorage) -> Result<CpuStorage> { Ok(cpu) }
+}
+
+/// The memcheck mode (`DFKD_EMU_MEMCHECK=1`): the host side of the guarded copies.
+mod memcheck {
+    use super::*;
+
+    extern "C" {
+        fn emu_guard_alloc(src: *const c_void, bytes: usize, arg: c_int, kernel: *const c_char) -> *mut c_void;
+        fn emu_guard_release(data: *mut c_void, dst: *mut c_void) -> c_int;
+    }
+
+    pub fn enabled() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| std::env::var_os("DFKD_EMU_MEMCHECK").is_some_and(|v| v != "0"))
+    }
+
+    /// The buffer an address handed to a kernel points into.
+    #[derive(Clone, Copy)]
+    struct Extent {
+        base: u64,
+        bytes: usize,
+        writable: bool,
+    }
+
+    thread_local! {
+        /// Addresses made by `ptr`/`ptr_mut` on this thread and not yet launched with,
+        /// keyed by address: the ops build a launch's arguments and launch at once.
+        static PENDING: RefCell<HashMap<u64, Extent>> = RefCell::new(HashMap::new());
+    }
+
+    pub fn note(addr: u64, base: u64, bytes: usize, writable: bool) {
+        if !enabled() {
+            return;
+        }
+        PENDING.with_borrow_mut(|p| {
+            if p.len() > 4096 {
+                p.clear(); // addresses made but never launched with
+            }
+            let e = p.entry(addr).or_insert(Extent { base, bytes, writable });
+            *e = Extent { base, bytes, writable: writable || (e.base == base && e.writable) };
+        });
+    }
+
+    /// One buffer's guarded copy for the length of a launch.
+    struct Copy {
+        extent: Extent,
+        data: *mut c_void,
+        arg: usize,
+    }
+
+    /// A launch's arguments with every buffer swapped for its guarded copy.
+    pub struct Guarded {
+        kernel: String,
+        pub args: Vec<Arg>,
+        copies: Vec<Copy>,
+    }
+
+    impl Guarded {
+        pub fn new(kernel: &str, args: &[Arg]) -> Guarded {
+            let name = CString::new(kernel).unwrap_or_default();
+            let mut g = Guarded { kernel: kernel.to_string(), args: args.to_vec(), copies: Vec::new() };
+            for (i, a) in g.args.iter_mut().enumerate() {
+                let Arg::Ptr(addr) = *a else { continue };
+                let Some(e) = PENDING.with_borrow_mut(|p| p.remove(&addr)) else { continue };
+                // one copy per buffer, however many of its addresses the kernel gets
+                let data = match g.copies.iter_mut().find(|c| c.extent.base == e.base) {
+                    Some(c) => {
+                        c.extent.writable |= e.writable;
+                        c.data
+                    }
+                    None => {
+                        // SAFETY: `e` describes a live buffer of `bytes` bytes at `base`
+                        // (made by `ptr`/`ptr_mut` for this launch); the copy is read only.
+                        let data = unsafe { emu_guard_alloc(e.base as *const c_void, e.bytes, i as c_int, name.as_ptr()) };
+                        if data.is_null() {
+                            continue; // the guard table is full: this one runs unguarded
+                        }
+                        g.copies.push(Copy { extent: e, data, arg: i });
+                        data
+                    }
+                };
+                *a = Arg::Ptr(data as u64 + (addr - e.base));
+            }
+            g
+        }
+
+        /// Copies the written buffers back and frees the guarded copies; an error names
+        /// what the kernel wrote where it must not.
+        pub fn release(self) -> Result<()> {
+            let mut problems = Vec::new();
+            for c in &self.copies {
+                let bytes = c.extent.bytes;
+                let dst = if c.extent.writable { c.extent.base as *mut c_void } else { std::ptr::null_mut() };
+                if !c.extent.writable {
+                    // SAFETY: both ranges hold `bytes` live bytes: the host buffer (kept
+                    // alive by the caller across the launch) and the guarded copy.
+                    let (orig, copy) = unsafe {
+                        (std::slice::from_raw_parts(c.extent.base as *const u8, bytes), std::slice::from_raw_parts(c.data as *const u8, bytes))
+                    };
+                    if orig != copy {
+                        problems.push(format!("wrote to argument #{}, which the host passed read-only", c.arg));
+                    }
+                }
+                // SAFETY: `data` came from emu_guard_alloc; `dst` is null or the
+                // writable host buffer of `bytes` bytes it was copied from.
+                if unsafe { emu_guard_release(c.data, dst) } != 0 {
+                    problems.push(format!("wrote before the start of argument #{} ({bytes} bytes)", c.arg));
+                }
+            }
+            if problems.is_empty() {
+                Ok(())
+            } else {
+                bail!("cuda-emu memcheck: kernel `{}` {}", self.kernel, problems.join("; "))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The emulator's checks must catch the deliberately wrong kernels of
+    //! kernels/emu/selftest.cu. Memcheck is read from the environment once per process,
+    //! and an access to a guard page ends the process, so each memcheck case runs in a
+    //! child process of this test binary.
+    use super::*;
+    use crate::backend::cuda::launch::LaunchCfg;
+
+    const CASE: &str = "DFKD_EMU_TEST_CASE";
+
+    fn one_block(threads: u32, shared_bytes: u32) -> LaunchCfg { LaunchCfg { grid: 1, block: threads, shared_bytes } }
+
+    fn filled(n: usize) -> CpuStorage { CpuStorage::F32((0..n).map(|i| i as f32 + 0.5).collect()) }
+
+    /// Runs `case` of `memcheck_child` under memcheck; returns (exit success, stderr).
+    fn run_child(case: &str) -> (bool, String) {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "backend::cuda::emu::tests::memcheck_child", "--nocapture", "--test-threads=1"])
+            .env("DFKD_EMU_MEMCHECK", "1")
+            .env(CASE, case)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// The body of each child: launches one wrong (or right) kernel under memcheck and
+    /// prints the launch's result. Does nothing when not started by `run_child`.
+    #[test]
+    fn memcheck_child() {
+        let Ok(case) = std::env::var(CASE) else { return };
+        assert!(memcheck::enabled());
+        let g = Emu;
+        let result = match case.as_str() {
+            // y[0..=n] of n floats, y[-1..n] of n floats, and y[0..n] (in bounds); 62
+            // floats: the end is not 16-byte aligned, yet y[62] is in the guard page
+            "write_past_end" | "write_before_start" | "write_ok" => {
+                let mut y = g.alloc(62, DType::F32).unwrap();
+                let (first, last) = match case.as_str() {
+                    "write_past_end" => (0, 62),
+                    "write_before_start" => (-1, 61),
+                    _ => (0, 61),
+                };
+                g.launch("st_bad_write_range", one_block(32, 0), &[Arg::Ptr(g.ptr_mut(&mut y, 0)), Arg::I32(first), Arg::I32(last)])
+            }
+            "read_guard" => {
+                let x = filled(64);
+                let mut y = g.alloc(64, DType::F32).unwrap();
+                g.launch("st_bad_read_past_end", one_block(32, 0), &[Arg::Ptr(g.ptr(&x, 0)), Arg::Ptr(g.ptr_mut(&mut y, 0)), Arg::U32(64)])
+            }
+            "write_input" => {
+                let x = filled(8);
+                let mut y = g.alloc(8, DType::F32).unwrap();
+                g.launch("st_bad_write_input", one_block(32, 0), &[Arg::Ptr(g.ptr(&x, 0)), Arg::Ptr(g.ptr_mut(&mut y, 0))])
+            }
+            other => panic!("unknown case {other}"),
+        };
+        eprintln!("launch result: {result:?}");
+    }
+
+    #[test]
+    fn memcheck_catches_out_of_bounds_and_read_only_writes() {
+        let (ok, err) = run_child("write_ok");
+        assert!(ok && err.contains("launch result: Ok(())"), "an in-bounds kernel passes memcheck:\n{err}");
+
+        let (ok, err) = run_child("write_past_end");
+        assert!(!ok, "the process must stop:\n{err}");
+        assert!(
+            err.contains("kernel `st_bad_write_range` touched argument #0 (a buffer of 248 bytes) 0 bytes past its end, in thread (30,0,0)"),
+            "{err}"
+        );
+
+        let (ok, err) = run_child("read_guard");
+        assert!(!ok, "the process must stop:\n{err}");
+        assert!(err.contains("kernel `st_bad_read_past_end` touched argument #0 (a buffer of 256 bytes) 0 bytes past its end, in thread (31,0,0)"), "{err}");
+
+        let (_, err) = run_child("write_before_start");
+        assert!(err.contains("kernel `st_bad_write_range` wrote before the start of argument #0 (248 bytes)"), "{err}");
+
+        let (_, err) = run_child("write_input");
+        assert!(err.contains("kernel `st_bad_write_input` wrote to argument #0, which the host passed read-only"), "{err}");
+    }
+
+    extern "C" {
+        fn emu_set_schedule(reverse: c_int) -> c_int;
+    }
+
+    #[test]
+    fn reverse_schedule_exposes_a_missing_barrier() {
+        let g = Emu;
+        let n = 96;
+        let x = filled(n);
+        let want: Vec<f32> = (0..n).map(|t| t.saturating_sub(1) as f32 + 0.5).collect();
+        let run = |reverse: bool| {
+            // SAFETY: sets an atomic flag. Other tests may launch meanwhile: correct
+            // kernels give the same results under either schedule.
+            let old = unsafe { emu_set_schedule(reverse as c_int) };
+            let mut y = g.alloc(n, DType::F32).unwrap();
+            let args = [Arg::Ptr(g.ptr(&x, 0)), Arg::Ptr(g.ptr_mut(&mut y, 0))];
+            g.launch("st_bad_missing_barrier", one_block(n as u32, 4 * n as u32), &args).unwrap();
+            // SAFETY: as above.
+            unsafe { emu_set_schedule(old) };
+            y.f32("test").unwrap().to_vec()
+        };
+        assert_eq!(run(false), want, "in thread order the race goes unseen");
+        let reversed = run(true);
+        assert!(reversed[1..].iter().all(|v| v.is_nan()), "reversed, each thread reads its neighbour's slot before it is written (NaN poison): {reversed:?}");
+    }
 }
