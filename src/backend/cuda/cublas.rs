@@ -121,10 +121,12 @@ pub fn matmul(dev: &'static CudaDev, a: &CudaBuf, la: &Layout, b: &CudaBuf, lb: 
         }
     }
     let dims @ [batch, m, k, n] = [sa[0], sa[1], sa[2], sb[2]];
-    let mut c = dev.alloc(if sum_batch { m * n } else { batch * m * n }, DType::F32)?;
+    let len = if sum_batch { m * n } else { batch * m * n };
     if batch * m * n == 0 || k == 0 {
-        return Ok(c); // zeros: an empty sum
+        return dev.zeros(len, DType::F32); // an empty sum
     }
+    // every call writes its whole output (beta = 0 first)
+    let mut c = dev.alloc(len, DType::F32)?;
     let (a_copy, lhs) = usable(dev, a, la)?;
     let (b_copy, rhs) = usable(dev, b, lb)?;
     let (a, b) = (a_copy.as_ref().unwrap_or(a), b_copy.as_ref().unwrap_or(b));

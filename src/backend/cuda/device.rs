@@ -308,7 +308,8 @@ impl Gpu for &'static CudaDev {
     type Buf = CudaBuf;
 
     fn device(&self) -> Device { Device::Cuda(self.ordinal) }
-    fn alloc(&self, len: usize, dtype: DType) -> Result<CudaBuf> { self.zeros(len, dtype) }
+    fn alloc(&self, len: usize, dtype: DType) -> Result<CudaBuf> { self.alloc_uninit(len, dtype) }
+    fn zeros(&self, len: usize, dtype: DType) -> Result<CudaBuf> { CudaDev::zeros(self, len, dtype) }
     fn dtype(&self, b: &CudaBuf) -> DType { b.dtype }
     fn len(&self, b: &CudaBuf) -> usize { b.len }
     fn ptr(&self, b: &CudaBuf, offset: usize) -> u64 {

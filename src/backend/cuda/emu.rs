@@ -45,6 +45,15 @@ impl Gpu for Emu {
     fn device(&self) -> Device { Device::CudaEmu }
 
     fn alloc(&self, len: usize, dtype: DType) -> Result<CpuStorage> {
+        // what a GPU's uninitialised memory may hold: NaN, so unwritten elements show
+        Ok(match dtype {
+            DType::F32 => CpuStorage::F32(vec![f32::from_bits(u32::MAX); len]),
+            DType::F16 => CpuStorage::F16(vec![f16::from_bits(u16::MAX); len]),
+            DType::BF16 => CpuStorage::BF16(vec![bf16::from_bits(u16::MAX); len]),
+            DType::U32 => CpuStorage::U32(vec![u32::MAX; len]),
+        })
+    }
+    fn zeros(&self, len: usize, dtype: DType) -> Result<CpuStorage> {
         Ok(match dtype {
             DType::F32 => CpuStorage::F32(vec![0.0; len]),
             DType::F16 => CpuStorage::F16(vec![f16::ZERO; len]),

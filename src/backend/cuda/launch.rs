@@ -204,8 +204,12 @@ impl LaunchCfg {
 pub trait Gpu {
     type Buf;
     fn device(&self) -> crate::Device;
-    /// A zeroed buffer.
+    /// An uninitialised buffer, for an output its kernel writes in full: no fill pass
+    /// on a GPU. The emulator fills it with all-ones bytes (NaN, u32::MAX), so an
+    /// element a kernel forgets to write shows in the parity tests.
     fn alloc(&self, len: usize, dtype: DType) -> Result<Self::Buf>;
+    /// A zeroed buffer, for outputs a kernel accumulates into (atomics) or empty sums.
+    fn zeros(&self, len: usize, dtype: DType) -> Result<Self::Buf>;
     fn dtype(&self, b: &Self::Buf) -> DType;
     fn len(&self, b: &Self::Buf) -> usize;
     /// The address of element `offset` for a kernel that only reads it.

@@ -273,7 +273,7 @@ pub fn scatter_add_planes<G: Gpu>(g: &G, src: &G::Buf, l: &Layout, idx: &G::Buf,
         bail!("scatter_add_planes: {} values and {} indices", l.elem_count(), idx_l.elem_count());
     }
     let n = check_u32(l.elem_count())?;
-    let mut out = g.alloc(check_u32(planes * out_plane)? as usize, DType::F32)?;
+    let mut out = g.zeros(check_u32(planes * out_plane)? as usize, DType::F32)?;
     let args = [Arg::U32(n), Arg::U32(len as u32), Arg::U32(out_plane as u32), Arg::Ptr(g.ptr(src, off)), Arg::Ptr(g.ptr(idx, ioff)), Arg::Ptr(g.ptr_mut(&mut out, 0))];
     g.launch("scatter_add_planes_f32", LaunchCfg::elementwise(n), &args)?;
     Ok(out)
