@@ -72,6 +72,8 @@ fn build_emulator(root: &Path, cus: &[PathBuf], out: &Path) -> Vec<String> {
         .include(root.join("kernels"))
         // the runtime switches stacks with _longjmp, which fortified glibc refuses
         .flag("-U_FORTIFY_SOURCE")
+        // `#pragma unroll` is for nvcc
+        .flag("-Wno-unknown-pragmas")
         .flag("-include")
         .flag(emu.join("cuda_emu.h").to_str().unwrap())
         .flag("-x")

@@ -24,13 +24,19 @@ struct Strided {
     unsigned int strides[DFKD_MAX_DIMS];
 };
 
-// Storage offset of the element at row-major position i of the view.
+// Storage offset of the element at row-major position i of the view. The loop runs over
+// all DFKD_MAX_DIMS slots, unrolled, so every index into `dims`/`strides` is a constant:
+// a loop bounded by `rank` indexes them dynamically, which makes nvcc copy the struct
+// from parameter space to a local-memory stack frame in every strided kernel.
 __device__ __forceinline__ unsigned int at(const Strided& l, unsigned int i) {
     if (l.rank == 0) return l.offset + i;
     unsigned int off = l.offset;
-    for (int d = (int)l.rank - 1; d >= 0; --d) {
-        off += (i % l.dims[d]) * l.strides[d];
-        i /= l.dims[d];
+#pragma unroll
+    for (int d = DFKD_MAX_DIMS - 1; d >= 0; --d) {
+        if (d < (int)l.rank) {
+            off += (i % l.dims[d]) * l.strides[d];
+            i /= l.dims[d];
+        }
     }
     return off;
 }
