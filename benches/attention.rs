@@ -9,9 +9,15 @@
 //! - `cuda-emu`: every numbered version of every kernel is validated against the CPU
 //!   loops on each shape (2 samples); emulator timings say nothing about a GPU and
 //!   are not taken;
-//! - `cuda`: skipped with a note until the `Device::Cuda` storage exists; then the
-//!   same loop times each version and, with `DFKD_PEAK_GBS` (the card's bandwidth,
-//!   e.g. 3350 for an H100 SXM), prints the fraction of it reached.
+//! - `cuda` (cuda:0, when it opens): every version of every kernel is validated
+//!   against the CPU loops there instead of on the emulator; then, at batch 64 for
+//!   every shape (the paper's batch; the CPU's `_b4` cases become `_b64`), criterion
+//!   times the fused op and the composition on the GPU, forward and forward+backward,
+//!   and a table gives each kernel version's time, GB/s and fraction of the card's
+//!   measured copy bandwidth, and its speed-up over the composition. Filter with
+//!   `cargo bench --bench attention -- /cuda/` to skip the CPU groups.
+//!   `DFKD_BENCH_DEVICE=cuda-emu` runs this GPU path on the emulator at batch 2, to
+//!   check its plumbing without a GPU (its timings mean nothing).
 //!
 //! Throughput is the *minimal* byte count of each pass, the op's inputs read once and
 //! outputs written once (f32): spatial attention forward reads a and f and writes y
@@ -31,7 +37,8 @@ use dfkd::backend::cuda;
 use dfkd::nn::Conv2d;
 use dfkd::pipeline::attention::{contrastive_loss, high_order_attention, spatial_attention};
 use dfkd::rng::Rng;
-use dfkd::{ConvOpts, Device, Result, Tensor};
+use dfkd::{ConvOpts, Device, Layout, Result, Tensor};
+use std::time::Duration;
 
 const ORDER: usize = 3;
 const LAMBDA: f32 = 0.05;
@@ -155,9 +162,9 @@ fn families(op: Op) -> &'static [&'static str] {
     }
 }
 
-/// Every version of every kernel the case uses, forward and backward on the
-/// emulator against the CPU loops (1e-5 + 1e-4 * |cpu|).
-fn validate_on_emulator(case: &Case) {
+/// Every version of every kernel the case uses, forward and backward on `dev` (the
+/// emulator or a GPU) against the CPU loops (1e-5 + 1e-4 * |cpu|).
+fn validate(case: &Case, dev: Device) {
     let n = case.shape[0].min(2);
     let vals = |dev: Device| -> Vec<Vec<f32>> {
         let x = inputs(case, n, dev);
@@ -169,11 +176,12 @@ fn validate_on_emulator(case: &Case) {
         let versions = cuda::VERSIONS.iter().find(|(f, _)| f == family).unwrap().1;
         for &v in versions {
             cuda::force_version(family, Some(v)).unwrap();
-            let got = vals(Device::CudaEmu);
+            let got = vals(dev);
             cuda::force_version(family, None).unwrap();
             let worst = got.iter().flatten().zip(want.iter().flatten()).map(|(g, w)| (g - w).abs() / (1e-5 + 1e-4 * w.abs())).fold(0f32, f32::max);
             let verdict = if worst <= 1.0 { "valid" } else { "MISMATCH" };
-            println!("cuda-emu {}/{}: {family} v{v}: {verdict} (worst error {worst:.2} of the tolerance; timing needs a GPU)", op_name(case.op), case.name);
+            let note = if dev == Device::CudaEmu { "; timing needs a GPU" } else { "" };
+            println!("{dev} {}/{}: {family} v{v}: {verdict} (worst error {worst:.2} of the tolerance{note})", op_name(case.op), case.name);
             assert!(worst <= 1.0, "{family} v{v} disagrees with the CPU on {}", case.name);
         }
     }
@@ -203,18 +211,94 @@ fn bench_cpu(c: &mut Criterion, case: &Case) {
     group.finish();
 }
 
-fn bench(c: &mut Criterion) {
-    let cuda_note = if cuda::cuda_driver_present() {
-        "skipped: a CUDA driver is present, but the Device::Cuda storage is not written yet"
-    } else {
-        "skipped: no CUDA device"
-    };
-    if let Ok(peak) = std::env::var("DFKD_PEAK_GBS") {
-        println!("DFKD_PEAK_GBS={peak}: GPU timings will print their fraction of it");
+/// The bandwidth cuda:0 reaches copying 256 MiB (bytes read + written per second):
+/// the ceiling the fractions are of. `DFKD_PEAK_GBS` overrides it.
+fn measured_ceiling(dev: Device) -> f64 {
+    if let Some(v) = std::env::var("DFKD_PEAK_GBS").ok().and_then(|v| v.parse().ok()) {
+        return v;
     }
+    let n = if dev == Device::CudaEmu { 1 << 20 } else { 1 << 26 };
+    let x = Tensor::full(1.0, &[n], dev).unwrap();
+    let s = x.storage();
+    let l = Layout::contiguous(&[n]);
+    let t = cuda::median_queued(0, &|| drop(s.copy_strided(&l).unwrap()));
+    8.0 * n as f64 / t / 1e9
+}
+
+/// One case on the GPU `dev` at batch 64 (2 on the emulator): criterion for the fused op
+/// and the composition, then every kernel version against the composition.
+fn bench_cuda(c: &mut Criterion, case: &Case, dev: Device, ceiling: f64) {
+    validate(case, dev);
+    let n = if dev == Device::CudaEmu { 2 } else { 64 };
+    let name = case.name.replace("_b4", &format!("_b{n}"));
+    let (fwd_bytes, bwd_bytes) = min_bytes(case, n);
+    let x = inputs(case, n, dev);
+    let dy = output_grad(&dfkd::no_grad(|| fused(case, &x)).unwrap());
+    let (x, dy) = (&x, &dy);
+    let run_fwd = |f: fn(&Case, &[Tensor]) -> Result<Tensor>| move || drop(dfkd::no_grad(|| f(case, x).unwrap()));
+    let run_fwd_bwd = |f: fn(&Case, &[Tensor]) -> Result<Tensor>| move || drop(fwd_bwd(&f(case, x).unwrap(), dy, x));
+    let mut group = c.benchmark_group(format!("{}/{name}/cuda", op_name(case.op)));
+    group.sample_size(20).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1));
+    for (label, f) in [("fused", fused as fn(&Case, &[Tensor]) -> Result<Tensor>), ("unfused", unfused)] {
+        group.throughput(Throughput::Bytes(fwd_bytes));
+        let fwd = run_fwd(f);
+        group.bench_function(format!("{label}_fwd"), |b| b.iter_custom(|iters| cuda::time_queued(0, iters, &fwd)));
+        group.throughput(Throughput::Bytes(fwd_bytes + bwd_bytes));
+        let both = run_fwd_bwd(f);
+        group.bench_function(format!("{label}_fwd_bwd"), |b| b.iter_custom(|iters| cuda::time_queued(0, iters, &both)));
+    }
+    group.finish();
+
+    let row = |what: &str, tf: f64, tb: f64, base: Option<f64>| {
+        let gbs = |bytes: u64, t: f64| bytes as f64 / t / 1e9;
+        let (gf, gb) = (gbs(fwd_bytes, tf), gbs(fwd_bytes + bwd_bytes, tb));
+        let speedup = base.map(|u| format!("{:.2}x", u / tb)).unwrap_or_default();
+        println!(
+            "{:<26} {:>9.1} {:>8.0} {:>5.0}% {:>11.1} {:>8.0} {:>5.0}% {:>9}",
+            what,
+            tf * 1e6,
+            gf,
+            100.0 * gf / ceiling,
+            tb * 1e6,
+            gb,
+            100.0 * gb / ceiling,
+            speedup
+        );
+    };
+    let (uf, ub) = (cuda::median_queued(0, &run_fwd(unfused)), cuda::median_queued(0, &run_fwd_bwd(unfused)));
+    println!("\n{dev} {}/{name}: minimal bytes fwd {fwd_bytes}, fwd+bwd {}; fractions of {ceiling:.0} GB/s", op_name(case.op), fwd_bytes + bwd_bytes);
+    println!("{:<26} {:>9} {:>8} {:>6} {:>11} {:>8} {:>6} {:>9}", "kernel version", "fwd us", "GB/s", "ceil", "fwd+bwd us", "GB/s", "ceil", "vs unfused");
+    row("unfused composition", uf, ub, None);
+    row("fused (defaults)", cuda::median_queued(0, &run_fwd(fused)), cuda::median_queued(0, &run_fwd_bwd(fused)), Some(ub));
+    for family in families(case.op) {
+        for &v in cuda::VERSIONS.iter().find(|(f, _)| f == family).unwrap().1 {
+            cuda::force_version(family, Some(v)).unwrap();
+            let (tf, tb) = (cuda::median_queued(0, &run_fwd(fused)), cuda::median_queued(0, &run_fwd_bwd(fused)));
+            cuda::force_version(family, None).unwrap();
+            row(&format!("{family} v{v}"), tf, tb, Some(ub));
+        }
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let gpu = match std::env::var("DFKD_BENCH_DEVICE") {
+        Ok(d) => Some(d.parse::<Device>().unwrap_or_else(|e| panic!("DFKD_BENCH_DEVICE={d}: {e}"))),
+        Err(_) => cuda::probe(0).map(|_| Device::Cuda(0)),
+    };
+    let target = gpu.map(|dev| {
+        let g = measured_ceiling(dev);
+        let what = if let Device::Cuda(k) = dev { cuda::cuda_device(k).unwrap() } else { "the emulator: plumbing only".into() };
+        println!("{dev}: {what}; copy bandwidth {g:.0} GB/s (the ceiling of the fractions below)");
+        (dev, g)
+    });
     for case in CASES {
-        validate_on_emulator(case);
-        println!("cuda {}/{}: {cuda_note}", op_name(case.op), case.name);
+        match target {
+            Some((dev, g)) => bench_cuda(c, case, dev, g),
+            None => {
+                validate(case, Device::CudaEmu);
+                println!("cuda {}/{}: skipped: no CUDA device", op_name(case.op), case.name);
+            }
+        }
         bench_cpu(c, case);
     }
 }

@@ -5,8 +5,9 @@
 //! images/s. Without a usable GPU it prints "skipped: no CUDA device" and exits 0, so
 //! `cargo bench` stays green on CPU-only machines.
 //!
-//! Every timed iteration ends with a device synchronisation: launches are
-//! asynchronous, and the time of queued-but-unfinished work would otherwise be lost.
+//! Kernels are timed queued back to back between two device synchronisations
+//! (`cuda::time_queued`): launches are asynchronous, so the clock must wait for the
+//! work, and one synchronisation per batch keeps its cost out of the kernel's time.
 //! Bytes are the minimum traffic of the op (inputs read once, outputs written once).
 
 use criterion::{Criterion, Throughput};
@@ -14,23 +15,6 @@ use dfkd::backend::{cuda, BinaryOp, Conv2dParams, CpuStorage, Storage};
 use dfkd::commands::bench::TrainStep;
 use dfkd::rng::Rng;
 use dfkd::{Device, Layout};
-use std::time::Instant;
-
-/// cuda:0 when a driver is present and the device opens.
-fn gpu() -> Option<String> {
-    if !cuda::cuda_driver_present() {
-        return None;
-    }
-    match cuda::cuda_device(0) {
-        Ok(what) => Some(what),
-        Err(e) => {
-            eprintln!("cuda:0 does not open: {e}");
-            None
-        }
-    }
-}
-
-fn sync() { cuda::cuda_synchronize(0).expect("cuda:0 synchronize") }
 
 fn on_gpu(n: usize, seed: u64) -> Storage {
     let mut r = Rng::new(seed);
@@ -76,27 +60,13 @@ fn kernels(c: &mut Criterion, peak: Option<f64>) {
     let mut group = c.benchmark_group("cuda_kernels");
     for case in &cases {
         group.throughput(Throughput::Bytes(case.bytes));
-        group.bench_function(case.name, |b| {
-            b.iter(|| {
-                (case.run)();
-                sync();
-            })
-        });
+        group.bench_function(case.name, |b| b.iter_custom(|iters| cuda::time_queued(0, iters, &*case.run)));
     }
     group.finish();
     // criterion prints GiB/s; this states them in GB/s and as a share of the peak
     println!("\n{:<28} {:>10} {:>10} {:>8}", "kernel", "median us", "GB/s", "of peak");
     for case in &cases {
-        let mut times: Vec<f64> = (0..30)
-            .map(|_| {
-                let t0 = Instant::now();
-                (case.run)();
-                sync();
-                t0.elapsed().as_secs_f64()
-            })
-            .collect();
-        times.sort_by(f64::total_cmp);
-        let med = times[times.len() / 2];
+        let med = cuda::median_queued(0, &*case.run);
         let gbs = case.bytes as f64 / med / 1e9;
         let share = peak.map(|p| format!("{:.0}%", 100.0 * gbs / p)).unwrap_or_else(|| "n/a".into());
         println!("{:<28} {:>10.1} {:>10.1} {:>8}", case.name, med * 1e6, gbs, share);
@@ -125,7 +95,7 @@ fn train_step(c: &mut Criterion) {
 }
 
 fn main() {
-    let Some(what) = gpu() else {
+    let Some(what) = cuda::probe(0) else {
         println!("skipped: no CUDA device");
         return;
     };

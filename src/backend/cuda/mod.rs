@@ -73,12 +73,45 @@ pub fn cuda_driver_present() -> bool {
 /// describes it ("NVIDIA H100 80GB HBM3, sm_90"); the error says why it cannot be used.
 pub fn cuda_device(ordinal: usize) -> crate::Result<String> { device::get(ordinal).map(|d| d.describe().to_string()) }
 
+/// `cuda:ordinal`'s description when a driver is present and the device opens; `None`
+/// otherwise, with the reason on stderr when a driver is there but the device fails.
+/// For the benches and tools that run on a GPU when there is one.
+pub fn probe(ordinal: usize) -> Option<String> {
+    if !cuda_driver_present() {
+        return None;
+    }
+    cuda_device(ordinal).map_err(|e| eprintln!("cuda:{ordinal} does not open: {e}")).ok()
+}
+
 /// Waits for the work queued on `cuda:ordinal` (for timing); a no-op on an unopened device.
 pub fn cuda_synchronize(ordinal: usize) -> crate::Result<()> {
     match device::is_open(ordinal) {
         Some(d) => d.synchronize(),
         None => Ok(()),
     }
+}
+
+/// How long `iters` runs of `f` take on `cuda:ordinal`, queued back to back: launches
+/// are asynchronous, so the clock starts and stops after a synchronisation, and the
+/// synchronisation's cost is spread over the runs. For the benches.
+pub fn time_queued(ordinal: usize, iters: u64, f: &dyn Fn()) -> std::time::Duration {
+    let sync = || cuda_synchronize(ordinal).expect("synchronize");
+    sync();
+    let t0 = std::time::Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    sync();
+    t0.elapsed()
+}
+
+/// Seconds per run of `f` on `cuda:ordinal`: the median of 7 batches of 10 queued runs,
+/// after 3 warm-up runs.
+pub fn median_queued(ordinal: usize, f: &dyn Fn()) -> f64 {
+    time_queued(ordinal, 3, f);
+    let mut t: Vec<f64> = (0..7).map(|_| time_queued(ordinal, 10, f).as_secs_f64() / 10.0).collect();
+    t.sort_by(f64::total_cmp);
+    t[3]
 }
 
 /// The peak memory bandwidth of `cuda:ordinal` in GB/s, if the driver reports it.
