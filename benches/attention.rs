@@ -19,6 +19,9 @@
 //!   `DFKD_BENCH_DEVICE=cuda-emu` runs this GPU path on the emulator at batch 2, to
 //!   check its plumbing without a GPU (its timings mean nothing).
 //!
+//! `DFKD_BENCH_CASES=a,b` keeps only the cases whose names contain `a` or `b` (criterion's
+//! filter selects timed functions, but validation and the version tables run per case).
+//!
 //! Throughput is the *minimal* byte count of each pass, the op's inputs read once and
 //! outputs written once (f32): spatial attention forward reads a and f and writes y
 //! (3 tensors), backward reads a, f, dy and writes da, df (5); high-order attention
@@ -291,7 +294,9 @@ fn bench(c: &mut Criterion) {
         println!("{dev}: {what}; copy bandwidth {g:.0} GB/s (the ceiling of the fractions below)");
         (dev, g)
     });
-    for case in CASES {
+    let only = std::env::var("DFKD_BENCH_CASES").ok();
+    let wanted = |c: &Case| only.as_deref().is_none_or(|o| o.split(',').any(|w| c.name.contains(w)));
+    for case in CASES.iter().filter(|c| wanted(c)) {
         match target {
             Some((dev, g)) => bench_cuda(c, case, dev, g),
             None => {
