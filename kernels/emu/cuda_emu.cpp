@@ -59,6 +59,7 @@ struct Worker {
     void (*thread_fn)(void*) = nullptr;
     void* ctx = nullptr;
     unsigned alive = 0, bar_count = 0, bar_gen = 0;
+    const char* bar_site = nullptr; // where this round's first thread called __syncthreads
     Warp warps[MAX_BLOCK_THREADS / 32];
 
     ~Worker() {
@@ -275,10 +276,19 @@ void fail(const char* what) {
 
 unsigned int lane_id() { return t_worker.cur->lane; }
 
-void syncthreads() {
+void syncthreads(const char* site) {
     Worker& w = t_worker;
     Fiber* f = w.cur;
     const unsigned g = w.bar_gen;
+    if (w.bar_count == 0) {
+        w.bar_site = site;
+    } else if (strcmp(site, w.bar_site) != 0) {
+        char msg[512];
+        snprintf(msg, sizeof msg,
+                 "divergent __syncthreads in block (%u,%u,%u): thread (%u,%u,%u) waits at %s while others wait at %s",
+                 t_block_idx.x, t_block_idx.y, t_block_idx.z, f->tid.x, f->tid.y, f->tid.z, site, w.bar_site);
+        fail(msg);
+    }
     if (++w.bar_count == w.alive) { // the last to arrive releases the others and goes on
         w.bar_count = 0;
         ++w.bar_gen;

@@ -9,7 +9,9 @@
 //   syscall per switch). A fiber runs until it finishes or reaches a barrier or a warp
 //   operation, so `__syncthreads` costs two context switches per thread.
 // - `__syncthreads()`: a barrier among the block's threads that have not exited (as on
-//   sm_70+: exited threads count as arrived). Any `__syncthreads` call site counts.
+//   sm_70+: exited threads count as arrived). All threads of a round must arrive at
+//   the same call site (file and line): a barrier in divergent code, reached at two
+//   sites, is undefined in CUDA and aborts here.
 // - Warp operations (`__shfl*_sync`, `__ballot_sync`, `__all_sync`, `__any_sync`,
 //   `__syncwarp`) are barriers among the lanes of `mask`: every lane of `mask` that
 //   exists in the block must call one with the same mask, then all read each other's
@@ -83,7 +85,8 @@ inline thread_local dim3 t_block_dim;
 inline thread_local dim3 t_grid_dim;
 
 // Runtime entry points (cuda_emu.cpp).
-void syncthreads();
+// `site` is "file:line" of the `__syncthreads()` call, a string literal.
+void syncthreads(const char* site);
 // Barrier among the lanes of `mask`; stores `v` as this lane's value and returns the
 // 32 lane values of this round (entries of lanes outside `mask` are meaningless).
 const uint64_t* warp_exchange(unsigned int mask, uint64_t v);
@@ -142,7 +145,9 @@ extern "C" const char* emu_last_error();
 
 // ---- barriers, warp operations ---------------------------------------------------------
 
-inline void __syncthreads() { emu::syncthreads(); }
+#define DFKD_EMU_STR2(x) #x
+#define DFKD_EMU_STR(x) DFKD_EMU_STR2(x)
+#define __syncthreads() emu::syncthreads(__FILE__ ":" DFKD_EMU_STR(__LINE__))
 inline void __syncwarp(unsigned int mask = 0xffffffffu) { emu::warp_exchange(mask, 0); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }

@@ -92,6 +92,16 @@ DFKD_KERNEL(st_bad_missing_barrier, (const float* x, float* y)) {
     y[t] = s[t == 0 ? 0 : t - 1];
 }
 
+// Odd and even threads wait at different barriers: undefined in CUDA.
+DFKD_KERNEL(st_bad_divergent_barrier, (float* y)) {
+    if (threadIdx.x % 2) {
+        __syncthreads();
+    } else {
+        __syncthreads();
+    }
+    y[threadIdx.x] = 1.0f;
+}
+
 namespace {
 int launch(int (*entry)(const emu::Config*, void**), dim3 g, dim3 b, unsigned shmem, std::vector<void*> args) {
     emu::Config c{{g.x, g.y, g.z}, {b.x, b.y, b.z}, shmem};

@@ -255,10 +255,10 @@ mod tests {
 
     fn filled(n: usize) -> CpuStorage { CpuStorage::F32((0..n).map(|i| i as f32 + 0.5).collect()) }
 
-    /// Runs `case` of `memcheck_child` under memcheck; returns (exit success, stderr).
+    /// Runs `case` of `check_child` under memcheck; returns (exit success, stderr).
     fn run_child(case: &str) -> (bool, String) {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "backend::cuda::emu::tests::memcheck_child", "--nocapture", "--test-threads=1"])
+            .args(["--exact", "backend::cuda::emu::tests::check_child", "--nocapture", "--test-threads=1"])
             .env("DFKD_EMU_MEMCHECK", "1")
             .env(CASE, case)
             .output()
@@ -269,7 +269,7 @@ mod tests {
     /// The body of each child: launches one wrong (or right) kernel under memcheck and
     /// prints the launch's result. Does nothing when not started by `run_child`.
     #[test]
-    fn memcheck_child() {
+    fn check_child() {
         let Ok(case) = std::env::var(CASE) else { return };
         assert!(memcheck::enabled());
         let g = Emu;
@@ -294,6 +294,10 @@ mod tests {
                 let x = filled(8);
                 let mut y = g.alloc(8, DType::F32).unwrap();
                 g.launch("st_bad_write_input", one_block(32, 0), &[Arg::Ptr(g.ptr(&x, 0)), Arg::Ptr(g.ptr_mut(&mut y, 0))])
+            }
+            "divergent_barrier" => {
+                let mut y = g.alloc(64, DType::F32).unwrap();
+                g.launch("st_bad_divergent_barrier", one_block(64, 0), &[Arg::Ptr(g.ptr_mut(&mut y, 0))])
             }
             other => panic!("unknown case {other}"),
         };
@@ -321,6 +325,14 @@ mod tests {
 
         let (_, err) = run_child("write_input");
         assert!(err.contains("kernel `st_bad_write_input` wrote to argument #0, which the host passed read-only"), "{err}");
+    }
+
+    #[test]
+    fn divergent_barriers_stop_the_process() {
+        let (ok, err) = run_child("divergent_barrier");
+        assert!(!ok, "the process must stop:\n{err}");
+        assert!(err.contains("divergent __syncthreads in block (0,0,0): thread ("), "{err}");
+        assert!(err.contains("selftest.cu:"), "the message names the call sites: {err}");
     }
 
     extern "C" {
