@@ -8,7 +8,7 @@
 //        normalize  dx = (dzhat - zhat (zhat . dzhat)) / ||x||  (dzhat / eps if clamped)
 // The symmetric S turns the two gradient GEMMs of sim = zhat[:n] zhatᵀ (one per
 // factor) into one, and needs no add of their results. The GEMMs stay in cuBLAS: at
-// 2n = 128, d = 128 they are 2-4 MFLOP, a few microseconds on tensor cores; the
+// 2n = 128, d = 128 they are 2-4 MFLOP, a few microseconds even in plain FP32; the
 // kernels around them are where the composition spends its ~20 launches.
 // t, s and dt, ds are T (float or bf16_t); zhat, sim, S and all math are f32.
 //

@@ -9,9 +9,9 @@
 //
 // What stays a GEMM, and why: the stacked W_{r,k} projection (C -> P*C/4) and the V_r
 // projections (C/4 -> C each, one grouped conv) are dense products with K = C or C/4
-// reduction depth; cuBLAS runs them on tensor cores near peak, and fusing A into the
-// W GEMM's epilogue (or B into V's) would need a hand-written tensor-core GEMM for a
-// saving of one read of z and u. A and B themselves are pure bandwidth: each reads its
+// reduction depth; cuBLAS runs them near the card's FP32 peak (no TF32: see
+// cublas.rs), and fusing A into the W GEMM's epilogue (or B into V's) would need a
+// hand-written GEMM as fast as cuBLAS's for a saving of one read of z and u. A and B themselves are pure bandwidth: each reads its
 // inputs once and writes its outputs once, instead of the ~12 element-wise passes
 // (products, ReLU, sigmoid, sums, scale, multiply) of the composition, and their
 // backward kernels recompute the products and sigmoids instead of saving them.
