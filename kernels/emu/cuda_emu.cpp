@@ -349,12 +349,14 @@ extern "C" const char* emu_last_error() { return emu::t_last_error.c_str(); }
 //
 // With DFKD_EMU_MEMCHECK=1 the Rust side (src/backend/cuda/emu.rs) copies every buffer
 // a launch gets into a fresh mapping laid out as
-//   [guard page][canary][buffer][guard page]
-// with the buffer ending exactly at the upper guard page, so it is aligned to its
-// length's alignment (element-aligned always; the kernels' vector paths check 16-byte
-// alignment and fall back otherwise). A kernel touching a guard page stops the process
-// with a message naming the kernel, the argument, the offset and the thread; a write
-// into the canary before the buffer is reported when it is released after the launch.
+//   [guard page][canary][buffer][guard page]    (DFKD_EMU_MEMCHECK=1 or end)
+//   [guard page][buffer][canary][guard page]    (DFKD_EMU_MEMCHECK=start)
+// with the buffer touching one guard page exactly: past its end, or before its start.
+// Ending at a page leaves it aligned to its length's alignment (element-aligned
+// always; the kernels' vector paths check 16-byte alignment and fall back otherwise);
+// starting at one aligns it to the page. A kernel touching a guard page stops the
+// process with a message naming the kernel, the argument, the offset and the thread;
+// a write into the canary is reported when the buffer is released after the launch.
 
 namespace emu {
 namespace {
@@ -431,7 +433,7 @@ extern "C" int emu_set_schedule(int reverse) {
 // A guarded copy of `bytes` bytes at `src`, as argument `arg` of `kernel`; returns the
 // copy's address, or null when the guard table is full (the caller passes the buffer
 // unguarded then).
-extern "C" void* emu_guard_alloc(const void* src, size_t bytes, int arg, const char* kernel) {
+extern "C" void* emu_guard_alloc(const void* src, size_t bytes, int arg, const char* kernel, int at_start) {
     using namespace emu;
     static std::once_flag once;
     std::call_once(once, install_segv_handler);
@@ -451,7 +453,7 @@ extern "C" void* emu_guard_alloc(const void* src, size_t bytes, int arg, const c
     memset(map + page, CANARY, inner);
     g->map = map;
     g->map_bytes = map_bytes;
-    g->data = map + page + inner - bytes;
+    g->data = at_start ? map + page : map + page + inner - bytes;
     g->bytes = bytes;
     g->arg = arg;
     snprintf(g->kernel, sizeof g->kernel, "%s", kernel);
@@ -461,7 +463,8 @@ extern "C" void* emu_guard_alloc(const void* src, size_t bytes, int arg, const c
 }
 
 // Releases a guarded copy made by emu_guard_alloc, first copying it back to `dst`
-// (unless null). Returns 0, or 1 when the canary before the buffer was overwritten.
+// (unless null). Returns 0, or 1 when the canary before the buffer was overwritten, 2
+// when the one after it was.
 extern "C" int emu_guard_release(void* data, void* dst) {
     using namespace emu;
     std::lock_guard<std::mutex> lk(g_guard_mu);
@@ -471,6 +474,8 @@ extern "C" int emu_guard_release(void* data, void* dst) {
         int rc = 0;
         for (char* p = g.map + page; p < g.data; ++p)
             if ((unsigned char)*p != CANARY) { rc = 1; break; }
+        for (char* p = g.data + g.bytes; rc == 0 && p < g.map + g.map_bytes - page; ++p)
+            if ((unsigned char)*p != CANARY) { rc = 2; break; }
         if (dst && g.bytes) memcpy(dst, g.data, g.bytes);
         g.used.store(false, std::memory_order_release);
         munmap(g.map, g.map_bytes);

@@ -250,8 +250,8 @@ inline float max(float a, float b) { return fmaxf(a, b); }
 //   suite runs under both orders (scripts/test).
 // - Dynamic shared memory starts every block as all-ones bytes (NaN, -1), as a GPU
 //   leaves it holding garbage; static `__shared__` arrays keep the previous block's.
-// - DFKD_EMU_MEMCHECK=1 (read by the Rust side): buffers between guard pages, see
-//   emu_guard_alloc.
+// - DFKD_EMU_MEMCHECK=1|end|start (read by the Rust side): buffers between guard pages,
+//   touching the one past their end or the one before their start; see emu_guard_alloc.
 extern "C" int emu_set_schedule(int reverse);
-extern "C" void* emu_guard_alloc(const void* src, size_t bytes, int arg, const char* kernel);
+extern "C" void* emu_guard_alloc(const void* src, size_t bytes, int arg, const char* kernel, int at_start);
 extern "C" int emu_guard_release(void* data, void* dst);

@@ -2,11 +2,13 @@
 //! calls the kernel's C++ entry (kernels compiled by build.rs through kernels/emu), which
 //! runs every block on the emulator's thread pool and returns when all are done.
 //!
-//! `DFKD_EMU_MEMCHECK=1` is the emulator's compute-sanitizer memcheck: every buffer a
-//! launch gets is copied between guard pages for the launch (kernels/emu/cuda_emu.cpp),
-//! so a kernel reading or writing past a buffer's end stops the process with the
-//! kernel, argument and thread named; writes just before a buffer's start and writes
-//! into a buffer the host passed read-only (`ptr`, not `ptr_mut`) are errors.
+//! `DFKD_EMU_MEMCHECK=1` (or `end`) is the emulator's compute-sanitizer memcheck: every
+//! buffer a launch gets is copied between guard pages for the launch, ending at the
+//! upper one (kernels/emu/cuda_emu.cpp), so a kernel reading or writing past a buffer's
+//! end stops the process with the kernel, argument and thread named. `start` puts the
+//! buffer's start at the lower guard page instead, to catch accesses before it. Writes
+//! into the canary on the buffer's other side, and writes into a buffer the host passed
+//! read-only (`ptr`, not `ptr_mut`), are errors.
 
 use super::kernels::{emu_entry, emu_error, EmuConfig};
 use super::launch::{marshal, Arg, Gpu, LaunchCfg};
@@ -129,14 +131,29 @@ mod memcheck {
     use super::*;
 
     extern "C" {
-        fn emu_guard_alloc(src: *const c_void, bytes: usize, arg: c_int, kernel: *const c_char) -> *mut c_void;
+        fn emu_guard_alloc(src: *const c_void, bytes: usize, arg: c_int, kernel: *const c_char, at_start: c_int) -> *mut c_void;
         fn emu_guard_release(data: *mut c_void, dst: *mut c_void) -> c_int;
     }
 
-    pub fn enabled() -> bool {
-        static ON: OnceLock<bool> = OnceLock::new();
-        *ON.get_or_init(|| std::env::var_os("DFKD_EMU_MEMCHECK").is_some_and(|v| v != "0"))
+    /// Where the buffers touch a guard page, from `DFKD_EMU_MEMCHECK`.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Mode {
+        Off,
+        End,
+        Start,
     }
+
+    fn mode() -> Mode {
+        static MODE: OnceLock<Mode> = OnceLock::new();
+        *MODE.get_or_init(|| match std::env::var("DFKD_EMU_MEMCHECK").as_deref() {
+            Err(_) | Ok("") | Ok("0") => Mode::Off,
+            Ok("1") | Ok("end") => Mode::End,
+            Ok("start") => Mode::Start,
+            Ok(other) => panic!("DFKD_EMU_MEMCHECK={other}: expected 0, 1, end or start"),
+        })
+    }
+
+    pub fn enabled() -> bool { mode() != Mode::Off }
 
     /// The buffer an address handed to a kernel points into.
     #[derive(Clone, Copy)]
@@ -195,7 +212,8 @@ mod memcheck {
                     None => {
                         // SAFETY: `e` describes a live buffer of `bytes` bytes at `base`
                         // (made by `ptr`/`ptr_mut` for this launch); the copy is read only.
-                        let data = unsafe { emu_guard_alloc(e.base as *const c_void, e.bytes, i as c_int, name.as_ptr()) };
+                        let at_start = (mode() == Mode::Start) as c_int;
+                        let data = unsafe { emu_guard_alloc(e.base as *const c_void, e.bytes, i as c_int, name.as_ptr(), at_start) };
                         if data.is_null() {
                             continue; // the guard table is full: this one runs unguarded
                         }
@@ -227,8 +245,10 @@ mod memcheck {
                 }
                 // SAFETY: `data` came from emu_guard_alloc; `dst` is null or the
                 // writable host buffer of `bytes` bytes it was copied from.
-                if unsafe { emu_guard_release(c.data, dst) } != 0 {
-                    problems.push(format!("wrote before the start of argument #{} ({bytes} bytes)", c.arg));
+                match unsafe { emu_guard_release(c.data, dst) } {
+                    0 => {}
+                    1 => problems.push(format!("wrote before the start of argument #{} ({bytes} bytes)", c.arg)),
+                    _ => problems.push(format!("wrote past the end of argument #{} ({bytes} bytes)", c.arg)),
                 }
             }
             if problems.is_empty() {
@@ -255,11 +275,14 @@ mod tests {
 
     fn filled(n: usize) -> CpuStorage { CpuStorage::F32((0..n).map(|i| i as f32 + 0.5).collect()) }
 
-    /// Runs `case` of `check_child` under memcheck; returns (exit success, stderr).
-    fn run_child(case: &str) -> (bool, String) {
+    /// Runs `case` of `check_child` under memcheck (`DFKD_EMU_MEMCHECK=end`);
+    /// returns (exit success, stderr).
+    fn run_child(case: &str) -> (bool, String) { run_child_in(case, "end") }
+
+    fn run_child_in(case: &str, mode: &str) -> (bool, String) {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "backend::cuda::emu::tests::check_child", "--nocapture", "--test-threads=1"])
-            .env("DFKD_EMU_MEMCHECK", "1")
+            .env("DFKD_EMU_MEMCHECK", mode)
             .env(CASE, case)
             .output()
             .unwrap();
@@ -322,6 +345,14 @@ mod tests {
 
         let (_, err) = run_child("write_before_start");
         assert!(err.contains("kernel `st_bad_write_range` wrote before the start of argument #0 (248 bytes)"), "{err}");
+
+        // with the buffers starting at a guard page: y[-1] stops the process, and the
+        // off-by-one past the end lands in the canary
+        let (ok, err) = run_child_in("write_before_start", "start");
+        assert!(!ok, "the process must stop:\n{err}");
+        assert!(err.contains("kernel `st_bad_write_range` touched argument #0 (a buffer of 248 bytes) 4 bytes before its start"), "{err}");
+        let (_, err) = run_child_in("write_past_end", "start");
+        assert!(err.contains("kernel `st_bad_write_range` wrote past the end of argument #0 (248 bytes)"), "{err}");
 
         let (_, err) = run_child("write_input");
         assert!(err.contains("kernel `st_bad_write_input` wrote to argument #0, which the host passed read-only"), "{err}");
