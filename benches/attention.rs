@@ -286,7 +286,10 @@ fn bench_cuda(c: &mut Criterion, case: &Case, dev: Device, ceiling: f64) {
 fn bench(c: &mut Criterion) {
     let gpu = match std::env::var("DFKD_BENCH_DEVICE") {
         Ok(d) => Some(d.parse::<Device>().unwrap_or_else(|e| panic!("DFKD_BENCH_DEVICE={d}: {e}"))),
-        Err(_) => cuda::probe(0).map(|_| Device::Cuda(0)),
+        Err(_) => cuda::probe(0).unwrap_or_else(|e| {
+            eprintln!("{e}");
+            None
+        }).map(|_| Device::Cuda(0)),
     };
     let target = gpu.map(|dev| {
         let g = measured_ceiling(dev);

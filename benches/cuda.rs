@@ -95,7 +95,10 @@ fn train_step(c: &mut Criterion) {
 }
 
 fn main() {
-    let Some(what) = cuda::probe(0) else {
+    let Some(what) = cuda::probe(0).unwrap_or_else(|e| {
+        eprintln!("{e}");
+        None
+    }) else {
         println!("skipped: no CUDA device");
         return;
     };

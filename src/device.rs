@@ -31,11 +31,9 @@ impl Device {
     /// `cuda:0` when a driver is present and the GPU opens, else the CPU (saying why
     /// on stderr when a driver was there but the GPU could not be used).
     fn auto() -> Device {
-        if !crate::backend::cuda::cuda_driver_present() {
-            return Device::Cpu;
-        }
-        match crate::backend::cuda::cuda_device(0) {
-            Ok(_) => Device::Cuda(0),
+        match crate::backend::cuda::probe(0) {
+            Ok(Some(_)) => Device::Cuda(0),
+            Ok(None) => Device::Cpu,
             Err(e) => {
                 eprintln!("note: --device auto: {e}; using the CPU");
                 Device::Cpu

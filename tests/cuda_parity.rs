@@ -278,7 +278,7 @@ fn device_parsing() {
     assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
     assert_eq!(Device::CudaEmu.to_string(), "cuda-emu");
     assert_eq!(Device::Cuda(1).to_string(), "cuda:1");
-    let gpu = cuda::cuda_driver_present() && cuda::cuda_device(0).is_ok();
+    let gpu = cuda::probe(0).is_ok_and(|d| d.is_some());
     if cuda::cuda_driver_present() {
         assert_eq!("cuda:1".parse::<Device>().unwrap(), Device::Cuda(1));
         // parse_user opens the device: an ordinal past the last GPU is an error naming it

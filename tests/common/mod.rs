@@ -79,15 +79,12 @@ pub fn cuda_devices() -> Vec<Device> {
         return vec![dev];
     }
     let mut out = vec![Device::CudaEmu];
-    if !cuda::cuda_driver_present() {
-        eprintln!("note: no CUDA driver (libcuda.so): the Cuda case is skipped, CudaEmu only");
-        return out;
-    }
-    match cuda::cuda_device(0) {
-        Ok(what) => {
+    match cuda::probe(0) {
+        Ok(Some(what)) => {
             eprintln!("note: also testing on cuda:0 ({what})");
             out.push(Device::Cuda(0));
         }
+        Ok(None) => eprintln!("note: no CUDA driver (libcuda.so): the Cuda case is skipped, CudaEmu only"),
         Err(e) => eprintln!("note: the Cuda case is skipped: {e}"),
     }
     out

@@ -73,14 +73,13 @@ pub fn cuda_driver_present() -> bool {
 /// describes it ("NVIDIA H100 80GB HBM3, sm_90"); the error says why it cannot be used.
 pub fn cuda_device(ordinal: usize) -> crate::Result<String> { device::get(ordinal).map(|d| d.describe().to_string()) }
 
-/// `cuda:ordinal`'s description when a driver is present and the device opens; `None`
-/// otherwise, with the reason on stderr when a driver is there but the device fails.
-/// For the benches and tools that run on a GPU when there is one.
-pub fn probe(ordinal: usize) -> Option<String> {
+/// For code that uses a GPU when there is one: `Ok(None)` without a CUDA driver;
+/// otherwise opens `cuda:ordinal` and describes it, or says why it cannot be used.
+pub fn probe(ordinal: usize) -> crate::Result<Option<String>> {
     if !cuda_driver_present() {
-        return None;
+        return Ok(None);
     }
-    cuda_device(ordinal).map_err(|e| eprintln!("cuda:{ordinal} does not open: {e}")).ok()
+    cuda_device(ordinal).map(Some)
 }
 
 /// Waits for the work queued on `cuda:ordinal` (for timing); a no-op on an unopened device.
