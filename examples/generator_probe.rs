@@ -25,15 +25,20 @@ fn main() -> dfkd::Result<()> {
     dfkd::checkpoint::load_model(teacher.as_ref(), &args[2])?;
     teacher.freeze(true)?;
     let mut rng = Rng::new(cfg.seed);
-    let g = Generator::new(&cfg.generator, cfg.data.image_size, cfg.distill.fused_attention, &mut rng)?;
+    let g = Generator::new(&cfg.generator, cfg.data.image_size, cfg.data.num_classes, cfg.distill.fused_attention, &mut rng)?;
     let gc = &cfg.generator;
     let mut opt = Optimizer::adam(vec![ParamGroup::new(g.parameters(), 0.0)], gc.lr, gc.beta1, gc.beta2);
     let t0 = std::time::Instant::now();
     for step in 0..=steps {
-        let z = g.sample_z(cfg.distill.batch_size, &mut rng, Device::Cpu)?;
-        let x = g.forward(&z, &mut Ctx::new(true))?;
+        let noise = g.sample_z(cfg.distill.batch_size, &mut rng, Device::Cpu)?;
+        let x = g.forward(&noise.z, &mut Ctx::new(true))?;
         let t = teacher.forward(&x, false)?;
         let bn = bn_loss(&t)?;
+        // a conditional generator with gen_target_ce also learns to show its targets
+        let ce = match &noise.targets {
+            Some(y) if cfg.distill.gen_target_ce > 0.0 => Some((t.logits.cross_entropy(y, 0.0)?, y.clone())),
+            _ => None,
+        };
         if step % 10 == 0 {
             let p = no_grad(|| t.logits.softmax(1))?;
             let maxp: f32 = p.max(&[1], false)?.mean_all()?.to_scalar()?;
@@ -45,6 +50,10 @@ fn main() -> dfkd::Result<()> {
                 bn.to_scalar()?,
                 t0.elapsed().as_secs_f32() / (step.max(1)) as f32
             );
+            if let Some((ce, y)) = &ce {
+                let hits = t.logits.argmax_last()?.iter().zip(y).filter(|(a, b)| **a == **b as usize).count();
+                println!("           target CE {:.3}  teacher sees the target in {hits} of {}", ce.to_scalar()?, y.len());
+            }
         }
         if step == steps {
             save_image_grid(&x.narrow(0, 0, 32)?, 8, std::path::Path::new("/tmp/probe.png"))?;
@@ -56,7 +65,10 @@ fn main() -> dfkd::Result<()> {
             }
             break;
         }
-        let loss = bn.scale(cfg.distill.alpha)?;
+        let mut loss = bn.scale(cfg.distill.alpha)?;
+        if let Some((ce, _)) = &ce {
+            loss = loss.add(&ce.scale(cfg.distill.gen_target_ce)?)?;
+        }
         opt.step(&loss.backward()?)?;
     }
     Ok(())

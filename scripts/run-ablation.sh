@@ -1,33 +1,39 @@
 #!/usr/bin/env bash
-# Reruns the paper's Table 3 ablation (baseline, +SFCL, +MHAD, both) and the DAFL and
-# DFAD baselines with one teacher and one budget, and prints a markdown table of the
-# students' test accuracy (what docs/RESULTS.md records).
+# Reruns the paper's Table 3 ablation (baseline, +SFCL, +MHAD, both) and the baselines
+# (DAFL, DFAD, ZSKT, DFQ, DeepInversion) over the same distillation seeds with one
+# teacher and one budget, then prints each variant's mean with its 95% interval and the
+# paired differences from the full method (what docs/RESULTS.md records).
 #
-#   scripts/run-ablation.sh [WORKDIR] [--set key=value ...]   (extra settings apply to every run)
+#   scripts/run-ablation.sh [WORKDIR] [SEEDS] [--set key=value ...]   (settings apply to every run)
+#
+# WORKDIR defaults to runs-ablation, SEEDS to 0-4. Each variant is a sweep folder
+# WORKDIR/<variant>/ with seed-<k>/ run folders and summary.{json,md}; a killed script
+# continues where it stopped (finished seeds are kept). VARIANTS=full,baseline,... runs a
+# subset.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-workdir=${1:-runs}; shift || true
+workdir=${1:-runs-ablation}; shift || true
+seeds=${1:-0-4}; shift || true
 cargo build --release --bin distill >/dev/null 2>&1
 bin=target/release/distill
 runs=(
+  "full|dfkd-fgvc|"
   "baseline|dfkd-fgvc|--set distill.mhad=false --set distill.sfcl=false"
-  "+SFCL|dfkd-fgvc|--set distill.mhad=false"
-  "+MHAD|dfkd-fgvc|--set distill.sfcl=false"
-  "DFKD-FGVC (both)|dfkd-fgvc|"
-  "DAFL|dafl|"
-  "DFAD|dfad|"
+  "sfcl|dfkd-fgvc|--set distill.mhad=false"
+  "mhad|dfkd-fgvc|--set distill.sfcl=false"
+  "dafl|dafl|"
+  "dfad|dfad|"
+  "zskt|zskt|"
+  "dfq|dfq|"
+  "deepinversion|deepinversion|"
 )
-echo "| run | student top-1 % | top-5 % | agreement % | seconds |"
-echo "|---|---|---|---|---|"
+done_dirs=()
 for r in "${runs[@]}"; do
-  IFS='|' read -r label method sets <<<"$r"
-  name="ablation-$(echo "$label" | tr -cd 'A-Za-z0-9+-' | tr '+' 'p')"
+  IFS='|' read -r name method sets <<<"$r"
+  if [[ -n "${VARIANTS:-}" && ",$VARIANTS," != *",$name,"* ]]; then continue; fi
+  echo "== $name ($method $sets) seeds $seeds" >&2
   # shellcheck disable=SC2086
-  $bin distill --workdir "$workdir" --run "$name" --method "$method" $sets "$@" >/dev/null 2>&1
-  final=$(grep '"phase":"final"' "$workdir/$name/metrics.jsonl" | tail -1)
-  get() { echo "$final" | grep -o "\"$1\":[0-9.]*" | head -1 | cut -d: -f2; }
-  printf "| %s | %.2f | %.2f | %.2f | %.0f |\n" "$label" "$(get student_top1)" "$(get student_top5)" "$(get agreement)" "$(get seconds)"
+  $bin distill --workdir "$workdir" --run "$name" --method "$method" --seeds "$seeds" --resume $sets "$@" >/dev/null
+  done_dirs+=("$workdir/$name")
 done
-teacher=$(grep -o '"teacher_top1":[0-9.]*' "$workdir/$name/metrics.jsonl" | tail -1 | cut -d: -f2)
-echo
-echo "teacher top-1: $teacher %"
+$bin summarize "${done_dirs[@]}" --json "$workdir/comparison.json"

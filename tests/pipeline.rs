@@ -148,6 +148,62 @@ fn every_method_runs_one_iteration() {
     }
 }
 
+#[test]
+fn the_generator_class_terms_run_and_report_their_losses() {
+    let w = workdir("class-terms");
+    let mut cfg = tiny(&w);
+    let teacher = build("resnet8", 10, true, &mut Rng::new(5)).unwrap();
+    cfg.generator.conditional = true;
+    (cfg.distill.gen_target_ce, cfg.distill.gen_onehot, cfg.distill.gen_balance, cfg.distill.gen_student_eval) = (4.0, 1.0, 5.0, true);
+    // DFKD-FGVC takes the extra terms; a baseline keeps its published loss
+    for (method, names) in [("dfkd-fgvc", vec!["g_target_ce", "g_onehot", "g_balance"]), ("dfq", vec!["g_ce"])] {
+        cfg.distill.method = method.into();
+        let student = build("resnet8", 10, true, &mut Rng::new(6)).unwrap();
+        let mut d = Distiller::new(&cfg, teacher.as_ref(), student.as_ref(), Device::Cpu).unwrap();
+        let (g, _) = d.iterate().unwrap_or_else(|e| panic!("{method}: {e}"));
+        for name in names {
+            let v = g.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("{method}: no {name} in {g:?}")).1;
+            assert!(v.is_finite(), "{method}: {name} = {v}");
+        }
+        if method == "dfq" {
+            assert!(!g.iter().any(|(n, _)| *n == "g_target_ce" || *n == "g_balance"), "dfq got the extra terms: {g:?}");
+        }
+    }
+    cfg.distill.method = "dfkd-fgvc".into();
+    // asking an unconditional generator for classes is refused before any work
+    cfg.generator.conditional = false;
+    let student = build("resnet8", 10, true, &mut Rng::new(6)).unwrap();
+    let err = Distiller::new(&cfg, teacher.as_ref(), student.as_ref(), Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("generator.conditional"), "{err}");
+}
+
+#[test]
+fn a_seed_sweep_runs_each_seed_summarises_and_resumes() {
+    use dfkd::commands::sweep::run_sweep;
+    use dfkd::pipeline::sweep::{read_sweep, seed_dir};
+    let w = workdir("sweep");
+    let mut cfg = tiny(&w);
+    cfg.distill.epochs = 1;
+    let dir = w.join("sweep");
+    let summary = run_sweep(&cfg, Device::Cpu, &dir, &[3, 5], false).unwrap();
+    assert_eq!(summary.seeds.iter().map(|r| r.seed).collect::<Vec<_>>(), vec![3, 5]);
+    assert!(dir.join("summary.json").exists() && dir.join("summary.md").exists());
+    // the seeds share the data set and the teacher, and distil differently
+    assert!(std::fs::read_dir(w.join("teachers")).unwrap().count() == 1);
+    let (a, b) = (distill_records(&seed_dir(&dir, 3)), distill_records(&seed_dir(&dir, 5)));
+    assert_ne!(a, b, "two seeds gave the same run");
+    assert_eq!(summary.seeds[0].teacher_top1, summary.seeds[1].teacher_top1);
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(json["student_top1"]["n"], 2);
+    // resuming keeps the finished seeds untouched and runs the new one
+    let before = std::fs::read(seed_dir(&dir, 3).join("metrics.jsonl")).unwrap();
+    let summary = run_sweep(&cfg, Device::Cpu, &dir, &[3, 5, 6], true).unwrap();
+    assert_eq!(std::fs::read(seed_dir(&dir, 3).join("metrics.jsonl")).unwrap(), before);
+    assert_eq!(summary.seeds.len(), 3);
+    assert_eq!(read_sweep(&dir).unwrap(), summary.seeds);
+    std::fs::remove_dir_all(&w).unwrap();
+}
+
 /// The whole job on each CUDA device: the data loader's batches, the teacher's
 /// training, the generator, student and auxiliary modules, evaluation and checkpoints
 /// all run there (a tensor left on the CPU would fail with a device mismatch).

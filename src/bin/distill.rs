@@ -2,7 +2,7 @@
 //! With no arguments it runs the embedded CPU demo end to end.
 
 use clap::{Args, Parser, Subcommand};
-use dfkd::commands::{bench, job, predict};
+use dfkd::commands::{bench, job, predict, sweep};
 use dfkd::pipeline::config::Config;
 use dfkd::{Device, Result};
 use std::path::PathBuf;
@@ -17,6 +17,9 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     common: Common,
+    /// With no subcommand: the demo run, with these options.
+    #[command(flatten)]
+    demo: DistillArgs,
 }
 
 #[derive(Args, Clone)]
@@ -56,9 +59,22 @@ enum Command {
     Bench(BenchArgs),
     /// Print the resolved configuration as TOML.
     ShowConfig,
+    /// Compare sweep folders (written by `--seeds`): mean and 95% interval of each, and
+    /// the paired differences of each from the first on the seeds both ran.
+    Summarize(SummarizeArgs),
 }
 
-#[derive(Args, Default)]
+#[derive(Args)]
+struct SummarizeArgs {
+    /// Sweep folders; the first is the reference for the paired differences.
+    #[arg(required = true)]
+    sweeps: Vec<PathBuf>,
+    /// Also write the comparison as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args, Default, Clone)]
 struct DistillArgs {
     /// dfkd-fgvc, dafl, dfad, zskt, dfq or deepinversion.
     #[arg(long)]
@@ -69,6 +85,10 @@ struct DistillArgs {
     /// Continue the run from its last checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Run once per distillation seed (`0-4`, `0,1,2`), each in `<run>/seed-<k>`, sharing
+    /// the data set and teacher, then write `<run>/summary.{json,md}` (mean, std, 95% CI).
+    #[arg(long, value_name = "LIST")]
+    seeds: Option<String>,
 }
 
 #[derive(Args)]
@@ -144,8 +164,16 @@ fn distill(cfg: &mut Config, device: Device, args: &DistillArgs, default_run: &s
         cfg.distill.method = m.clone();
     }
     let run = args.run.clone().unwrap_or_else(|| default_run.replace("{method}", &cfg.distill.method));
-    let opts = job::RunOptions { run_dir: cfg.workdir.join(run), resume: args.resume };
+    let run_dir = cfg.workdir.join(run);
     eprintln!("dfkd: {} -> {} on {} ({}), device {device}", cfg.teacher.arch, cfg.student.arch, cfg.data.dataset, cfg.distill.method);
+    if let Some(list) = &args.seeds {
+        let seeds = dfkd::pipeline::sweep::parse_seeds(list)?;
+        let summary = sweep::run_sweep(cfg, device, &run_dir, &seeds, args.resume)?;
+        print!("\n{}", summary.markdown());
+        println!("\nwritten: {} and summary.md; each seed's outputs in seed-<k>/", run_dir.join("summary.json").display());
+        return Ok(());
+    }
+    let opts = job::RunOptions { run_dir, resume: args.resume };
     let summary = job::run_job(cfg, device, &opts)?;
     job::print_summary(&summary, summary.eval.models[0].per_class.len());
     Ok(())
@@ -163,7 +191,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     let (mut cfg, device) = resolve(&cli.common)?;
     match cli.command {
-        None => distill(&mut cfg, device, &DistillArgs::default(), "demo"),
+        None => distill(&mut cfg, device, &cli.demo, "demo"),
         Some(Command::Distill(a)) => distill(&mut cfg, device, &a, "{method}"),
         Some(Command::MakeData) => job::prepare_data(&cfg).map(|_| ()),
         Some(Command::TrainTeacher) => {
@@ -205,6 +233,22 @@ fn run(cli: Cli) -> Result<()> {
             let ms: Vec<String> = r.step_ms.iter().map(|t| format!("{t:.1}")).collect();
             println!("{} batch {} {}px {} classes on {device}: {:.1} images/s (median step {:.1} ms; steps: {} ms)",
                 a.arch, a.batch, a.image_size, a.num_classes, r.images_per_sec, a.batch as f64 * 1e3 / r.images_per_sec, ms.join(", "));
+            Ok(())
+        }
+        Some(Command::Summarize(a)) => {
+            let variants = a
+                .sweeps
+                .iter()
+                .map(|d| {
+                    let name = d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| d.display().to_string());
+                    dfkd::pipeline::sweep::Summary::new(&name, dfkd::pipeline::sweep::read_sweep(d)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            print!("{}", dfkd::pipeline::sweep::comparison_markdown(&variants));
+            if let Some(path) = a.json {
+                let text = serde_json::to_string_pretty(&dfkd::pipeline::sweep::comparison_json(&variants)).unwrap();
+                std::fs::write(&path, text).map_err(|e| dfkd::Error::io(&path, e))?;
+            }
             Ok(())
         }
         Some(Command::ShowConfig) => {

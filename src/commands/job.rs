@@ -110,7 +110,7 @@ pub fn run_job(cfg: &Config, device: Device, opts: &RunOptions) -> Result<JobSum
     let ds = prepare_data(cfg)?;
     let size = cfg.data.image_size;
     let (teacher, _) = prepare_teacher(cfg, &ds, device, &mut log)?;
-    let student = build(&cfg.student.arch, ds.num_classes(), cfg.student.small_stem, &mut Rng::new(cfg.seed).fork(2))?;
+    let student = build(&cfg.student.arch, ds.num_classes(), cfg.student.small_stem, &mut cfg.distill_rng(2))?;
     student.to_device(device)?;
     let eval_batch = 128;
     let mut distiller = Distiller::new(cfg, teacher.as_ref(), student.as_ref(), device)?;

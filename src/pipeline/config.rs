@@ -12,6 +12,8 @@ pub struct Config {
     pub workdir: PathBuf,
     /// "cpu", "cuda", "cuda:N", "auto".
     pub device: String,
+    /// Seed of the synthetic data set, the teacher and (with `distill.seed`) the
+    /// distillation.
     pub seed: u64,
     pub data: DataConfig,
     pub teacher: TeacherConfig,
@@ -82,6 +84,10 @@ pub struct GeneratorConfig {
     /// (METHOD.md says "DCGAN-like" and is silent on it). Without it the spectral-normed
     /// blocks shrink activations and the images start as flat grey fields.
     pub block_bn: bool,
+    /// Class-conditional generator (as in conditional GANs): a scaled one-hot target
+    /// class is concatenated to z, so `distill.gen_target_ce` (and DFQ's CE) can ask the
+    /// teacher to see that class. Off in the paper's generator.
+    pub conditional: bool,
     pub lr: f32,
     pub beta1: f32,
     pub beta2: f32,
@@ -92,6 +98,10 @@ pub struct GeneratorConfig {
 pub struct DistillConfig {
     /// dfkd-fgvc (the paper), or a baseline: dafl, dfad, zskt, dfq, deepinversion.
     pub method: String,
+    /// Seed of the distillation alone (student and generator initialisation, noise,
+    /// sampled targets): runs that differ only here share the data set and the teacher,
+    /// which the top-level `seed` decides. `--seeds 0,1,2` sweeps it.
+    pub seed: u64,
     /// Mixed high-order attention distillation.
     pub mhad: bool,
     /// Semantic feature contrast learning.
@@ -120,9 +130,25 @@ pub struct DistillConfig {
     /// Decision: the projection head is hidden -> out (512 -> 128 in the paper setting).
     pub proj_hidden: usize,
     pub proj_dim: usize,
-    /// Decision: a BatchNorm after the projection head's first layer (SimCLR's head);
-    /// without it the head's outputs collapse to one direction (see `ProjectionHead`).
+    /// Decision: a BatchNorm after the projection head's first layer (SimCLR's head).
     pub proj_bn: bool,
+    /// The superseded SFCL: the teacher's *projection* is detached, so the shared head
+    /// learns only from the student side, collapses to one direction, and L_SFCL stays
+    /// near log(2N-1). False (METHOD.md): only the teacher's features are detached.
+    pub sfcl_detach_projection: bool,
+    /// Extra DFKD-FGVC generator terms (0 = off, the paper; the baselines never take
+    /// them): the weight of the teacher's cross-entropy on the sampled target classes (needs `generator.conditional`;
+    /// DFQ, CMI and Fast-DFKD synthesise this way) ...
+    pub gen_target_ce: f32,
+    /// ... of DAFL's one-hot term (cross-entropy on the teacher's own argmax: confident
+    /// images) ...
+    pub gen_onehot: f32,
+    /// ... and of DAFL's information-entropy term (the negative entropy of the batch-mean
+    /// prediction: every class in every batch).
+    pub gen_balance: f32,
+    /// Decision: false (as written) runs the student with batch statistics in generator
+    /// steps, which also moves its running statistics; true runs it in eval mode there.
+    pub gen_student_eval: bool,
     /// Decision: 0 (the paper) trains the student on fresh generator output at every
     /// step. N > 0 keeps the batches the generator steps synthesise in a pool of N
     /// batches (random replacement once full) and draws each student batch from all of
@@ -204,12 +230,14 @@ impl Config {
                 sam_softmax_scaled: true,
                 spectral_norm: true,
                 block_bn: true,
+                conditional: false,
                 lr: 1e-3,
                 beta1: 0.5,
                 beta2: 0.999,
             },
             distill: DistillConfig {
                 method: "dfkd-fgvc".into(),
+                seed: 0,
                 mhad: true,
                 sfcl: true,
                 alpha: 0.3,
@@ -225,6 +253,11 @@ impl Config {
                 proj_hidden: 128,
                 proj_dim: 64,
                 proj_bn: true,
+                sfcl_detach_projection: false,
+                gen_target_ce: 0.0,
+                gen_onehot: 0.0,
+                gen_balance: 0.0,
+                gen_student_eval: false,
                 // The demo's budget (METHOD.md: t = 20, 50 iterations an epoch, 200
                 // epochs): a 2-core CPU affords ~40 iterations (~4.6 s each) in its
                 // ~3 minutes. The student's accuracy still climbs there: a 96-iteration
@@ -285,6 +318,13 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         toml::from_str(&text).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
+    }
+
+    /// A random stream of the distillation (`stream` names which): decided by the
+    /// top-level seed and `distill.seed` together; `distill.seed = 0` gives the streams
+    /// runs had before that key existed.
+    pub fn distill_rng(&self, stream: u64) -> crate::rng::Rng {
+        crate::rng::Rng::new(self.seed ^ self.distill.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).fork(stream)
     }
 
     pub fn to_toml(&self) -> String { toml::to_string_pretty(self).expect("config serialises") }

@@ -71,17 +71,20 @@ impl<'a> Distiller<'a> {
     pub fn new(cfg: &'a Config, teacher: &'a dyn Classifier, student: &'a dyn Classifier, device: Device) -> Result<Self> {
         let d = &cfg.distill;
         let method = Method::parse(&d.method)?;
+        if d.gen_target_ce > 0.0 && !cfg.generator.conditional {
+            bail!("distill.gen_target_ce = {} needs generator.conditional = true: an unconditional generator cannot be asked for a class", d.gen_target_ce);
+        }
         if d.pool_batches > 0 && d.g_steps == 0 {
             bail!("distill.pool_batches = {} needs generator steps to fill the pool, but distill.g_steps = 0", d.pool_batches);
         }
-        let mut rng = Rng::new(cfg.seed).fork(0xd15711);
+        let mut rng = cfg.distill_rng(0xd15711);
         // every module is built on the CPU; the loop runs where `device` says
         teacher.to_device(device)?;
         student.to_device(device)?;
         teacher.freeze(true)?;
         let generator = match method {
             Method::DeepInversion => None,
-            _ => Some(Generator::new(&cfg.generator, cfg.data.image_size, d.fused_attention, &mut rng)?),
+            _ => Some(Generator::new(&cfg.generator, cfg.data.image_size, teacher.num_classes(), d.fused_attention, &mut rng)?),
         };
         if let Some(g) = &generator {
             g.to_device(device)?;
@@ -92,7 +95,7 @@ impl<'a> Distiller<'a> {
         let ours = method == Method::DfkdFgvc;
         let mhad = if ours && d.mhad { Some(Mhad::new(&tp, &sp, d.mha_order, d.adapter_identity_init, d.mhad_normalize, d.fused_attention, &mut rng)?) } else { None };
         let head = if ours && d.sfcl {
-            Some(ProjectionHead::new(tp.penultimate.dims()[1], sp.penultimate.dims()[1], d.proj_hidden, d.proj_dim, d.proj_bn, d.tau_sfcl, d.fused_attention, &mut rng)?)
+            Some(ProjectionHead::new(tp.penultimate.dims()[1], sp.penultimate.dims()[1], d.proj_hidden, d.proj_dim, d.proj_bn, d.tau_sfcl, d.fused_attention, &mut rng)?.detach_projection(d.sfcl_detach_projection))
         } else {
             None
         };
@@ -124,11 +127,13 @@ impl<'a> Distiller<'a> {
         Ok((g_losses, s_losses))
     }
 
-    fn fresh_images(&mut self, train: bool) -> Result<Tensor> {
+    /// A synthesised batch, with the class each image was asked to show when the
+    /// generator is conditional.
+    fn fresh_images(&mut self, train: bool) -> Result<(Tensor, Option<Vec<u32>>)> {
         let n = self.cfg.distill.batch_size;
         let g = self.generator.as_ref().expect("a generator");
-        let z = g.sample_z(n, &mut self.rng, self.device)?;
-        g.forward(&z, &mut Ctx::new(train))
+        let noise = g.sample_z(n, &mut self.rng, self.device)?;
+        Ok((g.forward(&noise.z, &mut Ctx::new(train))?, noise.targets))
     }
 
     fn generator_steps(&mut self) -> Result<Losses> {
@@ -136,10 +141,10 @@ impl<'a> Distiller<'a> {
         self.student.freeze(true)?;
         let mut acc = Accumulator::default();
         for _ in 0..d.g_steps {
-            let raw = self.fresh_images(true)?;
+            let (raw, targets) = self.fresh_images(true)?;
             let x = self.augment(&raw)?;
             let t = self.teacher.forward(&x, false)?;
-            let s = self.student.forward_ctx(&x, &mut Ctx::new(true))?;
+            let s = self.student.forward_ctx(&x, &mut Ctx::new(!d.gen_student_eval))?;
             let kd = s.logits.kd_loss(&t.logits, d.tau_gen)?;
             let (loss, parts): (Tensor, Losses) = match self.method {
                 Method::DfkdFgvc | Method::Dfq => {
@@ -147,8 +152,13 @@ impl<'a> Distiller<'a> {
                     let mut loss = bn.scale(d.alpha)?.sub(&kd)?;
                     let mut parts = vec![("g_bn", bn.to_scalar()?), ("g_kd", kd.to_scalar()?)];
                     if self.method == Method::Dfq {
+                        // the conditional generator's own targets; an unconditional one
+                        // cannot aim at a class, so its CE (on random targets) cannot fall
                         let k = t.logits.dims()[1];
-                        let targets: Vec<u32> = (0..x.dims()[0]).map(|_| self.rng.below(k) as u32).collect();
+                        let targets = match &targets {
+                            Some(y) => y.clone(),
+                            None => (0..x.dims()[0]).map(|_| self.rng.below(k) as u32).collect(),
+                        };
                         let ce = t.logits.cross_entropy(&targets, 0.0)?;
                         parts.push(("g_ce", ce.to_scalar()?));
                         loss = loss.add(&ce)?;
@@ -166,7 +176,10 @@ impl<'a> Distiller<'a> {
                 Method::Zskt => (kd.neg()?, vec![("g_kd", kd.to_scalar()?)]),
                 Method::DeepInversion => unreachable!(),
             };
-            let mut parts = parts;
+            let (loss, mut parts) = match self.method {
+                Method::DfkdFgvc => self.class_terms(loss, parts, &t.logits, targets.as_deref())?,
+                _ => (loss, parts),
+            };
             parts.push(("g_class_entropy", class_entropy(&t.logits)?));
             check_finite(&parts, "generator", self.iteration)?;
             let grads = loss.backward()?;
@@ -178,6 +191,30 @@ impl<'a> Distiller<'a> {
         }
         self.student.freeze(false)?;
         Ok(acc.mean())
+    }
+
+    /// Adds the configured class terms to a DFKD-FGVC generator loss: the teacher's
+    /// cross-entropy on the sampled targets, DAFL's one-hot term and its class-balance
+    /// term. The baselines keep their published losses, so they never get these.
+    fn class_terms(&self, mut loss: Tensor, mut parts: Losses, t_logits: &Tensor, targets: Option<&[u32]>) -> Result<(Tensor, Losses)> {
+        let d = &self.cfg.distill;
+        if d.gen_target_ce > 0.0 {
+            let ce = t_logits.cross_entropy(targets.expect("conditional generator (checked in Distiller::new)"), 0.0)?;
+            parts.push(("g_target_ce", ce.to_scalar()?));
+            loss = loss.add(&ce.scale(d.gen_target_ce)?)?;
+        }
+        if d.gen_onehot > 0.0 {
+            let own: Vec<u32> = t_logits.argmax_last()?.into_iter().map(|c| c as u32).collect();
+            let ce = t_logits.cross_entropy(&own, 0.0)?;
+            parts.push(("g_onehot", ce.to_scalar()?));
+            loss = loss.add(&ce.scale(d.gen_onehot)?)?;
+        }
+        if d.gen_balance > 0.0 {
+            let neg_entropy = losses::batch_neg_entropy(t_logits)?;
+            parts.push(("g_balance", neg_entropy.to_scalar()?));
+            loss = loss.add(&neg_entropy.scale(d.gen_balance)?)?;
+        }
+        Ok((loss, parts))
     }
 
     /// DeepInversion (ADI): optimise a batch of pixels against the teacher's BN
@@ -249,7 +286,7 @@ impl<'a> Distiller<'a> {
         let mut acc = Accumulator::default();
         for _ in 0..d.s_steps {
             self.opt_s.set_lr(self.schedule.lr_at(self.opt_s.steps() as usize));
-            let x = if self.uses_pool() { self.pooled_images()? } else { no_grad(|| self.fresh_images(true))?.detach() };
+            let x = if self.uses_pool() { self.pooled_images()? } else { no_grad(|| self.fresh_images(true))?.0.detach() };
             let x = self.augment(&x)?;
             let t = no_grad(|| self.teacher.forward(&x, false))?;
             let s = self.student.forward_ctx(&x, &mut Ctx::new(true))?;
@@ -288,7 +325,7 @@ impl<'a> Distiller<'a> {
                 Some(x) => x.clone(),
                 None => return Ok(()),
             },
-            _ => no_grad(|| self.fresh_images(false))?,
+            _ => no_grad(|| self.fresh_images(false))?.0,
         };
         let n = x.dims()[0].min(64);
         save_image_grid(&x.narrow(0, 0, n)?, 8, path)

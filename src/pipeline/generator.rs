@@ -26,8 +26,17 @@ pub struct Generator {
     blocks: Vec<Block>,
     head: Conv2d,
     pub z_dim: usize,
+    /// Classes of a conditional generator (their one-hot follows z), 0 when unconditional.
+    classes: usize,
     c0: usize,
     s0: usize,
+}
+
+/// A batch of generator input: `z` (with the targets' one-hot when conditional).
+pub struct Noise {
+    pub z: Tensor,
+    /// The class each sample is meant to show (conditional generators only).
+    pub targets: Option<Vec<u32>>,
 }
 
 /// How many times the blocks double the first feature map: s = s0 * 2^4.
@@ -35,7 +44,8 @@ const BLOCKS: usize = 4;
 
 impl Generator {
     /// `fused_attention`: SAM runs the fused spatial attention op (else the composition).
-    pub fn new(cfg: &GeneratorConfig, image_size: usize, fused_attention: bool, rng: &mut Rng) -> Result<Generator> {
+    /// `num_classes` matters only to a conditional generator (`cfg.conditional`).
+    pub fn new(cfg: &GeneratorConfig, image_size: usize, num_classes: usize, fused_attention: bool, rng: &mut Rng) -> Result<Generator> {
         if cfg.channels.len() != BLOCKS + 1 {
             bail!("generator.channels must list {} widths (first map and each block), got {:?}", BLOCKS + 1, cfg.channels);
         }
@@ -56,20 +66,37 @@ impl Generator {
             let bn = if cfg.block_bn { Some(BatchNorm2d::new(co)?) } else { None };
             blocks.push(Block { deconv, bn, sam });
         }
+        let classes = if cfg.conditional { num_classes } else { 0 };
         Ok(Generator {
-            fc: Linear::new(cfg.z_dim, c0 * s0 * s0, true, rng)?,
+            fc: Linear::new(cfg.z_dim + classes, c0 * s0 * s0, true, rng)?,
             bn0: BatchNorm2d::new(c0)?,
             blocks,
             head: Conv2d::new(cfg.channels[BLOCKS], 3, 3, ConvOpts::default().padding(1), true, rng)?,
             z_dim: cfg.z_dim,
+            classes,
             c0,
             s0,
         })
     }
 
-    /// Standard normal noise for a batch.
-    pub fn sample_z(&self, n: usize, rng: &mut Rng, device: Device) -> Result<Tensor> {
-        Tensor::randn(&[n, self.z_dim], 0.0, 1.0, rng, device)
+    /// The generator's input for a batch: standard normal noise, followed for a
+    /// conditional generator by the (scaled) one-hot of each sample's target class. Targets go
+    /// round the classes from a random one, so a batch covers them evenly.
+    pub fn sample_z(&self, n: usize, rng: &mut Rng, device: Device) -> Result<Noise> {
+        let z = Tensor::randn(&[n, self.z_dim], 0.0, 1.0, rng, device)?;
+        if self.classes == 0 {
+            return Ok(Noise { z, targets: None });
+        }
+        let first = rng.below(self.classes);
+        let targets: Vec<u32> = (0..n).map(|i| ((first + i) % self.classes) as u32).collect();
+        // the class code has the noise's norm (|z| ~ sqrt(z_dim)): a bare one-hot among
+        // 256 unit-variance inputs is too faint for the generator to pick up in the
+        // few hundred steps of a run
+        let scale = (self.z_dim as f32).sqrt();
+        let mut onehot = vec![0f32; n * self.classes];
+        targets.iter().enumerate().for_each(|(i, &c)| onehot[i * self.classes + c as usize] = scale);
+        let onehot = Tensor::from_vec(onehot, &[n, self.classes], device)?;
+        Ok(Noise { z: Tensor::cat(&[&z, &onehot], 1)?, targets: Some(targets) })
     }
 
     /// Images in the classifiers' input space (ImageNet-normalised): the tanh output is

@@ -63,9 +63,14 @@ pub fn dafl_generator_loss(t: &Features) -> Result<Tensor> {
     let labels: Vec<u32> = t.logits.argmax_last()?.into_iter().map(|c| c as u32).collect();
     let ce = t.logits.cross_entropy(&labels, 0.0)?;
     let activation = t.penultimate.abs()?.mean_all()?.neg()?;
-    let p_mean = t.logits.softmax(1)?.mean(&[0], false)?;
-    let neg_entropy = p_mean.mul(&p_mean.clamp(1e-8, 1.0)?.log()?)?.sum_all()?;
-    ce.add(&activation.scale(0.1)?)?.add(&neg_entropy.scale(5.0)?)
+    ce.add(&activation.scale(0.1)?)?.add(&batch_neg_entropy(&t.logits)?.scale(5.0)?)
+}
+
+/// DAFL's information-entropy term: the negative entropy of the batch-mean prediction,
+/// lowest (-log K) when the batch covers every class evenly.
+pub fn batch_neg_entropy(logits: &Tensor) -> Result<Tensor> {
+    let p_mean = logits.softmax(1)?.mean(&[0], false)?;
+    p_mean.mul(&p_mean.clamp(1e-8, 1.0)?.log()?)?.sum_all()
 }
 
 /// Zagoruyko's attention map of a stage: the channel-mean of squares, flattened and
@@ -199,13 +204,17 @@ impl Module for Mhad {
 
 /// SFCL's projection head: `Linear(d, hidden) -> [BN] -> ReLU -> Linear(hidden, out)`,
 /// shared by both sides (the teacher side gets its own first layer only when widths
-/// differ), the teacher's projection detached.
+/// differ). The teacher's *features* are detached, but the head learns from both sides
+/// (METHOD.md): the loss then pushes the teacher anchors apart as well as the student
+/// projections towards them. Detaching the teacher's *projection* instead
+/// (`distill.sfcl_detach_projection`, the superseded behaviour) leaves nothing to keep
+/// the anchors apart: the head maps every sample to nearly one direction (mean pairwise
+/// cosine 0.995 measured) and L_SFCL stays near log(2N - 1).
 ///
-/// Decision (`distill.proj_bn`): a BatchNorm after the first layer, as in SimCLR's head.
-/// Penultimate features are post-ReLU averages, all positive and alike across samples;
-/// without centring, all 2N projections point the same way, every similarity is ~1/tau
-/// and NT-Xent sits at log(2N - 1) with vanishing gradients (seen in the CPU demo).
-/// Each side's batch is normalised with its own statistics.
+/// Decision (`distill.proj_bn`): a BatchNorm after the first layer, as in SimCLR's head:
+/// penultimate features are post-ReLU averages, all positive and alike across samples,
+/// and centring them helps the head spread them. Each side's batch is normalised with
+/// its own statistics.
 pub struct ProjectionHead {
     teacher_in: Option<Linear>,
     fc1: Linear,
@@ -214,13 +223,22 @@ pub struct ProjectionHead {
     pub tau: f32,
     /// The fused NT-Xent, or the composition `contrastive_loss`.
     pub fused: bool,
+    /// Stop the gradient at the teacher's projection (the superseded, collapsing SFCL).
+    detach_projection: bool,
 }
 
 impl ProjectionHead {
     pub fn new(d_teacher: usize, d_student: usize, hidden: usize, out: usize, bn: bool, tau: f32, fused: bool, rng: &mut Rng) -> Result<Self> {
         let teacher_in = if d_teacher != d_student { Some(Linear::new(d_teacher, hidden, true, rng)?) } else { None };
         let bn = if bn { Some(BatchNorm2d::new(hidden)?) } else { None };
-        Ok(ProjectionHead { teacher_in, fc1: Linear::new(d_student, hidden, true, rng)?, bn, fc2: Linear::new(hidden, out, true, rng)?, tau, fused })
+        Ok(ProjectionHead { teacher_in, fc1: Linear::new(d_student, hidden, true, rng)?, bn, fc2: Linear::new(hidden, out, true, rng)?, tau, fused, detach_projection: false })
+    }
+
+    /// `true` brings back the superseded SFCL that stops the gradient at the teacher's
+    /// projection, for comparison (`distill.sfcl_detach_projection`).
+    pub fn detach_projection(mut self, on: bool) -> Self {
+        self.detach_projection = on;
+        self
     }
 
     /// `fc2(relu(bn(h)))` for a side's hidden activations `h` [N, hidden].
@@ -235,12 +253,18 @@ impl ProjectionHead {
         self.fc2.forward(&h.relu()?)
     }
 
-    pub fn loss(&self, t: &Features, s: &Features) -> Result<Tensor> {
+    /// The teacher side's projections `[N, out]`, from its detached features.
+    pub fn project_teacher(&self, t: &Features) -> Result<Tensor> {
         let t_hidden = match &self.teacher_in {
             Some(l) => l.forward(&t.penultimate.detach())?,
             None => self.fc1.forward(&t.penultimate.detach())?,
         };
-        let zt = self.project(&t_hidden)?.detach();
+        self.project(&t_hidden)
+    }
+
+    pub fn loss(&self, t: &Features, s: &Features) -> Result<Tensor> {
+        let zt = self.project_teacher(t)?;
+        let zt = if self.detach_projection { zt.detach() } else { zt };
         let zs = self.project(&self.fc1.forward(&s.penultimate)?)?;
         if self.fused {
             return zt.nt_xent_fused(&zs, self.tau);
