@@ -54,7 +54,7 @@ fn the_job_writes_its_outputs_and_is_deterministic() {
     let cfg = tiny(&w);
     let runs: Vec<PathBuf> = ["a", "b"].iter().map(|r| w.join(r)).collect();
     for run in &runs {
-        let s = job::run_job(&cfg, Device::Cpu, &RunOptions { run_dir: run.clone(), resume: false }).unwrap();
+        let s = job::run_job(&cfg, Device::Cpu, &RunOptions { run_dir: run.clone(), resume: false, overwrite: false }).unwrap();
         assert!((0.0..=100.0).contains(&s.student_top1) && (0.0..=100.0).contains(&s.teacher_top1));
         assert_eq!(s.eval.models[1].per_class.len(), 10);
         for f in ["config.toml", "metrics.jsonl", "losses_student.png", "losses_generator.png", "accuracy.png", "student.safetensors", "checkpoint/state.json",
@@ -160,7 +160,7 @@ fn the_job_runs_on_cuda_devices() {
         cfg.distill.epochs = 1;
         cfg.distill.checkpoint_every = 1;
         let run = w.join("run");
-        let s = job::run_job(&cfg, dev, &RunOptions { run_dir: run.clone(), resume: false }).unwrap_or_else(|e| panic!("{dev}: {e}"));
+        let s = job::run_job(&cfg, dev, &RunOptions { run_dir: run.clone(), resume: false, overwrite: false }).unwrap_or_else(|e| panic!("{dev}: {e}"));
         assert!((0.0..=100.0).contains(&s.student_top1) && (0.0..=100.0).contains(&s.teacher_top1), "{dev}");
         for f in ["metrics.jsonl", "student.safetensors", "checkpoint/state.json", "checkpoint/generator.safetensors", "images/iter000002.png"] {
             assert!(run.join(f).exists(), "{dev}: {f} missing");

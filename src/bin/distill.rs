@@ -67,8 +67,11 @@ struct DistillArgs {
     #[arg(long)]
     run: Option<String>,
     /// Continue the run from its last checkpoint.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// Replace the run already in the run folder (a new run refuses to start over one).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Args)]
@@ -119,7 +122,9 @@ struct BenchArgs {
     warmup: usize,
 }
 
-fn resolve(c: &Common) -> Result<(Config, Device)> {
+/// The config from the files, presets and flags, validated; the device is not opened
+/// here (`open_device`), so that commands that compute nothing work on any machine.
+fn resolve(c: &Common) -> Result<Config> {
     let mut cfg = match (&c.config, &c.preset) {
         (Some(path), _) => Config::load(path)?,
         (None, Some(p)) => Config::preset(p)?,
@@ -135,16 +140,25 @@ fn resolve(c: &Common) -> Result<(Config, Device)> {
     if let Some(s) = c.seed {
         cfg.seed = s;
     }
-    let device = Device::parse_user(&cfg.device)?;
-    Ok((cfg, device))
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn open_device(cfg: &Config) -> Result<Device> {
+    Device::parse_user(&cfg.device)
 }
 
 fn distill(cfg: &mut Config, device: Device, args: &DistillArgs, default_run: &str) -> Result<()> {
     if let Some(m) = &args.method {
         cfg.distill.method = m.clone();
     }
-    let run = args.run.clone().unwrap_or_else(|| default_run.replace("{method}", &cfg.distill.method));
-    let opts = job::RunOptions { run_dir: cfg.workdir.join(run), resume: args.resume };
+    let run_dir = match &args.run {
+        Some(run) => cfg.workdir.join(run),
+        // the bare demo never replaces an earlier run: runs/demo, then demo-2, ...
+        None if default_run == "demo" => dfkd::pipeline::run_dir::first_free(&cfg.workdir, "demo"),
+        None => cfg.workdir.join(default_run.replace("{method}", &cfg.distill.method)),
+    };
+    let opts = job::RunOptions { run_dir, resume: args.resume, overwrite: args.overwrite };
     eprintln!("dfkd: {} -> {} on {} ({}), device {device}", cfg.teacher.arch, cfg.student.arch, cfg.data.dataset, cfg.distill.method);
     let summary = job::run_job(cfg, device, &opts)?;
     job::print_summary(&summary, summary.eval.models[0].per_class.len());
@@ -161,7 +175,13 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let (mut cfg, device) = resolve(&cli.common)?;
+    let mut cfg = resolve(&cli.common)?;
+    // only commands that compute open the device (`show-config --device cuda` works
+    // without a GPU); make-data runs on the CPU whatever the config says
+    let device = match cli.command {
+        Some(Command::ShowConfig | Command::MakeData) => Device::Cpu,
+        _ => open_device(&cfg)?,
+    };
     match cli.command {
         None => distill(&mut cfg, device, &DistillArgs::default(), "demo"),
         Some(Command::Distill(a)) => distill(&mut cfg, device, &a, "{method}"),

@@ -9,3 +9,5 @@ pub mod progress;
 pub mod teacher;
 pub mod checkpoint_dir;
 pub mod distill;
+pub mod run_dir;
+pub mod validate;
