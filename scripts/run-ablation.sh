@@ -22,8 +22,9 @@ echo "|---|---|---|---|---|"
 for r in "${runs[@]}"; do
   IFS='|' read -r label method sets <<<"$r"
   name="ablation-$(echo "$label" | tr -cd 'A-Za-z0-9+-' | tr '+' 'p')"
+  # --overwrite: a rerun replaces the earlier run of the same name (a new run refuses to)
   # shellcheck disable=SC2086
-  $bin distill --workdir "$workdir" --run "$name" --method "$method" $sets "$@" >/dev/null 2>&1
+  $bin distill --workdir "$workdir" --run "$name" --overwrite --method "$method" $sets "$@" >/dev/null 2>&1
   final=$(grep '"phase":"final"' "$workdir/$name/metrics.jsonl" | tail -1)
   get() { echo "$final" | grep -o "\"$1\":[0-9.]*" | head -1 | cut -d: -f2; }
   printf "| %s | %.2f | %.2f | %.2f | %.0f |\n" "$label" "$(get student_top1)" "$(get student_top5)" "$(get agreement)" "$(get seconds)"
