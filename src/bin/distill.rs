@@ -188,6 +188,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::MakeData) => job::prepare_data(&cfg).map(|_| ()),
         Some(Command::TrainTeacher) => {
             let ds = job::prepare_data(&cfg)?;
+            cfg.validate_dataset(&ds)?;
             let run_dir = cfg.workdir.join("teacher");
             std::fs::create_dir_all(&run_dir).map_err(|e| dfkd::Error::io(&run_dir, e))?;
             let mut log = dfkd::pipeline::report::MetricsLog::open(&run_dir.join("metrics.jsonl"))?;
@@ -198,6 +199,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Some(Command::Eval(a)) => {
             let ds = job::prepare_data(&cfg)?;
+            cfg.validate_dataset(&ds)?;
             let small = a.small_stem.unwrap_or(cfg.data.image_size <= 64);
             let model = predict::load_classifier(&a.arch, ds.num_classes(), small, &a.weights)?;
             model.to_device(device)?;
