@@ -24,6 +24,11 @@ impl MetricsLog {
     pub fn write(&mut self, value: &serde_json::Value) -> Result<()> {
         // one buffer, one write: `writeln!` on the file would issue a write per token
         let line = format!("{value}\n");
+        if crate::failpoint::hit("metrics-write") {
+            // what a kill inside a write can leave at worst: part of the line
+            let _ = self.file.write_all(&line.as_bytes()[..line.len() / 2]);
+            crate::failpoint::crash("metrics-write");
+        }
         self.file.write_all(line.as_bytes()).map_err(|e| Error::io(&self.path, e))
     }
 
