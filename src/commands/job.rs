@@ -131,6 +131,10 @@ pub fn run_job(cfg: &Config, device: Device, opts: &RunOptions) -> Result<JobSum
     let t0 = Instant::now();
     cfg.validate()?;
     let run = open_run_dir(opts)?;
+    if opts.resume && CheckpointDir::new(run.path()).existing().is_none() {
+        // said now, not after the data set and the teacher have been prepared
+        bail!("--resume: {} has no checkpoint (the run stopped before its first one); start it again with --overwrite", run.path().display());
+    }
     let ds = prepare_data(cfg)?;
     cfg.validate_dataset(&ds)?;
     run.prepare()?;
