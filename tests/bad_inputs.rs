@@ -293,6 +293,19 @@ fn bad_values_on_the_command_line_are_errors_not_panics_and_make_nothing() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"), "{out:?}");
 }
 
+#[test]
+fn a_second_process_on_a_held_run_folder_fails_at_once_naming_the_holder() {
+    let tmp = TempDir::new("lock");
+    let held = dfkd::pipeline::run_dir::RunDir::claim(&tmp.0.join("run"), dfkd::pipeline::run_dir::Mode::Fresh).unwrap();
+    let before = snapshot(&tmp.0);
+    let out = distill_bin(&["distill", "--workdir", tmp.0.to_str().unwrap(), "--run", "run", "--device", "cpu", "--overwrite"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("in use by process {}", std::process::id())), "{stderr}");
+    assert!(snapshot(&tmp.0) == before, "the refused process changed files");
+    drop(held);
+}
+
 /// The bare demo command run twice: the second run goes to a fresh folder and the
 /// first one stays as it was.
 #[test]
