@@ -241,6 +241,29 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// Write system calls this thread has made (Linux).
+    fn writes() -> Option<u64> {
+        let io = std::fs::read_to_string("/proc/thread-self/io").ok()?;
+        io.lines().find_map(|l| l.strip_prefix("syscw: "))?.trim().parse().ok()
+    }
+
+    /// A record goes out in one write(), so a kill cannot cut it at a token boundary
+    /// and glue the next record onto the piece (`writeln!` on the file made ~50).
+    #[test]
+    fn a_record_is_one_write() {
+        let Some(_) = writes() else {
+            eprintln!("skipped: no /proc/thread-self/io to count write calls");
+            return;
+        };
+        let path = std::env::temp_dir().join(format!("dfkd-metrics-writes-{}.jsonl", std::process::id()));
+        let mut log = MetricsLog::open(&path).unwrap();
+        let record = json!({"phase": "distill", "iteration": 7, "s_kd": 0.25, "s_mhad": 1.5, "per_class": [1.0, 2.0, 3.0, 4.0, 5.0]});
+        let before = writes().unwrap();
+        log.write(&record).unwrap();
+        assert_eq!(writes().unwrap() - before, 1);
+        std::fs::remove_file(&path).unwrap();
+    }
+
     #[test]
     fn a_resumed_log_drops_what_follows_the_checkpoint_and_malformed_lines() {
         let dir = std::env::temp_dir().join(format!("dfkd-metrics-{}", std::process::id()));
