@@ -45,6 +45,7 @@ impl Config {
                 "a multiple of 16 (the generator doubles the size in 4 blocks), at least 16");
         c.check(d.num_classes >= 2, "data.num_classes", d.num_classes, "at least 2");
         if d.dataset == "synthetic" {
+            c.check((10..=200).contains(&d.num_classes), "data.num_classes", d.num_classes, "10 to 200 for the synthetic set");
             c.positive("data.train_per_class", d.train_per_class);
             c.positive("data.test_per_class", d.test_per_class);
         }
