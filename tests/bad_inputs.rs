@@ -289,6 +289,15 @@ fn bad_values_on_the_command_line_are_errors_not_panics_and_make_nothing() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("device = \"cuda:3\"") && stdout.contains("lr = 0.1\n"), "{stdout}");
+    // --device auto says why it uses the CPU (here: predict opens the device, then
+    // refuses its argument)
+    let out = distill_bin(&["--device", "auto", "predict", "--arch", "resnet8", "--num-classes", "10", "--weights", "w", "--image-size", "0", "x.png"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match dfkd::backend::cuda::probe(0) {
+        Ok(Some(_)) => {}
+        Ok(None) => assert!(stderr.contains("--device auto: no CUDA driver found (libcuda.so); using the CPU"), "{stderr}"),
+        Err(_) => assert!(stderr.contains("--device auto: ") && stderr.contains("using the CPU"), "{stderr}"),
+    }
     let out = distill_bin(&["distill", "--resume", "--overwrite"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"), "{out:?}");
 }
