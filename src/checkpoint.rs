@@ -107,12 +107,17 @@ fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
 /// A float tensor's values as f32, or an error naming the key.
 fn floats(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Vec<f32>> {
     let b = view.data();
-    Ok(match view.dtype() {
+    let values: Vec<f32> = match view.dtype() {
         Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
         Dtype::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         Dtype::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         d => bail!("{}: `{name}` has dtype {d:?}, expected F32, F16 or BF16", path.display()),
-    })
+    };
+    // a NaN or Inf weight would only show up as "NaN%" predictions, much later
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        bail!("{}: `{name}` holds {} at element {i} (of {}); the weights are corrupt or diverged", path.display(), values[i], values.len());
+    }
+    Ok(values)
 }
 
 /// An integer scalar counter, or an error naming the key.

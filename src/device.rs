@@ -28,12 +28,15 @@ impl Device {
         Ok(d)
     }
 
-    /// `cuda:0` when a driver is present and the GPU opens, else the CPU (saying why
-    /// on stderr when a driver was there but the GPU could not be used).
+    /// `cuda:0` when a driver is present and the GPU opens, else the CPU, saying why on
+    /// stderr (no driver, or the error that kept the GPU from opening).
     fn auto() -> Device {
         match crate::backend::cuda::probe(0) {
             Ok(Some(_)) => Device::Cuda(0),
-            Ok(None) => Device::Cpu,
+            Ok(None) => {
+                eprintln!("note: --device auto: no CUDA driver found (libcuda.so); using the CPU");
+                Device::Cpu
+            }
             Err(e) => {
                 eprintln!("note: --device auto: {e}; using the CPU");
                 Device::Cpu

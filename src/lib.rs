@@ -4,6 +4,7 @@
 
 pub mod allocator;
 pub mod backend;
+pub mod failpoint;
 mod device;
 mod dtype;
 mod error;

@@ -54,7 +54,7 @@ fn the_job_writes_its_outputs_and_is_deterministic() {
     let cfg = tiny(&w);
     let runs: Vec<PathBuf> = ["a", "b"].iter().map(|r| w.join(r)).collect();
     for run in &runs {
-        let s = job::run_job(&cfg, Device::Cpu, &RunOptions { run_dir: run.clone(), resume: false }).unwrap();
+        let s = job::run_job(&cfg, Device::Cpu, &RunOptions { run_dir: run.clone(), resume: false, overwrite: false }).unwrap();
         assert!((0.0..=100.0).contains(&s.student_top1) && (0.0..=100.0).contains(&s.teacher_top1));
         assert_eq!(s.eval.models[1].per_class.len(), 10);
         for f in ["config.toml", "metrics.jsonl", "losses_student.png", "losses_generator.png", "accuracy.png", "student.safetensors", "checkpoint/state.json",
@@ -185,7 +185,7 @@ fn a_seed_sweep_runs_each_seed_summarises_and_resumes() {
     let mut cfg = tiny(&w);
     cfg.distill.epochs = 1;
     let dir = w.join("sweep");
-    let summary = run_sweep(&cfg, Device::Cpu, &dir, &[3, 5], false).unwrap();
+    let summary = run_sweep(&cfg, Device::Cpu, &dir, &[3, 5], false, false).unwrap();
     assert_eq!(summary.seeds.iter().map(|r| r.seed).collect::<Vec<_>>(), vec![3, 5]);
     assert!(dir.join("summary.json").exists() && dir.join("summary.md").exists());
     // the seeds share the data set and the teacher, and distil differently
@@ -197,7 +197,7 @@ fn a_seed_sweep_runs_each_seed_summarises_and_resumes() {
     assert_eq!(json["student_top1"]["n"], 2);
     // resuming keeps the finished seeds untouched and runs the new one
     let before = std::fs::read(seed_dir(&dir, 3).join("metrics.jsonl")).unwrap();
-    let summary = run_sweep(&cfg, Device::Cpu, &dir, &[3, 5, 6], true).unwrap();
+    let summary = run_sweep(&cfg, Device::Cpu, &dir, &[3, 5, 6], true, false).unwrap();
     assert_eq!(std::fs::read(seed_dir(&dir, 3).join("metrics.jsonl")).unwrap(), before);
     assert_eq!(summary.seeds.len(), 3);
     assert_eq!(read_sweep(&dir).unwrap(), summary.seeds);
@@ -216,7 +216,7 @@ fn the_job_runs_on_cuda_devices() {
         cfg.distill.epochs = 1;
         cfg.distill.checkpoint_every = 1;
         let run = w.join("run");
-        let s = job::run_job(&cfg, dev, &RunOptions { run_dir: run.clone(), resume: false }).unwrap_or_else(|e| panic!("{dev}: {e}"));
+        let s = job::run_job(&cfg, dev, &RunOptions { run_dir: run.clone(), resume: false, overwrite: false }).unwrap_or_else(|e| panic!("{dev}: {e}"));
         assert!((0.0..=100.0).contains(&s.student_top1) && (0.0..=100.0).contains(&s.teacher_top1), "{dev}");
         for f in ["metrics.jsonl", "student.safetensors", "checkpoint/state.json", "checkpoint/generator.safetensors", "images/iter000002.png"] {
             assert!(run.join(f).exists(), "{dev}: {f} missing");

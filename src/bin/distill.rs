@@ -83,8 +83,11 @@ struct DistillArgs {
     #[arg(long)]
     run: Option<String>,
     /// Continue the run from its last checkpoint.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// Replace the run already in the run folder (a new run refuses to start over one).
+    #[arg(long)]
+    overwrite: bool,
     /// Run once per distillation seed (`0-4`, `0,1,2`), each in `<run>/seed-<k>`, sharing
     /// the data set and teacher, then write `<run>/summary.{json,md}` (mean, std, 95% CI).
     #[arg(long, value_name = "LIST")]
@@ -139,7 +142,9 @@ struct BenchArgs {
     warmup: usize,
 }
 
-fn resolve(c: &Common) -> Result<(Config, Device)> {
+/// The config from the files, presets and flags, validated; the device is not opened
+/// here (`open_device`), so that commands that compute nothing work on any machine.
+fn resolve(c: &Common) -> Result<Config> {
     let mut cfg = match (&c.config, &c.preset) {
         (Some(path), _) => Config::load(path)?,
         (None, Some(p)) => Config::preset(p)?,
@@ -155,25 +160,33 @@ fn resolve(c: &Common) -> Result<(Config, Device)> {
     if let Some(s) = c.seed {
         cfg.seed = s;
     }
-    let device = Device::parse_user(&cfg.device)?;
-    Ok((cfg, device))
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn open_device(cfg: &Config) -> Result<Device> {
+    Device::parse_user(&cfg.device)
 }
 
 fn distill(cfg: &mut Config, device: Device, args: &DistillArgs, default_run: &str) -> Result<()> {
     if let Some(m) = &args.method {
         cfg.distill.method = m.clone();
     }
-    let run = args.run.clone().unwrap_or_else(|| default_run.replace("{method}", &cfg.distill.method));
-    let run_dir = cfg.workdir.join(run);
+    let run_dir = match &args.run {
+        Some(run) => cfg.workdir.join(run),
+        // the bare demo never replaces an earlier run: runs/demo, then demo-2, ...
+        None if default_run == "demo" => dfkd::pipeline::run_dir::first_free(&cfg.workdir, "demo"),
+        None => cfg.workdir.join(default_run.replace("{method}", &cfg.distill.method)),
+    };
     eprintln!("dfkd: {} -> {} on {} ({}), device {device}", cfg.teacher.arch, cfg.student.arch, cfg.data.dataset, cfg.distill.method);
     if let Some(list) = &args.seeds {
         let seeds = dfkd::pipeline::sweep::parse_seeds(list)?;
-        let summary = sweep::run_sweep(cfg, device, &run_dir, &seeds, args.resume)?;
+        let summary = sweep::run_sweep(cfg, device, &run_dir, &seeds, args.resume, args.overwrite)?;
         print!("\n{}", summary.markdown());
         println!("\nwritten: {} and summary.md; each seed's outputs in seed-<k>/", run_dir.join("summary.json").display());
         return Ok(());
     }
-    let opts = job::RunOptions { run_dir, resume: args.resume };
+    let opts = job::RunOptions { run_dir, resume: args.resume, overwrite: args.overwrite };
     let summary = job::run_job(cfg, device, &opts)?;
     job::print_summary(&summary, summary.eval.models[0].per_class.len());
     Ok(())
@@ -189,13 +202,20 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let (mut cfg, device) = resolve(&cli.common)?;
+    let mut cfg = resolve(&cli.common)?;
+    // only commands that compute open the device (`show-config --device cuda` works
+    // without a GPU); make-data runs on the CPU whatever the config says
+    let device = match cli.command {
+        Some(Command::ShowConfig | Command::MakeData) => Device::Cpu,
+        _ => open_device(&cfg)?,
+    };
     match cli.command {
         None => distill(&mut cfg, device, &cli.demo, "demo"),
         Some(Command::Distill(a)) => distill(&mut cfg, device, &a, "{method}"),
         Some(Command::MakeData) => job::prepare_data(&cfg).map(|_| ()),
         Some(Command::TrainTeacher) => {
             let ds = job::prepare_data(&cfg)?;
+            cfg.validate_dataset(&ds)?;
             let run_dir = cfg.workdir.join("teacher");
             std::fs::create_dir_all(&run_dir).map_err(|e| dfkd::Error::io(&run_dir, e))?;
             let mut log = dfkd::pipeline::report::MetricsLog::open(&run_dir.join("metrics.jsonl"))?;
@@ -206,6 +226,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Some(Command::Eval(a)) => {
             let ds = job::prepare_data(&cfg)?;
+            cfg.validate_dataset(&ds)?;
             let small = a.small_stem.unwrap_or(cfg.data.image_size <= 64);
             let model = predict::load_classifier(&a.arch, ds.num_classes(), small, &a.weights)?;
             model.to_device(device)?;

@@ -9,10 +9,12 @@ use crate::models::{build, Classifier};
 use crate::pipeline::config::Config;
 use crate::pipeline::distill::{self, Distiller};
 use crate::pipeline::eval::{evaluate, Evaluation};
+use crate::pipeline::checkpoint_dir::CheckpointDir;
 use crate::pipeline::report::{plot_curves, print_table, MetricsLog};
+use crate::pipeline::run_dir::{Mode, RunDir};
 use crate::pipeline::teacher::train_classifier;
 use crate::rng::Rng;
-use crate::{Device, Error, Result};
+use crate::{bail, Device, Error, Result};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -37,9 +39,17 @@ pub fn prepare_data(cfg: &Config) -> Result<Dataset> {
     Ok(ds)
 }
 
-/// A stable fingerprint of what determines a trained teacher, for its cache file.
+/// A stable fingerprint of what determines a trained teacher, for its cache file: the
+/// config, and the training split as it is on disk (each image's path, label, size and
+/// modification time), so that repairing, replacing or relabelling images trains anew.
 fn teacher_key(cfg: &Config, ds: &Dataset) -> String {
-    let text = format!("{}|{}|{}|{}|{}", ds.root.display(), cfg.data.image_size, cfg.seed, toml::to_string(&cfg.teacher).unwrap(), ds.train.len());
+    let mut text = format!("{}|{}|{}|{}|{}", ds.root.display(), cfg.data.image_size, cfg.seed, toml::to_string(&cfg.teacher).unwrap(), ds.train.len());
+    for s in &ds.train {
+        let meta = std::fs::metadata(&s.path).ok();
+        let modified = meta.as_ref().and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        let (size, nanos) = (meta.map_or(0, |m| m.len()), modified.map_or(0, |d| d.as_nanos()));
+        text.push_str(&format!("|{}:{}:{size}:{nanos}", s.path.display(), s.label));
+    }
     let hash = text.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
     format!("{}-{hash:016x}", cfg.teacher.arch)
 }
@@ -69,9 +79,14 @@ pub fn prepare_teacher(cfg: &Config, ds: &Dataset, device: Device, log: &mut Met
 }
 
 /// Options of a distillation run.
+#[derive(Clone, Debug, Default)]
 pub struct RunOptions {
     pub run_dir: PathBuf,
+    /// Continue the run in `run_dir` from its last checkpoint.
     pub resume: bool,
+    /// Replace the run in `run_dir` (a folder dfkd made); without it or `resume`, an
+    /// existing run is refused.
+    pub overwrite: bool,
 }
 
 pub struct JobSummary {
@@ -82,39 +97,65 @@ pub struct JobSummary {
     pub run_dir: PathBuf,
 }
 
-/// Prepares a run folder: a fresh one unless resuming, with the resolved config.
-fn open_run_dir(cfg: &Config, opts: &RunOptions) -> Result<()> {
-    let dir = &opts.run_dir;
-    if !opts.resume && dir.exists() {
-        for sub in ["checkpoint", "checkpoint.old", "checkpoint.tmp", "images"] {
-            let _ = std::fs::remove_dir_all(dir.join(sub));
-        }
-        let _ = std::fs::remove_file(dir.join("metrics.jsonl"));
-    }
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+/// Claims the run folder (checked and locked; see `run_dir`). Nothing is removed yet.
+fn open_run_dir(opts: &RunOptions) -> Result<RunDir> {
+    let mode = match (opts.resume, opts.overwrite) {
+        (true, true) => bail!("--resume and --overwrite exclude each other: continue the run, or replace it"),
+        (true, false) => Mode::Resume,
+        (false, true) => Mode::Overwrite,
+        (false, false) => Mode::Fresh,
+    };
+    RunDir::claim(&opts.run_dir, mode)
+}
+
+/// Writes the resolved config into the run folder. A resumed run keeps the saved one
+/// until its checkpoint has loaded under the new config (a refused resume changes
+/// nothing), and says when they differ.
+fn write_config(cfg: &Config, dir: &Path, resumed: bool) -> Result<()> {
     let cfg_path = dir.join("config.toml");
-    if opts.resume && cfg_path.exists() {
-        let saved = Config::load(&cfg_path)?;
-        if saved != *cfg {
-            eprintln!("warning: resuming with a config that differs from {}", cfg_path.display());
+    if resumed && cfg_path.exists() {
+        match Config::load(&cfg_path) {
+            Ok(saved) if saved == *cfg => return Ok(()),
+            Ok(_) => eprintln!("warning: resuming with a config that differs from {}; it now holds the new one", cfg_path.display()),
+            Err(e) => eprintln!("warning: the saved config does not load ({e}); it is replaced by the one in use"),
         }
     }
-    std::fs::write(&cfg_path, cfg.to_toml()).map_err(|e| Error::io(&cfg_path, e))
+    crate::pipeline::report::write_atomic(&cfg_path, cfg.to_toml().as_bytes())
 }
 
 /// The whole pipeline: data, teacher, data-free distillation, evaluation, summary.
+/// The config is validated, and the run folder claimed, before anything is made or
+/// removed; a fresh or replaced run's folder is cleared only once the data set has
+/// opened and agrees with the config.
 pub fn run_job(cfg: &Config, device: Device, opts: &RunOptions) -> Result<JobSummary> {
     let t0 = Instant::now();
-    open_run_dir(cfg, opts)?;
-    let mut log = MetricsLog::open(&opts.run_dir.join("metrics.jsonl"))?;
+    cfg.validate()?;
+    let run = open_run_dir(opts)?;
+    if opts.resume && CheckpointDir::new(run.path()).existing().is_none() {
+        // said now, not after the data set and the teacher have been prepared
+        bail!("--resume: {} has no checkpoint (the run stopped before its first one); start it again with --overwrite", run.path().display());
+    }
     let ds = prepare_data(cfg)?;
+    cfg.validate_dataset(&ds)?;
+    run.prepare()?;
+    if !opts.resume {
+        write_config(cfg, run.path(), false)?;
+    }
+    let mut log = MetricsLog::open(&opts.run_dir.join("metrics.jsonl"))?;
     let size = cfg.data.image_size;
     let (teacher, _) = prepare_teacher(cfg, &ds, device, &mut log)?;
     let student = build(&cfg.student.arch, ds.num_classes(), cfg.student.small_stem, &mut cfg.distill_rng(2))?;
     student.to_device(device)?;
     let eval_batch = 128;
     let mut distiller = Distiller::new(cfg, teacher.as_ref(), student.as_ref(), device)?;
-    distill::run(&mut distiller, &opts.run_dir, opts.resume, &mut log, |s| {
+    if opts.resume {
+        distiller.resume(&CheckpointDir::new(&opts.run_dir))?;
+        eprintln!("resumed from iteration {}", distiller.iteration());
+        // the iterations after the checkpoint run again: their first records go
+        log.resume_after(distiller.iteration())?;
+        write_config(cfg, run.path(), true)?;
+    }
+    distill::run(&mut distiller, &opts.run_dir, false, &mut log, |s| {
         Ok(evaluate(&[s], &ds, size, eval_batch, device)?.models[0].top1)
     })?;
     drop(distiller);

@@ -46,6 +46,9 @@ pub fn predict_one(model: &dyn Classifier, path: &Path, image_size: usize, devic
 /// Predicts every image; unreadable ones are reported by name and the rest still
 /// processed. Returns how many failed.
 pub fn run(args: &PredictArgs) -> Result<usize> {
+    if args.image_size == 0 {
+        crate::bail!("predict: --image-size 0 is not allowed: expected a size in pixels, at least 1");
+    }
     let model = load_classifier(&args.arch, args.num_classes, args.small_stem, &args.weights)?;
     model.to_device(args.device)?;
     let mut failed = 0;

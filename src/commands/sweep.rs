@@ -10,9 +10,10 @@ use crate::{Device, Result};
 use std::path::Path;
 
 /// Runs (or, with `resume`, finishes) every seed of the sweep in `dir` and summarises
-/// them. Resuming keeps the seeds that finished and continues the others from their
-/// checkpoints.
-pub fn run_sweep(cfg: &Config, device: Device, dir: &Path, seeds: &[u64], resume: bool) -> Result<Summary> {
+/// them. Resuming keeps the seeds that finished, continues those with a checkpoint and
+/// restarts those killed before their first one; `overwrite` reruns every seed. With
+/// neither, a seed folder that already holds a run is refused, as a single run's is.
+pub fn run_sweep(cfg: &Config, device: Device, dir: &Path, seeds: &[u64], resume: bool, overwrite: bool) -> Result<Summary> {
     let mut results = vec![];
     for (i, &seed) in seeds.iter().enumerate() {
         let run_dir = seed_dir(dir, seed);
@@ -26,8 +27,13 @@ pub fn run_sweep(cfg: &Config, device: Device, dir: &Path, seeds: &[u64], resume
                 eprintln!("sweep: seed {seed} ({} of {})", i + 1, seeds.len());
                 let mut c = cfg.clone();
                 c.distill.seed = seed;
-                let resume_seed = resume && CheckpointDir::new(&run_dir).existing().is_some();
-                run_job(&c, device, &RunOptions { run_dir: run_dir.clone(), resume: resume_seed })?;
+                let has_checkpoint = CheckpointDir::new(&run_dir).existing().is_some();
+                let opts = RunOptions {
+                    run_dir: run_dir.clone(),
+                    resume: resume && has_checkpoint,
+                    overwrite: overwrite || (resume && !has_checkpoint && run_dir.exists()),
+                };
+                run_job(&c, device, &opts)?;
                 read_result(&run_dir, seed)?.expect("a finished job writes its final record")
             }
         };

@@ -62,6 +62,9 @@ impl Value {
     }
 }
 
+/// The most a file's compressed elements may expand to, all together.
+const MAX_INFLATED: u64 = 64 << 20;
+
 /// Reads every variable of a MAT v5 file as (name, value), in file order.
 pub fn read(path: &Path) -> Result<Vec<(String, Value)>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -85,13 +88,23 @@ fn parse_file(bytes: &[u8]) -> Res<Vec<(String, Value)>> {
     };
     let mut r = Reader { b: bytes, pos: 128, big };
     let mut vars = Vec::new();
+    let mut inflated = 0u64;
     while r.pos + 8 <= bytes.len() {
         let (ty, data) = r.element()?;
         let var = match ty {
             MI_MATRIX => matrix(data, big)?,
             MI_COMPRESSED => {
+                // zlib expands up to ~1000x: a small file must not ask for gigabytes
+                let budget = MAX_INFLATED - inflated;
                 let mut raw = Vec::new();
-                flate2::read::ZlibDecoder::new(data).read_to_end(&mut raw).map_err(|e| format!("bad zlib stream: {e}"))?;
+                flate2::read::ZlibDecoder::new(data).take(budget + 1).read_to_end(&mut raw).map_err(|e| format!("bad zlib stream: {e}"))?;
+                if raw.len() as u64 > budget {
+                    return Err(format!(
+                        "compressed data expands beyond {} MiB, more than any annotation file needs (the largest, Stanford Cars', holds under 2 MiB)",
+                        MAX_INFLATED >> 20
+                    ));
+                }
+                inflated += raw.len() as u64;
                 let mut inner = Reader { b: &raw, pos: 0, big };
                 match inner.element()? {
                     (MI_MATRIX, d) => matrix(d, big)?,
@@ -245,6 +258,23 @@ mod tests {
         f.extend_from_slice(&m);
         let vars = parse_file(&f).unwrap();
         assert_eq!(vars, vec![("x".to_string(), Value::Num(vec![1.0, 2.0]))]);
+    }
+
+    /// A 65 KiB file whose zlib element expands to 65 MiB is refused before it is all
+    /// inflated.
+    #[test]
+    fn caps_what_compressed_elements_expand_to() {
+        use std::io::Write;
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+        z.write_all(&vec![0u8; (MAX_INFLATED + (1 << 20)) as usize]).unwrap();
+        let packed = z.finish().unwrap();
+        let mut f = vec![b' '; 124];
+        f.extend_from_slice(&[0x00, 0x01, b'I', b'M']);
+        f.extend_from_slice(&MI_COMPRESSED.to_le_bytes());
+        f.extend_from_slice(&(packed.len() as u32).to_le_bytes());
+        f.extend_from_slice(&packed);
+        let e = parse_file(&f).unwrap_err();
+        assert!(e.contains("expands beyond 64 MiB"), "{e}");
     }
 
     #[test]

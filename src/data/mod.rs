@@ -79,13 +79,28 @@ pub fn open(root: &Path) -> Result<Dataset> {
 
 /// Decodes any supported image file to 8-bit RGB (grey and CMYK JPEGs included, as
 /// PIL's `convert("RGB")` would). The format is sniffed, not taken from the extension.
+/// A truncated JPEG is an error, as in PIL: the decoder would fill the missing part
+/// with invented pixels.
 pub fn load_rgb(path: &Path) -> Result<image::RgbImage> {
-    let reader = image::ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .map_err(|e| Error::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let reader = image::ImageReader::new(std::io::Cursor::new(&bytes)).with_guessed_format().map_err(|e| Error::io(path, e))?;
+    if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_complete(&bytes) {
+        bail!("{}: the JPEG is truncated (no end-of-image marker after its last scan)", path.display());
+    }
     match reader.decode() {
         Ok(img) => Ok(img.to_rgb8()),
         Err(e) => bail!("{}: cannot decode image: {e}", path.display()),
+    }
+}
+
+/// Whether a JPEG's last scan is followed by the end-of-image marker (FF D9). An EXIF
+/// thumbnail has its own end marker, but it comes before the main image's scans; data
+/// after the marker (some cameras append it) is allowed, as PIL allows it.
+fn jpeg_complete(b: &[u8]) -> bool {
+    let marker_at = |m: u8| b.windows(2).rposition(|w| w == [0xff, m]);
+    match (marker_at(0xda), marker_at(0xd9)) {
+        (Some(sos), Some(eoi)) => eoi > sos,
+        _ => false,
     }
 }
 

@@ -29,11 +29,17 @@ impl CheckpointDir {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         write_files(&tmp)?;
+        if crate::failpoint::hit("checkpoint-write") {
+            crate::failpoint::crash("checkpoint-write"); // files written, state.json not
+        }
         let state_path = tmp.join("state.json");
         std::fs::write(&state_path, serde_json::to_vec_pretty(state).expect("state serialises")).map_err(|e| Error::io(&state_path, e))?;
         if self.dir.exists() {
             let _ = std::fs::remove_dir_all(&old);
             std::fs::rename(&self.dir, &old).map_err(|e| Error::io(&self.dir, e))?;
+        }
+        if crate::failpoint::hit("checkpoint-rename") {
+            crate::failpoint::crash("checkpoint-rename"); // only checkpoint.old and .tmp exist
         }
         std::fs::rename(&tmp, &self.dir).map_err(|e| Error::io(&tmp, e))?;
         let _ = std::fs::remove_dir_all(&old);

@@ -33,9 +33,9 @@ pub struct DataConfig {
     pub image_size: usize,
     pub train_per_class: usize,
     pub test_per_class: usize,
-    /// Aircraft uses resize + random crop instead of random-resized crop (METHOD.md).
-    pub random_resized_crop: bool,
-    pub workers: usize,
+    // No augmentation or worker-count keys: the data set picks its training crop
+    // (`Dataset::random_resized`: Aircraft and the synthetic set use resize + random
+    // crop, METHOD.md) and the loader decodes on every core (rayon).
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -206,8 +206,6 @@ impl Config {
                 image_size: 32,
                 train_per_class: 100,
                 test_per_class: 50,
-                random_resized_crop: true,
-                workers: 2,
             },
             teacher: TeacherConfig {
                 arch: "resnet20".into(),
@@ -282,7 +280,6 @@ impl Config {
         c.data.dataset = dataset.into();
         c.data.num_classes = num_classes;
         c.data.image_size = 224;
-        c.data.workers = 8;
         c.teacher.arch = "resnet34".into();
         c.teacher.small_stem = false;
         c.teacher.epochs = 100;
@@ -306,11 +303,8 @@ impl Config {
             "cpu-demo" => Config::cpu_demo(),
             "paper-cub" => Config::paper("data/CUB_200_2011", 200),
             "paper-cars" => Config::paper("data/stanford_cars", 196),
-            "paper-aircraft" => {
-                let mut c = Config::paper("data/fgvc-aircraft-2013b", 100);
-                c.data.random_resized_crop = false;
-                c
-            }
+            // resize + random crop rather than random-resized crop: `Dataset::random_resized`
+            "paper-aircraft" => Config::paper("data/fgvc-aircraft-2013b", 100),
             other => bail!("unknown preset `{other}`: expected cpu-demo, paper-cub, paper-cars or paper-aircraft"),
         })
     }
@@ -327,7 +321,13 @@ impl Config {
         crate::rng::Rng::new(self.seed ^ self.distill.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).fork(stream)
     }
 
-    pub fn to_toml(&self) -> String { toml::to_string_pretty(self).expect("config serialises") }
+    /// The config as TOML, each number as written (`lr = 0.1`, not the f32's f64
+    /// expansion `0.10000000149011612`).
+    pub fn to_toml(&self) -> String {
+        let mut doc = toml::Value::try_from(self).expect("config serialises");
+        shortest_floats(&mut doc);
+        toml::to_string_pretty(&doc).expect("config serialises")
+    }
 
     /// Applies `section.key=value` overrides, parsing the value as TOML (strings may
     /// be bare).
@@ -357,6 +357,17 @@ impl Config {
     }
 }
 
+/// Every config float is an f32: print each as the shortest decimal that reads back
+/// as the same f32.
+fn shortest_floats(v: &mut toml::Value) {
+    match v {
+        toml::Value::Float(f) => *f = format!("{}", *f as f32).parse().expect("an f32 prints as a number"),
+        toml::Value::Table(t) => t.iter_mut().for_each(|(_, v)| shortest_floats(v)),
+        toml::Value::Array(a) => a.iter_mut().for_each(shortest_floats),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,5 +380,9 @@ mod tests {
         c.apply_overrides(&["distill.beta=5".into(), "student.arch=wrn40_2".into(), "distill.sfcl=false".into()]).unwrap();
         assert_eq!((c.distill.beta, c.student.arch.as_str(), c.distill.sfcl), (5.0, "wrn40_2", false));
         assert!(c.apply_overrides(&["distill.nope=1".into()]).unwrap_err().to_string().contains("nope"));
+        // numbers print as written, and read back equal
+        let text = Config::cpu_demo().to_toml();
+        assert!(text.contains("lr = 0.1\n") && text.contains("tau_sfcl = 0.1\n") && text.contains("weight_decay = 0.0005\n"), "{text}");
+        assert_eq!(toml::from_str::<Config>(&text).unwrap(), Config::cpu_demo());
     }
 }

@@ -25,6 +25,10 @@ pub struct Evaluation {
 /// Evaluates one or more models on `ds`'s test split in one pass over the images.
 pub fn evaluate(models: &[&dyn Classifier], ds: &Dataset, image_size: usize, batch: usize, device: Device) -> Result<Evaluation> {
     let k = ds.num_classes();
+    if ds.test.is_empty() {
+        // an accuracy over no images would print as 0.00% and pass for a result
+        crate::bail!("evaluate: the test split of {} is empty", ds.root.display());
+    }
     let loader = Loader::new(&ds.test, LoaderConfig::eval(ds, batch, image_size as u32));
     let mut correct1 = vec![0usize; models.len()];
     let mut correct5 = vec![0usize; models.len()];

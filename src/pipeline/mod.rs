@@ -11,3 +11,5 @@ pub mod checkpoint_dir;
 pub mod distill;
 pub mod stats;
 pub mod sweep;
+pub mod run_dir;
+pub mod validate;

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 
 pub use crate::data::transforms::{MEAN, STD};
 
-/// Appends one JSON object per line to `metrics.jsonl`, flushed at once so a killed
-/// run keeps everything it reported.
+/// Appends one JSON object per line to `metrics.jsonl`. Each record goes out in one
+/// `write` call, so a killed run leaves whole lines (never a partial one that the next
+/// record would be glued to), and everything it reported is kept.
 pub struct MetricsLog {
     path: PathBuf,
     file: std::fs::File,
@@ -21,16 +22,53 @@ impl MetricsLog {
         Ok(MetricsLog { path: path.to_path_buf(), file })
     }
     pub fn write(&mut self, value: &serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{value}").and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))
+        // one buffer, one write: `writeln!` on the file would issue a write per token
+        let line = format!("{value}\n");
+        if crate::failpoint::hit("metrics-write") {
+            // what a kill inside a write can leave at worst: part of the line
+            let _ = self.file.write_all(&line.as_bytes()[..line.len() / 2]);
+            crate::failpoint::crash("metrics-write");
+        }
+        self.file.write_all(line.as_bytes()).map_err(|e| Error::io(&self.path, e))
     }
-    /// Every record of a metrics file (used to redraw curves after a resume).
+
+    /// For a resumed run: rewrites the file without the records the run will write
+    /// again, those of distillation iterations after `iteration` (the checkpoint's)
+    /// and the final summary, then appends after what is kept. The rewrite is atomic
+    /// (temp file, then rename). Malformed lines are dropped and reported.
+    pub fn resume_after(&mut self, iteration: usize) -> Result<()> {
+        let records = MetricsLog::read_all(&self.path)?;
+        let later = |r: &serde_json::Value| match r["phase"].as_str() {
+            Some("distill") => r["iteration"].as_u64().is_none_or(|i| i > iteration as u64),
+            Some("final") => true,
+            _ => false,
+        };
+        let kept: Vec<&serde_json::Value> = records.iter().filter(|r| !later(r)).collect();
+        if kept.len() < records.len() {
+            eprintln!("{}: dropped {} record(s) written after the checkpoint (iteration {iteration})", self.path.display(), records.len() - kept.len());
+        }
+        let text: String = kept.iter().map(|r| format!("{r}\n")).collect();
+        write_atomic(&self.path, text.as_bytes())?;
+        *self = MetricsLog::open(&self.path)?;
+        Ok(())
+    }
+
+    /// Every record of a metrics file (used to redraw curves after a resume). A line
+    /// that is not a JSON object is reported on stderr with its number and skipped.
     pub fn read_all(path: &Path) -> Result<Vec<serde_json::Value>> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
+        let text = match std::fs::read(path) {
+            Ok(t) => String::from_utf8_lossy(&t).into_owned(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
             Err(e) => return Err(Error::io(path, e)),
         };
-        Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+        let mut records = vec![];
+        for (i, line) in text.lines().enumerate() {
+            match serde_json::from_str::<serde_json::Value>(line) {
+                Ok(v) if v.is_object() => records.push(v),
+                Ok(_) | Err(_) => eprintln!("warning: {} line {}: not a JSON object record, skipped: {:.80}", path.display(), i + 1, line),
+            }
+        }
+        Ok(records)
     }
 }
 
@@ -58,6 +96,16 @@ pub fn save_image_grid(images: &Tensor, cols: usize, path: &Path) -> Result<()> 
         }
     }
     save_png(&img, path)
+}
+
+/// Writes a file atomically (temp file beside it, then rename): a kill leaves the old
+/// contents or the new ones.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// Writes a PNG atomically (temp file, then rename).
@@ -186,4 +234,53 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     line(header.iter().map(|s| s.to_string()).collect());
     println!("|{}|", widths.iter().map(|w| "-".repeat(w + 2)).collect::<Vec<_>>().join("|"));
     rows.iter().for_each(|r| line(r.clone()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Write system calls this thread has made (Linux).
+    fn writes() -> Option<u64> {
+        let io = std::fs::read_to_string("/proc/thread-self/io").ok()?;
+        io.lines().find_map(|l| l.strip_prefix("syscw: "))?.trim().parse().ok()
+    }
+
+    /// A record goes out in one write(), so a kill cannot cut it at a token boundary
+    /// and glue the next record onto the piece (`writeln!` on the file made ~50).
+    #[test]
+    fn a_record_is_one_write() {
+        let Some(_) = writes() else {
+            eprintln!("skipped: no /proc/thread-self/io to count write calls");
+            return;
+        };
+        let path = std::env::temp_dir().join(format!("dfkd-metrics-writes-{}.jsonl", std::process::id()));
+        let mut log = MetricsLog::open(&path).unwrap();
+        let record = json!({"phase": "distill", "iteration": 7, "s_kd": 0.25, "s_mhad": 1.5, "per_class": [1.0, 2.0, 3.0, 4.0, 5.0]});
+        let before = writes().unwrap();
+        log.write(&record).unwrap();
+        assert_eq!(writes().unwrap() - before, 1);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_resumed_log_drops_what_follows_the_checkpoint_and_malformed_lines() {
+        let dir = std::env::temp_dir().join(format!("dfkd-metrics-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("metrics.jsonl");
+        let _ = std::fs::remove_file(&path);
+        let mut log = MetricsLog::open(&path).unwrap();
+        log.write(&json!({"phase": "teacher", "epoch": 1})).unwrap();
+        for it in 1..=5 {
+            log.write(&json!({"phase": "distill", "iteration": it})).unwrap();
+        }
+        // a record cut by a crash, then one glued to it
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"phase\": \"dist{\"phase\":\"final\"}\n").unwrap();
+        log.resume_after(4).unwrap();
+        log.write(&json!({"phase": "distill", "iteration": 5})).unwrap();
+        let its: Vec<String> = MetricsLog::read_all(&path).unwrap().iter().map(|r| format!("{}{}", r["phase"], r["iteration"])).collect();
+        assert_eq!(its, ["\"teacher\"null", "\"distill\"1", "\"distill\"2", "\"distill\"3", "\"distill\"4", "\"distill\"5"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -52,13 +52,21 @@ pub fn train_classifier(
             loss_sum += l as f64 * b.n as f64;
             bar.step(&format!("epoch {}/{} loss {:.3} acc {:.1}%", epoch + 1, cfg.epochs, l, 100.0 * correct as f32 / seen as f32));
         }
-        train_acc = 100.0 * correct as f32 / seen.max(1) as f32;
+        if seen == 0 {
+            // every batch was skipped: a model that never trained must not pass for a teacher
+            let w = loader.warnings();
+            bail!("{phase}: none of the {} training images could be read (first: {})", ds.train.len(), w.first.join("; "));
+        }
+        train_acc = 100.0 * correct as f32 / seen as f32;
         log.write(&json!({"phase": phase, "epoch": epoch + 1, "loss": loss_sum / seen.max(1) as f64,
                           "train_top1": train_acc, "lr": opt.lr()}))?;
     }
     let w = loader.warnings();
     if w.count > 0 {
         eprintln!("{phase}: skipped {} unreadable training images (first: {})", w.count, w.first.join("; "));
+    }
+    if opt.steps() == 0 {
+        bail!("{phase}: no training step ran (teacher.epochs = {}), so there is no trained model to keep", cfg.epochs);
     }
     bar.finish(&format!("train top-1 {train_acc:.1}%"));
     Ok(train_acc)
