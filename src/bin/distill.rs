@@ -206,7 +206,7 @@ fn run(cli: Cli) -> Result<()> {
     // only commands that compute open the device (`show-config --device cuda` works
     // without a GPU); make-data runs on the CPU whatever the config says
     let device = match cli.command {
-        Some(Command::ShowConfig | Command::MakeData) => Device::Cpu,
+        Some(Command::ShowConfig | Command::MakeData | Command::Summarize(_)) => Device::Cpu,
         _ => open_device(&cfg)?,
     };
     match cli.command {
