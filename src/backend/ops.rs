@@ -2,6 +2,8 @@
 //! definition (`apply`, used by the CPU reference) and its kernel name (used by the CUDA
 //! backend), so the two cannot drift apart.
 
+use crate::{bail, Layout, Result};
+
 /// Element-wise maps `f32 -> f32`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum UnaryOp {
@@ -174,6 +176,25 @@ pub struct Conv2dParams {
 }
 
 impl Conv2dParams {
+    /// The one geometry check of the convolution family (forward, both gradients and so
+    /// the transposed convolution), run by `Storage` before any backend sees the params,
+    /// so every device refuses the same inputs with the same message. `operands` pairs
+    /// each input's layout with the method giving its shape (`Self::input_shape` etc.),
+    /// called only once the geometry is known to be valid (it divides by the stride).
+    pub fn check(&self, op: &str, operands: &[(&str, &Layout, fn(&Self) -> [usize; 4])]) -> Result<()> {
+        let (kh, kw) = (self.kh, self.kw);
+        if self.groups == 0 || !self.c_in.is_multiple_of(self.groups) || !self.c_out.is_multiple_of(self.groups) {
+            bail!("{op}: groups = {} must divide c_in = {} and c_out = {}", self.groups, self.c_in, self.c_out);
+        }
+        if kh == 0 || kw == 0 || self.stride.0 == 0 || self.stride.1 == 0 || self.dilation.0 == 0 || self.dilation.1 == 0 {
+            bail!("{op}: kernel {kh}x{kw}, stride {:?} and dilation {:?} must be positive", self.stride, self.dilation);
+        }
+        let padded = (self.h_in + 2 * self.padding.0, self.w_in + 2 * self.padding.1);
+        if padded.0 < self.dilation.0 * (kh - 1) + 1 || padded.1 < self.dilation.1 * (kw - 1) + 1 {
+            bail!("{op}: kernel {kh}x{kw} (dilation {:?}) is larger than the padded input {}x{}", self.dilation, padded.0, padded.1);
+        }
+        check_operands(op, self, operands)
+    }
     pub fn h_out(&self) -> usize {
         (self.h_in + 2 * self.padding.0 - self.dilation.0 * (self.kh - 1) - 1) / self.stride.0 + 1
     }
@@ -203,10 +224,39 @@ pub struct Pool2dParams {
 }
 
 impl Pool2dParams {
+    /// The one geometry check of the pooling family (max, average and its gradient), run
+    /// by `Storage` before any backend sees the params. `operands` as for
+    /// `Conv2dParams::check`.
+    pub fn check(&self, op: &str, operands: &[(&str, &Layout, fn(&Self) -> [usize; 4])]) -> Result<()> {
+        if self.kh == 0 || self.kw == 0 || self.stride.0 == 0 || self.stride.1 == 0 {
+            bail!("{op}: kernel {}x{} and stride {:?} must be positive", self.kh, self.kw, self.stride);
+        }
+        let padded = (self.h_in + 2 * self.padding.0, self.w_in + 2 * self.padding.1);
+        if padded.0 < self.kh || padded.1 < self.kw {
+            bail!("{op}: kernel {}x{} is larger than the padded input {}x{}", self.kh, self.kw, padded.0, padded.1);
+        }
+        if self.padding.0 * 2 > self.kh || self.padding.1 * 2 > self.kw {
+            // Otherwise a window could lie entirely in the padding and have no maximum
+            // (PyTorch refuses it for average pooling too).
+            bail!("{op}: padding {:?} must be at most half the kernel {}x{}", self.padding, self.kh, self.kw);
+        }
+        check_operands(op, self, operands)
+    }
     pub fn h_out(&self) -> usize { (self.h_in + 2 * self.padding.0 - self.kh) / self.stride.0 + 1 }
     pub fn w_out(&self) -> usize { (self.w_in + 2 * self.padding.1 - self.kw) / self.stride.1 + 1 }
     pub fn input_shape(&self) -> [usize; 4] { [self.batch, self.channels, self.h_in, self.w_in] }
     pub fn output_shape(&self) -> [usize; 4] { [self.batch, self.channels, self.h_out(), self.w_out()] }
+}
+
+/// Each operand's shape must be the one the op's params give it.
+fn check_operands<P>(op: &str, p: &P, operands: &[(&str, &Layout, fn(&P) -> [usize; 4])]) -> Result<()> {
+    for (what, l, shape) in operands {
+        let shape = shape(p);
+        if l.shape() != shape {
+            bail!("{op}: {what} has shape {:?}, the params need {shape:?}", l.shape());
+        }
+    }
+    Ok(())
 }
 
 /// Hyper-parameters of one fused optimiser update.
