@@ -1,6 +1,8 @@
-//! The primitive op vocabulary shared by every backend. Each variant carries its scalar
-//! definition (`apply`, used by the CPU reference) and its kernel name (used by the CUDA
-//! backend), so the two cannot drift apart.
+//! The primitive op vocabulary shared by every backend. Each element-wise variant
+//! carries its scalar definition (`apply`), the one Rust copy of the math, which every
+//! CPU path calls, and its kernel name (used by the CUDA backend). The kernels
+//! (kernels/unary.cu, binary.cu, reduce.cu) write the same expressions again in CUDA
+//! C++: that second copy can drift, and tests/cuda_parity.rs is what ties it to this one.
 
 use crate::{bail, Layout, Result};
 
