@@ -76,6 +76,11 @@ struct Config {
     unsigned int block[3];
     unsigned int shared_bytes;
 };
+// Twin of `EmuConfig` in src/backend/cuda/kernels.rs, which asserts the same numbers.
+static_assert(sizeof(Config) == 28, "Config: size");
+static_assert(__builtin_offsetof(Config, grid) == 0, "Config.grid");
+static_assert(__builtin_offsetof(Config, block) == 12, "Config.block");
+static_assert(__builtin_offsetof(Config, shared_bytes) == 24, "Config.shared_bytes");
 
 // Per host thread: the running fiber's thread index and the running block's geometry.
 // The scheduler rewrites them at every switch, so kernels read them like the builtins.

@@ -61,26 +61,27 @@ impl UnaryOp {
         }
     }
 
+    /// The f32 kernel's full name in kernels/*.cu, so that a launch formats nothing.
     pub fn kernel_name(self) -> &'static str {
         match self {
-            UnaryOp::Neg => "uneg",
-            UnaryOp::Recip => "urecip",
-            UnaryOp::Exp => "uexp",
-            UnaryOp::Log => "ulog",
-            UnaryOp::Sqrt => "usqrt",
-            UnaryOp::Sqr => "usqr",
-            UnaryOp::Abs => "uabs",
-            UnaryOp::Sign => "usign",
-            UnaryOp::Relu => "urelu",
-            UnaryOp::Step => "ustep",
-            UnaryOp::Sigmoid => "usigmoid",
-            UnaryOp::Tanh => "utanh",
-            UnaryOp::LeakyRelu(_) => "uleaky_relu",
-            UnaryOp::LeakyStep(_) => "uleaky_step",
-            UnaryOp::Powf(_) => "upowf",
-            UnaryOp::Clamp(..) => "uclamp",
-            UnaryOp::InRange(..) => "uin_range",
-            UnaryOp::Affine(..) => "uaffine",
+            UnaryOp::Neg => "uneg_f32",
+            UnaryOp::Recip => "urecip_f32",
+            UnaryOp::Exp => "uexp_f32",
+            UnaryOp::Log => "ulog_f32",
+            UnaryOp::Sqrt => "usqrt_f32",
+            UnaryOp::Sqr => "usqr_f32",
+            UnaryOp::Abs => "uabs_f32",
+            UnaryOp::Sign => "usign_f32",
+            UnaryOp::Relu => "urelu_f32",
+            UnaryOp::Step => "ustep_f32",
+            UnaryOp::Sigmoid => "usigmoid_f32",
+            UnaryOp::Tanh => "utanh_f32",
+            UnaryOp::LeakyRelu(_) => "uleaky_relu_f32",
+            UnaryOp::LeakyStep(_) => "uleaky_step_f32",
+            UnaryOp::Powf(_) => "upowf_f32",
+            UnaryOp::Clamp(..) => "uclamp_f32",
+            UnaryOp::InRange(..) => "uin_range_f32",
+            UnaryOp::Affine(..) => "uaffine_f32",
         }
     }
 }
@@ -114,16 +115,21 @@ impl BinaryOp {
             BinaryOp::Gt => (a > b) as u8 as f32,
         }
     }
+    /// The op's name in errors and in the autograd graph ("badd"): its kernel's name
+    /// without the dtype.
+    pub fn label(self) -> &'static str { self.kernel_name().trim_end_matches("_f32") }
+
+    /// The f32 kernel's full name in kernels/*.cu, so that a launch formats nothing.
     pub fn kernel_name(self) -> &'static str {
         match self {
-            BinaryOp::Add => "badd",
-            BinaryOp::Sub => "bsub",
-            BinaryOp::Mul => "bmul",
-            BinaryOp::Div => "bdiv",
-            BinaryOp::Max => "bmax",
-            BinaryOp::Min => "bmin",
-            BinaryOp::Eq => "beq",
-            BinaryOp::Gt => "bgt",
+            BinaryOp::Add => "badd_f32",
+            BinaryOp::Sub => "bsub_f32",
+            BinaryOp::Mul => "bmul_f32",
+            BinaryOp::Div => "bdiv_f32",
+            BinaryOp::Max => "bmax_f32",
+            BinaryOp::Min => "bmin_f32",
+            BinaryOp::Eq => "beq_f32",
+            BinaryOp::Gt => "bgt_f32",
         }
     }
 }
@@ -151,11 +157,12 @@ impl ReduceOp {
             ReduceOp::Min => a.min(b),
         }
     }
+    /// The f32 kernel's full name in kernels/*.cu, so that a launch formats nothing.
     pub fn kernel_name(self) -> &'static str {
         match self {
-            ReduceOp::Sum => "rsum",
-            ReduceOp::Max => "rmax",
-            ReduceOp::Min => "rmin",
+            ReduceOp::Sum => "rsum_f32",
+            ReduceOp::Max => "rmax_f32",
+            ReduceOp::Min => "rmin_f32",
         }
     }
 }

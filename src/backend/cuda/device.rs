@@ -278,7 +278,7 @@ impl CudaDev {
     }
 
     /// The kernel `name` from whichever module defines it, looked up once.
-    fn function(&self, name: &str) -> Result<sys::CUfunction> {
+    pub(super) fn function(&self, name: &str) -> Result<sys::CUfunction> {
         let mut fns = self.functions.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = fns.get(name) {
             return Ok(f.cu_function());

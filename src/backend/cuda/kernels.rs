@@ -12,6 +12,7 @@ pub struct EmuConfig {
     pub block: [u32; 3],
     pub shared_bytes: u32,
 }
+super::launch::assert_twin!(EmuConfig, size 28, grid @ 0, block @ 12, shared_bytes @ 24);
 
 /// `emu_launch_<kernel>(cfg, args)`: runs the kernel to completion on the CPU; `args`
 /// points at each argument's value, as cuLaunchKernel's `kernelParams`. Returns 0, or

@@ -56,6 +56,8 @@ mod launch;
 mod loader;
 mod ops;
 mod storage;
+#[cfg(test)]
+mod signatures;
 
 pub use alloc::AllocStats;
 pub use attention::{force_version, VERSIONS};

@@ -29,7 +29,7 @@ pub fn unary<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, op: UnaryOp) -> Result<G::Bu
     if n > 0 {
         let (p0, p1) = unary_params(op);
         let args = [Arg::U32(n), Arg::Layout(KernelLayout::new(l)?), Arg::Ptr(g.ptr(x, 0)), Arg::Ptr(g.ptr_mut(&mut y, 0)), Arg::F32(p0), Arg::F32(p1)];
-        g.launch(&format!("{}_f32", op.kernel_name()), LaunchCfg::elementwise(n), &args)?;
+        g.launch(op.kernel_name(), LaunchCfg::elementwise(n), &args)?;
     }
     Ok(y)
 }
@@ -45,7 +45,7 @@ pub fn binary<G: Gpu>(g: &G, a: &G::Buf, la: &Layout, b: &G::Buf, lb: &Layout, o
     if n > 0 {
         let kl = KernelLayout::joint(&[la, lb])?;
         let args = [Arg::U32(n), Arg::Layout(kl[0]), Arg::Ptr(g.ptr(a, 0)), Arg::Layout(kl[1]), Arg::Ptr(g.ptr(b, 0)), Arg::Ptr(g.ptr_mut(&mut y, 0))];
-        g.launch(&format!("{}_f32", op.kernel_name()), LaunchCfg::elementwise(n), &args)?;
+        g.launch(op.kernel_name(), LaunchCfg::elementwise(n), &args)?;
     }
     Ok(y)
 }
@@ -55,6 +55,13 @@ fn copy_kernel(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 | DType::U32 => "copy32",
         DType::F16 | DType::BF16 => "copy16",
+    }
+}
+
+fn copy_into_kernel(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 | DType::U32 => "copy32_into",
+        DType::F16 | DType::BF16 => "copy16_into",
     }
 }
 
@@ -80,7 +87,7 @@ pub fn copy_into<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, dst: &mut G::Buf, dst_l:
     if n > 0 {
         let kl = KernelLayout::joint(&[l, dst_l])?;
         let args = [Arg::U32(n), Arg::Layout(kl[0]), Arg::Ptr(g.ptr(x, 0)), Arg::Layout(kl[1]), Arg::Ptr(g.ptr_mut(dst, 0))];
-        g.launch(&format!("{}_into", copy_kernel(g.dtype(x))), LaunchCfg::elementwise(n), &args)?;
+        g.launch(copy_into_kernel(g.dtype(x)), LaunchCfg::elementwise(n), &args)?;
     }
     Ok(())
 }
@@ -111,7 +118,7 @@ pub fn reduce<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, op: ReduceOp, dims: &[usize
             Arg::Ptr(g.ptr(x, 0)),
             Arg::Ptr(g.ptr_mut(&mut y, 0)),
         ];
-        g.launch(&format!("{}_f32", op.kernel_name()), LaunchCfg::rows(n_out, n_red), &args)?;
+        g.launch(op.kernel_name(), LaunchCfg::rows(n_out, n_red), &args)?;
     }
     Ok(y)
 }
