@@ -32,3 +32,8 @@ pub mod nn;
 pub mod models;
 pub mod checkpoint;
 pub mod commands;
+
+// the integration tests' assert_close, for the unit tests: one definition
+#[cfg(test)]
+#[path = "../tests/common/close.rs"]
+mod test_close;

@@ -2,6 +2,9 @@
 //! gradient checker and the devices a test runs on (`for_each_device`).
 #![allow(dead_code)]
 
+mod close;
+pub use close::assert_close;
+
 use dfkd::rng::Rng;
 use dfkd::{Device, Result, Tensor};
 
@@ -13,17 +16,6 @@ pub fn randn(shape: &[usize], seed: u64) -> Tensor {
 /// Uniform tensor in [lo, hi).
 pub fn rand(shape: &[usize], lo: f32, hi: f32, seed: u64) -> Tensor {
     Tensor::rand(shape, lo, hi, &mut Rng::new(seed), Device::Cpu).unwrap()
-}
-
-/// The tests' one element-wise comparison: `|got - want| <= abs + rel * |want|`, the
-/// tolerance stated at each call. NaN matches only NaN and an infinity only itself, so
-/// a kernel that turns a NaN into a number, or an overflow into a finite value, fails.
-pub fn assert_close(got: &[f32], want: &[f32], abs: f32, rel: f32, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let ok = (g.is_nan() && w.is_nan()) || g == w || (g - w).abs() <= abs + rel * w.abs();
-        assert!(ok, "{what}: element {i}: got {g}, want {w} (tolerance {abs} + {rel} * |want|)");
-    }
 }
 
 /// `assert_close` on two tensors of one shape (on any devices).

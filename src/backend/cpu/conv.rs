@@ -451,11 +451,9 @@ mod tests {
         }
     }
 
+    /// Tolerance of these comparisons: abs 1e-4 + rel 1e-4.
     fn assert_close(got: &[f32], want: &[f32], what: &str) {
-        assert_eq!(got.len(), want.len(), "{what}: length");
-        for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!((g - w).abs() <= 1e-4 + 1e-4 * w.abs(), "{what}: element {i}: got {g}, want {w}");
-        }
+        crate::test_close::assert_close(got, want, 1e-4, 1e-4, what)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -233,11 +233,9 @@ mod tests {
         }
     }
 
+    /// Tolerance of these comparisons: abs 1e-5 + rel 1e-5.
     fn assert_close(got: &[f32], want: &[f32], what: &str) {
-        assert_eq!(got.len(), want.len(), "{what}: length");
-        for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!((g - w).abs() <= 1e-5 + 1e-5 * w.abs(), "{what}: element {i}: got {g}, want {w}");
-        }
+        crate::test_close::assert_close(got, want, 1e-5, 1e-5, what)
     }
 
     #[test]
