@@ -30,7 +30,8 @@ impl Gpu for &'static CudaDev {
         self.bind()?;
         // SAFETY: `f` is a kernel of a module this device keeps loaded; `params` points
         // at `args`' values, in the kernel's parameter order and types (ops.rs builds
-        // them from the signatures in kernels/*.cu), and cuLaunchKernel copies them
+        // them from the signatures in kernels/*.cu; every emulated launch of the same
+        // lists checks them, `check_signature`), and cuLaunchKernel copies them
         // before returning. Buffer addresses come from live buffers of this device that
         // the caller borrows across the launch; since all work is on one stream, a
         // buffer dropped afterwards is reused only by work queued after this kernel.

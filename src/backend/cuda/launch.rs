@@ -176,6 +176,34 @@ pub enum Arg {
     Conv(ConvGeom),
 }
 
+impl Arg {
+    /// Whether this argument has the kind `code` of a kernel parameter (`EmuParams`):
+    /// "p" a pointer, "u4"/"i4"/"f4" a 4-byte number, "sN" an N-byte struct.
+    pub fn fits(&self, code: &str) -> bool {
+        match self {
+            Arg::Ptr(_) => code == "p",
+            Arg::U32(_) => code == "u4",
+            Arg::I32(_) => code == "i4",
+            Arg::F32(_) => code == "f4",
+            Arg::Layout(_) => struct_of_size(code, std::mem::size_of::<KernelLayout>()),
+            Arg::Pool(_) => struct_of_size(code, std::mem::size_of::<PoolGeom>()),
+            Arg::Conv(_) => struct_of_size(code, std::mem::size_of::<ConvGeom>()),
+        }
+    }
+}
+
+fn struct_of_size(code: &str, size: usize) -> bool { code.strip_prefix('s').and_then(|n| n.parse().ok()) == Some(size) }
+
+/// Checks `args` against a kernel's parameter kinds (`EmuParams`): same count, and each
+/// argument of its parameter's kind. The GPU would take any list and read garbage.
+pub fn check_signature(kernel: &str, params: &str, args: &[Arg]) -> Result<()> {
+    let codes: Vec<&str> = if params.is_empty() { vec![] } else { params.split(',').collect() };
+    if codes.len() != args.len() || codes.iter().zip(args).any(|(c, a)| !a.fits(c)) {
+        bail!("cuda: kernel `{kernel}` takes ({params}), the host passed {args:?}");
+    }
+    Ok(())
+}
+
 /// cuLaunchKernel's `kernelParams`: one pointer to each argument's value. The values
 /// live in `args`, which must outlive the launch.
 pub fn marshal(args: &[Arg]) -> Vec<*mut c_void> {

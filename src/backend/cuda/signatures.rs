@@ -3,7 +3,8 @@
 //! host launches, and the versions of the fused kernels.
 
 use super::attention::{kernel_names, VERSIONS};
-use super::kernels::{emu_entry, EMU_KERNELS};
+use super::kernels::{emu_entry, emu_params, EMU_KERNELS};
+use super::launch::{check_signature, Arg, KernelLayout};
 use crate::backend::{BinaryOp, ReduceOp, UnaryOp};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -119,4 +120,24 @@ fn versions_table_lists_exactly_the_kernels_versions() {
     }
     let listed: BTreeMap<String, BTreeSet<u32>> = VERSIONS.iter().map(|(f, vs)| (f.to_string(), vs.iter().copied().collect())).collect();
     assert_eq!(listed, defined, "attention::VERSIONS and the versioned kernels of kernels/*.cu differ");
+}
+
+#[test]
+fn launches_are_checked_against_the_kernel_parameters() {
+    // every kernel's parameters are of kinds an `Arg` can be
+    for (name, _) in EMU_KERNELS {
+        let params = emu_params(name).unwrap();
+        for code in params.split(',').filter(|c| !c.is_empty()) {
+            assert!(["p", "u4", "i4", "f4", "s72", "s40", "s52"].contains(&code), "{name}: parameter kind {code} in ({params})");
+        }
+    }
+    assert_eq!(emu_params("uneg_f32"), Some("u4,s72,p,p,f4,f4"));
+    let l = Arg::Layout(KernelLayout::contiguous(0));
+    let good = [Arg::U32(4), l, Arg::Ptr(0), Arg::Ptr(0), Arg::F32(0.0), Arg::F32(0.0)];
+    check_signature("uneg_f32", "u4,s72,p,p,f4,f4", &good).unwrap();
+    // a float where the kernel takes an unsigned, and one argument short
+    let swapped = [Arg::F32(4.0), l, Arg::Ptr(0), Arg::Ptr(0), Arg::F32(0.0), Arg::F32(0.0)];
+    let err = check_signature("uneg_f32", "u4,s72,p,p,f4,f4", &swapped).unwrap_err().to_string();
+    assert!(err.contains("takes (u4,s72,p,p,f4,f4)"), "{err}");
+    assert!(check_signature("uneg_f32", "u4,s72,p,p,f4,f4", &good[..5]).is_err());
 }
