@@ -18,6 +18,7 @@ fn zeros(shape: &[usize], device: Device) -> Tensor {
     Tensor::from_vec(vec![0f32; shape.iter().product()], shape, device).unwrap()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn conv(batch: usize, c: usize, hw: (usize, usize), c_out: usize, k: (usize, usize), stride: usize, pad: usize, dil: usize, groups: usize) -> Conv2dParams {
     Conv2dParams {
         batch, c_in: c, h_in: hw.0, w_in: hw.1, c_out, kh: k.0, kw: k.1,
@@ -49,7 +50,8 @@ fn refused_alike(what: &str, want: &str, f: impl Fn(Device) -> dfkd::Result<()>)
 #[test]
 fn conv_geometry_is_refused_alike() {
     // (what, params, input, weight, grad shapes, the message's gist)
-    let cases: [(&str, Conv2dParams, [usize; 4], [usize; 4], [usize; 4], &str); 6] = [
+    type Case = (&'static str, Conv2dParams, [usize; 4], [usize; 4], [usize; 4], &'static str);
+    let cases: [Case; 6] = [
         ("dilation 0", conv(1, 2, (5, 5), 2, (3, 3), 1, 0, 0, 1), [1, 2, 5, 5], [2, 2, 3, 3], [1, 2, 3, 3], "must be positive"),
         ("stride 0", conv(1, 2, (5, 5), 2, (3, 3), 0, 0, 1, 1), [1, 2, 5, 5], [2, 2, 3, 3], [1, 2, 3, 3], "must be positive"),
         ("groups 0", conv(1, 2, (5, 5), 2, (3, 3), 1, 0, 1, 0), [1, 2, 5, 5], [2, 2, 3, 3], [1, 2, 3, 3], "must divide"),
@@ -82,7 +84,9 @@ fn conv_geometry_is_refused_alike() {
 
 #[test]
 fn pool_geometry_is_refused_alike() {
-    let cases: [(&str, Pool2dParams, [usize; 4], [usize; 4], &str); 5] = [
+    // (what, params, input, grad shapes, the message's gist)
+    type Case = (&'static str, Pool2dParams, [usize; 4], [usize; 4], &'static str);
+    let cases: [Case; 5] = [
         ("kernel 0", pool((4, 4), 0, 1, 0), [1, 2, 4, 4], [1, 2, 1, 1], "must be positive"),
         ("stride 0", pool((4, 4), 2, 0, 0), [1, 2, 4, 4], [1, 2, 1, 1], "must be positive"),
         ("kernel larger than the input", pool((2, 2), 3, 1, 0), [1, 2, 2, 2], [1, 2, 1, 1], "larger than the padded input"),

@@ -190,7 +190,7 @@ impl Conv2dParams {
     /// so every device refuses the same inputs with the same message. `operands` pairs
     /// each input's layout with the method giving its shape (`Self::input_shape` etc.),
     /// called only once the geometry is known to be valid (it divides by the stride).
-    pub fn check(&self, op: &str, operands: &[(&str, &Layout, fn(&Self) -> [usize; 4])]) -> Result<()> {
+    pub fn check(&self, op: &str, operands: &[Operand<Self>]) -> Result<()> {
         let (kh, kw) = (self.kh, self.kw);
         if self.groups == 0 || !self.c_in.is_multiple_of(self.groups) || !self.c_out.is_multiple_of(self.groups) {
             bail!("{op}: groups = {} must divide c_in = {} and c_out = {}", self.groups, self.c_in, self.c_out);
@@ -236,7 +236,7 @@ impl Pool2dParams {
     /// The one geometry check of the pooling family (max, average and its gradient), run
     /// by `Storage` before any backend sees the params. `operands` as for
     /// `Conv2dParams::check`.
-    pub fn check(&self, op: &str, operands: &[(&str, &Layout, fn(&Self) -> [usize; 4])]) -> Result<()> {
+    pub fn check(&self, op: &str, operands: &[Operand<Self>]) -> Result<()> {
         if self.kh == 0 || self.kw == 0 || self.stride.0 == 0 || self.stride.1 == 0 {
             bail!("{op}: kernel {}x{} and stride {:?} must be positive", self.kh, self.kw, self.stride);
         }
@@ -257,8 +257,12 @@ impl Pool2dParams {
     pub fn output_shape(&self) -> [usize; 4] { [self.batch, self.channels, self.h_out(), self.w_out()] }
 }
 
+/// An operand of an op with params `P`: its name, its layout, and the method of `P`
+/// that gives its shape (`Conv2dParams::weight_shape`, ...).
+pub type Operand<'a, P> = (&'a str, &'a Layout, fn(&P) -> [usize; 4]);
+
 /// Each operand's shape must be the one the op's params give it.
-fn check_operands<P>(op: &str, p: &P, operands: &[(&str, &Layout, fn(&P) -> [usize; 4])]) -> Result<()> {
+fn check_operands<P>(op: &str, p: &P, operands: &[Operand<P>]) -> Result<()> {
     for (what, l, shape) in operands {
         let shape = shape(p);
         if l.shape() != shape {

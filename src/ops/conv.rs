@@ -33,7 +33,7 @@ fn conv_params(x: [usize; 4], w: [usize; 4], c_out: usize, c_in_w: usize, o: &Co
         batch: n, c_in: c, h_in: h, w_in: wi, c_out, kh: w[2], kw: w[3],
         stride: o.stride, padding: o.padding, dilation: o.dilation, groups: o.groups,
     };
-    if o.groups == 0 || c % o.groups != 0 || c_out % o.groups != 0 || c / o.groups != c_in_w {
+    if o.groups == 0 || !c.is_multiple_of(o.groups) || !c_out.is_multiple_of(o.groups) || c / o.groups != c_in_w {
         bail!("conv2d: input channels {c}, weight {w:?} and groups {} do not fit", o.groups);
     }
     Ok(p)

@@ -43,7 +43,8 @@ pub(crate) fn kernel_names() -> Vec<(&'static str, Option<u32>, DType, String)> 
 /// The kernel of `family` at version `v` (None: unversioned) for `dtype`. The names are
 /// formatted once per process; a launch only looks its name up.
 fn kernel(family: &'static str, v: Option<u32>, dtype: DType) -> &'static str {
-    static NAMES: LazyLock<HashMap<(&'static str, Option<u32>, DType), &'static str>> =
+    type Key = (&'static str, Option<u32>, DType);
+    static NAMES: LazyLock<HashMap<Key, &'static str>> =
         LazyLock::new(|| kernel_names().into_iter().map(|(f, v, d, name)| ((f, v, d), &*name.leak())).collect());
     NAMES.get(&(family, v, dtype)).copied().unwrap_or_else(|| panic!("no kernel {family} v{v:?} for {dtype:?} (see kernel_names)"))
 }
