@@ -178,10 +178,13 @@ fn draw_panel(panel: &Panel, x_label: &str, area: &Area) -> std::result::Result<
     if x1 == x0 {
         x1 = x0 + 1;
     }
-    // a margin so that curves do not run along the frame
-    let pad = ((y1 - y0) * 0.05).max(y1.abs() * 1e-3).max(1e-6);
-    // as many decimals as the range needs: "1200", "35", "0.35"
-    let decimals = (1.0 - (y1 - y0).max(1e-6).log10().floor()).clamp(0.0, 4.0) as usize;
+    // a margin so that curves do not run along the frame; a flat curve gets 5% of its
+    // value each side
+    let pad = if y1 - y0 > y1.abs().max(1.0) * 1e-6 { (y1 - y0) * 0.05 } else { (y1.abs() * 0.05).max(1e-3) };
+    // as many decimals as the ticks (about a fifth of the range apart) need: "1200",
+    // "35", "0.35"
+    let step = (y1 - y0 + 2.0 * pad) / 5.0;
+    let decimals = (-step.log10().floor()).clamp(0.0, 6.0) as usize;
     let mut chart = ChartBuilder::on(area)
         .caption(&panel.title, (FAMILY, 16))
         .margin(8)
