@@ -37,11 +37,17 @@ fn main() {
     writeln!(rs, "extern \"C\" {{").unwrap();
     for k in &launchers {
         writeln!(rs, "    fn emu_launch_{k}(cfg: *const EmuConfig, args: *const *mut std::ffi::c_void) -> i32;").unwrap();
+        writeln!(rs, "    fn emu_params_{k}() -> *const std::ffi::c_char;").unwrap();
     }
     writeln!(rs, "}}\n\n/// Every kernel's emulator entry, sorted by name.").unwrap();
     writeln!(rs, "pub static EMU_KERNELS: &[(&str, EmuLaunch)] = &[").unwrap();
     for k in &launchers {
         writeln!(rs, "    (\"{k}\", emu_launch_{k}),").unwrap();
+    }
+    writeln!(rs, "];\n\n/// Every kernel's parameter kinds (`emu::signature`), in the order of `EMU_KERNELS`.").unwrap();
+    writeln!(rs, "pub static EMU_PARAMS: &[EmuParams] = &[").unwrap();
+    for k in &launchers {
+        writeln!(rs, "    emu_params_{k},").unwrap();
     }
     writeln!(rs, "];\n\n/// One module per kernels/*.cu: the source for NVRTC and the nvcc fatbin if any.").unwrap();
     writeln!(rs, "pub static MODULES: &[KernelModule] = &[").unwrap();

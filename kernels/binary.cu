@@ -1,6 +1,7 @@
 // Element-wise y = f(a, b) over two strided operands already broadcast to one shape
 // (broadcast dims have stride 0), into a contiguous output. Names are
-// `BinaryOp::kernel_name()` + "_f32"; expressions mirror `BinaryOp::apply`.
+// `BinaryOp::kernel_name()`; expressions mirror `BinaryOp::apply`
+// (tests/cuda_parity.rs checks that they agree).
 #include "common.cuh"
 
 #define BINARY(NAME, EXPR)                                                                 \

@@ -17,12 +17,27 @@
 
 // A strided view passed by value (host twin: `KernelLayout` in src/backend/cuda).
 // rank == 0 means contiguous from `offset`: the common case skips the index division.
+// A field's offset in a struct with a Rust twin. NVRTC has no offsetof: nvcc and the
+// emulator's g++ check the very same definitions.
+#ifdef __CUDACC_RTC__
+#define DFKD_ASSERT_OFFSET(T, field, n)
+#else
+#define DFKD_ASSERT_OFFSET(T, field, n) static_assert(__builtin_offsetof(T, field) == (n), #T "." #field " is not at byte " #n)
+#endif
+
 struct Strided {
     unsigned int rank;
     unsigned int offset;
     unsigned int dims[DFKD_MAX_DIMS];
     unsigned int strides[DFKD_MAX_DIMS];
 };
+// Twin of `KernelLayout` (src/backend/cuda/launch.rs), which asserts the same numbers;
+// the `twins_agree_with_the_kernels` test compares the two lists.
+static_assert(sizeof(Strided) == 72, "Strided: size");
+DFKD_ASSERT_OFFSET(Strided, rank, 0);
+DFKD_ASSERT_OFFSET(Strided, offset, 4);
+DFKD_ASSERT_OFFSET(Strided, dims, 8);
+DFKD_ASSERT_OFFSET(Strided, strides, 40);
 
 // Storage offset of the element at row-major position i of the view. The loop runs over
 // all DFKD_MAX_DIMS slots, unrolled, so every index into `dims`/`strides` is a constant:

@@ -7,6 +7,21 @@
 struct ConvGeom {
     unsigned int c_in, h_in, w_in, h_out, w_out, kh, kw, sh, sw, ph, pw, dh, dw;
 };
+// Twin of `ConvGeom` in src/backend/cuda/launch.rs, which asserts the same numbers.
+static_assert(sizeof(ConvGeom) == 52, "ConvGeom: size");
+DFKD_ASSERT_OFFSET(ConvGeom, c_in, 0);
+DFKD_ASSERT_OFFSET(ConvGeom, h_in, 4);
+DFKD_ASSERT_OFFSET(ConvGeom, w_in, 8);
+DFKD_ASSERT_OFFSET(ConvGeom, h_out, 12);
+DFKD_ASSERT_OFFSET(ConvGeom, w_out, 16);
+DFKD_ASSERT_OFFSET(ConvGeom, kh, 20);
+DFKD_ASSERT_OFFSET(ConvGeom, kw, 24);
+DFKD_ASSERT_OFFSET(ConvGeom, sh, 28);
+DFKD_ASSERT_OFFSET(ConvGeom, sw, 32);
+DFKD_ASSERT_OFFSET(ConvGeom, ph, 36);
+DFKD_ASSERT_OFFSET(ConvGeom, pw, 40);
+DFKD_ASSERT_OFFSET(ConvGeom, dh, 44);
+DFKD_ASSERT_OFFSET(ConvGeom, dw, 48);
 
 // col[b, (c * kh + i) * kw + j, oh * w_out + ow] = x[b, c, oh*sh - ph + i*dh, ow*sw - pw + j*dw],
 // zero where that lies in the padding. One thread per column element.

@@ -9,6 +9,18 @@
 struct PoolGeom {
     unsigned int h_in, w_in, h_out, w_out, kh, kw, sh, sw, ph, pw;
 };
+// Twin of `PoolGeom` in src/backend/cuda/launch.rs, which asserts the same numbers.
+static_assert(sizeof(PoolGeom) == 40, "PoolGeom: size");
+DFKD_ASSERT_OFFSET(PoolGeom, h_in, 0);
+DFKD_ASSERT_OFFSET(PoolGeom, w_in, 4);
+DFKD_ASSERT_OFFSET(PoolGeom, h_out, 8);
+DFKD_ASSERT_OFFSET(PoolGeom, w_out, 12);
+DFKD_ASSERT_OFFSET(PoolGeom, kh, 16);
+DFKD_ASSERT_OFFSET(PoolGeom, kw, 20);
+DFKD_ASSERT_OFFSET(PoolGeom, sh, 24);
+DFKD_ASSERT_OFFSET(PoolGeom, sw, 28);
+DFKD_ASSERT_OFFSET(PoolGeom, ph, 32);
+DFKD_ASSERT_OFFSET(PoolGeom, pw, 36);
 
 // Input rows [lo, hi) that output row `o` pools, clipped to the input.
 __device__ __forceinline__ void window(unsigned int o, unsigned int s, unsigned int p, unsigned int k, unsigned int n,

@@ -2,7 +2,7 @@
 // output's dims) and `red` (the reduced dims, coalesced, offset 0): output o reduces
 // x[at(kept, o) + at(red, j)] over j < n_red. One block per output (grid-stride over
 // outputs), the block's threads stride over j, then a block reduction. Names are
-// `ReduceOp::kernel_name()` + "_f32".
+// `ReduceOp::kernel_name()`.
 #include "common.cuh"
 
 template <class Op>

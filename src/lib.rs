@@ -19,6 +19,9 @@ pub use layout::{broadcast_shape, Layout};
 pub mod autograd;
 pub mod ops;
 mod tensor;
+// Tensor::from_ndarray / to_ndarray; the ndarray version they take is re-exported
+mod arrays;
+pub use ndarray;
 
 pub use autograd::{no_grad, Gradients};
 pub use ops::{ConvOpts, Reduction};
@@ -29,3 +32,8 @@ pub mod nn;
 pub mod models;
 pub mod checkpoint;
 pub mod commands;
+
+// the integration tests' assert_close, for the unit tests: one definition
+#[cfg(test)]
+#[path = "../tests/common/close.rs"]
+mod test_close;

@@ -16,6 +16,7 @@
 //!   bf16 rounding boundary: then they differ by one bf16 ulp (at most 2^-7 relative).
 
 mod common;
+use common::assert_close;
 use dfkd::backend::{cuda, BackendStorage, CpuStorage, Storage};
 use dfkd::rng::Rng;
 use dfkd::{DType, Device, Layout};
@@ -54,16 +55,9 @@ fn values(s: &Storage) -> Vec<f32> {
     c.to_f32_vec(&Layout::contiguous(&[c.len()]))
 }
 
-fn tolerance(dtype: DType) -> (f32, f32) {
-    if dtype == DType::BF16 { (1e-5, 1e-2) } else { (1e-6, 1e-5) }
-}
-
-fn assert_close(got: &[f32], want: &[f32], (abs, rel): (f32, f32), what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= abs + rel * w.abs(), "{what}: element {i}: got {g}, want {w} (tolerance {abs} + {rel} * |want|)");
-    }
-}
+/// Tolerance `abs + rel * |want|` of results in `dtype` (bf16 keeps 8 bits).
+fn abs_tol(dtype: DType) -> f32 { if dtype == DType::BF16 { 1e-5 } else { 1e-6 } }
+fn rel_tol(dtype: DType) -> f32 { if dtype == DType::BF16 { 1e-2 } else { 1e-5 } }
 
 /// Runs `f` once per version of `family` (and once with the default), comparing the
 /// device's outputs with the CPU's.
@@ -100,14 +94,14 @@ fn spatial_attention_kernels() {
                 each_version("spatial_attention_fwd", |v| {
                     let (y, stats) = gpu.2.spatial_attention(&gpu.3, &gpu.4, &gpu.5, k).unwrap();
                     assert_eq!(y.dtype(), dtype);
-                    assert_close(&values(&y), &values(&cpu.0), tolerance(dtype), &format!("{what} {v} y"));
-                    assert_close(&values(&stats), &values(&cpu.1), tolerance(DType::F32), &format!("{what} {v} stats"));
+                    assert_close(&values(&y), &values(&cpu.0), abs_tol(dtype), rel_tol(dtype), &format!("{what} {v} y"));
+                    assert_close(&values(&stats), &values(&cpu.1), abs_tol(DType::F32), rel_tol(DType::F32), &format!("{what} {v} stats"));
                 });
                 each_version("spatial_attention_bwd", |v| {
                     // the device's own stats, as in training
                     let (da, df) = gpu.2.spatial_attention_backward(&gpu.3, &gpu.4, &gpu.5, &gpu.6, &gpu.7, &gpu.1, k).unwrap();
-                    assert_close(&values(&da), &values(&cda), tolerance(dtype), &format!("{what} {v} da"));
-                    assert_close(&values(&df), &values(&cdf), tolerance(dtype), &format!("{what} {v} df"));
+                    assert_close(&values(&da), &values(&cda), abs_tol(dtype), rel_tol(dtype), &format!("{what} {v} da"));
+                    assert_close(&values(&df), &values(&cdf), abs_tol(dtype), rel_tol(dtype), &format!("{what} {v} df"));
                 });
             }
         }
@@ -133,8 +127,8 @@ fn high_order_attention_kernels() {
                     (values(&out), values(&dz))
                 };
                 let want = products(Device::Cpu);
-                each_version("hoa_products_fwd", |v| assert_close(&products(dev).0, &want.0, tolerance(dtype), &format!("{what} {v}")));
-                each_version("hoa_products_bwd", |v| assert_close(&products(dev).1, &want.1, tolerance(dtype), &format!("{what} {v}")));
+                each_version("hoa_products_fwd", |v| assert_close(&products(dev).0, &want.0, abs_tol(dtype), rel_tol(dtype), &format!("{what} {v}")));
+                each_version("hoa_products_bwd", |v| assert_close(&products(dev).1, &want.1, abs_tol(dtype), rel_tol(dtype), &format!("{what} {v}")));
 
                 let (us, fs) = ([n, order * 4 * c, h, w], [n, 4 * c, h, w]);
                 let (u, f, dy) = (randn(us.iter().product(), 6, 2.0), randn(fs.iter().product(), 7, 1.0), randn(fs.iter().product(), 8, 1.0));
@@ -145,11 +139,11 @@ fn high_order_attention_kernels() {
                     [values(&y), values(&du), values(&df)]
                 };
                 let want = combine(Device::Cpu);
-                each_version("hoa_combine_fwd", |v| assert_close(&combine(dev)[0], &want[0], tolerance(dtype), &format!("{what} {v}")));
+                each_version("hoa_combine_fwd", |v| assert_close(&combine(dev)[0], &want[0], abs_tol(dtype), rel_tol(dtype), &format!("{what} {v}")));
                 each_version("hoa_combine_bwd", |v| {
                     let got = combine(dev);
-                    assert_close(&got[1], &want[1], tolerance(dtype), &format!("{what} {v} du"));
-                    assert_close(&got[2], &want[2], tolerance(dtype), &format!("{what} {v} df"));
+                    assert_close(&got[1], &want[1], abs_tol(dtype), rel_tol(dtype), &format!("{what} {v} du"));
+                    assert_close(&got[2], &want[2], abs_tol(dtype), rel_tol(dtype), &format!("{what} {v} df"));
                 });
             }
         }
@@ -193,8 +187,8 @@ fn contrastive_kernels() {
                     let names = ["zhat", "norms", "loss", "lse", "sym", "dt", "ds"];
                     for (k, name) in names.iter().enumerate() {
                         // zhat, norms, loss, lse and S are f32 whatever the input dtype
-                        let tol = if k >= 5 { tolerance(dtype) } else { tolerance(DType::F32) };
-                        assert_close(&got[k], &want[k], tol, &format!("{what} {v} {name}"));
+                        let t = if k >= 5 { dtype } else { DType::F32 };
+                        assert_close(&got[k], &want[k], abs_tol(t), rel_tol(t), &format!("{what} {v} {name}"));
                     }
                 });
             }

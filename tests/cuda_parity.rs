@@ -13,6 +13,7 @@
 //! bound where the reduction order differs from the CPU's f64 accumulation.
 
 mod common;
+use common::assert_close;
 
 use dfkd::backend::{cuda, BackendStorage, BinaryOp, CpuStorage, ReduceOp, Storage, UnaryOp, UpdateRule};
 use dfkd::rng::Rng;
@@ -32,14 +33,6 @@ fn on(dev: Device, v: &[f32]) -> Storage { Storage::from_cpu(CpuStorage::F32(v.t
 fn values(s: &Storage) -> Vec<f32> {
     let c = s.to_cpu().unwrap();
     c.to_f32_vec(&Layout::contiguous(&[c.len()]))
-}
-
-fn assert_close(got: &[f32], want: &[f32], abs: f32, rel: f32, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let ok = (g.is_nan() && w.is_nan()) || g == w || (g - w).abs() <= abs + rel * w.abs();
-        assert!(ok, "{what}: element {i}: got {g}, want {w} (tolerance {abs} + {rel} * |want|)");
-    }
 }
 
 /// Views of a 37 x 29 buffer (1073 elements, odd): contiguous, transposed, narrowed

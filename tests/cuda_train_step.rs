@@ -87,17 +87,20 @@ fn resnet18_training_step_matches_the_cpu() {
 }
 
 /// On a GPU, a training step of shapes seen before is served entirely by the caching
-/// allocator: no cuMemAlloc after the first step (skipped on the emulator, whose
-/// buffers are host memory).
+/// allocator: no cuMemAlloc after the first step. The emulator's buffers are host
+/// memory with no caching allocator, so there is nothing to check without a GPU, and
+/// the test is ignored rather than passing doing nothing; scripts/gpu-run runs it
+/// (`--include-ignored`), and without a GPU it then fails.
 #[test]
+#[ignore = "needs a CUDA GPU (the emulator has no caching allocator); scripts/gpu-run runs it"]
 fn repeated_steps_never_call_the_driver_allocator() {
-    let Some(n) = common::cuda_devices().into_iter().find_map(|d| match d {
-        Device::Cuda(n) => Some(n),
-        _ => None,
-    }) else {
-        eprintln!("note: no GPU: the caching allocator's steady state is checked on cuda devices only");
-        return;
-    };
+    let n = common::cuda_devices()
+        .into_iter()
+        .find_map(|d| match d {
+            Device::Cuda(n) => Some(n),
+            _ => None,
+        })
+        .expect("no GPU opens: the caching allocator's steady state needs one");
     if std::env::var_os("DFKD_CUDA_NO_CACHE").is_some() {
         eprintln!("note: DFKD_CUDA_NO_CACHE is set: nothing is cached, nothing to check");
         return;

@@ -1,5 +1,6 @@
 //! Every differentiable op's backward against central finite differences, on random
-//! inputs. Tolerances are for f32 forward passes with step 1e-2: abs + rel * |numeric|.
+//! inputs, on the CPU and the CUDA kernels (`common::for_each_device`). Tolerances are
+//! for f32 forward passes with step 1e-2: abs + rel * |numeric|.
 
 mod common;
 use common::{check_grads, rand, randn};
@@ -133,11 +134,11 @@ fn pooling_and_upsampling() {
     check1(distinct(&[2, 3, 6, 7], 36), |x| x.max_pool2d(2, 2, 0));
     check1(distinct(&[2, 3, 7, 7], 37), |x| x.max_pool2d(3, 2, 1));
     let (_, idx) = distinct(&[2, 3, 6, 6], 38).max_pool2d_with_indices(2, 2, 0).unwrap();
-    check1(randn(&[2, 3, 3, 3], 39), move |x| x.max_unpool2d(&idx, (6, 6)));
+    check1(randn(&[2, 3, 3, 3], 39), move |x| x.max_unpool2d(&idx.to_device(x.device())?, (6, 6)));
     // a remapping that repeats some pixels and drops others (gradients must add up)
     let remap: Vec<u32> = (0..2 * 3 * 4 * 5).map(|i| ((i * 7 + i / 3) % 30) as u32).collect();
     let remap = Tensor::from_vec(remap, &[2, 3, 4, 5], Device::Cpu).unwrap();
-    check1(randn(&[2, 3, 5, 6], 46), move |x| x.gather_planes(&remap));
+    check1(randn(&[2, 3, 5, 6], 46), move |x| x.gather_planes(&remap.to_device(x.device())?));
     check1(randn(&[2, 3, 6, 7], 40), |x| x.avg_pool2d(2, 2, 0));
     check1(randn(&[2, 3, 7, 7], 41), |x| x.avg_pool2d(3, 2, 1));
     check1(randn(&[2, 3, 4, 4], 42), |x| x.adaptive_avg_pool2d(1));
@@ -149,7 +150,9 @@ fn batch_norm_train_and_eval() {
     let (rm, rv) = (randn(&[3], 44), rand(&[3], 0.5, 1.5, 45));
     let bn = |train: bool| {
         let (rm, rv) = (rm.deep_copy().unwrap(), rv.deep_copy().unwrap());
-        move |v: &[Tensor]| v[0].batch_norm(&v[1], &v[2], &rm, &rv, train, 0.1, 1e-5)
+        // the running statistics follow the input's device (training-mode calls update
+        // them but do not read them, so a copy per call changes nothing)
+        move |v: &[Tensor]| v[0].batch_norm(&v[1], &v[2], &rm.to_device(v[0].device())?, &rv.to_device(v[0].device())?, train, 0.1, 1e-5)
     };
     let x = randn(&[4, 3, 3, 2], 46).affine(2.0, 1.0).unwrap();
     check_grads(&[x.clone(), randn(&[3], 47), randn(&[3], 48)], bn(true), EPS, ABS, REL);

@@ -44,6 +44,7 @@
 #include <string.h>
 
 #include <atomic>
+#include <string>
 #include <cmath>
 #include <type_traits>
 #include <utility>
@@ -76,6 +77,11 @@ struct Config {
     unsigned int block[3];
     unsigned int shared_bytes;
 };
+// Twin of `EmuConfig` in src/backend/cuda/kernels.rs, which asserts the same numbers.
+static_assert(sizeof(Config) == 28, "Config: size");
+static_assert(__builtin_offsetof(Config, grid) == 0, "Config.grid");
+static_assert(__builtin_offsetof(Config, block) == 12, "Config.block");
+static_assert(__builtin_offsetof(Config, shared_bytes) == 24, "Config.shared_bytes");
 
 // Per host thread: the running fiber's thread index and the running block's geometry.
 // The scheduler rewrites them at every switch, so kernels read them like the builtins.
@@ -114,6 +120,30 @@ void call_kernel(void (*k)(A...), void** args, std::index_sequence<I...>) {
     k(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(args[I])...);
 }
 
+// One parameter's kind as the Rust host's `Arg` describes it: "p" a pointer, "u4"/"i4"/
+// "f4" an unsigned, signed or floating number of that many bytes, "s72" a struct of
+// that many bytes (a `#[repr(C)]` twin).
+template <class T> std::string param_code() {
+    if constexpr (std::is_pointer_v<T>) return "p";
+    else if constexpr (std::is_floating_point_v<T>) return "f" + std::to_string(sizeof(T));
+    else if constexpr (std::is_integral_v<T> && std::is_unsigned_v<T>) return "u" + std::to_string(sizeof(T));
+    else if constexpr (std::is_integral_v<T>) return "i" + std::to_string(sizeof(T));
+    else return "s" + std::to_string(sizeof(T));
+}
+
+// A kernel's parameter kinds, comma-separated ("u4,s72,p,p,f4,f4"): the emulated launch
+// on the Rust side refuses an argument list that does not match them, so a host/kernel
+// signature mismatch fails every test that launches the kernel instead of reading
+// garbage (the GPU cannot tell).
+template <class... A> const char* signature(void (*)(A...)) {
+    static const std::string s = [] {
+        std::string out;
+        ((out += (out.empty() ? "" : ",") + param_code<std::remove_cv_t<A>>()), ...);
+        return out;
+    }();
+    return s.c_str();
+}
+
 template <class... A> int launch(void (*k)(A...), const Config* cfg, void** args) {
     struct Ctx { void (*k)(A...); void** args; } ctx{k, args};
     auto thread_fn = [](void* c) {
@@ -135,12 +165,14 @@ extern "C" const char* emu_last_error();
 
 // Every kernel is declared with DFKD_KERNEL(name, (params)) { body }. Under nvcc/NVRTC
 // that is `extern "C" __global__ void name(params)`; here it also defines the host entry
-// `int emu_launch_<name>(const emu::Config*, void** args)` that build.rs lists for Rust.
+// `int emu_launch_<name>(const emu::Config*, void** args)` that build.rs lists for Rust,
+// and `const char* emu_params_<name>()`, the kernel's parameter kinds (emu::signature).
 #define DFKD_KERNEL(name, params)                                                      \
     extern "C" void name params;                                                       \
     extern "C" int emu_launch_##name(const emu::Config* cfg, void** args) {            \
         return emu::launch(name, cfg, args);                                           \
     }                                                                                  \
+    extern "C" const char* emu_params_##name() { return emu::signature(name); }        \
     extern "C" void name params
 
 // ---- barriers, warp operations ---------------------------------------------------------

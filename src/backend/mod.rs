@@ -6,7 +6,9 @@
 //! Conventions for every method:
 //! - inputs come with their `Layout` (any strides unless a method says "contiguous");
 //! - outputs are fresh, contiguous, offset 0;
-//! - f32 is the compute type: ops other than conversions reject other dtypes.
+//! - f32 is the compute type: ops other than conversions reject other dtypes;
+//! - ops with a parameter struct (`Conv2dParams`, `Pool2dParams`) have their geometry
+//!   checked here, once, by the struct's `check`: backends may assume it holds.
 
 pub mod attention;
 pub mod cpu;
@@ -207,15 +209,19 @@ impl Storage {
         dispatch!(self, s => Ok(s.softmax_last(l, log)?.into()))
     }
     pub fn conv2d(&self, l: &Layout, w: &Storage, w_l: &Layout, p: &Conv2dParams) -> Result<Storage> {
+        p.check("conv2d", &[("input", l, Conv2dParams::input_shape), ("weight", w_l, Conv2dParams::weight_shape)])?;
         same_device!("conv2d", self, w => |a, b| Ok(a.conv2d(l, b, w_l, p)?.into()))
     }
     pub fn conv2d_backward_input(&self, l: &Layout, w: &Storage, w_l: &Layout, p: &Conv2dParams) -> Result<Storage> {
+        p.check("conv2d_backward_input", &[("grad", l, Conv2dParams::output_shape), ("weight", w_l, Conv2dParams::weight_shape)])?;
         same_device!("conv2d_backward_input", self, w => |a, b| Ok(a.conv2d_backward_input(l, b, w_l, p)?.into()))
     }
     pub fn conv2d_backward_weight(&self, l: &Layout, g: &Storage, g_l: &Layout, p: &Conv2dParams) -> Result<Storage> {
+        p.check("conv2d_backward_weight", &[("input", l, Conv2dParams::input_shape), ("grad", g_l, Conv2dParams::output_shape)])?;
         same_device!("conv2d_backward_weight", self, g => |a, b| Ok(a.conv2d_backward_weight(l, b, g_l, p)?.into()))
     }
     pub fn max_pool2d(&self, l: &Layout, p: &Pool2dParams) -> Result<(Storage, Storage)> {
+        p.check("max_pool2d", &[("input", l, Pool2dParams::input_shape)])?;
         dispatch!(self, s => { let (o, i) = s.max_pool2d(l, p)?; Ok((o.into(), i.into())) })
     }
     pub fn scatter_add_planes(&self, l: &Layout, idx: &Storage, idx_l: &Layout, out_plane: usize) -> Result<Storage> {
@@ -224,8 +230,12 @@ impl Storage {
     pub fn gather_planes(&self, l: &Layout, idx: &Storage, idx_l: &Layout) -> Result<Storage> {
         same_device!("gather_planes", self, idx => |a, b| Ok(a.gather_planes(l, b, idx_l)?.into()))
     }
-    pub fn avg_pool2d(&self, l: &Layout, p: &Pool2dParams) -> Result<Storage> { dispatch!(self, s => Ok(s.avg_pool2d(l, p)?.into())) }
+    pub fn avg_pool2d(&self, l: &Layout, p: &Pool2dParams) -> Result<Storage> {
+        p.check("avg_pool2d", &[("input", l, Pool2dParams::input_shape)])?;
+        dispatch!(self, s => Ok(s.avg_pool2d(l, p)?.into()))
+    }
     pub fn avg_pool2d_backward(&self, l: &Layout, p: &Pool2dParams) -> Result<Storage> {
+        p.check("avg_pool2d_backward", &[("grad", l, Pool2dParams::output_shape)])?;
         dispatch!(self, s => Ok(s.avg_pool2d_backward(l, p)?.into()))
     }
     pub fn upsample_nearest2d(&self, l: &Layout, scale: (usize, usize)) -> Result<Storage> {

@@ -1,6 +1,10 @@
-//! The primitive op vocabulary shared by every backend. Each variant carries its scalar
-//! definition (`apply`, used by the CPU reference) and its kernel name (used by the CUDA
-//! backend), so the two cannot drift apart.
+//! The primitive op vocabulary shared by every backend. Each element-wise variant
+//! carries its scalar definition (`apply`), the one Rust copy of the math, which every
+//! CPU path calls, and its kernel name (used by the CUDA backend). The kernels
+//! (kernels/unary.cu, binary.cu, reduce.cu) write the same expressions again in CUDA
+//! C++: that second copy can drift, and tests/cuda_parity.rs is what ties it to this one.
+
+use crate::{bail, Layout, Result};
 
 /// Element-wise maps `f32 -> f32`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -57,26 +61,27 @@ impl UnaryOp {
         }
     }
 
+    /// The f32 kernel's full name in kernels/*.cu, so that a launch formats nothing.
     pub fn kernel_name(self) -> &'static str {
         match self {
-            UnaryOp::Neg => "uneg",
-            UnaryOp::Recip => "urecip",
-            UnaryOp::Exp => "uexp",
-            UnaryOp::Log => "ulog",
-            UnaryOp::Sqrt => "usqrt",
-            UnaryOp::Sqr => "usqr",
-            UnaryOp::Abs => "uabs",
-            UnaryOp::Sign => "usign",
-            UnaryOp::Relu => "urelu",
-            UnaryOp::Step => "ustep",
-            UnaryOp::Sigmoid => "usigmoid",
-            UnaryOp::Tanh => "utanh",
-            UnaryOp::LeakyRelu(_) => "uleaky_relu",
-            UnaryOp::LeakyStep(_) => "uleaky_step",
-            UnaryOp::Powf(_) => "upowf",
-            UnaryOp::Clamp(..) => "uclamp",
-            UnaryOp::InRange(..) => "uin_range",
-            UnaryOp::Affine(..) => "uaffine",
+            UnaryOp::Neg => "uneg_f32",
+            UnaryOp::Recip => "urecip_f32",
+            UnaryOp::Exp => "uexp_f32",
+            UnaryOp::Log => "ulog_f32",
+            UnaryOp::Sqrt => "usqrt_f32",
+            UnaryOp::Sqr => "usqr_f32",
+            UnaryOp::Abs => "uabs_f32",
+            UnaryOp::Sign => "usign_f32",
+            UnaryOp::Relu => "urelu_f32",
+            UnaryOp::Step => "ustep_f32",
+            UnaryOp::Sigmoid => "usigmoid_f32",
+            UnaryOp::Tanh => "utanh_f32",
+            UnaryOp::LeakyRelu(_) => "uleaky_relu_f32",
+            UnaryOp::LeakyStep(_) => "uleaky_step_f32",
+            UnaryOp::Powf(_) => "upowf_f32",
+            UnaryOp::Clamp(..) => "uclamp_f32",
+            UnaryOp::InRange(..) => "uin_range_f32",
+            UnaryOp::Affine(..) => "uaffine_f32",
         }
     }
 }
@@ -110,16 +115,21 @@ impl BinaryOp {
             BinaryOp::Gt => (a > b) as u8 as f32,
         }
     }
+    /// The op's name in errors and in the autograd graph ("badd"): its kernel's name
+    /// without the dtype.
+    pub fn label(self) -> &'static str { self.kernel_name().trim_end_matches("_f32") }
+
+    /// The f32 kernel's full name in kernels/*.cu, so that a launch formats nothing.
     pub fn kernel_name(self) -> &'static str {
         match self {
-            BinaryOp::Add => "badd",
-            BinaryOp::Sub => "bsub",
-            BinaryOp::Mul => "bmul",
-            BinaryOp::Div => "bdiv",
-            BinaryOp::Max => "bmax",
-            BinaryOp::Min => "bmin",
-            BinaryOp::Eq => "beq",
-            BinaryOp::Gt => "bgt",
+            BinaryOp::Add => "badd_f32",
+            BinaryOp::Sub => "bsub_f32",
+            BinaryOp::Mul => "bmul_f32",
+            BinaryOp::Div => "bdiv_f32",
+            BinaryOp::Max => "bmax_f32",
+            BinaryOp::Min => "bmin_f32",
+            BinaryOp::Eq => "beq_f32",
+            BinaryOp::Gt => "bgt_f32",
         }
     }
 }
@@ -147,11 +157,12 @@ impl ReduceOp {
             ReduceOp::Min => a.min(b),
         }
     }
+    /// The f32 kernel's full name in kernels/*.cu, so that a launch formats nothing.
     pub fn kernel_name(self) -> &'static str {
         match self {
-            ReduceOp::Sum => "rsum",
-            ReduceOp::Max => "rmax",
-            ReduceOp::Min => "rmin",
+            ReduceOp::Sum => "rsum_f32",
+            ReduceOp::Max => "rmax_f32",
+            ReduceOp::Min => "rmin_f32",
         }
     }
 }
@@ -174,6 +185,25 @@ pub struct Conv2dParams {
 }
 
 impl Conv2dParams {
+    /// The one geometry check of the convolution family (forward, both gradients and so
+    /// the transposed convolution), run by `Storage` before any backend sees the params,
+    /// so every device refuses the same inputs with the same message. `operands` pairs
+    /// each input's layout with the method giving its shape (`Self::input_shape` etc.),
+    /// called only once the geometry is known to be valid (it divides by the stride).
+    pub fn check(&self, op: &str, operands: &[Operand<Self>]) -> Result<()> {
+        let (kh, kw) = (self.kh, self.kw);
+        if self.groups == 0 || !self.c_in.is_multiple_of(self.groups) || !self.c_out.is_multiple_of(self.groups) {
+            bail!("{op}: groups = {} must divide c_in = {} and c_out = {}", self.groups, self.c_in, self.c_out);
+        }
+        if kh == 0 || kw == 0 || self.stride.0 == 0 || self.stride.1 == 0 || self.dilation.0 == 0 || self.dilation.1 == 0 {
+            bail!("{op}: kernel {kh}x{kw}, stride {:?} and dilation {:?} must be positive", self.stride, self.dilation);
+        }
+        let padded = (self.h_in + 2 * self.padding.0, self.w_in + 2 * self.padding.1);
+        if padded.0 < self.dilation.0 * (kh - 1) + 1 || padded.1 < self.dilation.1 * (kw - 1) + 1 {
+            bail!("{op}: kernel {kh}x{kw} (dilation {:?}) is larger than the padded input {}x{}", self.dilation, padded.0, padded.1);
+        }
+        check_operands(op, self, operands)
+    }
     pub fn h_out(&self) -> usize {
         (self.h_in + 2 * self.padding.0 - self.dilation.0 * (self.kh - 1) - 1) / self.stride.0 + 1
     }
@@ -203,10 +233,43 @@ pub struct Pool2dParams {
 }
 
 impl Pool2dParams {
+    /// The one geometry check of the pooling family (max, average and its gradient), run
+    /// by `Storage` before any backend sees the params. `operands` as for
+    /// `Conv2dParams::check`.
+    pub fn check(&self, op: &str, operands: &[Operand<Self>]) -> Result<()> {
+        if self.kh == 0 || self.kw == 0 || self.stride.0 == 0 || self.stride.1 == 0 {
+            bail!("{op}: kernel {}x{} and stride {:?} must be positive", self.kh, self.kw, self.stride);
+        }
+        let padded = (self.h_in + 2 * self.padding.0, self.w_in + 2 * self.padding.1);
+        if padded.0 < self.kh || padded.1 < self.kw {
+            bail!("{op}: kernel {}x{} is larger than the padded input {}x{}", self.kh, self.kw, padded.0, padded.1);
+        }
+        if self.padding.0 * 2 > self.kh || self.padding.1 * 2 > self.kw {
+            // Otherwise a window could lie entirely in the padding and have no maximum
+            // (PyTorch refuses it for average pooling too).
+            bail!("{op}: padding {:?} must be at most half the kernel {}x{}", self.padding, self.kh, self.kw);
+        }
+        check_operands(op, self, operands)
+    }
     pub fn h_out(&self) -> usize { (self.h_in + 2 * self.padding.0 - self.kh) / self.stride.0 + 1 }
     pub fn w_out(&self) -> usize { (self.w_in + 2 * self.padding.1 - self.kw) / self.stride.1 + 1 }
     pub fn input_shape(&self) -> [usize; 4] { [self.batch, self.channels, self.h_in, self.w_in] }
     pub fn output_shape(&self) -> [usize; 4] { [self.batch, self.channels, self.h_out(), self.w_out()] }
+}
+
+/// An operand of an op with params `P`: its name, its layout, and the method of `P`
+/// that gives its shape (`Conv2dParams::weight_shape`, ...).
+pub type Operand<'a, P> = (&'a str, &'a Layout, fn(&P) -> [usize; 4]);
+
+/// Each operand's shape must be the one the op's params give it.
+fn check_operands<P>(op: &str, p: &P, operands: &[Operand<P>]) -> Result<()> {
+    for (what, l, shape) in operands {
+        let shape = shape(p);
+        if l.shape() != shape {
+            bail!("{op}: {what} has shape {:?}, the params need {shape:?}", l.shape());
+        }
+    }
+    Ok(())
 }
 
 /// Hyper-parameters of one fused optimiser update.

@@ -10,7 +10,7 @@ use crate::pipeline::config::Config;
 use crate::pipeline::distill::{self, Distiller};
 use crate::pipeline::eval::{evaluate, Evaluation};
 use crate::pipeline::checkpoint_dir::CheckpointDir;
-use crate::pipeline::report::{plot_curves, print_table, MetricsLog};
+use crate::pipeline::report::{plot_panels, print_table, MetricsLog, Panel};
 use crate::pipeline::run_dir::{Mode, RunDir};
 use crate::pipeline::teacher::train_classifier;
 use crate::rng::Rng;
@@ -176,35 +176,36 @@ pub fn run_job(cfg: &Config, device: Device, opts: &RunOptions) -> Result<JobSum
     Ok(summary)
 }
 
-/// Loss and accuracy curves from the run's metrics, as PNG.
+/// Loss and accuracy curves from the run's metrics, as PNG: one panel per loss (the BN
+/// term is two orders of magnitude above the student's losses), and the student's
+/// accuracy against the teacher's and chance (from the run's final record).
 pub fn draw_curves(run_dir: &Path) -> Result<()> {
     let records = MetricsLog::read_all(&run_dir.join("metrics.jsonl"))?;
-    let series = |phase: &str, x: &str, keys: &[&str]| -> Vec<(String, Vec<(f32, f32)>)> {
-        keys.iter()
-            .map(|k| {
-                let pts = records.iter().filter(|r| r["phase"] == phase)
-                    .filter_map(|r| Some((r[x].as_f64()? as f32, r[*k].as_f64()? as f32))).collect();
-                (k.to_string(), pts)
-            })
-            .filter(|(_, p): &(String, Vec<_>)| !p.is_empty())
-            .collect()
+    let points = |phase: &str, x: &str, key: &str| -> Vec<(f32, f32)> {
+        records.iter().filter(|r| r["phase"] == phase).filter_map(|r| Some((r[x].as_f64()? as f32, r[key].as_f64()? as f32))).collect()
     };
-    // two charts: the BN term is two orders of magnitude above the student's losses
-    let student = series("distill", "iteration", &["s_kd", "s_mhad", "s_sfcl", "s_at"]);
+    let panels = |phase: &str, x: &str, keys: &[&str]| -> Vec<Panel> {
+        keys.iter().map(|k| Panel::single(k, points(phase, x, k))).filter(|p| !p.series[0].1.is_empty()).collect()
+    };
+    let student = panels("distill", "iteration", &["s_kd", "s_mhad", "s_sfcl", "s_at"]);
     if !student.is_empty() {
-        plot_curves("student losses by iteration", &student, &run_dir.join("losses_student.png"))?;
+        plot_panels("student losses", "iteration", &student, &run_dir.join("losses_student.png"))?;
     }
-    let generator = series("distill", "iteration", &["g_bn", "g_kd", "g_l1", "g_ce", "g_dafl", "g_js"]);
+    let generator = panels("distill", "iteration", &["g_bn", "g_kd", "g_l1", "g_ce", "g_dafl", "g_js", "g_target_ce", "g_onehot", "g_balance"]);
     if !generator.is_empty() {
-        plot_curves("generator losses by iteration", &generator, &run_dir.join("losses_generator.png"))?;
+        plot_panels("generator losses", "iteration", &generator, &run_dir.join("losses_generator.png"))?;
     }
-    let acc = series("distill", "epoch", &["student_top1"]);
+    let acc = points("distill", "epoch", "student_top1");
     if !acc.is_empty() {
-        plot_curves("student test top-1 by epoch", &acc, &run_dir.join("accuracy.png"))?;
+        let last = records.iter().rev().find(|r| r["phase"] == "final");
+        let reference = |key: &str, name: &str| Some((name.to_string(), last?[key].as_f64()? as f32));
+        let references = [reference("teacher_top1", "teacher"), reference("chance", "chance")].into_iter().flatten().collect();
+        let panel = Panel { title: "student test top-1 (%)".into(), series: vec![("student".into(), acc)], references };
+        plot_panels("student accuracy", "epoch", &[panel], &run_dir.join("accuracy.png"))?;
     }
-    let teacher = series("teacher", "epoch", &["loss", "train_top1"]);
+    let teacher = panels("teacher", "epoch", &["loss", "train_top1"]);
     if !teacher.is_empty() {
-        plot_curves("teacher training by epoch", &teacher, &run_dir.join("teacher.png"))?;
+        plot_panels("teacher training", "epoch", &teacher, &run_dir.join("teacher.png"))?;
     }
     Ok(())
 }

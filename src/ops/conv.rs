@@ -24,18 +24,17 @@ impl ConvOpts {
     pub fn groups(mut self, g: usize) -> Self { self.groups = g; self }
 }
 
+/// The params of a convolution of `x` by a weight `w`. Only the channel counts are
+/// checked here (they are the tensors' business); the geometry is checked once, by
+/// `Conv2dParams::check` on the way into `Storage`.
 fn conv_params(x: [usize; 4], w: [usize; 4], c_out: usize, c_in_w: usize, o: &ConvOpts) -> Result<Conv2dParams> {
     let [n, c, h, wi] = x;
     let p = Conv2dParams {
         batch: n, c_in: c, h_in: h, w_in: wi, c_out, kh: w[2], kw: w[3],
         stride: o.stride, padding: o.padding, dilation: o.dilation, groups: o.groups,
     };
-    if o.groups == 0 || c % o.groups != 0 || c_out % o.groups != 0 || c / o.groups != c_in_w {
+    if o.groups == 0 || !c.is_multiple_of(o.groups) || !c_out.is_multiple_of(o.groups) || c / o.groups != c_in_w {
         bail!("conv2d: input channels {c}, weight {w:?} and groups {} do not fit", o.groups);
-    }
-    let (eh, ew) = (o.dilation.0 * (w[2] - 1) + 1, o.dilation.1 * (w[3] - 1) + 1);
-    if h + 2 * o.padding.0 < eh || wi + 2 * o.padding.1 < ew || o.stride.0 == 0 || o.stride.1 == 0 {
-        bail!("conv2d: kernel {}x{} (dilated {eh}x{ew}) does not fit input {h}x{wi} with padding {:?}", w[2], w[3], o.padding);
     }
     Ok(p)
 }
@@ -79,10 +78,12 @@ impl Tensor {
             _ => bail!("conv_transpose2d: padding {:?} leaves no output for input {h}x{wi}", opts.padding),
         };
         // the equivalent convolution maps our output [n, c_out, h_out, w_out] to our input
-        let p = conv_params([n, c_out, h_out, w_out], wd, c_in, wd[1], &opts)?;
-        if p.h_out() != h || p.w_out() != wi {
-            bail!("conv_transpose2d: inconsistent geometry (output padding {output_padding:?} too large?)");
+        // (h_out + 2p - d(k-1) - 1) / s + 1 = h + op / s: the convolution gives back our
+        // input's size exactly when the output padding is below the stride
+        if output_padding.0 >= opts.stride.0 || output_padding.1 >= opts.stride.1 {
+            bail!("conv_transpose2d: output padding {output_padding:?} must be smaller than the stride {:?}", opts.stride);
         }
+        let p = conv_params([n, c_out, h_out, w_out], wd, c_in, wd[1], &opts)?;
         let (x, w) = (self.contiguous()?, weight.contiguous()?);
         let s = x.storage().conv2d_backward_input(x.layout(), &w.storage(), w.layout(), &p)?;
         let (xs, ws) = (x.clone(), w.clone());

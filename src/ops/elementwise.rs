@@ -56,7 +56,7 @@ impl Tensor {
     }
 
     fn binary(&self, rhs: &Tensor, op: BinaryOp) -> Result<Tensor> {
-        let shape = broadcast_shape(op.kernel_name(), self.dims(), rhs.dims())?;
+        let shape = broadcast_shape(op.label(), self.dims(), rhs.dims())?;
         let (la, lb) = (self.layout().broadcast_as(&shape)?, rhs.layout().broadcast_as(&shape)?);
         let s = if std::sync::Arc::ptr_eq(self.storage_arc(), rhs.storage_arc()) {
             let st = self.storage();
@@ -65,7 +65,7 @@ impl Tensor {
             self.storage().binary(&la, &rhs.storage(), &lb, op)?
         };
         let (a, b) = (self.clone(), rhs.clone());
-        Ok(from_op(s, &shape, op.kernel_name(), &[self, rhs], move |g, need| {
+        Ok(from_op(s, &shape, op.label(), &[self, rhs], move |g, need| {
             let (da, db) = (a.dims(), b.dims());
             let grads = match op {
                 BinaryOp::Add => (g.clone(), g.clone()),

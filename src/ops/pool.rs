@@ -4,19 +4,18 @@ use super::from_op;
 use crate::backend::Pool2dParams;
 use crate::{bail, Result, Tensor};
 
-fn pool_params(x: [usize; 4], k: usize, stride: usize, padding: usize, op: &str) -> Result<Pool2dParams> {
+/// Square-window params over `x`; the geometry is checked once, by
+/// `Pool2dParams::check` on the way into `Storage`.
+fn pool_params(x: [usize; 4], k: usize, stride: usize, padding: usize) -> Pool2dParams {
     let [batch, channels, h_in, w_in] = x;
-    if k == 0 || stride == 0 || h_in + 2 * padding < k || w_in + 2 * padding < k || 2 * padding > k {
-        bail!("{op}: kernel {k}, stride {stride}, padding {padding} do not fit input {h_in}x{w_in}");
-    }
-    Ok(Pool2dParams { batch, channels, h_in, w_in, kh: k, kw: k, stride: (stride, stride), padding: (padding, padding) })
+    Pool2dParams { batch, channels, h_in, w_in, kh: k, kw: k, stride: (stride, stride), padding: (padding, padding) }
 }
 
 impl Tensor {
     /// Max pooling; also returns, per output, the flat index of the max in its input
     /// plane (u32), for `max_unpool2d`.
     pub fn max_pool2d_with_indices(&self, k: usize, stride: usize, padding: usize) -> Result<(Tensor, Tensor)> {
-        let p = pool_params(self.dims4("max_pool2d")?, k, stride, padding, "max_pool2d")?;
+        let p = pool_params(self.dims4("max_pool2d")?, k, stride, padding);
         let x = self.contiguous()?;
         let (s, idx) = x.storage().max_pool2d(x.layout(), &p)?;
         let idx = Tensor::from_storage(idx, &p.output_shape());
@@ -71,7 +70,7 @@ impl Tensor {
 
     /// Average pooling (zero padding counts in the divisor, as PyTorch's default).
     pub fn avg_pool2d(&self, k: usize, stride: usize, padding: usize) -> Result<Tensor> {
-        let p = pool_params(self.dims4("avg_pool2d")?, k, stride, padding, "avg_pool2d")?;
+        let p = pool_params(self.dims4("avg_pool2d")?, k, stride, padding);
         let x = self.contiguous()?;
         let s = x.storage().avg_pool2d(x.layout(), &p)?;
         Ok(from_op(s, &p.output_shape(), "avg_pool2d", &[&x], move |g, _| {

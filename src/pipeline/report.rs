@@ -3,6 +3,8 @@
 
 use crate::{bail, Error, Result, Tensor};
 use image::{Rgb, RgbImage};
+use plotters::prelude::*;
+use plotters::style::{register_font, FontStyle};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -115,108 +117,110 @@ pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-const PALETTE: [[u8; 3]; 8] =
-    [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75], [227, 119, 194], [127, 127, 127]];
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189), RGBColor(140, 86, 75), RGBColor(227, 119, 194), RGBColor(127, 127, 127),
+];
+/// Every label is set in this font: DejaVu Sans cut down to printable ASCII (10 KB;
+/// licence in assets/fonts/LICENSE), so no system font is looked up.
+const FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-ascii.ttf");
+const FAMILY: &str = "dfkd-sans";
 
-/// Draws named series of (x, y) points as lines on one chart, with a legend, and
-/// writes it as PNG. Each series is scaled to the common y range.
-pub fn plot_curves(title: &str, series: &[(String, Vec<(f32, f32)>)], path: &Path) -> Result<()> {
-    let (w, h, left, right, top, bottom) = (720i32, 420i32, 60i32, 170i32, 28i32, 36i32);
-    let mut img = RgbImage::from_pixel(w as u32, h as u32, Rgb([255, 255, 255]));
-    let pts: Vec<(f32, f32)> = series.iter().flat_map(|s| s.1.iter().copied()).filter(|p| p.1.is_finite()).collect();
-    let (mut x0, mut x1, mut y0, mut y1) = (f32::MAX, f32::MIN, f32::MAX, f32::MIN);
-    for &(x, y) in &pts {
-        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+/// One panel of a figure: curves that share a y scale, and horizontal reference lines
+/// (a teacher's accuracy, chance) drawn dashed across it.
+pub struct Panel {
+    pub title: String,
+    pub series: Vec<(String, Vec<(f32, f32)>)>,
+    pub references: Vec<(String, f32)>,
+}
+
+impl Panel {
+    /// A panel of one curve, titled with its name.
+    pub fn single(name: &str, points: Vec<(f32, f32)>) -> Panel {
+        Panel { title: name.into(), series: vec![(name.into(), points)], references: vec![] }
     }
-    if pts.is_empty() {
-        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+}
+
+/// Draws `panels` stacked in one PNG, each with its own y scale (losses that differ by
+/// orders of magnitude stay readable), a legend, and integer ticks on the x axis
+/// (`x_label`: iterations or epochs, whole numbers). Non-finite points are skipped.
+pub fn plot_panels(title: &str, x_label: &str, panels: &[Panel], path: &Path) -> Result<()> {
+    static FONT_ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*FONT_ONCE.get_or_init(|| register_font(FAMILY, FontStyle::Normal, FONT).is_ok()) {
+        bail!("the embedded plot font does not load");
     }
-    if x1 - x0 < 1e-9 { x1 = x0 + 1.0 }
-    if y1 - y0 < 1e-9 { y1 = y0 + 1.0 }
-    let (pw, ph) = (w - left - right, h - top - bottom);
-    let to_px = |x: f32, y: f32| (left + ((x - x0) / (x1 - x0) * pw as f32) as i32, top + ph - ((y - y0) / (y1 - y0) * ph as f32) as i32);
-    let grey = Rgb([90, 90, 90]);
-    draw_line(&mut img, (left, top + ph), (left + pw, top + ph), grey);
-    draw_line(&mut img, (left, top), (left, top + ph), grey);
-    for i in 0..=4 {
-        let y = y0 + (y1 - y0) * i as f32 / 4.0;
-        let (_, py) = to_px(x0, y);
-        draw_line(&mut img, (left - 4, py), (left, py), grey);
-        draw_text(&mut img, &fmt_num(y), 4, py - 3, grey);
-        let x = x0 + (x1 - x0) * i as f32 / 4.0;
-        let (px, _) = to_px(x, y0);
-        draw_line(&mut img, (px, top + ph), (px, top + ph + 4), grey);
-        draw_text(&mut img, &fmt_num(x), px - 10, top + ph + 8, grey);
-    }
-    draw_text(&mut img, title, left, 8, Rgb([0, 0, 0]));
-    for (k, (name, pts)) in series.iter().enumerate() {
-        let color = Rgb(PALETTE[k % PALETTE.len()]);
-        for pair in pts.windows(2) {
-            if pair[0].1.is_finite() && pair[1].1.is_finite() {
-                draw_line(&mut img, to_px(pair[0].0, pair[0].1), to_px(pair[1].0, pair[1].1), color);
-            }
+    let (w, panel_h) = (800u32, 300u32);
+    let h = 40 + panel_h * panels.len().max(1) as u32;
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    let err = |e: &dyn std::fmt::Display| Error::Msg(format!("{}: drawing the plot: {e}", path.display()));
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        let root = root.titled(title, (FAMILY, 22)).map_err(|e| err(&e))?;
+        for (panel, area) in panels.iter().zip(root.split_evenly((panels.len().max(1), 1))) {
+            draw_panel(panel, x_label, &area).map_err(|e| err(&e))?;
         }
-        let ly = top + 6 + 14 * k as i32;
-        draw_line(&mut img, (w - right + 10, ly + 2), (w - right + 28, ly + 2), color);
-        draw_text(&mut img, name, w - right + 34, ly, Rgb([0, 0, 0]));
+        root.present().map_err(|e| err(&e))?;
     }
+    let img = RgbImage::from_raw(w, h, buf).expect("the buffer is w * h RGB pixels");
     save_png(&img, path)
 }
 
-fn fmt_num(v: f32) -> String {
-    if v.abs() >= 1000.0 { format!("{v:.0}") } else if v.abs() >= 10.0 { format!("{v:.1}") } else { format!("{v:.3}") }
-}
+type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 
-fn draw_line(img: &mut RgbImage, (mut x0, mut y0): (i32, i32), (x1, y1): (i32, i32), c: Rgb<u8>) {
-    // Bresenham
-    let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
-    let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
-    let mut err = dx + dy;
-    loop {
-        if x0 >= 0 && y0 >= 0 && (x0 as u32) < img.width() && (y0 as u32) < img.height() {
-            img.put_pixel(x0 as u32, y0 as u32, c);
-        }
-        if x0 == x1 && y0 == y1 {
-            break;
-        }
-        let e2 = 2 * err;
-        if e2 >= dy { err += dy; x0 += sx; }
-        if e2 <= dx { err += dx; y0 += sy; }
+fn draw_panel(panel: &Panel, x_label: &str, area: &Area) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let pts = || panel.series.iter().flat_map(|s| s.1.iter()).filter(|p| p.1.is_finite());
+    let (mut x0, mut x1) = pts().fold((i64::MAX, i64::MIN), |(a, b), p| (a.min(p.0.round() as i64), b.max(p.0.round() as i64)));
+    let ys = pts().map(|p| p.1).chain(panel.references.iter().map(|r| r.1));
+    let (mut y0, mut y1) = ys.fold((f32::MAX, f32::MIN), |(a, b), y| (a.min(y), b.max(y)));
+    if x0 > x1 {
+        (x0, x1, y0, y1) = (0, 1, 0.0, 1.0);
     }
-}
-
-/// A 3x5 pixel font for labels: digits, letters (upper-cased), and a few signs.
-fn glyph(ch: char) -> [u8; 5] {
-    match ch.to_ascii_uppercase() {
-        '0' => [7, 5, 5, 5, 7], '1' => [2, 6, 2, 2, 7], '2' => [7, 1, 7, 4, 7], '3' => [7, 1, 7, 1, 7],
-        '4' => [5, 5, 7, 1, 1], '5' => [7, 4, 7, 1, 7], '6' => [7, 4, 7, 5, 7], '7' => [7, 1, 1, 1, 1],
-        '8' => [7, 5, 7, 5, 7], '9' => [7, 5, 7, 1, 7], 'A' => [2, 5, 7, 5, 5], 'B' => [6, 5, 6, 5, 6],
-        'C' => [3, 4, 4, 4, 3], 'D' => [6, 5, 5, 5, 6], 'E' => [7, 4, 6, 4, 7], 'F' => [7, 4, 6, 4, 4],
-        'G' => [3, 4, 5, 5, 3], 'H' => [5, 5, 7, 5, 5], 'I' => [7, 2, 2, 2, 7], 'J' => [1, 1, 1, 5, 2],
-        'K' => [5, 5, 6, 5, 5], 'L' => [4, 4, 4, 4, 7], 'M' => [5, 7, 7, 5, 5], 'N' => [6, 5, 5, 5, 5],
-        'O' => [2, 5, 5, 5, 2], 'P' => [6, 5, 6, 4, 4], 'Q' => [2, 5, 5, 6, 3], 'R' => [6, 5, 6, 5, 5],
-        'S' => [3, 4, 2, 1, 6], 'T' => [7, 2, 2, 2, 2], 'U' => [5, 5, 5, 5, 7], 'V' => [5, 5, 5, 5, 2],
-        'W' => [5, 5, 7, 7, 5], 'X' => [5, 5, 2, 5, 5], 'Y' => [5, 5, 2, 2, 2], 'Z' => [7, 1, 2, 4, 7],
-        '.' => [0, 0, 0, 0, 2], '-' => [0, 0, 7, 0, 0], '_' => [0, 0, 0, 0, 7], '+' => [0, 2, 7, 2, 0],
-        '%' => [5, 1, 2, 4, 5], '/' => [1, 1, 2, 4, 4], ':' => [0, 2, 0, 2, 0], '(' => [1, 2, 2, 2, 1],
-        ')' => [4, 2, 2, 2, 4], '=' => [0, 7, 0, 7, 0], '*' => [5, 2, 7, 2, 5],
-        _ => [0, 0, 0, 0, 0],
+    if x1 == x0 {
+        x1 = x0 + 1;
     }
-}
-
-fn draw_text(img: &mut RgbImage, text: &str, x: i32, y: i32, c: Rgb<u8>) {
-    for (i, ch) in text.chars().enumerate() {
-        for (row, bits) in glyph(ch).iter().enumerate() {
-            for col in 0..3 {
-                if bits >> (2 - col) & 1 == 1 {
-                    let (px, py) = (x + i as i32 * 4 + col, y + row as i32);
-                    if px >= 0 && py >= 0 && (px as u32) < img.width() && (py as u32) < img.height() {
-                        img.put_pixel(px as u32, py as u32, c);
-                    }
-                }
-            }
-        }
+    // a margin so that curves do not run along the frame; a flat curve gets 5% of its
+    // value each side
+    let pad = if y1 - y0 > y1.abs().max(1.0) * 1e-6 { (y1 - y0) * 0.05 } else { (y1.abs() * 0.05).max(1e-3) };
+    // as many decimals as the ticks (about a fifth of the range apart) need: "1200",
+    // "35", "0.35"
+    let step = (y1 - y0 + 2.0 * pad) / 5.0;
+    let decimals = (-step.log10().floor()).clamp(0.0, 6.0) as usize;
+    let mut chart = ChartBuilder::on(area)
+        .caption(&panel.title, (FAMILY, 16))
+        .margin(8)
+        .x_label_area_size(34)
+        .y_label_area_size(64)
+        .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .x_labels(10)
+        .y_labels(6)
+        .y_label_formatter(&|y| format!("{y:.decimals$}"))
+        .label_style((FAMILY, 13))
+        .axis_desc_style((FAMILY, 14))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()?;
+    for (k, (name, points)) in panel.series.iter().enumerate() {
+        let color = PALETTE[k % PALETTE.len()];
+        let line = points.iter().filter(|p| p.1.is_finite()).map(|&(x, y)| (x.round() as i64, y));
+        chart.draw_series(LineSeries::new(line, color.stroke_width(2)))?.label(name.as_str()).legend(move |(x, y)| {
+            PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
+        });
     }
+    for (k, (name, y)) in panel.references.iter().enumerate() {
+        let color = if k == 0 { BLACK } else { RGBColor(150, 150, 150) };
+        let dashed = DashedLineSeries::new([(x0, *y), (x1, *y)], 8, 5, color.stroke_width(2));
+        chart.draw_series(dashed)?.label(format!("{name} {y:.1}")).legend(move |(x, y)| PathElement::new([(x, y), (x + 8, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font((FAMILY, 13))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .draw()?;
+    Ok(())
 }
 
 /// Prints rows of cells as an aligned table.
@@ -281,6 +285,27 @@ mod tests {
         log.write(&json!({"phase": "distill", "iteration": 5})).unwrap();
         let its: Vec<String> = MetricsLog::read_all(&path).unwrap().iter().map(|r| format!("{}{}", r["phase"], r["iteration"])).collect();
         assert_eq!(its, ["\"teacher\"null", "\"distill\"1", "\"distill\"2", "\"distill\"3", "\"distill\"4", "\"distill\"5"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Two panels, each with its own curve; the second with a reference line. Every
+    /// panel gets its curve's colour, the reference its black dashes, and labels text.
+    #[test]
+    fn panels_are_drawn_with_their_curves_and_references() {
+        let dir = std::env::temp_dir().join(format!("dfkd-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("panels.png");
+        let loss: Vec<(f32, f32)> = (0..50).map(|i| (i as f32, 1000.0 / (1.0 + i as f32))).collect();
+        let acc = Panel { title: "top-1".into(), series: vec![("student".into(), (1..=7).map(|e| (e as f32, 10.0 * e as f32)).collect())], references: vec![("teacher".into(), 85.0), ("chance".into(), 1.0)] };
+        plot_panels("a figure", "iteration", &[Panel::single("g_bn", loss), acc], &path).unwrap();
+        let img = image::open(&path).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (800, 640));
+        let count = |y0: u32, y1: u32, c: [u8; 3]| (y0..y1).flat_map(|y| (0..800).map(move |x| (x, y))).filter(|&(x, y)| img.get_pixel(x, y).0 == c).count();
+        let blue = [31, 119, 180];
+        assert!(count(40, 340, blue) > 300, "the first panel's curve");
+        assert!(count(340, 640, blue) > 300, "the second panel's curve");
+        // text (anti-aliased grey levels) and the black reference dashes
+        assert!(count(340, 640, [0, 0, 0]) > 100, "the reference lines and labels");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,5 +1,9 @@
-//! Shared test helpers: random inputs and a finite-difference gradient checker.
+//! Shared test helpers: random inputs, the one `assert_close`, a finite-difference
+//! gradient checker and the devices a test runs on (`for_each_device`).
 #![allow(dead_code)]
+
+mod close;
+pub use close::assert_close;
 
 use dfkd::rng::Rng;
 use dfkd::{Device, Result, Tensor};
@@ -14,24 +18,25 @@ pub fn rand(shape: &[usize], lo: f32, hi: f32, seed: u64) -> Tensor {
     Tensor::rand(shape, lo, hi, &mut Rng::new(seed), Device::Cpu).unwrap()
 }
 
-pub fn assert_close(got: &[f32], want: &[f32], abs: f32, rel: f32, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= abs + rel * w.abs(),
-            "{what}: element {i}: got {g}, want {w} (tolerance {abs} + {rel} * |want|)"
-        );
-    }
+/// `assert_close` on two tensors of one shape (on any devices).
+pub fn assert_tensors_close(got: &Tensor, want: &Tensor, abs: f32, rel: f32, what: &str) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shapes differ");
+    assert_close(&got.to_vec_f32().unwrap(), &want.to_vec_f32().unwrap(), abs, rel, what);
 }
 
 /// Checks the gradient of `f` with respect to each input against central finite
-/// differences of the scalar `sum(f(inputs) * r)`, for a fixed random `r`.
-/// At most `max_probes` entries of each input are probed (spread over the tensor).
-/// Tolerance per entry: `abs + rel * |numeric|`.
+/// differences of the scalar `sum(f(inputs) * r)`, for a fixed random `r`, on every
+/// device of `for_each_device` (the inputs are moved there; tensors that `f` captures
+/// must follow its inputs' device). At most 40 entries of each input are probed
+/// (spread over the tensor). Tolerance per entry: `abs + rel * |numeric|`.
 pub fn check_grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>, eps: f32, abs: f32, rel: f32) {
-    let vars: Vec<Tensor> = inputs.iter().map(|t| t.to_var().unwrap()).collect();
+    for_each_device(|device| check_grads_on(device, inputs, &f, eps, abs, rel));
+}
+
+fn check_grads_on(device: Device, inputs: &[Tensor], f: &impl Fn(&[Tensor]) -> Result<Tensor>, eps: f32, abs: f32, rel: f32) {
+    let vars: Vec<Tensor> = inputs.iter().map(|t| t.to_device(device).unwrap().to_var().unwrap()).collect();
     let out = f(&vars).unwrap();
-    let r = randn(out.dims(), 999);
+    let r = randn(out.dims(), 999).to_device(device).unwrap();
     let loss = |xs: &[Tensor]| -> f64 {
         let y = dfkd::no_grad(|| f(xs)).unwrap();
         let (y, r) = (y.to_vec_f32().unwrap(), r.to_vec_f32().unwrap());
@@ -40,7 +45,7 @@ pub fn check_grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>, e
     let grads = out.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
     let max_probes = 40;
     for (k, v) in vars.iter().enumerate() {
-        let analytic = grads.get(v).unwrap_or_else(|| panic!("input {k} got no gradient")).to_vec_f32().unwrap();
+        let analytic = grads.get(v).unwrap_or_else(|| panic!("{device}: input {k} got no gradient")).to_vec_f32().unwrap();
         let base = v.to_vec_f32().unwrap();
         let n = base.len();
         let step = (n / max_probes).max(1);
@@ -49,18 +54,25 @@ pub fn check_grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>, e
                 let mut d = base.clone();
                 d[i] += delta;
                 let mut xs: Vec<Tensor> = vars.iter().map(|t| t.detach()).collect();
-                xs[k] = Tensor::from_vec(d, v.dims(), Device::Cpu).unwrap();
+                xs[k] = Tensor::from_vec(d, v.dims(), Device::Cpu).unwrap().to_device(device).unwrap();
                 loss(&xs)
             };
             let numeric = ((probe(eps) - probe(-eps)) / (2.0 * eps as f64)) as f32;
             let a = analytic[i];
             assert!(
                 (a - numeric).abs() <= abs + rel * numeric.abs(),
-                "input {k} {:?}, entry {i}: analytic {a}, numeric {numeric} (tolerance {abs} + {rel} * |numeric|)",
+                "{device}: input {k} {:?}, entry {i}: analytic {a}, numeric {numeric} (tolerance {abs} + {rel} * |numeric|)",
                 v.dims()
             );
         }
     }
+}
+
+/// Runs `f` on the CPU (the reference) and then on each of `cuda_devices()`: the
+/// emulator always, a GPU when one opens.
+pub fn for_each_device(mut f: impl FnMut(Device)) {
+    f(Device::Cpu);
+    cuda_devices().into_iter().for_each(f);
 }
 
 /// The CUDA devices a test compares with the CPU: `CudaEmu` always (the kernels on the

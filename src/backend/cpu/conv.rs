@@ -25,7 +25,7 @@
 
 use super::buffers;
 use crate::backend::Conv2dParams;
-use crate::{bail, Result};
+use crate::Result;
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -43,9 +43,9 @@ const SPLIT_K_MIN: usize = 1024;
 const PAR_MACS: usize = 1 << 21;
 
 pub fn conv2d(x: &[f32], w: &[f32], p: &Conv2dParams) -> Result<Vec<f32>> {
-    let g = Geom::new(p, "conv2d")?;
-    check_len("conv2d", "input", x.len(), g.in_len())?;
-    check_len("conv2d", "weight", w.len(), g.w_len())?;
+    let g = Geom::new(p);
+    debug_assert_eq!(x.len(), g.in_len(), "Storage checks the operands");
+    debug_assert_eq!(w.len(), g.w_len(), "Storage checks the operands");
     // Every element is written: a tile's GEMMs cover all its channels and pixels.
     let out = buffers::filled(g.out_len(), |out| g.for_each_task(out, g.out_sample(), |b0, out, par| g.forward(x, w, b0, out, par)));
     Ok(out)
@@ -53,9 +53,9 @@ pub fn conv2d(x: &[f32], w: &[f32], p: &Conv2dParams) -> Result<Vec<f32>> {
 
 /// The exact adjoint of `conv2d` in its input, so also conv_transpose2d's forward.
 pub fn conv2d_backward_input(grad: &[f32], w: &[f32], p: &Conv2dParams) -> Result<Vec<f32>> {
-    let g = Geom::new(p, "conv2d_backward_input")?;
-    check_len("conv2d_backward_input", "grad", grad.len(), g.out_len())?;
-    check_len("conv2d_backward_input", "weight", w.len(), g.w_len())?;
+    let g = Geom::new(p);
+    debug_assert_eq!(grad.len(), g.out_len(), "Storage checks the operands");
+    debug_assert_eq!(w.len(), g.w_len(), "Storage checks the operands");
     let mut dx = buffers::zeroed(g.in_len());
     // Tasks own whole samples: row bands of one sample overlap in dx, so they stay on
     // one thread.
@@ -64,9 +64,9 @@ pub fn conv2d_backward_input(grad: &[f32], w: &[f32], p: &Conv2dParams) -> Resul
 }
 
 pub fn conv2d_backward_weight(x: &[f32], grad: &[f32], p: &Conv2dParams) -> Result<Vec<f32>> {
-    let g = Geom::new(p, "conv2d_backward_weight")?;
-    check_len("conv2d_backward_weight", "input", x.len(), g.in_len())?;
-    check_len("conv2d_backward_weight", "grad", grad.len(), g.out_len())?;
+    let g = Geom::new(p);
+    debug_assert_eq!(x.len(), g.in_len(), "Storage checks the operands");
+    debug_assert_eq!(grad.len(), g.out_len(), "Storage checks the operands");
     let mut dw = buffers::zeroed(g.w_len());
     let (tasks, per_task, par) = g.split();
     if tasks <= 1 || per_task * g.hw < SPLIT_K_MIN {
@@ -129,21 +129,13 @@ impl Tile {
 }
 
 impl Geom {
-    fn new(p: &Conv2dParams, op: &str) -> Result<Geom> {
+    /// `p` has passed `Conv2dParams::check` (in `Storage`).
+    fn new(p: &Conv2dParams) -> Geom {
         let (kh, kw) = (p.kh, p.kw);
-        if p.groups == 0 || !p.c_in.is_multiple_of(p.groups) || !p.c_out.is_multiple_of(p.groups) {
-            bail!("{op}: groups = {} must divide c_in = {} and c_out = {}", p.groups, p.c_in, p.c_out);
-        }
-        if kh == 0 || kw == 0 || p.stride.0 == 0 || p.stride.1 == 0 || p.dilation.0 == 0 || p.dilation.1 == 0 {
-            bail!("{op}: kernel {kh}x{kw}, stride {:?} and dilation {:?} must be positive", p.stride, p.dilation);
-        }
-        if p.h_in + 2 * p.padding.0 < p.dilation.0 * (kh - 1) + 1 || p.w_in + 2 * p.padding.1 < p.dilation.1 * (kw - 1) + 1 {
-            bail!("{op}: kernel {kh}x{kw} (dilation {:?}) is larger than the padded input {}x{}", p.dilation, p.h_in + 2 * p.padding.0, p.w_in + 2 * p.padding.1);
-        }
         let (ho, wo) = (p.h_out(), p.w_out());
         let (cin_g, cout_g) = (p.c_in / p.groups, p.c_out / p.groups);
         let pointwise = kh == 1 && kw == 1 && p.stride == (1, 1) && p.padding == (0, 0);
-        Ok(Geom { p: *p, ho, wo, hw: ho * wo, plane: p.h_in * p.w_in, cin_g, cout_g, ckk: cin_g * kh * kw, pointwise })
+        Geom { p: *p, ho, wo, hw: ho * wo, plane: p.h_in * p.w_in, cin_g, cout_g, ckk: cin_g * kh * kw, pointwise }
     }
 
     fn in_sample(&self) -> usize { self.p.c_in * self.plane }
@@ -363,13 +355,6 @@ fn unpack(m: &[f32], out: &mut [f32], channels: usize, sample: usize, hw: usize,
     }
 }
 
-fn check_len(op: &str, what: &str, got: usize, expected: usize) -> Result<()> {
-    if got != expected {
-        bail!("{op}: {what} has {got} elements, the params need {expected}");
-    }
-    Ok(())
-}
-
 /// A strided matrix inside a slice: element `(r, c)` is `data[r * rs + c * cs]`.
 #[derive(Clone, Copy)]
 struct View<'a> {
@@ -466,11 +451,9 @@ mod tests {
         }
     }
 
+    /// Tolerance of these comparisons: abs 1e-4 + rel 1e-4.
     fn assert_close(got: &[f32], want: &[f32], what: &str) {
-        assert_eq!(got.len(), want.len(), "{what}: length");
-        for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!((g - w).abs() <= 1e-4 + 1e-4 * w.abs(), "{what}: element {i}: got {g}, want {w}");
-        }
+        crate::test_close::assert_close(got, want, 1e-4, 1e-4, what)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -595,15 +578,5 @@ mod tests {
             assert_eq!(conv2d_backward_input(&g, &w, &p).unwrap().len(), x.len());
             assert_eq!(conv2d_backward_weight(&x, &g, &p).unwrap().len(), w.len());
         }
-    }
-
-    #[test]
-    fn rejects_bad_params() {
-        let p = params(1, 3, (4, 4), 4, (3, 3), 1, 0, 1, 2);
-        assert!(conv2d(&[0.0; 48], &[0.0; 54], &p).is_err()); // groups do not divide c_in
-        let p = params(1, 2, (2, 2), 2, (3, 3), 1, 0, 1, 1);
-        assert!(conv2d(&[0.0; 8], &[0.0; 36], &p).is_err()); // kernel larger than input
-        let p = params(1, 2, (4, 4), 2, (3, 3), 1, 1, 1, 1);
-        assert!(conv2d(&[0.0; 31], &[0.0; 36], &p).is_err()); // wrong input length
     }
 }

@@ -111,28 +111,18 @@ fn map2_into(a: &[f32], la: &Layout, b: &[f32], lb: &Layout, f: impl Fn(f32, f32
 }
 
 pub fn unary(x: &[f32], l: &Layout, op: UnaryOp) -> Result<Vec<f32>> {
-    // One arm per variant so each closure is monomorphic and vectorisable.
-    macro_rules! go { ($($v:pat => $e:expr),* $(,)?) => { match op { $($v => map1(x, l, $e)),* } } }
-    Ok(go! {
-        UnaryOp::Neg => |x| -x,
-        UnaryOp::Recip => |x| 1.0 / x,
-        UnaryOp::Exp => |x: f32| x.exp(),
-        UnaryOp::Log => |x: f32| x.ln(),
-        UnaryOp::Sqrt => |x: f32| x.sqrt(),
-        UnaryOp::Sqr => |x| x * x,
-        UnaryOp::Abs => |x: f32| x.abs(),
-        UnaryOp::Sign => |x| UnaryOp::Sign.apply(x),
-        UnaryOp::Relu => |x: f32| x.max(0.0),
-        UnaryOp::Step => |x| UnaryOp::Step.apply(x),
-        UnaryOp::Sigmoid => |x| UnaryOp::Sigmoid.apply(x),
-        UnaryOp::Tanh => |x: f32| x.tanh(),
-        UnaryOp::LeakyRelu(s) => move |x| UnaryOp::LeakyRelu(s).apply(x),
-        UnaryOp::LeakyStep(s) => move |x| UnaryOp::LeakyStep(s).apply(x),
-        UnaryOp::Powf(e) => move |x: f32| x.powf(e),
-        UnaryOp::Clamp(lo, hi) => move |x: f32| x.max(lo).min(hi),
-        UnaryOp::InRange(lo, hi) => move |x| UnaryOp::InRange(lo, hi).apply(x),
-        UnaryOp::Affine(m, a) => move |x| x * m + a,
-    })
+    // One arm per variant, each calling `UnaryOp::apply` on a constant variant: the
+    // closure is monomorphic, `apply` inlines to that variant's expression and the loop
+    // vectorises, with the math written once (in src/backend/ops.rs).
+    macro_rules! go {
+        ($($v:ident $(($($p:ident),+))?),* $(,)?) => {
+            match op { $(UnaryOp::$v $(($($p),+))? => map1(x, l, move |x| UnaryOp::$v $(($($p),+))?.apply(x))),* }
+        };
+    }
+    Ok(go!(
+        Neg, Recip, Exp, Log, Sqrt, Sqr, Abs, Sign, Relu, Step, Sigmoid, Tanh,
+        LeakyRelu(s), LeakyStep(s), Powf(e), Clamp(lo, hi), InRange(lo, hi), Affine(m, a),
+    ))
 }
 
 pub fn binary(a: &[f32], la: &Layout, b: &[f32], lb: &Layout, op: BinaryOp) -> Result<Vec<f32>> {

@@ -11,6 +11,8 @@ use super::launch::{check_u32, Arg, Gpu, LaunchCfg};
 use crate::backend::attention::{check_dtype, contiguous_start, contrastive_rows, HighOrder, Planes};
 use crate::{bail, DType, Layout, Result};
 use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::LazyLock;
 
 /// Every versioned kernel family and its versions.
 pub const VERSIONS: &[(&str, &[u32])] = &[
@@ -21,7 +23,31 @@ pub const VERSIONS: &[(&str, &[u32])] = &[
     ("hoa_combine_fwd", &[1, 2]),
     ("hoa_combine_bwd", &[1]),
     ("contrastive_rows", &[1, 2]),
+    ("contrastive_sym", &[1]),
 ];
+
+/// The dtypes each family's kernels come in (the NT-Xent similarity kernels read the
+/// f32 products only).
+fn family_dtypes(family: &str) -> &'static [DType] {
+    if family.starts_with("contrastive_rows") || family.starts_with("contrastive_sym") { &[DType::F32] } else { &[DType::F32, DType::BF16] }
+}
+
+/// Every kernel name this file launches, as (family, version or None, dtype, name): the
+/// versioned families of `VERSIONS` and the two unversioned normalisation kernels.
+pub(crate) fn kernel_names() -> Vec<(&'static str, Option<u32>, DType, String)> {
+    let versioned = VERSIONS.iter().flat_map(|&(f, vs)| vs.iter().flat_map(move |&v| family_dtypes(f).iter().map(move |&d| (f, Some(v), d, format!("{f}_v{v}_{}", suffix(d))))));
+    let plain = ["contrastive_normalize_fwd", "contrastive_normalize_bwd"].into_iter().flat_map(|f| family_dtypes(f).iter().map(move |&d| (f, None, d, format!("{f}_{}", suffix(d)))));
+    versioned.chain(plain).collect()
+}
+
+/// The kernel of `family` at version `v` (None: unversioned) for `dtype`. The names are
+/// formatted once per process; a launch only looks its name up.
+fn kernel(family: &'static str, v: Option<u32>, dtype: DType) -> &'static str {
+    type Key = (&'static str, Option<u32>, DType);
+    static NAMES: LazyLock<HashMap<Key, &'static str>> =
+        LazyLock::new(|| kernel_names().into_iter().map(|(f, v, d, name)| ((f, v, d), &*name.leak())).collect());
+    NAMES.get(&(family, v, dtype)).copied().unwrap_or_else(|| panic!("no kernel {family} v{v:?} for {dtype:?} (see kernel_names)"))
+}
 
 /// Planes (spatial attention) or rows (NT-Xent) up to this long get one warp each
 /// instead of a block: a 256-thread block on a 7x7 plane leaves 207 threads idle.
@@ -88,7 +114,7 @@ pub fn spatial_attention<G: Gpu>(g: &G, a: &G::Buf, l: &Layout, f: &G::Buf, f_l:
     let v = pick("spatial_attention_fwd", if p.hw <= WARP_MAX { 3 } else { 2 });
     let cfg = if v == 3 { LaunchCfg::warp_rows(p.planes as u32) } else { LaunchCfg::rows(p.planes as u32, p.hw as u32) };
     let args = [u(p.planes), u(p.hw), Arg::F32(k), Arg::Ptr(g.ptr(a, ao)), Arg::Ptr(g.ptr(f, fo)), Arg::Ptr(g.ptr_mut(&mut y, 0)), Arg::Ptr(g.ptr_mut(&mut stats, 0))];
-    g.launch(&format!("spatial_attention_fwd_v{v}_{}", suffix(dt)), cfg, &args)?;
+    g.launch(kernel("spatial_attention_fwd", Some(v), dt), cfg, &args)?;
     Ok((y, stats))
 }
 
@@ -116,7 +142,7 @@ pub fn spatial_attention_backward<G: Gpu>(g: &G, a: &G::Buf, l: &Layout, f: &G::
         Arg::Ptr(g.ptr_mut(&mut da, 0)),
         Arg::Ptr(g.ptr_mut(&mut df, 0)),
     ];
-    g.launch(&format!("spatial_attention_bwd_v{v}_{}", suffix(dt)), cfg, &args)?;
+    g.launch(kernel("spatial_attention_bwd", Some(v), dt), cfg, &args)?;
     Ok((da, df))
 }
 
@@ -134,7 +160,7 @@ pub fn hoa_products<G: Gpu>(g: &G, z: &G::Buf, l: &Layout, order: usize) -> Resu
     if h.out_len() > 0 {
         let v = pick("hoa_products_fwd", 2);
         let args = [u(order), u(h.n), u(h.chw), Arg::Ptr(g.ptr(z, zo)), Arg::Ptr(g.ptr_mut(&mut out, 0))];
-        g.launch(&format!("hoa_products_fwd_v{v}_{}", suffix(dt)), per_position(v, h.out_len()), &args)?;
+        g.launch(kernel("hoa_products_fwd", Some(v), dt), per_position(v, h.out_len()), &args)?;
     }
     Ok(out)
 }
@@ -151,7 +177,7 @@ pub fn hoa_products_backward<G: Gpu>(g: &G, z: &G::Buf, l: &Layout, dh: &G::Buf,
     if h.out_len() > 0 {
         let v = pick("hoa_products_bwd", 1);
         let args = [u(order), u(h.n), u(h.chw), Arg::Ptr(g.ptr(z, zo)), Arg::Ptr(g.ptr(dh, go)), Arg::Ptr(g.ptr_mut(&mut dz, 0))];
-        g.launch(&format!("hoa_products_bwd_v{v}_{}", suffix(dt)), per_position(v, h.out_len()), &args)?;
+        g.launch(kernel("hoa_products_bwd", Some(v), dt), per_position(v, h.out_len()), &args)?;
     }
     Ok(dz)
 }
@@ -165,7 +191,7 @@ pub fn hoa_combine<G: Gpu>(g: &G, uu: &G::Buf, l: &Layout, f: &G::Buf, f_l: &Lay
     if h.out_len() > 0 {
         let v = pick("hoa_combine_fwd", 2);
         let args = [u(order), u(h.n), u(h.chw), Arg::Ptr(g.ptr(uu, uo)), Arg::Ptr(g.ptr(f, fo)), Arg::Ptr(g.ptr_mut(&mut y, 0))];
-        g.launch(&format!("hoa_combine_fwd_v{v}_{}", suffix(dt)), per_position(v, h.out_len()), &args)?;
+        g.launch(kernel("hoa_combine_fwd", Some(v), dt), per_position(v, h.out_len()), &args)?;
     }
     Ok(y)
 }
@@ -192,7 +218,7 @@ pub fn hoa_combine_backward<G: Gpu>(g: &G, uu: &G::Buf, l: &Layout, f: &G::Buf, 
             Arg::Ptr(g.ptr_mut(&mut du, 0)),
             Arg::Ptr(g.ptr_mut(&mut df, 0)),
         ];
-        g.launch(&format!("hoa_combine_bwd_v{v}_{}", suffix(dt)), per_position(v, h.out_len()), &args)?;
+        g.launch(kernel("hoa_combine_bwd", Some(v), dt), per_position(v, h.out_len()), &args)?;
     }
     Ok((du, df))
 }
@@ -205,7 +231,7 @@ pub fn contrastive_normalize<G: Gpu>(g: &G, t: &G::Buf, l: &Layout, s: &G::Buf, 
     let (mut z, mut norms) = (g.alloc(2 * n * d, DType::F32)?, g.alloc(2 * n, DType::F32)?);
     check_u32(2 * n * d)?;
     let args = [u(n), u(d), Arg::F32(eps), Arg::Ptr(g.ptr(t, to)), Arg::Ptr(g.ptr(s, so)), Arg::Ptr(g.ptr_mut(&mut z, 0)), Arg::Ptr(g.ptr_mut(&mut norms, 0))];
-    g.launch(&format!("contrastive_normalize_fwd_{}", suffix(dt)), LaunchCfg::warp_rows(2 * n as u32), &args)?;
+    g.launch(kernel("contrastive_normalize_fwd", None, dt), LaunchCfg::warp_rows(2 * n as u32), &args)?;
     Ok((z, norms))
 }
 
@@ -224,7 +250,7 @@ pub fn contrastive_normalize_backward<G: Gpu>(g: &G, z: &G::Buf, l: &Layout, nor
     let n = m / 2;
     let (mut dtb, mut dsb) = (g.alloc(n * d, dt)?, g.alloc(n * d, dt)?);
     let args = [u(n), u(d), Arg::F32(eps), Arg::Ptr(g.ptr(z, zo)), Arg::Ptr(np), Arg::Ptr(g.ptr(dz, go)), Arg::Ptr(g.ptr_mut(&mut dtb, 0)), Arg::Ptr(g.ptr_mut(&mut dsb, 0))];
-    g.launch(&format!("contrastive_normalize_bwd_{}", suffix(dt)), LaunchCfg::warp_rows(m as u32), &args)?;
+    g.launch(kernel("contrastive_normalize_bwd", None, dt), LaunchCfg::warp_rows(m as u32), &args)?;
     Ok((dtb, dsb))
 }
 
@@ -243,7 +269,7 @@ pub fn contrastive_rows_fwd<G: Gpu>(g: &G, sim: &G::Buf, l: &Layout, tau: f32) -
     let v = pick("contrastive_rows", if 2 * n <= 4 * WARP_MAX { 2 } else { 1 });
     let cfg = if v == 2 { LaunchCfg::warp_rows(n as u32) } else { LaunchCfg::rows(n as u32, 2 * n as u32) };
     let args = [u(n), Arg::F32(1.0 / tau), Arg::Ptr(g.ptr(sim, so)), Arg::Ptr(g.ptr_mut(&mut loss, 0)), Arg::Ptr(g.ptr_mut(&mut lse, 0))];
-    g.launch(&format!("contrastive_rows_v{v}_f32"), cfg, &args)?;
+    g.launch(kernel("contrastive_rows", Some(v), DType::F32), cfg, &args)?;
     Ok((loss, lse))
 }
 
@@ -258,6 +284,6 @@ pub fn contrastive_sym<G: Gpu>(g: &G, sim: &G::Buf, l: &Layout, lse: &G::Buf, dl
     let m = 2 * n;
     let mut sym = g.alloc(check_u32(m * m)? as usize, DType::F32)?;
     let args = [u(n), Arg::F32(1.0 / tau), Arg::Ptr(g.ptr(sim, so)), Arg::Ptr(lp), Arg::Ptr(g.ptr(dloss, go)), Arg::Ptr(g.ptr_mut(&mut sym, 0))];
-    g.launch("contrastive_sym_v1_f32", LaunchCfg::elementwise((m * m) as u32), &args)?;
+    g.launch(kernel("contrastive_sym", Some(pick("contrastive_sym", 1)), DType::F32), LaunchCfg::elementwise((m * m) as u32), &args)?;
     Ok(sym)
 }

@@ -1,7 +1,7 @@
-//! A CUDA GPU as a `Gpu`: per ordinal one context, its default stream, the kernel
+//! A CUDA GPU: per ordinal one context, its default stream, the kernel
 //! modules, a cuBLAS handle and the caching allocator, opened on first use and kept
 //! for the life of the process (buffers hold `&'static CudaDev`, so dropping one only
-//! returns it to the cache).
+//! returns it to the cache). `gpu.rs` makes it the ops' `Gpu`.
 //!
 //! Everything runs on the one stream, in issue order, so no events are needed between
 //! kernels, GEMMs and copies, and a buffer dropped on the host may be reused at once
@@ -11,11 +11,10 @@
 //! compute-sanitizer's memcheck sees use-after-free and leaks (slow: it synchronises).
 
 use super::alloc::{size_class, AllocStats, FreeLists};
-use super::launch::{marshal, Arg, Gpu, LaunchCfg};
-use super::{cublas, loader};
+use super::loader::{self, driver_error};
 use crate::backend::cpu::buffers;
 use crate::backend::{BackendStorage, CpuStorage};
-use crate::{bail, DType, Device, Error, Layout, Result};
+use crate::{bail, DType, Error, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{result as drv, sys, CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
 use half::{bf16, f16};
@@ -27,12 +26,12 @@ pub struct CudaDev {
     /// e.g. "NVIDIA H100 80GB HBM3, sm_90", for messages.
     describe: String,
     ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
+    pub(super) stream: Arc<CudaStream>,
     modules: Vec<Arc<CudaModule>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     blas: Mutex<CudaBlas>,
     free: Mutex<FreeLists<sys::CUdeviceptr>>,
-    sync_each_launch: bool,
+    pub(super) sync_each_launch: bool,
     no_cache: bool,
 }
 
@@ -40,9 +39,9 @@ pub struct CudaDev {
 /// block of `class` bytes that goes back to the device's cache on drop.
 pub struct CudaBuf {
     dev: &'static CudaDev,
-    ptr: sys::CUdeviceptr,
-    len: usize,
-    dtype: DType,
+    pub(super) ptr: sys::CUdeviceptr,
+    pub(super) len: usize,
+    pub(super) dtype: DType,
     class: usize,
 }
 
@@ -175,7 +174,7 @@ impl CudaDev {
 
     /// Uninitialised device memory for `len` elements of `dtype`, from the cache when
     /// a block of its size class is free.
-    fn alloc_uninit(&'static self, len: usize, dtype: DType) -> Result<CudaBuf> {
+    pub(super) fn alloc_uninit(&'static self, len: usize, dtype: DType) -> Result<CudaBuf> {
         let bytes = len.checked_mul(dtype.size_in_bytes()).ok_or_else(|| self.error("allocation", format!("{len} elements overflow")))?;
         let class = size_class(bytes);
         if class == 0 {
@@ -278,7 +277,7 @@ impl CudaDev {
     }
 
     /// The kernel `name` from whichever module defines it, looked up once.
-    fn function(&self, name: &str) -> Result<sys::CUfunction> {
+    pub(super) fn function(&self, name: &str) -> Result<sys::CUfunction> {
         let mut fns = self.functions.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = fns.get(name) {
             return Ok(f.cu_function());
@@ -293,52 +292,4 @@ impl CudaDev {
         }
         bail!("cuda:{}: no kernel named `{name}` in kernels/*.cu", self.ordinal)
     }
-}
-
-/// "CUDA_ERROR_X (description)", as the driver words it.
-pub(super) fn driver_error(e: DriverError) -> String {
-    let name = e.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{:?}", e.0));
-    match e.error_string() {
-        Ok(s) => format!("{name} ({})", s.to_string_lossy()),
-        Err(_) => name,
-    }
-}
-
-impl Gpu for &'static CudaDev {
-    type Buf = CudaBuf;
-
-    fn device(&self) -> Device { Device::Cuda(self.ordinal) }
-    fn alloc(&self, len: usize, dtype: DType) -> Result<CudaBuf> { self.alloc_uninit(len, dtype) }
-    fn zeros(&self, len: usize, dtype: DType) -> Result<CudaBuf> { CudaDev::zeros(self, len, dtype) }
-    fn dtype(&self, b: &CudaBuf) -> DType { b.dtype }
-    fn len(&self, b: &CudaBuf) -> usize { b.len }
-    fn ptr(&self, b: &CudaBuf, offset: usize) -> u64 {
-        assert!(offset <= b.len, "offset {offset} past a buffer of {}", b.len);
-        b.ptr + (offset * b.dtype.size_in_bytes()) as u64
-    }
-    fn ptr_mut(&self, b: &mut CudaBuf, offset: usize) -> u64 { self.ptr(b, offset) }
-
-    fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[Arg]) -> Result<()> {
-        let f = self.function(kernel)?;
-        let mut params = marshal(args);
-        self.bind()?;
-        // SAFETY: `f` is a kernel of a module this device keeps loaded; `params` points
-        // at `args`' values, in the kernel's parameter order and types (ops.rs builds
-        // them from the signatures in kernels/*.cu), and cuLaunchKernel copies them
-        // before returning. Buffer addresses come from live buffers of this device that
-        // the caller borrows across the launch; since all work is on one stream, a
-        // buffer dropped afterwards is reused only by work queued after this kernel.
-        unsafe { drv::launch_kernel(f, (cfg.grid, 1, 1), (cfg.block, 1, 1), cfg.shared_bytes, self.stream.cu_stream(), &mut params) }
-            .map_err(|e| self.error(&format!("launch of `{kernel}` ({cfg:?})"), driver_error(e)))?;
-        if self.sync_each_launch {
-            self.stream.synchronize().map_err(|e| self.error(&format!("kernel `{kernel}` ({cfg:?}) failed"), driver_error(e)))?;
-        }
-        Ok(())
-    }
-
-    fn matmul(&self, a: &CudaBuf, la: &Layout, b: &CudaBuf, lb: &Layout) -> Result<CudaBuf> { cublas::matmul(self, a, la, b, lb, false) }
-    fn matmul_sum(&self, a: &CudaBuf, la: &Layout, b: &CudaBuf, lb: &Layout) -> Result<CudaBuf> { cublas::matmul(self, a, la, b, lb, true) }
-
-    fn download(&self, b: &CudaBuf) -> Result<CpuStorage> { CudaDev::download(self, b) }
-    fn upload(&self, cpu: CpuStorage) -> Result<CudaBuf> { CudaDev::upload(self, &cpu) }
 }

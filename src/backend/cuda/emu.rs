@@ -10,8 +10,8 @@
 //! into the canary on the buffer's other side, and writes into a buffer the host passed
 //! read-only (`ptr`, not `ptr_mut`), are errors.
 
-use super::kernels::{emu_entry, emu_error, EmuConfig};
-use super::launch::{marshal, Arg, Gpu, LaunchCfg};
+use super::kernels::{emu_entry, emu_error, emu_params, EmuConfig};
+use super::launch::{check_signature, marshal, Arg, Gpu, LaunchCfg};
 use super::storage::GpuStorage;
 use crate::backend::{BackendStorage, CpuStorage};
 use crate::{bail, DType, Device, Layout, Result};
@@ -92,13 +92,15 @@ impl Gpu for Emu {
     }
 
     fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[Arg]) -> Result<()> {
-        let Some(entry) = emu_entry(kernel) else { bail!("cuda-emu: no kernel named `{kernel}` in kernels/*.cu") };
+        let (Some(entry), Some(params)) = (emu_entry(kernel), emu_params(kernel)) else { bail!("cuda-emu: no kernel named `{kernel}` in kernels/*.cu") };
+        // the argument list against the kernel's parameters, which the GPU cannot check
+        check_signature(kernel, params, args)?;
         let c = EmuConfig { grid: [cfg.grid, 1, 1], block: [cfg.block, 1, 1], shared_bytes: cfg.shared_bytes };
         let guarded = memcheck::enabled().then(|| memcheck::Guarded::new(kernel, args));
         let params = marshal(guarded.as_ref().map_or(args, |g| &g.args));
         // SAFETY: `params` points at `args`' values, which outlive this call, in the
-        // kernel's parameter order with the kernel's parameter types (ops.rs builds them
-        // from the signatures in kernels/*.cu); buffer addresses come from live buffers
+        // kernel's parameter order with the kernel's parameter kinds (checked above
+        // against the compiled kernel's signature); buffer addresses come from live buffers
         // that the caller borrows for the duration of the launch, and the kernels stay
         // inside the lengths they are given (or memcheck's guard pages stop the process).
         // The launch is synchronous.

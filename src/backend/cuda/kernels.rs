@@ -12,11 +12,16 @@ pub struct EmuConfig {
     pub block: [u32; 3],
     pub shared_bytes: u32,
 }
+super::launch::assert_twin!(EmuConfig, size 28, grid @ 0, block @ 12, shared_bytes @ 24);
 
 /// `emu_launch_<kernel>(cfg, args)`: runs the kernel to completion on the CPU; `args`
 /// points at each argument's value, as cuLaunchKernel's `kernelParams`. Returns 0, or
 /// 1 for a bad configuration (reason in `emu_last_error`).
 pub type EmuLaunch = unsafe extern "C" fn(*const EmuConfig, *const *mut c_void) -> i32;
+
+/// `emu_params_<kernel>()`: the kernel's parameter kinds, e.g. "u4,s72,p,p,f4,f4"
+/// (`emu::signature` in cuda_emu.h), as a static NUL-terminated string.
+pub type EmuParams = unsafe extern "C" fn() -> *const c_char;
 
 pub struct KernelModule {
     pub name: &'static str,
@@ -34,6 +39,14 @@ extern "C" {
 /// The emulator entry of `kernel`, if some kernels/*.cu defines it.
 pub fn emu_entry(kernel: &str) -> Option<EmuLaunch> {
     EMU_KERNELS.binary_search_by_key(&kernel, |(n, _)| n).ok().map(|i| EMU_KERNELS[i].1)
+}
+
+/// The parameter kinds of `kernel` (see `EmuParams`), if some kernels/*.cu defines it.
+pub fn emu_params(kernel: &str) -> Option<&'static str> {
+    let i = EMU_KERNELS.binary_search_by_key(&kernel, |(n, _)| n).ok()?;
+    // SAFETY: emu_params_<kernel> returns a function-local static std::string's buffer:
+    // NUL-terminated, ASCII, alive and unchanged for the rest of the process.
+    Some(unsafe { CStr::from_ptr(EMU_PARAMS[i]()) }.to_str().expect("parameter kinds are ASCII"))
 }
 
 /// The reason the last emulated launch on this thread was refused.

@@ -8,6 +8,21 @@ use std::ffi::c_void;
 
 /// Max rank of a strided kernel argument after coalescing (`DFKD_MAX_DIMS`).
 pub const MAX_DIMS: usize = 8;
+/// Compile-time check of a `#[repr(C)]` twin of a kernel-side struct: its size and each
+/// field's offset. The C++ side `static_assert`s the same numbers, and the test
+/// `twins_agree_with_the_kernels` compares the two lists, so a field added, moved or
+/// retyped on one side only stops the build or the tests (on a GPU it would be
+/// silent garbage).
+macro_rules! assert_twin {
+    ($t:ty, size $size:literal, $($f:ident @ $off:literal),+ $(,)?) => {
+        const _: () = {
+            assert!(std::mem::size_of::<$t>() == $size);
+            $(assert!(std::mem::offset_of!($t, $f) == $off);)+
+        };
+    };
+}
+pub(crate) use assert_twin;
+
 /// Threads per block of element-wise kernels.
 pub const BLOCK: u32 = 256;
 /// Grid-stride kernels launch at most this many blocks: about 8 per SM on an H100
@@ -23,6 +38,7 @@ pub struct KernelLayout {
     dims: [u32; MAX_DIMS],
     strides: [u32; MAX_DIMS],
 }
+assert_twin!(KernelLayout, size 72, rank @ 0, offset @ 4, dims @ 8, strides @ 40);
 
 impl KernelLayout {
     /// The kernel argument for the views `ls` (same shape), coalesced jointly so that
@@ -77,6 +93,7 @@ pub struct PoolGeom {
     ph: u32,
     pw: u32,
 }
+assert_twin!(PoolGeom, size 40, h_in @ 0, w_in @ 4, h_out @ 8, w_out @ 12, kh @ 16, kw @ 20, sh @ 24, sw @ 28, ph @ 32, pw @ 36);
 
 impl PoolGeom {
     pub fn new(p: &crate::backend::Pool2dParams) -> PoolGeom {
@@ -114,6 +131,7 @@ pub struct ConvGeom {
     dh: u32,
     dw: u32,
 }
+assert_twin!(ConvGeom, size 52, c_in @ 0, h_in @ 4, w_in @ 8, h_out @ 12, w_out @ 16, kh @ 20, kw @ 24, sh @ 28, sw @ 32, ph @ 36, pw @ 40, dh @ 44, dw @ 48);
 
 impl ConvGeom {
     pub fn new(p: &crate::backend::Conv2dParams) -> ConvGeom {
@@ -156,6 +174,34 @@ pub enum Arg {
     Layout(KernelLayout),
     Pool(PoolGeom),
     Conv(ConvGeom),
+}
+
+impl Arg {
+    /// Whether this argument has the kind `code` of a kernel parameter (`EmuParams`):
+    /// "p" a pointer, "u4"/"i4"/"f4" a 4-byte number, "sN" an N-byte struct.
+    pub fn fits(&self, code: &str) -> bool {
+        match self {
+            Arg::Ptr(_) => code == "p",
+            Arg::U32(_) => code == "u4",
+            Arg::I32(_) => code == "i4",
+            Arg::F32(_) => code == "f4",
+            Arg::Layout(_) => struct_of_size(code, std::mem::size_of::<KernelLayout>()),
+            Arg::Pool(_) => struct_of_size(code, std::mem::size_of::<PoolGeom>()),
+            Arg::Conv(_) => struct_of_size(code, std::mem::size_of::<ConvGeom>()),
+        }
+    }
+}
+
+fn struct_of_size(code: &str, size: usize) -> bool { code.strip_prefix('s').and_then(|n| n.parse().ok()) == Some(size) }
+
+/// Checks `args` against a kernel's parameter kinds (`EmuParams`): same count, and each
+/// argument of its parameter's kind. The GPU would take any list and read garbage.
+pub fn check_signature(kernel: &str, params: &str, args: &[Arg]) -> Result<()> {
+    let codes: Vec<&str> = if params.is_empty() { vec![] } else { params.split(',').collect() };
+    if codes.len() != args.len() || codes.iter().zip(args).any(|(c, a)| !a.fits(c)) {
+        bail!("cuda: kernel `{kernel}` takes ({params}), the host passed {args:?}");
+    }
+    Ok(())
 }
 
 /// cuLaunchKernel's `kernelParams`: one pointer to each argument's value. The values

@@ -5,10 +5,9 @@
 //! build had no nvcc, on cards older than sm_80, or when the driver is older than the
 //! nvcc that wrote the PTX (CUDA_ERROR_UNSUPPORTED_PTX_VERSION).
 
-use super::device::driver_error;
 use super::kernels::{nvrtc_compile, nvrtc_present, KernelModule, MODULES};
 use crate::{Error, Result};
-use cudarc::driver::{CudaContext, CudaModule};
+use cudarc::driver::{CudaContext, CudaModule, DriverError};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -68,4 +67,13 @@ fn arch(cc: (i32, i32)) -> &'static str {
     static NAMES: Mutex<Option<HashMap<(i32, i32), &'static str>>> = Mutex::new(None);
     let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
     names.get_or_insert_with(HashMap::new).entry(cc).or_insert_with(|| Box::leak(format!("sm_{}{}", cc.0, cc.1).into_boxed_str()))
+}
+
+/// "CUDA_ERROR_X (description)", as the driver words it.
+pub(super) fn driver_error(e: DriverError) -> String {
+    let name = e.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{:?}", e.0));
+    match e.error_string() {
+        Ok(s) => format!("{name} ({})", s.to_string_lossy()),
+        Err(_) => name,
+    }
 }

@@ -46,16 +46,20 @@ macro_rules! fallback {
     }};
 }
 
+// Bottom-up: each module uses only those above it.
 mod alloc;
+mod launch;
+mod kernels;
+mod loader;
+mod device;
+mod ops;
 pub mod attention;
 mod cublas;
-mod device;
-mod emu;
-mod kernels;
-mod launch;
-mod loader;
-mod ops;
+mod gpu;
 mod storage;
+mod emu;
+#[cfg(test)]
+mod signatures;
 
 pub use alloc::AllocStats;
 pub use attention::{force_version, VERSIONS};

@@ -29,7 +29,7 @@ pub fn unary<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, op: UnaryOp) -> Result<G::Bu
     if n > 0 {
         let (p0, p1) = unary_params(op);
         let args = [Arg::U32(n), Arg::Layout(KernelLayout::new(l)?), Arg::Ptr(g.ptr(x, 0)), Arg::Ptr(g.ptr_mut(&mut y, 0)), Arg::F32(p0), Arg::F32(p1)];
-        g.launch(&format!("{}_f32", op.kernel_name()), LaunchCfg::elementwise(n), &args)?;
+        g.launch(op.kernel_name(), LaunchCfg::elementwise(n), &args)?;
     }
     Ok(y)
 }
@@ -45,7 +45,7 @@ pub fn binary<G: Gpu>(g: &G, a: &G::Buf, la: &Layout, b: &G::Buf, lb: &Layout, o
     if n > 0 {
         let kl = KernelLayout::joint(&[la, lb])?;
         let args = [Arg::U32(n), Arg::Layout(kl[0]), Arg::Ptr(g.ptr(a, 0)), Arg::Layout(kl[1]), Arg::Ptr(g.ptr(b, 0)), Arg::Ptr(g.ptr_mut(&mut y, 0))];
-        g.launch(&format!("{}_f32", op.kernel_name()), LaunchCfg::elementwise(n), &args)?;
+        g.launch(op.kernel_name(), LaunchCfg::elementwise(n), &args)?;
     }
     Ok(y)
 }
@@ -55,6 +55,13 @@ fn copy_kernel(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 | DType::U32 => "copy32",
         DType::F16 | DType::BF16 => "copy16",
+    }
+}
+
+fn copy_into_kernel(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 | DType::U32 => "copy32_into",
+        DType::F16 | DType::BF16 => "copy16_into",
     }
 }
 
@@ -80,7 +87,7 @@ pub fn copy_into<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, dst: &mut G::Buf, dst_l:
     if n > 0 {
         let kl = KernelLayout::joint(&[l, dst_l])?;
         let args = [Arg::U32(n), Arg::Layout(kl[0]), Arg::Ptr(g.ptr(x, 0)), Arg::Layout(kl[1]), Arg::Ptr(g.ptr_mut(dst, 0))];
-        g.launch(&format!("{}_into", copy_kernel(g.dtype(x))), LaunchCfg::elementwise(n), &args)?;
+        g.launch(copy_into_kernel(g.dtype(x)), LaunchCfg::elementwise(n), &args)?;
     }
     Ok(())
 }
@@ -111,7 +118,7 @@ pub fn reduce<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, op: ReduceOp, dims: &[usize
             Arg::Ptr(g.ptr(x, 0)),
             Arg::Ptr(g.ptr_mut(&mut y, 0)),
         ];
-        g.launch(&format!("{}_f32", op.kernel_name()), LaunchCfg::rows(n_out, n_red), &args)?;
+        g.launch(op.kernel_name(), LaunchCfg::rows(n_out, n_red), &args)?;
     }
     Ok(y)
 }
@@ -179,26 +186,15 @@ fn contiguous<G: Gpu>(g: &G, b: &G::Buf, l: &Layout, op: &'static str) -> Result
     }
 }
 
-/// The pooling geometry checks of the CPU reference (src/backend/cpu/pool.rs).
-fn check_pool(p: &Pool2dParams, l: &Layout, op: &str) -> Result<()> {
-    if p.kh == 0 || p.kw == 0 || p.stride.0 == 0 || p.stride.1 == 0 {
-        bail!("{op}: kernel {}x{} and stride {:?} must be positive", p.kh, p.kw, p.stride);
-    }
-    if p.h_in + 2 * p.padding.0 < p.kh || p.w_in + 2 * p.padding.1 < p.kw {
-        bail!("{op}: kernel {}x{} is larger than the padded input", p.kh, p.kw);
-    }
-    if l.elem_count() != p.batch * p.channels * p.h_in * p.w_in {
-        bail!("{op}: input has {} elements, expected {:?}", l.elem_count(), p.input_shape());
-    }
-    Ok(())
+/// `Storage` has run `Pool2dParams::check`; the kernels read and write out of bounds if
+/// a direct call skipped it, hence a hard assert rather than a second error message.
+fn assert_pool_operand(l: &Layout, shape: [usize; 4]) {
+    assert_eq!(l.elem_count(), shape.iter().product::<usize>(), "Pool2dParams::check runs first (in Storage)");
 }
 
 pub fn max_pool2d<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, p: &Pool2dParams) -> Result<(G::Buf, G::Buf)> {
     let off = contiguous(g, x, l, "max_pool2d")?;
-    check_pool(p, l, "max_pool2d")?;
-    if p.padding.0 * 2 > p.kh || p.padding.1 * 2 > p.kw {
-        bail!("max_pool2d: padding {:?} must be at most half the kernel {}x{}", p.padding, p.kh, p.kw);
-    }
+    assert_pool_operand(l, p.input_shape());
     let n = check_u32(p.output_shape().iter().product())?;
     let (mut y, mut idx) = (g.alloc(n as usize, DType::F32)?, g.alloc(n as usize, DType::U32)?);
     let args = [Arg::U32(n), Arg::Pool(PoolGeom::new(p)), Arg::Ptr(g.ptr(x, off)), Arg::Ptr(g.ptr_mut(&mut y, 0)), Arg::Ptr(g.ptr_mut(&mut idx, 0))];
@@ -208,7 +204,7 @@ pub fn max_pool2d<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, p: &Pool2dParams) -> Re
 
 pub fn avg_pool2d<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, p: &Pool2dParams) -> Result<G::Buf> {
     let off = contiguous(g, x, l, "avg_pool2d")?;
-    check_pool(p, l, "avg_pool2d")?;
+    assert_pool_operand(l, p.input_shape());
     let n = check_u32(p.output_shape().iter().product())?;
     let mut y = g.alloc(n as usize, DType::F32)?;
     let args = [Arg::U32(n), Arg::Pool(PoolGeom::new(p)), Arg::Ptr(g.ptr(x, off)), Arg::Ptr(g.ptr_mut(&mut y, 0))];
@@ -219,10 +215,7 @@ pub fn avg_pool2d<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, p: &Pool2dParams) -> Re
 /// `grad` has the pooled shape; returns the input-shaped gradient.
 pub fn avg_pool2d_backward<G: Gpu>(g: &G, grad: &G::Buf, l: &Layout, p: &Pool2dParams) -> Result<G::Buf> {
     let off = contiguous(g, grad, l, "avg_pool2d_backward")?;
-    if l.elem_count() != p.output_shape().iter().product::<usize>() {
-        bail!("avg_pool2d_backward: gradient has {} elements, expected {:?}", l.elem_count(), p.output_shape());
-    }
-    check_pool(p, &Layout::contiguous(&p.input_shape()), "avg_pool2d_backward")?;
+    assert_pool_operand(l, p.output_shape());
     let n = check_u32(p.input_shape().iter().product())?;
     let mut dx = g.alloc(n as usize, DType::F32)?;
     let args = [Arg::U32(n), Arg::Pool(PoolGeom::new(p)), Arg::Ptr(g.ptr(grad, off)), Arg::Ptr(g.ptr_mut(&mut dx, 0))];
@@ -388,31 +381,27 @@ struct ConvDims {
     l: usize,
 }
 
-/// Checks the geometry; returns the GEMM dimensions.
-fn conv_dims(p: &Conv2dParams, op: &str) -> Result<ConvDims> {
-    if p.groups == 0 || !p.c_in.is_multiple_of(p.groups) || !p.c_out.is_multiple_of(p.groups) || p.kh == 0 || p.kw == 0 || p.stride.0 == 0 || p.stride.1 == 0 {
-        bail!("{op}: invalid geometry {p:?}");
-    }
-    if p.h_in + 2 * p.padding.0 < p.dilation.0 * (p.kh - 1) + 1 || p.w_in + 2 * p.padding.1 < p.dilation.1 * (p.kw - 1) + 1 {
-        bail!("{op}: kernel larger than the padded input in {p:?}");
-    }
+/// The GEMM dimensions of params that passed `Conv2dParams::check` (in `Storage`).
+fn conv_dims(p: &Conv2dParams) -> Result<ConvDims> {
     check_u32(p.batch * p.c_in * p.kh * p.kw * p.h_out() * p.w_out())?;
     Ok(ConvDims { b: p.batch, co_g: p.c_out / p.groups, k_g: p.c_in / p.groups * p.kh * p.kw, l: p.h_out() * p.w_out() })
 }
 
-/// The start of a contiguous operand with `shape`'s element count.
+/// The start of a contiguous operand with `shape`'s element count. `Storage` has
+/// checked the shape; the kernels would read out of bounds if a direct call skipped
+/// that, hence a hard assert rather than a second error message.
 fn conv_operand<G: Gpu>(g: &G, b: &G::Buf, l: &Layout, shape: [usize; 4], op: &'static str) -> Result<usize> {
     let off = contiguous(g, b, l, op)?;
-    if l.elem_count() != shape.iter().product::<usize>() {
-        bail!("{op}: operand {:?} does not match the params' {shape:?}", l.shape());
-    }
+    assert_eq!(l.elem_count(), shape.iter().product::<usize>(), "{op}: Conv2dParams::check runs first (in Storage)");
     Ok(off)
 }
 
 /// The column buffer `[b, c_in * kh * kw, h_out * w_out]` of a contiguous input alone
 /// (for benches; the convolutions call `im2col` below).
 pub fn im2col_of<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, p: &Conv2dParams) -> Result<G::Buf> {
-    conv_dims(p, "im2col")?;
+    // a bench entry beside `Storage`, so it runs the family's check itself
+    p.check("im2col", &[("input", l, Conv2dParams::input_shape)])?;
+    conv_dims(p)?;
     let off = conv_operand(g, x, l, p.input_shape(), "im2col")?;
     im2col(g, x, off, p)
 }
@@ -441,7 +430,7 @@ fn place_group<G: Gpu>(g: &G, part: G::Buf, out: &mut Option<G::Buf>, gi: usize,
 }
 
 pub fn conv2d<G: Gpu>(g: &G, x: &G::Buf, lx: &Layout, w: &G::Buf, lw: &Layout, p: &Conv2dParams) -> Result<G::Buf> {
-    let d = conv_dims(p, "conv2d")?;
+    let d = conv_dims(p)?;
     let (xo, wo) = (conv_operand(g, x, lx, p.input_shape(), "conv2d")?, conv_operand(g, w, lw, p.weight_shape(), "conv2d")?);
     let col = im2col(g, x, xo, p)?;
     let ck = p.c_in * p.kh * p.kw;
@@ -458,7 +447,7 @@ pub fn conv2d<G: Gpu>(g: &G, x: &G::Buf, lx: &Layout, w: &G::Buf, lw: &Layout, p
 /// `grad` is the output gradient `[b, c_out, h_out, w_out]`; returns the input gradient.
 pub fn conv2d_backward_input<G: Gpu>(g: &G, grad: &G::Buf, lg: &Layout, w: &G::Buf, lw: &Layout, p: &Conv2dParams) -> Result<G::Buf> {
     let op = "conv2d_backward_input";
-    let d = conv_dims(p, op)?;
+    let d = conv_dims(p)?;
     let (go, wo) = (conv_operand(g, grad, lg, p.output_shape(), op)?, conv_operand(g, w, lw, p.weight_shape(), op)?);
     let mut col = None;
     for gi in 0..p.groups {
@@ -478,7 +467,7 @@ pub fn conv2d_backward_input<G: Gpu>(g: &G, grad: &G::Buf, lg: &Layout, w: &G::B
 /// `x` is the input, `grad` the output gradient; returns `[c_out, c_in/groups, kh, kw]`.
 pub fn conv2d_backward_weight<G: Gpu>(g: &G, x: &G::Buf, lx: &Layout, grad: &G::Buf, lg: &Layout, p: &Conv2dParams) -> Result<G::Buf> {
     let op = "conv2d_backward_weight";
-    let d = conv_dims(p, op)?;
+    let d = conv_dims(p)?;
     let (xo, go) = (conv_operand(g, x, lx, p.input_shape(), op)?, conv_operand(g, grad, lg, p.output_shape(), op)?);
     let col = im2col(g, x, xo, p)?;
     let ck = p.c_in * p.kh * p.kw;

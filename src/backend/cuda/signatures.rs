@@ -1,0 +1,143 @@
+//! Tests that the Rust side of the CUDA backend and the kernel sources agree on what
+//! each writes down separately: the `#[repr(C)]` twins' layouts, the kernel names the
+//! host launches, and the versions of the fused kernels.
+
+use super::attention::{kernel_names, VERSIONS};
+use super::kernels::{emu_entry, emu_params, EMU_KERNELS};
+use super::launch::{check_signature, Arg, KernelLayout};
+use crate::backend::{BinaryOp, ReduceOp, UnaryOp};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// (field or "sizeof" -> bytes) per struct, from the C++ side's asserts:
+/// `static_assert(sizeof(T) == N, ..)`, `DFKD_ASSERT_OFFSET(T, f, N);` and, in the
+/// emulator header, `static_assert(__builtin_offsetof(T, f) == N, ..)`.
+fn cxx_layouts(text: &str) -> BTreeMap<String, BTreeMap<String, usize>> {
+    let number = |s: &str| -> usize { s.trim().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap() };
+    let mut out: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+    for line in text.lines().map(str::trim) {
+        let (t, f, n) = if let Some(rest) = line.strip_prefix("static_assert(sizeof(") {
+            // (other static_asserts, such as `sizeof(T) <= 8`, are not layouts)
+            let Some((t, n)) = rest.split_once(") == ") else { continue };
+            (t, "sizeof", number(n))
+        } else if let Some(rest) = line.strip_prefix("static_assert(__builtin_offsetof(") {
+            let (tf, n) = rest.split_once(") == ").unwrap();
+            let (t, f) = tf.split_once(", ").unwrap();
+            (t, f, number(n))
+        } else if let Some(rest) = line.strip_prefix("DFKD_ASSERT_OFFSET(").and_then(|r| r.strip_suffix(");")) {
+            let v: Vec<&str> = rest.split(", ").collect();
+            (v[0], v[1], number(v[2]))
+        } else {
+            continue;
+        };
+        out.entry(t.into()).or_default().insert(f.into(), n);
+    }
+    out
+}
+
+/// The Rust twins' `assert_twin!` lists, keyed by the C++ struct's name.
+fn rust_layouts() -> BTreeMap<String, BTreeMap<String, usize>> {
+    let cxx_name = |rust: &str| match rust {
+        "KernelLayout" => "Strided".to_string(),
+        "EmuConfig" => "Config".to_string(),
+        n => n.to_string(),
+    };
+    let mut out = BTreeMap::new();
+    for file in ["src/backend/cuda/launch.rs", "src/backend/cuda/kernels.rs"] {
+        for line in read(file).lines() {
+            let Some(rest) = line.trim().split_once("assert_twin!(").map(|(_, r)| r) else { continue };
+            let Some(rest) = rest.strip_suffix(");") else { continue };
+            let mut parts = rest.split(", ");
+            let t = parts.next().unwrap();
+            let size = parts.next().unwrap().strip_prefix("size ").unwrap().parse().unwrap();
+            let mut fields: BTreeMap<String, usize> = parts.map(|p| p.split_once(" @ ").unwrap()).map(|(f, o)| (f.to_string(), o.parse().unwrap())).collect();
+            fields.insert("sizeof".into(), size);
+            out.insert(cxx_name(t), fields);
+        }
+    }
+    out
+}
+
+#[test]
+fn twins_agree_with_the_kernels() {
+    let cxx: String = ["kernels/common.cuh", "kernels/conv.cu", "kernels/pool.cu", "kernels/emu/cuda_emu.h"].map(read).join("\n");
+    let cxx = cxx_layouts(&cxx);
+    let rust = rust_layouts();
+    assert_eq!(rust.keys().collect::<Vec<_>>(), ["Config", "ConvGeom", "PoolGeom", "Strided"], "the twins assert_twin! lists");
+    assert_eq!(rust, cxx, "Rust twins (assert_twin!) and C++ static_asserts differ");
+}
+
+/// Every kernel name the host launches: the op enums', the fused kernels', and the
+/// literal names in ops.rs.
+fn launched() -> BTreeSet<String> {
+    use UnaryOp::*;
+    let unary = [Neg, Recip, Exp, Log, Sqrt, Sqr, Abs, Sign, Relu, Step, Sigmoid, Tanh, LeakyRelu(0.0), LeakyStep(0.0), Powf(0.0), Clamp(0.0, 0.0), InRange(0.0, 0.0), Affine(0.0, 0.0)];
+    let binary = [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max, BinaryOp::Min, BinaryOp::Eq, BinaryOp::Gt];
+    let reduce = [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Min];
+    let mut names: BTreeSet<String> = unary.iter().map(|o| o.kernel_name()).chain(binary.iter().map(|o| o.kernel_name())).chain(reduce.iter().map(|o| o.kernel_name())).map(String::from).collect();
+    names.extend(kernel_names().into_iter().map(|(.., name)| name));
+    // string literals of ops.rs that name a kernel: every launch there passes one
+    let src = read("src/backend/cuda/ops.rs");
+    for lit in src.split('"').skip(1).step_by(2) {
+        let is_name = lit.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if is_name && (lit.ends_with("_f32") || lit.starts_with("copy")) {
+            names.insert(lit.to_string());
+        }
+    }
+    names
+}
+
+#[test]
+fn every_launched_kernel_exists() {
+    let names = launched();
+    assert!(names.len() > 60, "only {} names found: {names:?}", names.len());
+    // The emulator's entries are the symbols of kernels/*.cu compiled as C++, and the
+    // GPU modules (nvcc fatbins, NVRTC) are built from the same files; on a GPU the
+    // loaded modules are asked as well.
+    let missing: Vec<&String> = names.iter().filter(|n| emu_entry(n).is_none()).collect();
+    assert!(missing.is_empty(), "launched but not defined in kernels/*.cu: {missing:?}");
+    if let Some(dev) = super::device::is_open(0).or_else(|| super::device::get(0).ok()) {
+        for name in &names {
+            dev.function(name).unwrap_or_else(|e| panic!("cuda:0 has no kernel `{name}`: {e}"));
+        }
+    }
+}
+
+#[test]
+fn versions_table_lists_exactly_the_kernels_versions() {
+    // `<family>_v<N>_<dtype>` in the compiled kernels
+    let mut defined: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+    for (name, _) in EMU_KERNELS {
+        let Some((family, rest)) = name.rsplit_once("_v") else { continue };
+        let Some((v, _dtype)) = rest.split_once('_') else { continue };
+        if let Ok(v) = v.parse() {
+            defined.entry(family.to_string()).or_default().insert(v);
+        }
+    }
+    let listed: BTreeMap<String, BTreeSet<u32>> = VERSIONS.iter().map(|(f, vs)| (f.to_string(), vs.iter().copied().collect())).collect();
+    assert_eq!(listed, defined, "attention::VERSIONS and the versioned kernels of kernels/*.cu differ");
+}
+
+#[test]
+fn launches_are_checked_against_the_kernel_parameters() {
+    // every kernel's parameters are of kinds an `Arg` can be
+    for (name, _) in EMU_KERNELS {
+        let params = emu_params(name).unwrap();
+        for code in params.split(',').filter(|c| !c.is_empty()) {
+            assert!(["p", "u4", "i4", "f4", "s72", "s40", "s52"].contains(&code), "{name}: parameter kind {code} in ({params})");
+        }
+    }
+    assert_eq!(emu_params("uneg_f32"), Some("u4,s72,p,p,f4,f4"));
+    let l = Arg::Layout(KernelLayout::contiguous(0));
+    let good = [Arg::U32(4), l, Arg::Ptr(0), Arg::Ptr(0), Arg::F32(0.0), Arg::F32(0.0)];
+    check_signature("uneg_f32", "u4,s72,p,p,f4,f4", &good).unwrap();
+    // a float where the kernel takes an unsigned, and one argument short
+    let swapped = [Arg::F32(4.0), l, Arg::Ptr(0), Arg::Ptr(0), Arg::F32(0.0), Arg::F32(0.0)];
+    let err = check_signature("uneg_f32", "u4,s72,p,p,f4,f4", &swapped).unwrap_err().to_string();
+    assert!(err.contains("takes (u4,s72,p,p,f4,f4)"), "{err}");
+    assert!(check_signature("uneg_f32", "u4,s72,p,p,f4,f4", &good[..5]).is_err());
+}
