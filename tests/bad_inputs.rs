@@ -4,13 +4,15 @@
 //! truncated JPEG, weights holding NaN, bad config values on the command line. Each
 //! must end in an error that says what is wrong, and change nothing it should not.
 
+mod common;
+
+use common::tiny;
 use dfkd::checkpoint::{load_model, save_model};
 use dfkd::commands::job::{self, RunOptions};
 use dfkd::commands::predict;
 use dfkd::data::synthetic::{self, SyntheticSpec};
 use dfkd::data::{load_rgb, Loader, LoaderConfig};
 use dfkd::models::build;
-use dfkd::pipeline::config::Config;
 use dfkd::pipeline::report::MetricsLog;
 use dfkd::rng::Rng;
 use dfkd::Device;
@@ -49,29 +51,6 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     out
 }
 
-/// The configuration of tests/pipeline.rs: 16 px, a tiny generator, 4 iterations.
-fn tiny(workdir: &Path) -> Config {
-    let mut c = Config::cpu_demo();
-    c.workdir = workdir.to_path_buf();
-    c.device = "cpu".into();
-    c.data.image_size = 16;
-    c.data.train_per_class = 8;
-    c.data.test_per_class = 4;
-    c.teacher.arch = "resnet8".into();
-    c.teacher.epochs = 1;
-    c.teacher.batch_size = 16;
-    c.generator.channels = vec![16, 16, 8, 8, 8];
-    c.distill.batch_size = 8;
-    c.distill.g_steps = 1;
-    c.distill.s_steps = 2;
-    c.distill.iterations_per_epoch = 2;
-    c.distill.epochs = 2;
-    c.distill.checkpoint_every = 2;
-    c.distill.eval_every = 1;
-    c.distill.proj_hidden = 16;
-    c.distill.proj_dim = 8;
-    c
-}
 
 /// The tiny synthetic set as a data set folder of its own (CUB layout).
 fn data_set(dir: &Path) -> PathBuf {

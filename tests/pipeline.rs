@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::tiny;
+
 use dfkd::commands::job::{self, RunOptions};
 use dfkd::models::build;
 use dfkd::pipeline::checkpoint_dir::CheckpointDir;
@@ -20,29 +22,6 @@ fn workdir(name: &str) -> PathBuf {
     d
 }
 
-/// A configuration small enough for a test: 16 px, 10 classes, tiny generator.
-fn tiny(workdir: &PathBuf) -> Config {
-    let mut c = Config::cpu_demo();
-    c.workdir = workdir.clone();
-    c.device = "cpu".into();
-    c.data.image_size = 16;
-    c.data.train_per_class = 8;
-    c.data.test_per_class = 4;
-    c.teacher.arch = "resnet8".into();
-    c.teacher.epochs = 1;
-    c.teacher.batch_size = 16;
-    c.generator.channels = vec![16, 16, 8, 8, 8];
-    c.distill.batch_size = 8;
-    c.distill.g_steps = 1;
-    c.distill.s_steps = 2;
-    c.distill.iterations_per_epoch = 2;
-    c.distill.epochs = 2;
-    c.distill.checkpoint_every = 2;
-    c.distill.eval_every = 1;
-    c.distill.proj_hidden = 16;
-    c.distill.proj_dim = 8;
-    c
-}
 
 fn distill_records(run: &PathBuf) -> Vec<String> {
     std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().filter(|l| l.contains("\"distill\"")).map(String::from).collect()

@@ -101,3 +101,28 @@ pub fn cuda_devices() -> Vec<Device> {
     }
     out
 }
+
+/// The pipeline tests' configuration: 16 px, 10 classes, a tiny generator, 4 iterations
+/// of 1 generator + 2 student steps; seconds on the CPU.
+pub fn tiny(workdir: &std::path::Path) -> dfkd::pipeline::config::Config {
+    let mut c = dfkd::pipeline::config::Config::cpu_demo();
+    c.workdir = workdir.to_path_buf();
+    c.device = "cpu".into();
+    c.data.image_size = 16;
+    c.data.train_per_class = 8;
+    c.data.test_per_class = 4;
+    c.teacher.arch = "resnet8".into();
+    c.teacher.epochs = 1;
+    c.teacher.batch_size = 16;
+    c.generator.channels = vec![16, 16, 8, 8, 8];
+    c.distill.batch_size = 8;
+    c.distill.g_steps = 1;
+    c.distill.s_steps = 2;
+    c.distill.iterations_per_epoch = 2;
+    c.distill.epochs = 2;
+    c.distill.checkpoint_every = 2;
+    c.distill.eval_every = 1;
+    c.distill.proj_hidden = 16;
+    c.distill.proj_dim = 8;
+    c
+}
