@@ -3,7 +3,7 @@
 //! back from its metrics, and the summaries: mean, standard deviation and 95% interval
 //! per variant, and paired differences between variants run on the same seeds.
 
-use super::report::MetricsLog;
+use super::report::{write_atomic, MetricsLog};
 use super::stats::Interval;
 use crate::{bail, Error, Result};
 use serde::Serialize;
@@ -186,12 +186,6 @@ pub fn comparison_markdown(variants: &[Summary]) -> String {
 pub fn comparison_json(variants: &[Summary]) -> serde_json::Value {
     let pairs: Vec<Paired> = variants.iter().skip(1).filter_map(|v| paired(&variants[0], v)).collect();
     serde_json::json!({ "variants": variants, "paired_from_first": pairs })
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 #[cfg(test)]
