@@ -32,7 +32,7 @@
 //! `scripts/bench_attention_pytorch.py` runs the same ops in PyTorch.
 
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: dfkd::allocator::MiMalloc = dfkd::allocator::MiMalloc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dfkd::autograd::backward_with;
@@ -284,6 +284,7 @@ fn bench_cuda(c: &mut Criterion, case: &Case, dev: Device, ceiling: f64) {
 }
 
 fn bench(c: &mut Criterion) {
+    dfkd::allocator::keep_freed_pages();
     let gpu = match std::env::var("DFKD_BENCH_DEVICE") {
         Ok(d) => Some(d.parse::<Device>().unwrap_or_else(|e| panic!("DFKD_BENCH_DEVICE={d}: {e}"))),
         Err(_) => cuda::probe(0).unwrap_or_else(|e| {

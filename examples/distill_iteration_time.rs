@@ -7,7 +7,7 @@
 //!     cargo run --release --example distill_iteration_time -- [ITERATIONS [fused|unfused|baseline]...]
 
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: dfkd::allocator::MiMalloc = dfkd::allocator::MiMalloc;
 
 use dfkd::models::build;
 use dfkd::pipeline::config::Config;
@@ -27,6 +27,7 @@ fn cpu_seconds() -> f64 {
 }
 
 fn main() -> dfkd::Result<()> {
+    dfkd::allocator::keep_freed_pages(); // as the distill binary does
     let args: Vec<String> = std::env::args().skip(1).collect();
     let iters: usize = args.first().map_or(2, |s| s.parse().expect("ITERATIONS is a number"));
     let runs = [("fused", true, true), ("unfused", false, true), ("baseline", true, false)];

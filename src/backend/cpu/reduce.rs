@@ -2,7 +2,7 @@
 //! sub-layout per output element; outputs are parallel.
 
 use super::elementwise::coalesce;
-use super::PAR_THRESHOLD;
+use super::{simd, PAR_THRESHOLD};
 use crate::backend::ReduceOp;
 use crate::{bail, Layout, Result};
 use rayon::prelude::*;
@@ -37,7 +37,7 @@ pub fn reduce(x: &[f32], l: &Layout, op: ReduceOp, dims: &[usize]) -> Result<Vec
             let run = if stride == 1 { &x[s..s + n] } else { &[] };
             match op {
                 ReduceOp::Sum => {
-                    acc64 += if stride == 1 { run.iter().sum::<f32>() } else { (0..n).map(|i| x[s + i * stride]).sum::<f32>() } as f64
+                    acc64 += if stride == 1 { simd::sum(run) } else { (0..n).map(|i| x[s + i * stride]).sum::<f32>() } as f64
                 }
                 _ => {
                     if stride == 1 {
@@ -58,7 +58,7 @@ pub fn reduce(x: &[f32], l: &Layout, op: ReduceOp, dims: &[usize]) -> Result<Vec
         if let Some(r) = l.contiguous_range() {
             // chunk sums are collected in order and added sequentially: rayon's own
             // `sum` groups by work stealing, which would make results vary run to run
-            let partial: Vec<f64> = x[r].par_chunks(1 << 14).map(|c| c.iter().sum::<f32>() as f64).collect();
+            let partial: Vec<f64> = x[r].par_chunks(1 << 14).map(|c| simd::sum(c) as f64).collect();
             out[0] = partial.iter().sum::<f64>() as f32;
         } else {
             out[0] = reduce_one(0);

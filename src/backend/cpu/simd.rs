@@ -90,6 +90,13 @@ pub fn tree(mut acc: [f32; LANES], f: impl Fn(f32, f32) -> f32) -> f32 {
     acc[0]
 }
 
+multiversion! {
+    /// The sum of `x` in [`LANES`] interleaved partial sums combined by [`tree`]: the
+    /// compiler vectorises it (a plain `iter().sum()` may not reassociate, so it stays
+    /// one dependent add per element), and the order is fixed, so results repeat.
+    pub fn sum(x: &[f32]) -> f32 { tree(fold_lanes(x, 0.0, |a, v| a + v), |a, b| a + b) }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
