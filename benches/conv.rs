@@ -1,5 +1,6 @@
 //! conv2d forward and backward at ResNet-18 shapes (batch 32, 64 px input with the
-//! ImageNet stem), reported as FLOP/s (2 * multiply-adds).
+//! ImageNet stem) and at the CPU demo's resnet20/resnet8 shapes (batch 64, 32 px),
+//! reported as FLOP/s (2 * multiply-adds).
 
 #[global_allocator]
 static ALLOC: dfkd::allocator::MiMalloc = dfkd::allocator::MiMalloc;
@@ -9,24 +10,26 @@ use dfkd::backend::Conv2dParams;
 use dfkd::rng::Rng;
 use dfkd::{ConvOpts, Device, Tensor};
 
-/// (name, c_in, c_out, hw, kernel, stride, padding)
-const SHAPES: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
-    ("stem_7x7_s2", 3, 64, 64, 7, 2, 3),
-    ("layer1_3x3", 64, 64, 16, 3, 1, 1),
-    ("layer2_3x3_s2", 64, 128, 16, 3, 2, 1),
-    ("layer2_3x3", 128, 128, 8, 3, 1, 1),
-    ("layer3_3x3", 256, 256, 4, 3, 1, 1),
-    ("layer4_3x3", 512, 512, 2, 3, 1, 1),
-    ("down_1x1_s2", 128, 256, 8, 1, 2, 0),
+/// (name, batch, c_in, c_out, hw, kernel, stride, padding)
+const SHAPES: &[(&str, usize, usize, usize, usize, usize, usize, usize)] = &[
+    ("stem_7x7_s2", 32, 3, 64, 64, 7, 2, 3),
+    ("layer1_3x3", 32, 64, 64, 16, 3, 1, 1),
+    ("layer2_3x3_s2", 32, 64, 128, 16, 3, 2, 1),
+    ("layer2_3x3", 32, 128, 128, 8, 3, 1, 1),
+    ("layer3_3x3", 32, 256, 256, 4, 3, 1, 1),
+    ("layer4_3x3", 32, 512, 512, 2, 3, 1, 1),
+    ("down_1x1_s2", 32, 128, 256, 8, 1, 2, 0),
+    ("demo_16x32x32_3x3", 64, 16, 16, 32, 3, 1, 1),
+    ("demo_32x16x16_3x3", 64, 32, 32, 16, 3, 1, 1),
+    ("demo_64x8x8_3x3", 64, 64, 64, 8, 3, 1, 1),
 ];
 
 fn bench(c: &mut Criterion) {
     dfkd::allocator::keep_freed_pages();
-    let batch = 32;
     let mut rng = Rng::new(0);
     let mut group = c.benchmark_group("conv2d");
     group.sample_size(10);
-    for &(name, ci, co, hw, k, s, p) in SHAPES {
+    for &(name, batch, ci, co, hw, k, s, p) in SHAPES {
         let x = Tensor::randn(&[batch, ci, hw, hw], 0.0, 1.0, &mut rng, Device::Cpu).unwrap();
         let w = Tensor::randn(&[co, ci, k, k], 0.0, 0.1, &mut rng, Device::Cpu).unwrap();
         let opts = ConvOpts::default().stride(s).padding(p);

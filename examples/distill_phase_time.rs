@@ -10,7 +10,7 @@
 static ALLOC: dfkd::allocator::MiMalloc = dfkd::allocator::MiMalloc;
 
 use dfkd::models::build;
-use dfkd::nn::{Ctx, Module};
+use dfkd::nn::Ctx;
 use dfkd::pipeline::config::Config;
 use dfkd::pipeline::distill::Distiller;
 use dfkd::pipeline::generator::Generator;

@@ -6,6 +6,7 @@ mod batch_norm;
 pub(crate) mod buffers;
 mod contrastive;
 mod conv;
+mod conv3x3;
 mod elementwise;
 mod high_order_attention;
 mod matmul;
