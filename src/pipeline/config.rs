@@ -257,7 +257,7 @@ impl Config {
                 gen_balance: 0.0,
                 gen_student_eval: false,
                 // The demo's budget (METHOD.md: t = 20, 50 iterations an epoch, 200
-                // epochs): a 2-core CPU affords ~40 iterations (~4.6 s each) in its
+                // epochs): a 2-core CPU affords ~40 iterations (~3.4 s each idle) in its
                 // ~3 minutes. The student's accuracy still climbs there: a 96-iteration
                 // run reached 24-30% (docs/RESULTS.md).
                 pool_batches: 0,
