@@ -109,11 +109,29 @@ fn blocks(c_out: usize) -> impl Iterator<Item = (usize, usize)> {
 fn run(x: &[f32], packed: &[f32], p: &Conv2dParams) -> Vec<f32> {
     let (in_sample, out_sample) = (p.c_in * p.h_in * p.w_in, p.c_out * p.h_in * p.w_in);
     assert_eq!(x.len(), p.batch * in_sample, "conv3x3: input size");
-    // every output element is written by exactly one block store below
+    let block_len = 2 * LANES * p.h_in * p.w_in;
+    // every output element is written by exactly one block store in `channels`
     buffers::filled(p.batch * out_sample, |out| {
-        out.par_chunks_mut(out_sample).zip(x.par_chunks(in_sample)).for_each(|(out, x)| {
-            PADDED.with(|buf| sample(x, packed, p, &mut buf.borrow_mut(), out));
-        })
+        if p.batch >= rayon::current_num_threads() {
+            // a sample per task
+            out.par_chunks_mut(out_sample).zip(x.par_chunks(in_sample)).for_each(|(out, x)| {
+                PADDED.with(|xp| {
+                    let xp = &mut xp.borrow_mut();
+                    pad(x, p, xp);
+                    for (co0, width) in blocks(p.c_out) {
+                        channels(xp, packed, p, co0, &mut out[co0 * p.h_in * p.w_in..][..width * p.h_in * p.w_in]);
+                    }
+                })
+            })
+        } else {
+            // fewer samples than threads (batch-1 inference): a block of output
+            // channels per task, `blocks` cutting the sample where these chunks do
+            let mut xp = vec![];
+            for (out, x) in out.chunks_mut(out_sample).zip(x.chunks(in_sample)) {
+                pad(x, p, &mut xp);
+                out.par_chunks_mut(block_len).enumerate().for_each(|(i, out)| channels(&xp, packed, p, i * 2 * LANES, out));
+            }
+        }
     })
 }
 
@@ -122,8 +140,9 @@ thread_local! {
     static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// One sample: pads its input into `xp`, then computes every output block.
-fn sample(x: &[f32], packed: &[f32], p: &Conv2dParams, xp: &mut Vec<f32>, out: &mut [f32]) {
+/// One sample's input `x` with a zero border, into `xp`: `[c_in][h + 2][w + 2]` plus the
+/// floats the last register block reads past the end.
+fn pad(x: &[f32], p: &Conv2dParams, xp: &mut Vec<f32>) {
     let (h, w) = (p.h_in, p.w_in);
     let (wp, plane) = (w + 2, (h + 2) * (w + 2));
     // the last block of a row reads up to PIX + 2 floats past the last padded row's end
@@ -134,31 +153,39 @@ fn sample(x: &[f32], packed: &[f32], p: &Conv2dParams, xp: &mut Vec<f32>, out: &
             xp[c * plane + (r + 1) * wp + 1..][..w].copy_from_slice(row);
         }
     }
+}
+
+/// Output channels `co0..co0 + out.len() / (h*w)` (one of `blocks`) of one sample, from
+/// its padded input.
+fn channels(xp: &[f32], packed: &[f32], p: &Conv2dParams, co0: usize, out: &mut [f32]) {
+    let (h, w) = (p.h_in, p.w_in);
+    let (wp, plane) = (w + 2, (h + 2) * (w + 2));
+    let width = out.len() / (h * w);
+    // the kernel's reads past a row end rely on this length (see the SAFETY note)
+    assert!(xp.len() >= p.c_in * plane + PIX + 2 && (width == LANES || width == 2 * LANES), "conv3x3: padded input or block");
     let hw = h * w;
     let mut tile = [[0f32; 2 * LANES]; PIX];
-    for (co0, width) in blocks(p.c_out) {
-        let wblock = &packed[co0 * p.c_in * 9..][..width * p.c_in * 9];
-        for oh in 0..h {
-            for ow0 in (0..w).step_by(PIX) {
-                let at = oh * wp + ow0;
-                // SAFETY: the kernel reads xp[at + ci*plane + ki*wp + r + kj] for ci < c_in,
-                // ki, kj < 3, r < PIX: at most c_in*plane - wp + w + PIX + 1 (oh <= h-1,
-                // ow0 <= w-1, plane = (h+2)*wp), inside xp's c_in*plane + PIX + 2 floats;
-                // wblock holds width*c_in*9 floats; `applies` checked AVX-512F.
-                unsafe {
-                    let xs = &xp[at..];
-                    if width == 2 * LANES {
-                        block::<2>(xs, wp, plane, p.c_in, wblock, &mut tile);
-                    } else {
-                        block::<1>(xs, wp, plane, p.c_in, wblock, &mut tile);
-                    }
+    let wblock = &packed[co0 * p.c_in * 9..][..width * p.c_in * 9];
+    for oh in 0..h {
+        for ow0 in (0..w).step_by(PIX) {
+            let at = oh * wp + ow0;
+            // SAFETY: the kernel reads xp[at + ci*plane + ki*wp + r + kj] for ci < c_in,
+            // ki, kj < 3, r < PIX: at most c_in*plane - wp + w + PIX + 1 (oh <= h-1,
+            // ow0 <= w-1, plane = (h+2)*wp), inside xp's c_in*plane + PIX + 2 floats;
+            // wblock holds width*c_in*9 floats; `applies` checked AVX-512F.
+            unsafe {
+                let xs = &xp[at..];
+                if width == 2 * LANES {
+                    block::<2>(xs, wp, plane, p.c_in, wblock, &mut tile);
+                } else {
+                    block::<1>(xs, wp, plane, p.c_in, wblock, &mut tile);
                 }
-                let npix = PIX.min(w - ow0);
-                for c in 0..width {
-                    let dst = &mut out[(co0 + c) * hw + oh * w + ow0..][..npix];
-                    for (r, d) in dst.iter_mut().enumerate() {
-                        *d = tile[r][c];
-                    }
+            }
+            let npix = PIX.min(w - ow0);
+            for c in 0..width {
+                let dst = &mut out[c * hw + oh * w + ow0..][..npix];
+                for (r, d) in dst.iter_mut().enumerate() {
+                    *d = tile[r][c];
                 }
             }
         }
@@ -242,9 +269,10 @@ mod tests {
     }
 
     /// Shapes with a 32-wide block, a 16-wide last block, rows that are not a multiple
-    /// of the 6-pixel block, and a one-row plane.
+    /// of the 6-pixel block, a one-row plane, and single samples (with 2+ threads those
+    /// split by channel blocks instead of by sample).
     fn cases() -> Vec<Conv2dParams> {
-        vec![params(2, 3, 7, 9, 16), params(3, 16, 8, 8, 32), params(2, 5, 5, 13, 48), params(1, 32, 1, 8, 16), params(2, 16, 4, 17, 64)]
+        vec![params(2, 3, 7, 9, 16), params(3, 16, 8, 8, 32), params(2, 5, 5, 13, 48), params(1, 32, 1, 8, 16), params(2, 16, 4, 17, 64), params(1, 16, 9, 10, 48)]
     }
 
     const SKIP: &str = "skipped: this CPU has no AVX-512F, so the im2col path runs instead";
