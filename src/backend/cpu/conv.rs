@@ -1,6 +1,6 @@
-//! 2-D convolution on the CPU as im2col + GEMM (the `gemm` crate). 3x3 stride-1
-//! convolutions with output channels in multiples of 16 take `conv3x3`'s direct AVX-512
-//! path instead (forward, and the input gradient where the input channels are too).
+//! 2-D convolution on the CPU as im2col + GEMM (the `gemm` crate). Small 3x3 stride-1
+//! convolutions take `conv3x3`'s direct AVX-512 path instead where it is faster (its
+//! `applies` says where: forward, and the input gradient as a convolution itself).
 //!
 //! The output columns (one per output pixel of every sample) are processed in *tiles*:
 //! several whole samples, or a band of output rows of one sample. For each tile and
