@@ -27,6 +27,7 @@ pub use autograd::{no_grad, Gradients};
 pub use ops::{ConvOpts, Reduction};
 pub use tensor::{Tensor, TensorId};
 pub mod optim;
+pub mod parallel;
 pub mod pipeline;
 pub mod nn;
 pub mod models;

@@ -79,6 +79,10 @@ struct DistillArgs {
     /// dfkd-fgvc, dafl, dfad, zskt, dfq or deepinversion.
     #[arg(long)]
     method: Option<String>,
+    /// Data-parallel ranks (`parallel.ranks`): one per GPU from the device's ordinal up,
+    /// or threads on the CPU; each synthesises its share of distill.batch_size.
+    #[arg(long, value_name = "N")]
+    gpus: Option<usize>,
     /// Run folder name under <workdir>/ (default: the method's name).
     #[arg(long)]
     run: Option<String>,
@@ -172,13 +176,21 @@ fn distill(cfg: &mut Config, device: Device, args: &DistillArgs, default_run: &s
     if let Some(m) = &args.method {
         cfg.distill.method = m.clone();
     }
+    if let Some(n) = args.gpus {
+        cfg.parallel.ranks = n;
+        cfg.validate()?;
+    }
     let run_dir = match &args.run {
         Some(run) => cfg.workdir.join(run),
         // the bare demo never replaces an earlier run: runs/demo, then demo-2, ...
         None if default_run == "demo" => dfkd::pipeline::run_dir::first_free(&cfg.workdir, "demo"),
         None => cfg.workdir.join(default_run.replace("{method}", &cfg.distill.method)),
     };
-    eprintln!("dfkd: {} -> {} on {} ({}), device {device}", cfg.teacher.arch, cfg.student.arch, cfg.data.dataset, cfg.distill.method);
+    let ranks = match cfg.parallel.ranks {
+        1 => String::new(),
+        n => format!(", {n} data-parallel ranks"),
+    };
+    eprintln!("dfkd: {} -> {} on {} ({}), device {device}{ranks}", cfg.teacher.arch, cfg.student.arch, cfg.data.dataset, cfg.distill.method);
     if let Some(list) = &args.seeds {
         let seeds = dfkd::pipeline::sweep::parse_seeds(list)?;
         let summary = sweep::run_sweep(cfg, device, &run_dir, &seeds, args.resume, args.overwrite)?;

@@ -19,6 +19,9 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// Test images per evaluation batch.
+const EVAL_BATCH: usize = 128;
+
 /// Opens the configured data set, generating the synthetic one first if needed.
 pub fn prepare_data(cfg: &Config) -> Result<Dataset> {
     let d = &cfg.data;
@@ -57,7 +60,8 @@ fn teacher_key(cfg: &Config, ds: &Dataset) -> String {
 /// The teacher on `device`: imported weights, a cached earlier training, or trained now.
 pub fn prepare_teacher(cfg: &Config, ds: &Dataset, device: Device, log: &mut MetricsLog) -> Result<(Box<dyn Classifier>, PathBuf)> {
     let t = &cfg.teacher;
-    let model = build(&t.arch, ds.num_classes(), t.small_stem, &mut Rng::new(cfg.seed).fork(1))?;
+    let seed = t.seed.unwrap_or(cfg.seed);
+    let model = build(&t.arch, ds.num_classes(), t.small_stem, &mut Rng::new(seed).fork(1))?;
     // loading then writes straight into the device's buffers
     model.to_device(device)?;
     if let Some(w) = &t.weights {
@@ -73,7 +77,7 @@ pub fn prepare_teacher(cfg: &Config, ds: &Dataset, device: Device, log: &mut Met
         eprintln!("{:>14} cached {}", "teacher", path.display());
         return Ok((model, path));
     }
-    train_classifier(model.as_ref(), ds, t, cfg.data.image_size, cfg.seed, device, log, "teacher")?;
+    train_classifier(model.as_ref(), ds, t, cfg.data.image_size, seed, device, log, "teacher")?;
     save_model(model.as_ref(), &path)?;
     Ok((model, path))
 }
@@ -143,23 +147,31 @@ pub fn run_job(cfg: &Config, device: Device, opts: &RunOptions) -> Result<JobSum
     }
     let mut log = MetricsLog::open(&opts.run_dir.join("metrics.jsonl"))?;
     let size = cfg.data.image_size;
-    let (teacher, _) = prepare_teacher(cfg, &ds, device, &mut log)?;
+    let (teacher, teacher_path) = prepare_teacher(cfg, &ds, device, &mut log)?;
     let student = build(&cfg.student.arch, ds.num_classes(), cfg.student.small_stem, &mut cfg.distill_rng(2))?;
     student.to_device(device)?;
-    let eval_batch = 128;
-    let mut distiller = Distiller::new(cfg, teacher.as_ref(), student.as_ref(), device)?;
-    if opts.resume {
-        distiller.resume(&CheckpointDir::new(&opts.run_dir))?;
-        eprintln!("resumed from iteration {}", distiller.iteration());
-        // the iterations after the checkpoint run again: their first records go
-        log.resume_after(distiller.iteration())?;
-        write_config(cfg, run.path(), true)?;
+    let ranks = cfg.parallel.ranks;
+    if ranks == 1 {
+        distill_rank(cfg, teacher.as_ref(), student.as_ref(), device, opts, Some(&mut log), &ds, &run)?;
+    } else {
+        let devices = rank_devices(device, ranks)?;
+        let leader_log = std::sync::Mutex::new(Some(&mut log));
+        crate::parallel::run_ranks(ranks, |rank| {
+            let log = if rank == 0 { leader_log.lock().unwrap().take() } else { None };
+            if rank == 0 {
+                // rank 0 trains the job's own student, which is evaluated and saved below
+                return distill_rank(cfg, teacher.as_ref(), student.as_ref(), device, opts, log, &ds, &run);
+            }
+            let dev = devices[rank];
+            let t = build(&cfg.teacher.arch, ds.num_classes(), cfg.teacher.small_stem, &mut Rng::new(0))?;
+            t.to_device(dev)?;
+            load_model(t.as_ref(), &teacher_path)?;
+            let s = build(&cfg.student.arch, ds.num_classes(), cfg.student.small_stem, &mut cfg.distill_rng(2))?;
+            s.to_device(dev)?;
+            distill_rank(cfg, t.as_ref(), s.as_ref(), dev, opts, log, &ds, &run)
+        })?;
     }
-    distill::run(&mut distiller, &opts.run_dir, false, &mut log, |s| {
-        Ok(evaluate(&[s], &ds, size, eval_batch, device)?.models[0].top1)
-    })?;
-    drop(distiller);
-    let eval = evaluate(&[teacher.as_ref(), student.as_ref()], &ds, size, eval_batch, device)?;
+    let eval = evaluate(&[teacher.as_ref(), student.as_ref()], &ds, size, EVAL_BATCH, device)?;
     let summary = JobSummary {
         teacher_top1: eval.models[0].top1,
         student_top1: eval.models[1].top1,
@@ -174,6 +186,44 @@ pub fn run_job(cfg: &Config, device: Device, opts: &RunOptions) -> Result<JobSum
     crate::checkpoint::save_model(student.as_ref(), opts.run_dir.join("student.safetensors"))?;
     draw_curves(&opts.run_dir)?;
     Ok(summary)
+}
+
+/// One rank's distillation (the only one unless `parallel.ranks` > 1): rank 0, given
+/// the log, also resumes the log and config, evaluates, and writes checkpoints.
+#[allow(clippy::too_many_arguments)]
+fn distill_rank(
+    cfg: &Config,
+    teacher: &dyn Classifier,
+    student: &dyn Classifier,
+    device: Device,
+    opts: &RunOptions,
+    mut log: Option<&mut MetricsLog>,
+    ds: &Dataset,
+    run: &RunDir,
+) -> Result<()> {
+    let mut distiller = Distiller::new(cfg, teacher, student, device)?;
+    if opts.resume {
+        distiller.resume(&CheckpointDir::new(&opts.run_dir))?;
+        if let Some(log) = log.as_deref_mut() {
+            eprintln!("resumed from iteration {}", distiller.iteration());
+            // the iterations after the checkpoint run again: their first records go
+            log.resume_after(distiller.iteration())?;
+            write_config(cfg, run.path(), true)?;
+        }
+    }
+    distill::run(&mut distiller, &opts.run_dir, false, log, |s| Ok(evaluate(&[s], ds, cfg.data.image_size, EVAL_BATCH, device)?.models[0].top1))
+}
+
+/// The device of each data-parallel rank: one GPU each from `device`'s ordinal up, or
+/// all on the CPU (or the emulator) as threads.
+fn rank_devices(device: Device, ranks: usize) -> Result<Vec<Device>> {
+    (0..ranks)
+        .map(|r| match device {
+            Device::Cuda(first) => Device::parse_user(&format!("cuda:{}", first + r))
+                .map_err(|e| Error::Msg(format!("parallel.ranks = {ranks} needs GPUs cuda:{first}..cuda:{}: {e}", first + ranks - 1))),
+            other => Ok(other),
+        })
+        .collect()
 }
 
 /// Loss and accuracy curves from the run's metrics, as PNG: one panel per loss (the BN

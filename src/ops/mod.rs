@@ -52,6 +52,17 @@ where
     Tensor::from_parts(storage, layout, node(name, inputs, make(y)))
 }
 
+/// `result`, computed outside the op table (a collective), with a backward rule from
+/// its gradient to the gradients of `inputs`.
+pub(crate) fn with_backward(
+    result: &Tensor,
+    name: &'static str,
+    inputs: &[&Tensor],
+    backward: impl FnOnce(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+) -> Tensor {
+    Tensor::from_parts(result.storage_arc().clone(), result.layout().clone(), node(name, inputs, backward))
+}
+
 /// A result that is a view on `input`'s storage.
 pub(crate) fn view_op(
     input: &Tensor,

@@ -20,6 +20,24 @@ pub struct Config {
     pub student: StudentConfig,
     pub generator: GeneratorConfig,
     pub distill: DistillConfig,
+    pub parallel: ParallelConfig,
+}
+
+/// Data parallelism (`distill --gpus N`): see `crate::parallel`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelConfig {
+    /// Ranks, each with its share of `distill.batch_size` (which they must divide):
+    /// one per GPU (`cuda:0..N-1`), or threads on the CPU. 1 takes no collective at all.
+    pub ranks: usize,
+    /// The contrastive loss's negatives are the whole global batch's (METHOD.md: "the
+    /// other 2N-2 vectors" of a batch of 64), so a run means the same at any rank count;
+    /// false: each rank's own share only (less communication, a different loss).
+    pub global_negatives: bool,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self { ParallelConfig { ranks: 1, global_negatives: true } }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -52,6 +70,11 @@ pub struct TeacherConfig {
     pub momentum: f32,
     pub weight_decay: f32,
     pub label_smoothing: f32,
+    /// Epochs of linear learning-rate warm-up before the cosine schedule.
+    pub warmup_epochs: usize,
+    /// Seed of the teacher's initialisation and batch order; unset: the run's `seed`
+    /// (which also draws the synthetic data set), so teachers can be redrawn on one data set.
+    pub seed: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -217,6 +240,8 @@ impl Config {
                 momentum: 0.9,
                 weight_decay: 5e-4,
                 label_smoothing: 0.0,
+                warmup_epochs: 0,
+                seed: None,
             },
             student: StudentConfig { arch: "resnet8".into(), small_stem: true, lr: 0.01, momentum: 0.9, weight_decay: 5e-4 },
             generator: GeneratorConfig {
@@ -270,6 +295,7 @@ impl Config {
                 checkpoint_every: 4,
                 eval_every: 2,
             },
+            parallel: ParallelConfig::default(),
         }
     }
 
@@ -343,7 +369,9 @@ impl Config {
             for (i, p) in parts.iter().enumerate() {
                 let table = node.as_table_mut().ok_or_else(|| Error::Msg(format!("--set `{key}`: `{p}` is not a section")))?;
                 if i + 1 == parts.len() {
-                    if !table.contains_key(*p) && *p != "weights" {
+                    // optional keys (`teacher.weights`, `teacher.seed`) are absent while unset
+                    let optional = matches!(*p, "weights" | "seed") && parts.len() == 2;
+                    if !table.contains_key(*p) && !optional {
                         bail!("--set `{key}`: unknown key `{p}`");
                     }
                     table.insert(p.to_string(), parsed.clone());
@@ -380,6 +408,10 @@ mod tests {
         c.apply_overrides(&["distill.beta=5".into(), "student.arch=wrn40_2".into(), "distill.sfcl=false".into()]).unwrap();
         assert_eq!((c.distill.beta, c.student.arch.as_str(), c.distill.sfcl), (5.0, "wrn40_2", false));
         assert!(c.apply_overrides(&["distill.nope=1".into()]).unwrap_err().to_string().contains("nope"));
+        // optional keys are absent while unset, and can still be set
+        c.apply_overrides(&["teacher.seed=3".into(), "parallel.ranks=4".into()]).unwrap();
+        assert_eq!((c.teacher.seed, c.parallel.ranks), (Some(3), 4));
+        assert!(c.apply_overrides(&["distill.seed2=1".into()]).is_err());
         // numbers print as written, and read back equal
         let text = Config::cpu_demo().to_toml();
         assert!(text.contains("lr = 0.1\n") && text.contains("tau_sfcl = 0.1\n") && text.contains("weight_decay = 0.0005\n"), "{text}");

@@ -14,12 +14,14 @@ use crate::checkpoint::{load_model, load_tensors, save_model, save_tensors};
 use crate::models::{Classifier, Features};
 use crate::nn::{Ctx, Module};
 use crate::optim::{CosineSchedule, Optimizer, ParamGroup};
+use crate::parallel::{self, Collective};
 use crate::rng::Rng;
-use crate::{bail, no_grad, Device, Result, Tensor, TensorId};
+use crate::{bail, no_grad, Device, Gradients, Result, Tensor, TensorId};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 /// DeepInversion keeps the image batches it synthesised and trains the student on them;
 /// its pool holds this many batches unless `distill.pool_batches` says otherwise.
@@ -62,15 +64,27 @@ pub struct Distiller<'a> {
     iteration: usize,
     pool: Vec<Tensor>,
     device: Device,
+    /// This rank's group in a data-parallel run (`parallel::current` when built).
+    group: Option<Arc<dyn Collective>>,
+    /// This rank's share of `distill.batch_size`.
+    local_batch: usize,
 }
 
 /// Losses of one step, by name, for the metrics log.
 type Losses = Vec<(&'static str, f32)>;
 
 impl<'a> Distiller<'a> {
+    /// Built on a rank's thread of a data-parallel group (`parallel::run_ranks`), the
+    /// distiller is that rank's: it synthesises its share of each batch, averages
+    /// gradients with the other ranks, and starts from rank 0's weights.
     pub fn new(cfg: &'a Config, teacher: &'a dyn Classifier, student: &'a dyn Classifier, device: Device) -> Result<Self> {
         let d = &cfg.distill;
         let method = Method::parse(&d.method)?;
+        let group = parallel::current();
+        let world = group.as_ref().map_or(1, |g| g.world());
+        if d.batch_size % world != 0 || (world > 1 && (d.pool_batches > 0 || method == Method::DeepInversion)) {
+            bail!("{world} data-parallel ranks need distill.batch_size ({}) divisible by them and no image pool (see `distill validate`)", d.batch_size);
+        }
         if d.gen_target_ce > 0.0 && !cfg.generator.conditional {
             bail!("distill.gen_target_ce = {} needs generator.conditional = true: an unconditional generator cannot be asked for a class", d.gen_target_ce);
         }
@@ -95,7 +109,8 @@ impl<'a> Distiller<'a> {
         let ours = method == Method::DfkdFgvc;
         let mhad = if ours && d.mhad { Some(Mhad::new(&tp, &sp, d.mha_order, d.adapter_identity_init, d.mhad_normalize, d.fused_attention, &mut rng)?) } else { None };
         let head = if ours && d.sfcl {
-            Some(ProjectionHead::new(tp.penultimate.dims()[1], sp.penultimate.dims()[1], d.proj_hidden, d.proj_dim, d.proj_bn, d.tau_sfcl, d.fused_attention, &mut rng)?.detach_projection(d.sfcl_detach_projection))
+            let head = ProjectionHead::new(tp.penultimate.dims()[1], sp.penultimate.dims()[1], d.proj_hidden, d.proj_dim, d.proj_bn, d.tau_sfcl, d.fused_attention, &mut rng)?;
+            Some(head.detach_projection(d.sfcl_detach_projection).global_negatives(cfg.parallel.global_negatives))
         } else {
             None
         };
@@ -108,8 +123,36 @@ impl<'a> Distiller<'a> {
         let g = &cfg.generator;
         let opt_g = generator.as_ref().map(|gen| Optimizer::adam(vec![ParamGroup::new(gen.parameters(), 0.0)], g.lr, g.beta1, g.beta2));
         let total_iters = d.epochs * d.iterations_per_epoch;
-        let schedule = CosineSchedule { base: s.lr, min: 0.0, total: total_iters * d.s_steps };
-        Ok(Distiller { cfg, method, teacher, student, generator, aux, opt_s, opt_g, schedule, rng, iteration: 0, pool: vec![], device })
+        let schedule = CosineSchedule { base: s.lr, min: 0.0, total: total_iters * d.s_steps, warmup: 0 };
+        if let Some(g) = &group {
+            // built from the same seeds, the ranks already agree; this makes sure of it
+            parallel::broadcast_module(student, g)?;
+            parallel::broadcast_module(&aux, g)?;
+            if let Some(gen) = &generator {
+                parallel::broadcast_module(gen, g)?;
+            }
+        }
+        let local_batch = d.batch_size / world;
+        Ok(Distiller { cfg, method, teacher, student, generator, aux, opt_s, opt_g, schedule, rng, iteration: 0, pool: vec![], device, group, local_batch })
+    }
+
+    /// This rank in a data-parallel run (0 alone): rank 0 writes logs and checkpoints.
+    pub fn rank(&self) -> usize { self.group.as_ref().map_or(0, |g| g.rank()) }
+
+    /// The gradients the optimiser applies: this rank's, averaged over the ranks.
+    fn synced(&self, mut grads: Gradients, opt: &Optimizer) -> Result<Gradients> {
+        if let Some(g) = &self.group {
+            parallel::average_gradients(&mut grads, opt.params(), g)?;
+        }
+        Ok(grads)
+    }
+
+    /// Each loss's mean over the ranks (each rank's is over its own share).
+    fn synced_losses(&self, losses: Losses) -> Result<Losses> {
+        let Some(g) = &self.group else { return Ok(losses) };
+        let v: Vec<f32> = losses.iter().map(|l| l.1).collect();
+        let sum = g.all_reduce_sum(&Tensor::from_vec(v, &[losses.len()], Device::Cpu)?)?.to_vec_f32()?;
+        Ok(losses.iter().zip(sum).map(|(&(n, _), s)| (n, s / g.world() as f32)).collect())
     }
 
     pub fn total_iterations(&self) -> usize { self.cfg.distill.epochs * self.cfg.distill.iterations_per_epoch }
@@ -118,19 +161,24 @@ impl<'a> Distiller<'a> {
     /// One iteration: the synthesis phase, then the student phase. Returns the mean of
     /// each loss over the iteration's steps.
     pub fn iterate(&mut self) -> Result<(Losses, Losses)> {
+        if let Some(g) = &self.group {
+            // each rank draws its own noise; tied to the iteration, so a resumed run
+            // (with any number of ranks) needs no saved per-rank state
+            self.rng = self.cfg.distill_rng(0xd15711).fork(1 + g.rank() as u64).fork(self.iteration as u64);
+        }
         let g_losses = match self.method {
             Method::DeepInversion => self.invert_pixels()?,
             _ => self.generator_steps()?,
         };
         let s_losses = self.student_steps()?;
         self.iteration += 1;
-        Ok((g_losses, s_losses))
+        Ok((self.synced_losses(g_losses)?, self.synced_losses(s_losses)?))
     }
 
     /// A synthesised batch, with the class each image was asked to show when the
     /// generator is conditional.
     fn fresh_images(&mut self, train: bool) -> Result<(Tensor, Option<Vec<u32>>)> {
-        let n = self.cfg.distill.batch_size;
+        let n = self.local_batch;
         let g = self.generator.as_ref().expect("a generator");
         let noise = g.sample_z(n, &mut self.rng, self.device)?;
         Ok((g.forward(&noise.z, &mut Ctx::new(train))?, noise.targets))
@@ -141,48 +189,9 @@ impl<'a> Distiller<'a> {
         self.student.freeze(true)?;
         let mut acc = Accumulator::default();
         for _ in 0..d.g_steps {
-            let (raw, targets) = self.fresh_images(true)?;
-            let x = self.augment(&raw)?;
-            let t = self.teacher.forward(&x, false)?;
-            let s = self.student.forward_ctx(&x, &mut Ctx::new(!d.gen_student_eval))?;
-            let kd = s.logits.kd_loss(&t.logits, d.tau_gen)?;
-            let (loss, parts): (Tensor, Losses) = match self.method {
-                Method::DfkdFgvc | Method::Dfq => {
-                    let bn = losses::bn_loss(&t)?;
-                    let mut loss = bn.scale(d.alpha)?.sub(&kd)?;
-                    let mut parts = vec![("g_bn", bn.to_scalar()?), ("g_kd", kd.to_scalar()?)];
-                    if self.method == Method::Dfq {
-                        // the conditional generator's own targets; an unconditional one
-                        // cannot aim at a class, so its CE (on random targets) cannot fall
-                        let k = t.logits.dims()[1];
-                        let targets = match &targets {
-                            Some(y) => y.clone(),
-                            None => (0..x.dims()[0]).map(|_| self.rng.below(k) as u32).collect(),
-                        };
-                        let ce = t.logits.cross_entropy(&targets, 0.0)?;
-                        parts.push(("g_ce", ce.to_scalar()?));
-                        loss = loss.add(&ce)?;
-                    }
-                    (loss, parts)
-                }
-                Method::Dafl => {
-                    let l = losses::dafl_generator_loss(&t)?;
-                    (l.clone(), vec![("g_dafl", l.to_scalar()?)])
-                }
-                Method::Dfad => {
-                    let l1 = s.logits.l1(&t.logits)?;
-                    (l1.neg()?, vec![("g_l1", l1.to_scalar()?)])
-                }
-                Method::Zskt => (kd.neg()?, vec![("g_kd", kd.to_scalar()?)]),
-                Method::DeepInversion => unreachable!(),
-            };
-            let (loss, mut parts) = match self.method {
-                Method::DfkdFgvc => self.class_terms(loss, parts, &t.logits, targets.as_deref())?,
-                _ => (loss, parts),
-            };
-            parts.push(("g_class_entropy", class_entropy(&t.logits)?));
-            check_finite(&parts, "generator", self.iteration)?;
-            let grads = loss.backward()?;
+            let noise = self.generator.as_ref().expect("a generator").sample_z(self.local_batch, &mut self.rng, self.device)?;
+            let (loss, parts, raw) = self.generator_loss(&noise.z, noise.targets)?;
+            let grads = self.synced(loss.backward()?, self.opt_g.as_ref().unwrap())?;
             self.opt_g.as_mut().unwrap().step(&grads)?;
             acc.add(&parts);
             if d.pool_batches > 0 {
@@ -191,6 +200,66 @@ impl<'a> Distiller<'a> {
         }
         self.student.freeze(false)?;
         Ok(acc.mean())
+    }
+
+    /// The generator's loss on the images it makes from noise `z` (asked for `targets`
+    /// when conditional), its parts, and the images.
+    fn generator_loss(&mut self, z: &Tensor, targets: Option<Vec<u32>>) -> Result<(Tensor, Losses, Tensor)> {
+        let d = &self.cfg.distill;
+        let raw = self.generator.as_ref().expect("a generator").forward(z, &mut Ctx::new(true))?;
+        let x = self.augment(&raw)?;
+        let t = self.teacher.forward(&x, false)?;
+        let s = self.student.forward_ctx(&x, &mut Ctx::new(!d.gen_student_eval))?;
+        let kd = s.logits.kd_loss(&t.logits, d.tau_gen)?;
+        let (loss, parts): (Tensor, Losses) = match self.method {
+            Method::DfkdFgvc | Method::Dfq => {
+                let bn = losses::bn_loss(&t)?;
+                let mut loss = bn.scale(d.alpha)?.sub(&kd)?;
+                let mut parts = vec![("g_bn", bn.to_scalar()?), ("g_kd", kd.to_scalar()?)];
+                if self.method == Method::Dfq {
+                    // the conditional generator's own targets; an unconditional one
+                    // cannot aim at a class, so its CE (on random targets) cannot fall
+                    let k = t.logits.dims()[1];
+                    let targets = match &targets {
+                        Some(y) => y.clone(),
+                        None => (0..x.dims()[0]).map(|_| self.rng.below(k) as u32).collect(),
+                    };
+                    let ce = t.logits.cross_entropy(&targets, 0.0)?;
+                    parts.push(("g_ce", ce.to_scalar()?));
+                    loss = loss.add(&ce)?;
+                }
+                (loss, parts)
+            }
+            Method::Dafl => {
+                let l = losses::dafl_generator_loss(&t)?;
+                (l.clone(), vec![("g_dafl", l.to_scalar()?)])
+            }
+            Method::Dfad => {
+                let l1 = s.logits.l1(&t.logits)?;
+                (l1.neg()?, vec![("g_l1", l1.to_scalar()?)])
+            }
+            Method::Zskt => (kd.neg()?, vec![("g_kd", kd.to_scalar()?)]),
+            Method::DeepInversion => unreachable!(),
+        };
+        let (loss, mut parts) = match self.method {
+            Method::DfkdFgvc => self.class_terms(loss, parts, &t.logits, targets.as_deref())?,
+            _ => (loss, parts),
+        };
+        parts.push(("g_class_entropy", class_entropy(&t.logits)?));
+        check_finite(&parts, "generator", self.iteration)?;
+        Ok((loss, parts, raw))
+    }
+
+    /// The gradients one generator step applies for noise `z` (this rank's share),
+    /// averaged over the ranks, by parameter name: how the data-parallel steps are
+    /// checked against one process.
+    pub fn generator_step_gradients(&mut self, z: &Tensor) -> Result<Vec<(String, Tensor)>> {
+        self.student.freeze(true)?;
+        let grads = self.generator_loss(z, None).and_then(|(loss, _, _)| loss.backward());
+        self.student.freeze(false)?;
+        let grads = self.synced(grads?, self.opt_g.as_ref().expect("a generator"))?;
+        let g = self.generator.as_ref().expect("a generator");
+        Ok(g.named_parameters().into_iter().filter_map(|(n, p)| grads.get(&p).map(|t| (n, t.clone()))).collect())
     }
 
     /// Adds the configured class terms to a DFKD-FGVC generator loss: the teacher's
@@ -282,40 +351,68 @@ impl<'a> Distiller<'a> {
     }
 
     fn student_steps(&mut self) -> Result<Losses> {
-        let d = &self.cfg.distill;
         let mut acc = Accumulator::default();
-        for _ in 0..d.s_steps {
+        for _ in 0..self.cfg.distill.s_steps {
             self.opt_s.set_lr(self.schedule.lr_at(self.opt_s.steps() as usize));
             let x = if self.uses_pool() { self.pooled_images()? } else { no_grad(|| self.fresh_images(true))?.0.detach() };
-            let x = self.augment(&x)?;
-            let t = no_grad(|| self.teacher.forward(&x, false))?;
-            let s = self.student.forward_ctx(&x, &mut Ctx::new(true))?;
-            let mut parts = vec![];
-            let mut loss = match self.method {
-                Method::Dfad => s.logits.l1(&t.logits)?,
-                _ => s.logits.kd_loss(&t.logits, d.tau_kd)?,
-            };
-            parts.push(("s_kd", loss.to_scalar()?));
-            if self.method == Method::Zskt {
-                let at = losses::attention_transfer(&t, &s)?;
-                parts.push(("s_at", at.to_scalar()?));
-                loss = loss.add(&at.scale(250.0)?)?;
-            }
-            if let Some(m) = &self.aux.mhad {
-                let l = m.loss(&t, &s)?;
-                parts.push(("s_mhad", l.to_scalar()?));
-                loss = loss.add(&l.scale(d.beta)?)?;
-            }
-            if let Some(h) = &self.aux.head {
-                let l = h.loss(&t, &s)?;
-                parts.push(("s_sfcl", l.to_scalar()?));
-                loss = loss.add(&l.scale(d.gamma)?)?;
-            }
-            check_finite(&parts, "student", self.iteration)?;
-            self.opt_s.step(&loss.backward()?)?;
+            let (loss, parts) = self.student_loss(&x)?;
+            let grads = self.synced(loss.backward()?, &self.opt_s)?;
+            self.opt_s.step(&grads)?;
             acc.add(&parts);
         }
         Ok(acc.mean())
+    }
+
+    /// The student's loss on synthetic images `x` (and the auxiliary modules'), with
+    /// its parts.
+    fn student_loss(&mut self, x: &Tensor) -> Result<(Tensor, Losses)> {
+        let d = &self.cfg.distill;
+        let x = self.augment(x)?;
+        let t = no_grad(|| self.teacher.forward(&x, false))?;
+        let s = self.student.forward_ctx(&x, &mut Ctx::new(true))?;
+        let mut parts = vec![];
+        let mut loss = match self.method {
+            Method::Dfad => s.logits.l1(&t.logits)?,
+            _ => s.logits.kd_loss(&t.logits, d.tau_kd)?,
+        };
+        parts.push(("s_kd", loss.to_scalar()?));
+        if self.method == Method::Zskt {
+            let at = losses::attention_transfer(&t, &s)?;
+            parts.push(("s_at", at.to_scalar()?));
+            loss = loss.add(&at.scale(250.0)?)?;
+        }
+        if let Some(m) = &self.aux.mhad {
+            let l = m.loss(&t, &s)?;
+            parts.push(("s_mhad", l.to_scalar()?));
+            loss = loss.add(&l.scale(d.beta)?)?;
+        }
+        if let Some(h) = &self.aux.head {
+            let l = h.loss(&t, &s)?;
+            parts.push(("s_sfcl", l.to_scalar()?));
+            loss = loss.add(&l.scale(d.gamma)?)?;
+        }
+        check_finite(&parts, "student", self.iteration)?;
+        Ok((loss, parts))
+    }
+
+    /// The gradients one student step applies for images `x` (this rank's share),
+    /// averaged over the ranks, by name (`student.*`, `aux.*`).
+    pub fn student_step_gradients(&mut self, x: &Tensor) -> Result<Vec<(String, Tensor)>> {
+        let (loss, _) = self.student_loss(x)?;
+        let grads = self.synced(loss.backward()?, &self.opt_s)?;
+        let names = self.student_side_names();
+        Ok(self.opt_s.params().filter_map(|p| Some((names.get(&p.id())?.clone(), grads.get(p)?.clone()))).collect())
+    }
+
+    /// Every trained weight and buffer by name: the student, the auxiliary modules and
+    /// the generator (for checking that data-parallel ranks agree).
+    pub fn named_state(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> = self.student.named_tensors().into_iter().map(|(n, t, _)| (format!("student.{n}"), t)).collect();
+        out.extend(self.aux.named_tensors().into_iter().map(|(n, t, _)| (format!("aux.{n}"), t)));
+        if let Some(g) = &self.generator {
+            out.extend(g.named_tensors().into_iter().map(|(n, t, _)| (format!("generator.{n}"), t)));
+        }
+        out
     }
 
     /// A grid of freshly synthesised images (or the latest inverted batch).
@@ -419,12 +516,13 @@ impl Accumulator {
 }
 
 /// Runs the loop to the configured length, with checkpoints, image grids, evaluations
-/// and metrics, resuming from `run_dir`'s checkpoint when `resume`.
+/// and metrics, resuming from `run_dir`'s checkpoint when `resume`. In a data-parallel
+/// run every rank calls it and only rank 0 is given the `log`: the others only train.
 pub fn run(
     distiller: &mut Distiller,
     run_dir: &Path,
     resume: bool,
-    log: &mut MetricsLog,
+    mut log: Option<&mut MetricsLog>,
     mut evaluate: impl FnMut(&dyn Classifier) -> Result<f32>,
 ) -> Result<()> {
     let ckpt = CheckpointDir::new(run_dir);
@@ -434,11 +532,14 @@ pub fn run(
     }
     let d = distiller.cfg.distill.clone();
     let total = distiller.total_iterations();
-    let bar = Progress::new("distill", total as u64);
-    bar.set_position(distiller.iteration() as u64);
-    std::fs::create_dir_all(run_dir.join("images")).map_err(|e| crate::Error::io(run_dir, e))?;
+    let bar = log.is_some().then(|| Progress::new("distill", total as u64));
+    if let Some(bar) = &bar {
+        bar.set_position(distiller.iteration() as u64);
+        std::fs::create_dir_all(run_dir.join("images")).map_err(|e| crate::Error::io(run_dir, e))?;
+    }
     while distiller.iteration() < total {
         let (g, s) = distiller.iterate()?;
+        let (Some(log), Some(bar)) = (log.as_deref_mut(), &bar) else { continue };
         let it = distiller.iteration();
         let mut record = json!({"phase": "distill", "iteration": it, "epoch": it as f32 / d.iterations_per_epoch as f32,
                                 "lr": distiller.opt_s.lr()});
@@ -459,6 +560,8 @@ pub fn run(
             distiller.save_checkpoint(&ckpt)?;
         }
     }
-    bar.finish(&format!("{} iterations", total));
+    if let Some(bar) = bar {
+        bar.finish(&format!("{} iterations", total));
+    }
     Ok(())
 }

@@ -49,7 +49,11 @@ pub fn bn_loss(t: &Features) -> Result<Tensor> {
     }
     let mut total: Option<Tensor> = None;
     for (x, (rm, rv)) in t.bn_inputs.iter().zip(&t.bn_running) {
-        let (mean, var) = x.channel_stats()?;
+        // the statistics of the global batch on a rank of a data-parallel group
+        let (mean, var) = match crate::parallel::current() {
+            Some(group) => crate::parallel::global_channel_stats(x, &group)?,
+            None => x.channel_stats()?,
+        };
         let l = mean.sub(rm)?.sqr()?.sum_all()?.sqrt()?.add(&var.sub(rv)?.sqr()?.sum_all()?.sqrt()?)?;
         total = Some(match total { Some(a) => a.add(&l)?, None => l });
     }
@@ -69,7 +73,11 @@ pub fn dafl_generator_loss(t: &Features) -> Result<Tensor> {
 /// DAFL's information-entropy term: the negative entropy of the batch-mean prediction,
 /// lowest (-log K) when the batch covers every class evenly.
 pub fn batch_neg_entropy(logits: &Tensor) -> Result<Tensor> {
-    let p_mean = logits.softmax(1)?.mean(&[0], false)?;
+    let p = logits.softmax(1)?;
+    let p_mean = match crate::parallel::current() {
+        Some(group) => crate::parallel::global_batch_mean(&p, &group)?,
+        None => p.mean(&[0], false)?,
+    };
     p_mean.mul(&p_mean.clamp(1e-8, 1.0)?.log()?)?.sum_all()
 }
 
@@ -225,19 +233,28 @@ pub struct ProjectionHead {
     pub fused: bool,
     /// Stop the gradient at the teacher's projection (the superseded, collapsing SFCL).
     detach_projection: bool,
+    /// In a data-parallel run, contrast against the whole global batch (`parallel.global_negatives`).
+    global_negatives: bool,
 }
 
 impl ProjectionHead {
     pub fn new(d_teacher: usize, d_student: usize, hidden: usize, out: usize, bn: bool, tau: f32, fused: bool, rng: &mut Rng) -> Result<Self> {
         let teacher_in = if d_teacher != d_student { Some(Linear::new(d_teacher, hidden, true, rng)?) } else { None };
         let bn = if bn { Some(BatchNorm2d::new(hidden)?) } else { None };
-        Ok(ProjectionHead { teacher_in, fc1: Linear::new(d_student, hidden, true, rng)?, bn, fc2: Linear::new(hidden, out, true, rng)?, tau, fused, detach_projection: false })
+        Ok(ProjectionHead { teacher_in, fc1: Linear::new(d_student, hidden, true, rng)?, bn, fc2: Linear::new(hidden, out, true, rng)?, tau, fused, detach_projection: false, global_negatives: true })
     }
 
     /// `true` brings back the superseded SFCL that stops the gradient at the teacher's
     /// projection, for comparison (`distill.sfcl_detach_projection`).
     pub fn detach_projection(mut self, on: bool) -> Self {
         self.detach_projection = on;
+        self
+    }
+
+    /// Whether a data-parallel rank contrasts against every rank's samples (true) or
+    /// only its own share (`parallel.global_negatives`).
+    pub fn global_negatives(mut self, on: bool) -> Self {
+        self.global_negatives = on;
         self
     }
 
@@ -266,6 +283,11 @@ impl ProjectionHead {
         let zt = self.project_teacher(t)?;
         let zt = if self.detach_projection { zt.detach() } else { zt };
         let zs = self.project(&self.fc1.forward(&s.penultimate)?)?;
+        // every rank then computes the loss of the whole global batch (it is small)
+        let (zt, zs) = match crate::parallel::current() {
+            Some(g) if self.global_negatives => (crate::parallel::all_gather(&zt, &g)?, crate::parallel::all_gather(&zs, &g)?),
+            _ => (zt, zs),
+        };
         if self.fused {
             return zt.nt_xent_fused(&zs, self.tau);
         }

@@ -29,7 +29,7 @@ pub fn train_classifier(
         bail!("{phase}: {} training images are fewer than one batch of {}", ds.train.len(), cfg.batch_size);
     }
     let total = cfg.epochs * loader.len();
-    let schedule = CosineSchedule { base: cfg.lr, min: 0.0, total };
+    let schedule = CosineSchedule { base: cfg.lr, min: 0.0, total, warmup: cfg.warmup_epochs * loader.len() };
     let mut opt = Optimizer::sgd(vec![ParamGroup::new(model.parameters(), cfg.weight_decay)], cfg.lr, cfg.momentum, false);
     let bar = Progress::new(phase, total as u64);
     let mut train_acc = 0.0;

@@ -1,0 +1,70 @@
+//! Data parallelism: ranks that each run the same step on their own share of the
+//! batch and agree on every weight, as PyTorch's DDP does.
+//!
+//! A `Collective` is one rank's handle on its group: all-reduce, broadcast and
+//! all-gather of tensors. Two implementations: `ThreadGroup` (ranks as threads of one
+//! process, any device: how CI tests every data-parallel path without a GPU) and, with
+//! a GPU, NCCL. On top of them (`ops`): differentiable all-reduce and all-gather,
+//! gradient averaging in buckets, synchronised BatchNorm, and broadcasting a module's
+//! weights.
+//!
+//! How a step stays equal to one process on the concatenated batch: every batch
+//! statistic goes through an all-reduce (BatchNorm in training mode, the BN-statistics
+//! loss, batch-mean predictions), the contrastive loss gathers the whole batch's
+//! projections (`distill.global_negatives`), each per-sample loss is a mean over the
+//! rank's share, and the parameter gradients are averaged over the ranks. The
+//! backward of an all-reduce is an all-reduce of the gradient: with the final average,
+//! each rank's input then receives exactly its share of the global loss's gradient.
+//!
+//! The group of the running rank is thread-local (`enter`, `current`), like
+//! `no_grad`: layers deep in a model (BatchNorm) find it without every forward
+//! signature carrying it, and a single-device run, which never enters one, takes no
+//! collective at all.
+
+mod ops;
+mod threads;
+
+pub use ops::{all_gather, all_reduce_sum, average_gradients, broadcast_module, global_batch_mean, global_channel_stats};
+pub use threads::{run_ranks, ThreadGroup};
+
+use crate::{Result, Tensor};
+use std::cell::RefCell;
+use std::sync::Arc;
+
+/// One rank's handle on its group. Every rank must make the same calls in the same
+/// order with tensors of the same shape; a mismatch is an error on every rank, and a
+/// rank that fails (`abort`) makes the others' pending and later calls fail with its
+/// message instead of waiting for it forever.
+pub trait Collective: Send + Sync {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// The elementwise sum of every rank's `t`, on every rank (same shape and device).
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
+    /// Rank `root`'s `t` on every rank.
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor>;
+    /// Every rank's `t` concatenated along dim 0 in rank order, on every rank.
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor>;
+    /// Fails the group: every rank's pending and later calls return an error naming
+    /// this rank and `why`.
+    fn abort(&self, why: &str);
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Arc<dyn Collective>>> = const { RefCell::new(None) };
+}
+
+/// The group of the rank running on this thread, when it has more than one rank.
+pub fn current() -> Option<Arc<dyn Collective>> {
+    CURRENT.with(|c| c.borrow().clone()).filter(|g| g.world() > 1)
+}
+
+/// Makes `group` this thread's group until the guard drops.
+pub fn enter(group: Arc<dyn Collective>) -> GroupGuard {
+    GroupGuard(CURRENT.with(|c| c.borrow_mut().replace(group)))
+}
+
+/// Restores the thread's previous group when dropped.
+pub struct GroupGuard(Option<Arc<dyn Collective>>);
+impl Drop for GroupGuard {
+    fn drop(&mut self) { CURRENT.with(|c| *c.borrow_mut() = self.0.take()) }
+}

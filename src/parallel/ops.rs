@@ -1,0 +1,143 @@
+//! Differentiable collectives and the data-parallel pieces built on them.
+
+use super::Collective;
+use crate::nn::{Module, Slot};
+use crate::ops::with_backward;
+use crate::{no_grad, Error, Gradients, Result, Tensor};
+use std::sync::Arc;
+
+/// DDP's default bucket: gradients are averaged in concatenations of about 25 MB, so
+/// a model's hundreds of small tensors cost a few collective calls, not hundreds.
+const BUCKET_ELEMS: usize = 25 * 1024 * 1024 / 4;
+
+/// The sum of every rank's `x`, with gradient: the backward all-reduces the output
+/// gradient, so each rank's `x` receives the gradient of every rank's use of the sum
+/// (with the final averaging, exactly its share of the global loss's gradient).
+pub fn all_reduce_sum(x: &Tensor, group: &Arc<dyn Collective>) -> Result<Tensor> {
+    let y = group.all_reduce_sum(&x.detach())?;
+    let g = group.clone();
+    Ok(with_backward(&y, "all_reduce_sum", &[x], move |dy, _| Ok(vec![Some(g.all_reduce_sum(dy)?)])))
+}
+
+/// Every rank's `x` concatenated along dim 0, with gradient: each rank's `x` receives
+/// the sum over ranks of the gradient at its rows.
+pub fn all_gather(x: &Tensor, group: &Arc<dyn Collective>) -> Result<Tensor> {
+    let y = group.all_gather(&x.detach())?;
+    let (g, n, rank) = (group.clone(), x.dims().first().copied().unwrap_or(1), group.rank());
+    let shape = x.dims().to_vec();
+    Ok(with_backward(&y, "all_gather", &[x], move |dy, _| {
+        let mine = g.all_reduce_sum(dy)?.narrow(0, rank * n, n)?.contiguous()?.reshape(&shape)?;
+        Ok(vec![Some(mine)])
+    }))
+}
+
+/// `(sum over the ranks of x reduced over dims, number of elements reduced)`: one
+/// collective carries both, so ranks may hold shares of different sizes.
+fn global_sum(x: &Tensor, dims: &[usize], group: &Arc<dyn Collective>) -> Result<(Tensor, f32)> {
+    let s = x.sum(dims, false)?;
+    let len = s.elem_count();
+    let count: usize = dims.iter().map(|&d| x.dims()[d]).product();
+    let packed = Tensor::cat(&[&s.reshape(&[len])?, &Tensor::full(count as f32, &[1], x.device())?], 0)?;
+    let total = all_reduce_sum(&packed, group)?;
+    let n = no_grad(|| total.narrow(0, len, 1)?.to_scalar())?;
+    Ok((total.narrow(0, 0, len)?.reshape(s.dims())?, n))
+}
+
+/// Per-channel mean and biased variance of `[n, c, ...]` over the whole global batch
+/// (two passes: the variance is of the centred input, as in `channel_stats`).
+pub fn global_channel_stats(x: &Tensor, group: &Arc<dyn Collective>) -> Result<(Tensor, Tensor)> {
+    let (mean, var, _) = global_channel_stats_count(x, group)?;
+    Ok((mean, var))
+}
+
+fn global_channel_stats_count(x: &Tensor, group: &Arc<dyn Collective>) -> Result<(Tensor, Tensor, f32)> {
+    let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
+    let mut bshape = vec![1; x.rank()];
+    bshape[1] = x.dims()[1];
+    let (sum, m) = global_sum(x, &dims, group)?;
+    let mean = sum.scale(1.0 / m)?;
+    let centered = x.sub(&mean.reshape(&bshape)?)?;
+    let (sq, _) = global_sum(&centered.sqr()?, &dims, group)?;
+    Ok((mean, sq.scale(1.0 / m)?, m))
+}
+
+/// The mean over dim 0 of every rank's rows together (a batch-mean prediction).
+pub fn global_batch_mean(x: &Tensor, group: &Arc<dyn Collective>) -> Result<Tensor> {
+    let (sum, n) = global_sum(x, &[0], group)?;
+    sum.scale(1.0 / n)
+}
+
+impl Tensor {
+    /// Training-mode BatchNorm with the statistics of the whole global batch
+    /// (PyTorch's `SyncBatchNorm`): the result on each rank's rows equals
+    /// `batch_norm` on the concatenated batch, and the running statistics stay equal
+    /// on every rank.
+    pub fn batch_norm_synced(
+        &self,
+        gamma: &Tensor,
+        beta: &Tensor,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        momentum: f32,
+        eps: f32,
+        group: &Arc<dyn Collective>,
+    ) -> Result<Tensor> {
+        let c = self.dims()[1];
+        let mut bshape = vec![1; self.rank()];
+        bshape[1] = c;
+        let (mean, var, m) = global_channel_stats_count(self, group)?;
+        no_grad(|| -> Result<()> {
+            let unbiased = var.scale(m / (m - 1.0).max(1.0))?;
+            running_mean.assign(&running_mean.scale(1.0 - momentum)?.add(&mean.scale(momentum)?)?)?;
+            running_var.assign(&running_var.scale(1.0 - momentum)?.add(&unbiased.scale(momentum)?)?)
+        })?;
+        let scale = var.add_scalar(eps)?.sqrt()?.recip()?.mul(gamma)?;
+        self.sub(&mean.reshape(&bshape)?)?.mul(&scale.reshape(&bshape)?)?.add(&beta.reshape(&bshape)?)
+    }
+}
+
+/// Replaces each gradient of `params` by its mean over the ranks, in buckets of about
+/// 25 MB (the parameters' order decides the buckets, so it must be the same on every
+/// rank; a parameter without a gradient is skipped, and must be on every rank).
+pub fn average_gradients<'a>(grads: &mut Gradients, params: impl IntoIterator<Item = &'a Tensor>, group: &Arc<dyn Collective>) -> Result<()> {
+    let inv = 1.0 / group.world() as f32;
+    let mut bucket: Vec<(&Tensor, Tensor)> = vec![];
+    let mut elems = 0;
+    let flush = |bucket: &mut Vec<(&Tensor, Tensor)>, grads: &mut Gradients| -> Result<()> {
+        if bucket.is_empty() {
+            return Ok(());
+        }
+        let flat: Vec<Tensor> = bucket.iter().map(|(_, g)| g.contiguous()?.reshape(&[g.elem_count()])).collect::<Result<_>>()?;
+        let mean = group.all_reduce_sum(&Tensor::cat(&flat.iter().collect::<Vec<_>>(), 0)?)?.scale(inv)?;
+        let mut at = 0;
+        for (p, g) in bucket.drain(..) {
+            let n = g.elem_count();
+            // its own storage: the optimiser updates whole buffers
+            grads.insert(p, mean.narrow(0, at, n)?.deep_copy()?.reshape(p.dims())?);
+            at += n;
+        }
+        Ok(())
+    };
+    for p in params {
+        if let Some(g) = grads.remove(p) {
+            elems += g.elem_count();
+            bucket.push((p, g));
+            if elems >= BUCKET_ELEMS {
+                flush(&mut bucket, grads)?;
+                elems = 0;
+            }
+        }
+    }
+    flush(&mut bucket, grads)
+}
+
+/// Makes every parameter and buffer of `module` equal to rank 0's.
+pub fn broadcast_module(module: &dyn Module, group: &Arc<dyn Collective>) -> Result<()> {
+    let mut result = Ok(());
+    module.visit("", &mut |name, slot| {
+        if let (Slot::Parameter(t) | Slot::Buffer(t), true) = (slot, result.is_ok()) {
+            result = group.broadcast(t, 0).and_then(|r| t.assign(&r)).map_err(|e| Error::Msg(format!("broadcasting `{name}`: {e}")));
+        }
+    });
+    result
+}
