@@ -200,3 +200,25 @@ fn a_resumed_data_parallel_run_continues_exactly_and_may_change_its_rank_count()
     assert_eq!(four.len(), 4);
     std::fs::remove_dir_all(&w).unwrap();
 }
+
+/// NCCL through cudarc, when a GPU opens (skipped otherwise, with a note): one rank
+/// checks the binding, the collectives returning their input (all-gather: once).
+#[test]
+fn nccl_binding_on_a_gpu() {
+    let Some(ordinal) = common::cuda_devices().into_iter().find_map(|d| if let Device::Cuda(n) = d { Some(n) } else { None }) else {
+        eprintln!("note: no GPU: the NCCL case is skipped");
+        return;
+    };
+    if !dfkd::backend::cuda::nccl::nccl_present() {
+        panic!("a GPU opened but libnccl.so.2 did not load: data parallelism on GPUs needs it");
+    }
+    let groups = dfkd::parallel::NcclGroup::new(&[ordinal]).unwrap();
+    let g: &dyn dfkd::parallel::Collective = &groups[0];
+    let x = randn(&[3, 5], 13);
+    let on_gpu = x.to_device(Device::Cuda(ordinal)).unwrap();
+    for (what, got) in [("all-reduce", g.all_reduce_sum(&on_gpu)), ("broadcast", g.broadcast(&on_gpu, 0)), ("all-gather", g.all_gather(&on_gpu))] {
+        let got = got.unwrap_or_else(|e| panic!("NCCL {what}: {e}"));
+        assert_eq!(got.dims(), x.dims(), "{what}");
+        assert_eq!(got.to_vec_f32().unwrap(), x.to_vec_f32().unwrap(), "{what} on one rank returns its input");
+    }
+}

@@ -6,6 +6,7 @@ use crate::checkpoint::{load_model, save_model};
 use crate::data::synthetic::{self, SyntheticSpec};
 use crate::data::Dataset;
 use crate::models::{build, Classifier};
+use crate::parallel::{Collective, NcclGroup, ThreadGroup};
 use crate::pipeline::config::Config;
 use crate::pipeline::distill::{self, Distiller};
 use crate::pipeline::eval::{evaluate, Evaluation};
@@ -17,6 +18,7 @@ use crate::rng::Rng;
 use crate::{bail, Device, Error, Result};
 use serde_json::json;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Test images per evaluation batch.
@@ -155,8 +157,15 @@ pub fn run_job(cfg: &Config, device: Device, opts: &RunOptions) -> Result<JobSum
         distill_rank(cfg, teacher.as_ref(), student.as_ref(), device, opts, Some(&mut log), &ds, &run)?;
     } else {
         let devices = rank_devices(device, ranks)?;
+        let group: Vec<Arc<dyn Collective>> = match device {
+            Device::Cuda(first) => {
+                let ordinals: Vec<usize> = (first..first + ranks).collect();
+                NcclGroup::new(&ordinals)?.into_iter().map(|g| Arc::new(g) as Arc<dyn Collective>).collect()
+            }
+            _ => ThreadGroup::new(ranks).into_iter().map(|g| Arc::new(g) as Arc<dyn Collective>).collect(),
+        };
         let leader_log = std::sync::Mutex::new(Some(&mut log));
-        crate::parallel::run_ranks(ranks, |rank| {
+        crate::parallel::run_group(group, |rank| {
             let log = if rank == 0 { leader_log.lock().unwrap().take() } else { None };
             if rank == 0 {
                 // rank 0 trains the job's own student, which is evaluated and saved below

@@ -3,8 +3,8 @@
 //!
 //! A `Collective` is one rank's handle on its group: all-reduce, broadcast and
 //! all-gather of tensors. Two implementations: `ThreadGroup` (ranks as threads of one
-//! process, any device: how CI tests every data-parallel path without a GPU) and, with
-//! a GPU, NCCL. On top of them (`ops`): differentiable all-reduce and all-gather,
+//! process, any device: how CI tests every data-parallel path without a GPU) and
+//! `NcclGroup` (NCCL, one thread per GPU). On top of them (`ops`): differentiable all-reduce and all-gather,
 //! gradient averaging in buckets, synchronised BatchNorm, and broadcasting a module's
 //! weights.
 //!
@@ -21,11 +21,13 @@
 //! signature carrying it, and a single-device run, which never enters one, takes no
 //! collective at all.
 
+mod nccl;
 mod ops;
 mod threads;
 
+pub use nccl::NcclGroup;
 pub use ops::{all_gather, all_reduce_sum, average_gradients, broadcast_module, global_batch_mean, global_channel_stats};
-pub use threads::{run_ranks, ThreadGroup};
+pub use threads::{run_group, run_ranks, ThreadGroup};
 
 use crate::{Result, Tensor};
 use std::cell::RefCell;

@@ -156,28 +156,35 @@ impl Collective for ThreadGroup {
     }
 }
 
-/// Runs `f` once per rank, each on its own thread with its group entered
-/// (`parallel::current`), and returns the ranks' results in rank order.
+/// Runs `f` once per rank of an in-process group of `world` threads (`run_group`).
+pub fn run_ranks<T: Send>(world: usize, f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
+    run_group(ThreadGroup::new(world).into_iter().map(|g| Arc::new(g) as Arc<dyn Collective>).collect(), f)
+}
+
+/// Runs `f` once per rank of `group` (one handle per rank, in rank order), each on its
+/// own thread with its handle entered (`parallel::current`), and returns the ranks'
+/// results in rank order.
 ///
 /// A rank that returns an error or panics aborts the group, so the other ranks fail at
-/// their next collective call instead of waiting for it; the error returned is the
-/// failing rank's own (the first, if several failed on their own).
-pub fn run_ranks<T: Send>(world: usize, f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
-    let groups: Vec<Arc<ThreadGroup>> = ThreadGroup::new(world).into_iter().map(Arc::new).collect();
-    let shared = groups[0].shared.clone();
-    let results: Vec<Result<T>> = std::thread::scope(|s| {
-        let handles: Vec<_> = groups
+/// their next collective call instead of waiting for it; the error returned is that
+/// rank's own (the first to fail), not the others' consequences.
+pub fn run_group<T: Send>(group: Vec<Arc<dyn Collective>>, f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
+    // recorded before the rank aborts the group, so before any consequential failure
+    let first_failure: Mutex<Option<usize>> = Mutex::new(None);
+    let mut results: Vec<Result<T>> = std::thread::scope(|s| {
+        let handles: Vec<_> = group
             .into_iter()
             .map(|g| {
-                let f = &f;
+                let (f, first_failure) = (&f, &first_failure);
                 s.spawn(move || {
-                    let rank = g.rank;
+                    let rank = g.rank();
                     let _in_group = super::enter(g.clone());
                     let r = match catch_unwind(AssertUnwindSafe(|| f(rank))) {
                         Ok(r) => r,
                         Err(panic) => Err(Error::Msg(format!("rank {rank} panicked: {}", panic_message(&*panic)))),
                     };
                     if let Err(e) = &r {
+                        first_failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(rank);
                         g.abort(&e.to_string());
                     }
                     r
@@ -186,22 +193,10 @@ pub fn run_ranks<T: Send>(world: usize, f: impl Fn(usize) -> Result<T> + Sync) -
             .collect();
         handles.into_iter().map(|h| h.join().expect("rank threads catch their panics")).collect()
     });
-    let first = shared.lock().failed.as_ref().map(|(rank, _)| *rank);
-    let mut out = Vec::with_capacity(world);
-    let mut errors: Vec<Option<Error>> = Vec::new();
-    for r in results {
-        match r {
-            Ok(v) => {
-                out.push(v);
-                errors.push(None);
-            }
-            Err(e) => errors.push(Some(e)),
-        }
+    if let Some(rank) = first_failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(std::mem::replace(&mut results[rank], Err(Error::Msg(String::new()))).err().expect("the first failure is an error"));
     }
-    if let Some(rank) = first {
-        return Err(errors[rank].take().unwrap_or_else(|| Error::Msg(format!("rank {rank} failed"))));
-    }
-    Ok(out)
+    Ok(results.into_iter().map(|r| r.ok().expect("no rank failed")).collect())
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {

@@ -151,7 +151,7 @@ impl<'a> Distiller<'a> {
     fn synced_losses(&self, losses: Losses) -> Result<Losses> {
         let Some(g) = &self.group else { return Ok(losses) };
         let v: Vec<f32> = losses.iter().map(|l| l.1).collect();
-        let sum = g.all_reduce_sum(&Tensor::from_vec(v, &[losses.len()], Device::Cpu)?)?.to_vec_f32()?;
+        let sum = g.all_reduce_sum(&Tensor::from_vec(v, &[losses.len()], self.device)?)?.to_vec_f32()?;
         Ok(losses.iter().zip(sum).map(|(&(n, _), s)| (n, s / g.world() as f32)).collect())
     }
 

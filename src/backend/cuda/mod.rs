@@ -58,6 +58,7 @@ mod cublas;
 mod gpu;
 mod storage;
 mod emu;
+pub mod nccl;
 #[cfg(test)]
 mod signatures;
 

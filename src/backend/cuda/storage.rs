@@ -129,6 +129,8 @@ impl CudaStorage {
     pub fn from_cpu(cpu: &CpuStorage, ordinal: usize) -> Result<CudaStorage> { device::get(ordinal)?.upload(cpu).map(CudaStorage) }
     /// Zeros filled on the device, without a host buffer.
     pub fn zeros(len: usize, dtype: DType, ordinal: usize) -> Result<CudaStorage> { device::get(ordinal)?.zeros(len, dtype).map(CudaStorage) }
+    pub(super) fn from_buf(b: CudaBuf) -> CudaStorage { CudaStorage(b) }
+    pub(super) fn buf_ref(&self) -> &CudaBuf { &self.0 }
 }
 
 impl GpuStorage for CudaStorage {
