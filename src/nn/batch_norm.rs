@@ -32,12 +32,13 @@ impl BatchNorm2d {
 
     /// Training mode normalises with the batch statistics and updates the running ones
     /// in place; evaluation mode uses the running ones. Records its input in `ctx`.
-    /// On a rank of a data-parallel group the batch is the global one (`SyncBatchNorm`).
+    /// On a rank of a data-parallel group the batch is the global one (`SyncBatchNorm`),
+    /// unless `parallel::sync_batch_norm` is off.
     pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         ctx.record_bn(x, &self.running_mean, &self.running_var);
         let (w, b, rm, rv) = (&self.weight, &self.bias, &self.running_mean, &self.running_var);
         let y = match crate::parallel::current() {
-            Some(group) if ctx.train => x.batch_norm_synced(w, b, rm, rv, self.momentum, self.eps, &group)?,
+            Some(group) if ctx.train && crate::parallel::sync_batch_norm() => x.batch_norm_synced(w, b, rm, rv, self.momentum, self.eps, &group)?,
             _ => x.batch_norm(w, b, rm, rv, ctx.train, self.momentum, self.eps)?,
         };
         if ctx.train {

@@ -26,11 +26,11 @@ mod ops;
 mod threads;
 
 pub use nccl::NcclGroup;
-pub use ops::{all_gather, all_reduce_sum, average_gradients, broadcast_module, global_batch_mean, global_channel_stats};
+pub use ops::{all_gather, all_reduce_sum, average_gradients, broadcast_buffers, broadcast_module, global_batch_mean, global_channel_stats, global_channel_stats_many};
 pub use threads::{run_group, run_ranks, ThreadGroup};
 
 use crate::{Result, Tensor};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 
 /// One rank's handle on its group. Every rank must make the same calls in the same
@@ -53,7 +53,17 @@ pub trait Collective: Send + Sync {
 
 thread_local! {
     static CURRENT: RefCell<Option<Arc<dyn Collective>>> = const { RefCell::new(None) };
+    static SYNC_BATCH_NORM: Cell<bool> = const { Cell::new(true) };
 }
+
+/// Whether BatchNorm layers in training mode on this thread's rank normalise with the
+/// global batch's statistics (the default: a step equals one process's), or with the
+/// rank's own share only (`parallel.sync_batch_norm = false`, DDP's default: no
+/// collective per BN layer, but the result depends on the number of ranks).
+pub fn sync_batch_norm() -> bool { SYNC_BATCH_NORM.with(|s| s.get()) }
+
+/// Sets `sync_batch_norm` for this thread (a rank's distiller does, from its config).
+pub fn set_sync_batch_norm(on: bool) { SYNC_BATCH_NORM.with(|s| s.set(on)) }
 
 /// The group of the rank running on this thread, when it has more than one rank.
 pub fn current() -> Option<Arc<dyn Collective>> {

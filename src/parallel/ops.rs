@@ -31,39 +31,60 @@ pub fn all_gather(x: &Tensor, group: &Arc<dyn Collective>) -> Result<Tensor> {
     }))
 }
 
-/// `(sum over the ranks of x reduced over dims, number of elements reduced)`: one
-/// collective carries both, so ranks may hold shares of different sizes.
-fn global_sum(x: &Tensor, dims: &[usize], group: &Arc<dyn Collective>) -> Result<(Tensor, f32)> {
-    let s = x.sum(dims, false)?;
-    let len = s.elem_count();
-    let count: usize = dims.iter().map(|&d| x.dims()[d]).product();
-    let packed = Tensor::cat(&[&s.reshape(&[len])?, &Tensor::full(count as f32, &[1], x.device())?], 0)?;
-    let total = all_reduce_sum(&packed, group)?;
-    let n = no_grad(|| total.narrow(0, len, 1)?.to_scalar())?;
-    Ok((total.narrow(0, 0, len)?.reshape(s.dims())?, n))
+/// For each `x` of `xs`, `(sum over the ranks of x reduced over dims(x), number of
+/// elements reduced)`: one collective carries every sum and count, so ranks may hold
+/// shares of different sizes and many tensors cost one call.
+fn global_sums(xs: &[Tensor], dims: impl Fn(&Tensor) -> Vec<usize>, group: &Arc<dyn Collective>) -> Result<Vec<(Tensor, f32)>> {
+    let mut parts = vec![];
+    let mut shapes = vec![];
+    for x in xs {
+        let d = dims(x);
+        let s = x.sum(&d, false)?;
+        let count: usize = d.iter().map(|&a| x.dims()[a]).product();
+        shapes.push(s.dims().to_vec());
+        parts.push(s.reshape(&[s.elem_count()])?);
+        parts.push(Tensor::full(count as f32, &[1], x.device())?);
+    }
+    let total = all_reduce_sum(&Tensor::cat(&parts.iter().collect::<Vec<_>>(), 0)?, group)?;
+    let mut at = 0;
+    let mut out = vec![];
+    for shape in shapes {
+        let len: usize = shape.iter().product();
+        let n = no_grad(|| total.narrow(0, at + len, 1)?.to_scalar())?;
+        out.push((total.narrow(0, at, len)?.reshape(&shape)?, n));
+        at += len + 1;
+    }
+    Ok(out)
 }
+
+/// The axes of `[n, c, ...]` a per-channel statistic reduces.
+fn all_but_channels(x: &Tensor) -> Vec<usize> { (0..x.rank()).filter(|&d| d != 1).collect() }
 
 /// Per-channel mean and biased variance of `[n, c, ...]` over the whole global batch
 /// (two passes: the variance is of the centred input, as in `channel_stats`).
 pub fn global_channel_stats(x: &Tensor, group: &Arc<dyn Collective>) -> Result<(Tensor, Tensor)> {
-    let (mean, var, _) = global_channel_stats_count(x, group)?;
-    Ok((mean, var))
+    Ok(global_channel_stats_many(std::slice::from_ref(x), group)?.remove(0))
 }
 
-fn global_channel_stats_count(x: &Tensor, group: &Arc<dyn Collective>) -> Result<(Tensor, Tensor, f32)> {
-    let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
-    let mut bshape = vec![1; x.rank()];
-    bshape[1] = x.dims()[1];
-    let (sum, m) = global_sum(x, &dims, group)?;
-    let mean = sum.scale(1.0 / m)?;
-    let centered = x.sub(&mean.reshape(&bshape)?)?;
-    let (sq, _) = global_sum(&centered.sqr()?, &dims, group)?;
-    Ok((mean, sq.scale(1.0 / m)?, m))
+/// `global_channel_stats` of several tensors in two collective calls in all (the
+/// BN-statistics loss needs every BN layer's: one call per layer and pass would be
+/// latency-bound on a GPU).
+pub fn global_channel_stats_many(xs: &[Tensor], group: &Arc<dyn Collective>) -> Result<Vec<(Tensor, Tensor)>> {
+    Ok(global_channel_stats_counts(xs, group)?.into_iter().map(|(m, v, _)| (m, v)).collect())
+}
+
+fn global_channel_stats_counts(xs: &[Tensor], group: &Arc<dyn Collective>) -> Result<Vec<(Tensor, Tensor, f32)>> {
+    let bshape = |x: &Tensor| -> Vec<usize> { (0..x.rank()).map(|d| if d == 1 { x.dims()[1] } else { 1 }).collect() };
+    let means: Vec<(Tensor, f32)> =
+        global_sums(xs, all_but_channels, group)?.into_iter().map(|(s, m)| Ok((s.scale(1.0 / m)?, m))).collect::<Result<_>>()?;
+    let squares: Vec<Tensor> = xs.iter().zip(&means).map(|(x, (mean, _))| x.sub(&mean.reshape(&bshape(x))?)?.sqr()).collect::<Result<_>>()?;
+    let sq = global_sums(&squares, all_but_channels, group)?;
+    means.into_iter().zip(sq).map(|((mean, m), (s, _))| Ok((mean, s.scale(1.0 / m)?, m))).collect()
 }
 
 /// The mean over dim 0 of every rank's rows together (a batch-mean prediction).
 pub fn global_batch_mean(x: &Tensor, group: &Arc<dyn Collective>) -> Result<Tensor> {
-    let (sum, n) = global_sum(x, &[0], group)?;
+    let (sum, n) = global_sums(std::slice::from_ref(x), |_| vec![0], group)?.remove(0);
     sum.scale(1.0 / n)
 }
 
@@ -85,7 +106,7 @@ impl Tensor {
         let c = self.dims()[1];
         let mut bshape = vec![1; self.rank()];
         bshape[1] = c;
-        let (mean, var, m) = global_channel_stats_count(self, group)?;
+        let (mean, var, m) = global_channel_stats_counts(std::slice::from_ref(self), group)?.remove(0);
         no_grad(|| -> Result<()> {
             let unbiased = var.scale(m / (m - 1.0).max(1.0))?;
             running_mean.assign(&running_mean.scale(1.0 - momentum)?.add(&mean.scale(momentum)?)?)?;
@@ -140,4 +161,27 @@ pub fn broadcast_module(module: &dyn Module, group: &Arc<dyn Collective>) -> Res
         }
     });
     result
+}
+
+/// Makes every buffer of `module` (BatchNorm running statistics...) equal to rank 0's,
+/// in one collective call: what keeps ranks identical when each normalises with its
+/// own share (`parallel.sync_batch_norm = false`; DDP's `broadcast_buffers`).
+pub fn broadcast_buffers(module: &dyn Module, group: &Arc<dyn Collective>) -> Result<()> {
+    let mut buffers = vec![];
+    module.visit("", &mut |_, slot| {
+        if let Slot::Buffer(t) = slot {
+            buffers.push(t.clone());
+        }
+    });
+    if buffers.is_empty() {
+        return Ok(());
+    }
+    let flat: Vec<Tensor> = buffers.iter().map(|b| b.contiguous()?.reshape(&[b.elem_count()])).collect::<Result<_>>()?;
+    let all = group.broadcast(&Tensor::cat(&flat.iter().collect::<Vec<_>>(), 0)?, 0)?;
+    let mut at = 0;
+    for b in &buffers {
+        b.assign(&all.narrow(0, at, b.elem_count())?.reshape(b.dims())?)?;
+        at += b.elem_count();
+    }
+    Ok(())
 }

@@ -7,6 +7,7 @@
 use super::Collective;
 use crate::{Error, Result, Tensor};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -52,6 +53,10 @@ impl Shared {
 pub struct ThreadGroup {
     rank: usize,
     shared: Arc<Shared>,
+    /// Calls and elements this rank has contributed so far (what a bandwidth model
+    /// needs).
+    calls: AtomicU64,
+    sent: AtomicU64,
 }
 
 impl ThreadGroup {
@@ -60,8 +65,11 @@ impl ThreadGroup {
         assert!(world >= 1, "a group needs at least one rank");
         let state = State { generation: 0, round: None, result: Arc::new((vec![], vec![])), failed: None };
         let shared = Arc::new(Shared { world, state: Mutex::new(state), wake: Condvar::new() });
-        (0..world).map(|rank| ThreadGroup { rank, shared: shared.clone() }).collect()
+        (0..world).map(|rank| ThreadGroup { rank, shared: shared.clone(), calls: Default::default(), sent: Default::default() }).collect()
     }
+
+    /// `(calls, f32 elements)` this rank has contributed to collectives so far.
+    pub fn traffic(&self) -> (u64, u64) { (self.calls.load(Ordering::Relaxed), self.sent.load(Ordering::Relaxed)) }
 
     fn failure(&self, (rank, why): &(usize, String)) -> Error {
         if *rank == self.rank {
@@ -75,6 +83,8 @@ impl ThreadGroup {
     /// deposited.
     fn exchange(&self, op: Op, t: &Tensor) -> Result<Tensor> {
         let data = t.to_vec_f32()?;
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
         let sh = &*self.shared;
         let mut st = sh.lock();
         if let Some(f) = &st.failed {

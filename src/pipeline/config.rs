@@ -34,10 +34,17 @@ pub struct ParallelConfig {
     /// other 2N-2 vectors" of a batch of 64), so a run means the same at any rank count;
     /// false: each rank's own share only (less communication, a different loss).
     pub global_negatives: bool,
+    /// BatchNorm in training mode (generator, student, projection head) normalises with
+    /// the global batch's statistics, so a step equals one process's on the whole batch;
+    /// false: each rank's own share (DDP's default), which saves a collective call per
+    /// BN layer and pass (docs/PERF.md: the latency that decides multi-GPU scaling) but
+    /// makes the run depend on the number of ranks. The BN-statistics loss always uses
+    /// the global batch.
+    pub sync_batch_norm: bool,
 }
 
 impl Default for ParallelConfig {
-    fn default() -> Self { ParallelConfig { ranks: 1, global_negatives: true } }
+    fn default() -> Self { ParallelConfig { ranks: 1, global_negatives: true, sync_batch_norm: true } }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -82,6 +82,8 @@ impl<'a> Distiller<'a> {
         let method = Method::parse(&d.method)?;
         let group = parallel::current();
         let world = group.as_ref().map_or(1, |g| g.world());
+        // this rank thread's BatchNorm mode (no effect without a group)
+        parallel::set_sync_batch_norm(cfg.parallel.sync_batch_norm);
         if d.batch_size % world != 0 || (world > 1 && (d.pool_batches > 0 || method == Method::DeepInversion)) {
             bail!("{world} data-parallel ranks need distill.batch_size ({}) divisible by them and no image pool (see `distill validate`)", d.batch_size);
         }
@@ -171,6 +173,14 @@ impl<'a> Distiller<'a> {
             _ => self.generator_steps()?,
         };
         let s_losses = self.student_steps()?;
+        if let (Some(g), false) = (&self.group, self.cfg.parallel.sync_batch_norm) {
+            // each rank's BN statistics came from its own share: rank 0's are kept
+            parallel::broadcast_buffers(self.student, g)?;
+            parallel::broadcast_buffers(&self.aux, g)?;
+            if let Some(gen) = &self.generator {
+                parallel::broadcast_buffers(gen, g)?;
+            }
+        }
         self.iteration += 1;
         Ok((self.synced_losses(g_losses)?, self.synced_losses(s_losses)?))
     }

@@ -47,13 +47,13 @@ pub fn bn_loss(t: &Features) -> Result<Tensor> {
     if t.bn_inputs.is_empty() {
         bail!("bn_loss: the teacher's forward recorded no BatchNorm inputs");
     }
+    // the statistics of the global batch on a rank of a data-parallel group
+    let stats = match crate::parallel::current() {
+        Some(group) => crate::parallel::global_channel_stats_many(&t.bn_inputs, &group)?,
+        None => t.bn_inputs.iter().map(|x| x.channel_stats()).collect::<Result<_>>()?,
+    };
     let mut total: Option<Tensor> = None;
-    for (x, (rm, rv)) in t.bn_inputs.iter().zip(&t.bn_running) {
-        // the statistics of the global batch on a rank of a data-parallel group
-        let (mean, var) = match crate::parallel::current() {
-            Some(group) => crate::parallel::global_channel_stats(x, &group)?,
-            None => x.channel_stats()?,
-        };
+    for ((mean, var), (rm, rv)) in stats.iter().zip(&t.bn_running) {
         let l = mean.sub(rm)?.sqr()?.sum_all()?.sqrt()?.add(&var.sub(rv)?.sqr()?.sum_all()?.sqrt()?)?;
         total = Some(match total { Some(a) => a.add(&l)?, None => l });
     }
