@@ -1,8 +1,11 @@
 //! Vectorisable math for the fused CPU loops. `std`'s `exp` calls libm one value at a
 //! time, which keeps a loop around it scalar; `exp` here is branch-free f32 arithmetic
 //! and bit operations that the compiler turns into SIMD. `multiversion!` compiles a
-//! function twice, for baseline x86-64 (SSE2, 4 lanes) and for AVX2+FMA (8 lanes), and
-//! picks at run time: the crate is built without `-C target-cpu`.
+//! function three times, for baseline x86-64 (SSE2, 4 lanes), AVX2+FMA (8 lanes) and
+//! AVX-512 (16 lanes), and picks at run time: the crate is built without
+//! `-C target-cpu`. The loops are written lane by lane (reductions keep `LANES`
+//! explicit accumulators, and no multiply-add is contracted), so every variant gives
+//! the same bits.
 
 /// e^x with a relative error under 2e-7 (Cephes' `expf`: Cody-Waite reduction by ln 2,
 /// a degree-6 polynomial, the exponent written into the float's bits). Below -87.34
@@ -30,9 +33,9 @@ pub fn exp(x: f32) -> f32 {
 #[inline(always)]
 pub fn sigmoid(x: f32) -> f32 { 1.0 / (1.0 + exp(-x)) }
 
-/// Defines a function whose body is compiled for baseline x86-64 and for AVX2+FMA,
-/// the latter used when the CPU has both. The body must be safe code; bodies of
-/// closures it calls are inlined into each copy.
+/// Defines a function whose body is compiled for baseline x86-64, for AVX2+FMA and
+/// for AVX-512 (F, BW, VL), the widest the CPU has being used. The body must be safe
+/// code; bodies of closures it calls are inlined into each copy.
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
         $(#[$m])* #[allow(clippy::too_many_arguments)]
@@ -42,9 +45,16 @@ macro_rules! multiversion {
             fn body($($a: $t),*) $(-> $r)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512($($a: $t),*) $(-> $r)? { body($($a),*) }
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($a: $t),*) $(-> $r)? { body($($a),*) }
+                if $crate::backend::cpu::simd::has_avx512() {
+                    // SAFETY: `avx512` only needs the CPU features just detected.
+                    return unsafe { avx512($($a),*) };
+                }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: `avx2` only needs the CPU features just detected.
                     return unsafe { avx2($($a),*) };
@@ -55,6 +65,20 @@ macro_rules! multiversion {
     };
 }
 pub(crate) use multiversion;
+
+/// Whether the CPU has the AVX-512 subsets `multiversion!`'s widest variant needs.
+/// `DFKD_NO_AVX512=1` turns it off (to compare the variants).
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx512() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::env::var_os("DFKD_NO_AVX512").is_none()
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("fma")
+    })
+}
 
 /// Lanes of the independent accumulators the vectorised reductions keep (two AVX2
 /// registers): a single running sum would serialise on the add latency.
