@@ -2,6 +2,7 @@
 //! are per channel over the batch and the spatial positions, `m = n * spatial` values,
 //! each channel being `n` strided planes of `spatial` values.
 
+use super::simd::multiversion;
 use super::{buffers, PAR_THRESHOLD};
 use crate::{bail, Result};
 use rayon::prelude::*;
@@ -16,7 +17,7 @@ pub fn forward_train(x: &[f32], shape: &[usize], gamma: &[f32], beta: &[f32], ep
     check_param(beta, c, "beta")?;
     let stats: Vec<(f32, f32)> = per_channel(c, x.len(), |ch| {
         let mean = planes(x, c, s, ch).map(sum_f64).sum::<f64>() / m as f64;
-        let sq: f64 = planes(x, c, s, ch).map(|p| sum_f64_by(p, |v| (v as f64 - mean) * (v as f64 - mean))).sum();
+        let sq: f64 = planes(x, c, s, ch).map(|p| sum_sq_dev(p, mean)).sum();
         (mean as f32, (1.0 / (sq / m as f64 + eps as f64).sqrt()) as f32)
     });
     let y = buffers::filled(x.len(), |y| {
@@ -43,7 +44,7 @@ pub fn backward(x: &[f32], shape: &[usize], dy: &[f32], mean: &[f32], invstd: &[
         let mean = mean[ch] as f64;
         let dot: f64 = planes(x, c, s, ch)
             .zip(planes(dy, c, s, ch))
-            .map(|(x, dy)| sum_f64_pairs(x, dy, |x, dy| (x as f64 - mean) * dy as f64))
+            .map(|(x, dy)| sum_dev_dot(x, dy, mean))
             .sum();
         (dbeta as f32, (dot * invstd[ch] as f64) as f32)
     });
@@ -102,13 +103,25 @@ fn for_planes(out: &mut [f32], c: usize, s: usize, f: impl Fn(usize, usize, &mut
     }
 }
 
-fn sum_f64(x: &[f32]) -> f64 { sum_f64_by(x, |v| v as f64) }
+multiversion! {
+    /// `Σ x` in f64.
+    fn sum_f64(x: &[f32]) -> f64 { sum_f64_pairs(x, x, |v, _| v as f64) }
+}
 
-fn sum_f64_by(x: &[f32], f: impl Fn(f32) -> f64) -> f64 { sum_f64_pairs(x, x, |v, _| f(v)) }
+multiversion! {
+    /// `Σ (x - mean)²` in f64.
+    fn sum_sq_dev(x: &[f32], mean: f64) -> f64 { sum_f64_pairs(x, x, |v, _| (v as f64 - mean) * (v as f64 - mean)) }
+}
+
+multiversion! {
+    /// `Σ (x - mean) dy` in f64.
+    fn sum_dev_dot(x: &[f32], dy: &[f32], mean: f64) -> f64 { sum_f64_pairs(x, dy, |x, dy| (x as f64 - mean) * dy as f64) }
+}
 
 /// `Σ f(a[i], b[i])` in f64 with eight independent accumulators: float addition is not
 /// associative, so a single accumulator would be one serial chain the compiler cannot
-/// vectorise.
+/// vectorise. Inlined into each `multiversion!` copy, one AVX-512 register of lanes.
+#[inline(always)]
 fn sum_f64_pairs(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> f64 {
     let mut acc = [0f64; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
