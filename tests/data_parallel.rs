@@ -229,3 +229,26 @@ fn nccl_binding_on_a_gpu() {
         assert_eq!(got.to_vec_f32().unwrap(), x.to_vec_f32().unwrap(), "{what} on one rank returns its input");
     }
 }
+
+#[test]
+fn a_rank_that_fails_mid_run_stops_the_others_with_its_message() {
+    let mut cfg = tiny(&workdir("unused"));
+    cfg.parallel.ranks = 2;
+    let err = run_ranks(2, |rank| {
+        let (t, s) = models();
+        let mut d = Distiller::new(&cfg, t.as_ref(), s.as_ref(), Device::Cpu)?;
+        d.iterate()?;
+        if rank == 1 {
+            return Err(dfkd::Error::Msg("rank 1 lost its GPU".into()));
+        }
+        // rank 0 goes on into collectives that rank 1 never joins
+        for _ in 0..3 {
+            d.iterate()?;
+        }
+        Ok(())
+    })
+    .err()
+    .expect("a failed rank fails the run")
+    .to_string();
+    assert_eq!(err, "rank 1 lost its GPU");
+}
