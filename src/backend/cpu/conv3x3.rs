@@ -12,7 +12,9 @@
 //! output row: for each (ci, ki, kj), two weight loads and six broadcasts feed twelve
 //! FMAs, the shape of the GEMM's own microkernel, with the input read where it lies
 //! instead of packed. Weights are repacked once per call as `[co block][ci][ki][kj][32]`;
-//! a last block of 16 channels uses one vector. The input gradient of a convolution
+//! a last block of 16 channels uses one vector by 8 pixels: eight independent
+//! accumulators, the fewest that hide the FMA latency on two FMA ports (six left a
+//! quarter of them idle), and 8 divides the demo's 8-, 16- and 32-pixel rows. The input gradient of a convolution
 //! this path takes is the same convolution of the output gradient with the flipped,
 //! transposed weights, so it runs here too when the input has a multiple of 16 channels.
 //!
@@ -25,8 +27,11 @@ use std::cell::RefCell;
 
 /// f32 lanes of one AVX-512 vector: output channels come in multiples of this.
 const LANES: usize = 16;
-/// Output pixels of a register block.
+/// Output pixels of a register block of two vectors, and of one vector.
 const PIX: usize = 6;
+const PIX_NARROW: usize = 8;
+/// The most pixels of any block (the reads past a row's end reach this far).
+const MAX_PIX: usize = PIX_NARROW;
 
 /// Whether `conv2d` computes this forward convolution.
 pub fn applies(p: &Conv2dParams) -> bool {
@@ -145,9 +150,9 @@ thread_local! {
 fn pad(x: &[f32], p: &Conv2dParams, xp: &mut Vec<f32>) {
     let (h, w) = (p.h_in, p.w_in);
     let (wp, plane) = (w + 2, (h + 2) * (w + 2));
-    // the last block of a row reads up to PIX + 2 floats past the last padded row's end
+    // the last block of a row reads up to MAX_PIX + 2 floats past the last padded row's end
     xp.clear();
-    xp.resize(p.c_in * plane + PIX + 2, 0.0);
+    xp.resize(p.c_in * plane + MAX_PIX + 2, 0.0);
     for (c, src) in x.chunks_exact(h * w).enumerate() {
         for (r, row) in src.chunks_exact(w).enumerate() {
             xp[c * plane + (r + 1) * wp + 1..][..w].copy_from_slice(row);
@@ -162,26 +167,28 @@ fn channels(xp: &[f32], packed: &[f32], p: &Conv2dParams, co0: usize, out: &mut 
     let (wp, plane) = (w + 2, (h + 2) * (w + 2));
     let width = out.len() / (h * w);
     // the kernel's reads past a row end rely on this length (see the SAFETY note)
-    assert!(xp.len() >= p.c_in * plane + PIX + 2 && (width == LANES || width == 2 * LANES), "conv3x3: padded input or block");
+    assert!(xp.len() >= p.c_in * plane + MAX_PIX + 2 && (width == LANES || width == 2 * LANES), "conv3x3: padded input or block");
     let hw = h * w;
-    let mut tile = [[0f32; 2 * LANES]; PIX];
+    let mut tile = [[0f32; 2 * LANES]; MAX_PIX];
     let wblock = &packed[co0 * p.c_in * 9..][..width * p.c_in * 9];
+    let pix = if width == 2 * LANES { PIX } else { PIX_NARROW };
     for oh in 0..h {
-        for ow0 in (0..w).step_by(PIX) {
+        for ow0 in (0..w).step_by(pix) {
             let at = oh * wp + ow0;
             // SAFETY: the kernel reads xp[at + ci*plane + ki*wp + r + kj] for ci < c_in,
-            // ki, kj < 3, r < PIX: at most c_in*plane - wp + w + PIX + 1 (oh <= h-1,
-            // ow0 <= w-1, plane = (h+2)*wp), inside xp's c_in*plane + PIX + 2 floats;
-            // wblock holds width*c_in*9 floats; `applies` checked AVX-512F.
+            // ki, kj < 3, r < pix <= MAX_PIX: at most c_in*plane - wp + w + MAX_PIX + 1
+            // (oh <= h-1, ow0 <= w-1, plane = (h+2)*wp), inside xp's
+            // c_in*plane + MAX_PIX + 2 floats; wblock holds width*c_in*9 floats;
+            // `applies` checked AVX-512F.
             unsafe {
                 let xs = &xp[at..];
                 if width == 2 * LANES {
-                    block::<2>(xs, wp, plane, p.c_in, wblock, &mut tile);
+                    block::<2, PIX>(xs, wp, plane, p.c_in, wblock, &mut tile);
                 } else {
-                    block::<1>(xs, wp, plane, p.c_in, wblock, &mut tile);
+                    block::<1, PIX_NARROW>(xs, wp, plane, p.c_in, wblock, &mut tile);
                 }
             }
-            let npix = PIX.min(w - ow0);
+            let npix = pix.min(w - ow0);
             for c in 0..width {
                 let dst = &mut out[c * hw + oh * w + ow0..][..npix];
                 for (r, d) in dst.iter_mut().enumerate() {
@@ -193,26 +200,26 @@ fn channels(xp: &[f32], packed: &[f32], p: &Conv2dParams, co0: usize, out: &mut 
 }
 
 /// `tile[r][v*16 + l] = sum over ci, ki, kj of wblock[ci][ki*3+kj][v*16 + l] *
-/// xs[ci*plane + ki*wp + r + kj]` for the PIX pixels r and NV*16 channels of a block.
+/// xs[ci*plane + ki*wp + r + kj]` for the P pixels r and NV*16 channels of a block.
 ///
 /// # Safety
-/// The CPU has AVX-512F; `xs` holds `(c_in-1)*plane + 2*wp + PIX + 2` floats and
+/// The CPU has AVX-512F; `xs` holds `(c_in-1)*plane + 2*wp + P + 2` floats and
 /// `wblock` `c_in*9*NV*16`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn block<const NV: usize>(xs: &[f32], wp: usize, plane: usize, c_in: usize, wblock: &[f32], tile: &mut [[f32; 2 * LANES]; PIX]) {
+unsafe fn block<const NV: usize, const P: usize>(xs: &[f32], wp: usize, plane: usize, c_in: usize, wblock: &[f32], tile: &mut [[f32; 2 * LANES]; MAX_PIX]) {
     use std::arch::x86_64::*;
-    debug_assert!(xs.len() >= (c_in - 1) * plane + 2 * wp + PIX + 2);
+    debug_assert!(xs.len() >= (c_in - 1) * plane + 2 * wp + P + 2);
     debug_assert!(wblock.len() >= c_in * 9 * NV * LANES);
     let (x, wb) = (xs.as_ptr(), wblock.as_ptr());
-    let mut acc = [[_mm512_setzero_ps(); PIX]; NV];
+    let mut acc = [[_mm512_setzero_ps(); P]; NV];
     for ci in 0..c_in {
         for ki in 0..3 {
             let row = x.add(ci * plane + ki * wp);
             for kj in 0..3 {
                 let wk = wb.add((ci * 9 + ki * 3 + kj) * NV * LANES);
                 let wv: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(wk.add(v * LANES)));
-                for r in 0..PIX {
+                for r in 0..P {
                     let b = _mm512_set1_ps(*row.add(r + kj));
                     for v in 0..NV {
                         acc[v][r] = _mm512_fmadd_ps(wv[v], b, acc[v][r]);
@@ -222,14 +229,14 @@ unsafe fn block<const NV: usize>(xs: &[f32], wp: usize, plane: usize, c_in: usiz
         }
     }
     for v in 0..NV {
-        for r in 0..PIX {
+        for r in 0..P {
             _mm512_storeu_ps(tile[r].as_mut_ptr().add(v * LANES), acc[v][r]);
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn block<const NV: usize>(_: &[f32], _: usize, _: usize, _: usize, _: &[f32], _: &mut [[f32; 2 * LANES]; PIX]) {
+unsafe fn block<const NV: usize, const P: usize>(_: &[f32], _: usize, _: usize, _: usize, _: &[f32], _: &mut [[f32; 2 * LANES]; MAX_PIX]) {
     unreachable!("`applies` is false without AVX-512")
 }
 
