@@ -85,7 +85,7 @@ impl<'a> Distiller<'a> {
         // this rank thread's BatchNorm mode (no effect without a group)
         parallel::set_sync_batch_norm(cfg.parallel.sync_batch_norm);
         if d.batch_size % world != 0 || (world > 1 && (d.pool_batches > 0 || method == Method::DeepInversion)) {
-            bail!("{world} data-parallel ranks need distill.batch_size ({}) divisible by them and no image pool (see `distill validate`)", d.batch_size);
+            bail!("{world} data-parallel ranks need distill.batch_size ({}) divisible by them and no image pool (distill.pool_batches = 0, not DeepInversion)", d.batch_size);
         }
         if d.gen_target_ce > 0.0 && !cfg.generator.conditional {
             bail!("distill.gen_target_ce = {} needs generator.conditional = true: an unconditional generator cannot be asked for a class", d.gen_target_ce);
