@@ -1,5 +1,5 @@
 //! The fused attention ops (spatial attention, high-order attention, contrastive
-//! similarity) against the compositions of engine ops they replace, forward and
+//! similarity, MHAD's normalised distance) against the compositions of engine ops they replace, forward and
 //! forward+backward, on every device:
 //! - `cpu`: criterion times the fused CPU loops and the composition (which on the CPU
 //!   is also the CPU reference), at the CPU demo's shapes (batch 64, 32 px: resnet8/20
@@ -28,7 +28,8 @@
 //! forward reads z (R(R+1)/2 * C/4 channels) and f and writes y, backward reads z, f
 //! and dy and writes dz and df (the V GEMM's intermediates and weights are not
 //! counted: a fully fused implementation would not store them); the contrastive loss
-//! reads t and s (and writes dt, ds backward). Criterion prints it as GiB/s.
+//! reads t and s (and writes dt, ds backward), MHAD's distance reads a and b (and
+//! writes da, db backward). Criterion prints it as GiB/s.
 //! `scripts/bench_attention_pytorch.py` runs the same ops in PyTorch.
 
 #[global_allocator]
@@ -39,6 +40,7 @@ use dfkd::autograd::backward_with;
 use dfkd::backend::cuda;
 use dfkd::nn::Conv2d;
 use dfkd::pipeline::attention::{contrastive_loss, high_order_attention, spatial_attention};
+use dfkd::pipeline::losses::normalized_distance;
 use dfkd::rng::Rng;
 use dfkd::{ConvOpts, Device, Layout, Result, Tensor};
 use std::time::Duration;
@@ -52,6 +54,7 @@ enum Op {
     Spatial,
     HighOrder,
     Contrastive,
+    Distance,
 }
 
 /// One op at one shape: `[n, c, h, w]`, or `[n, d, 1, 1]` for the contrastive loss.
@@ -82,10 +85,15 @@ const CASES: &[Case] = &[
     // SFCL: n anchors of d (the demo's projection is 64 wide, the paper's 128)
     Case { op: Op::Contrastive, name: "demo_n64_d64", shape: [64, 64, 1, 1] },
     Case { op: Op::Contrastive, name: "paper_n64_d128", shape: [64, 128, 1, 1] },
+    // MHAD's distance of normalised maps: the demo's stages, a ResNet-18 stage at 224 px
+    Case { op: Op::Distance, name: "demo_stage_16x32x32", shape: [64, 16, 32, 32] },
+    Case { op: Op::Distance, name: "demo_stage_32x16x16", shape: [64, 32, 16, 16] },
+    Case { op: Op::Distance, name: "demo_stage_64x8x8", shape: [64, 64, 8, 8] },
+    Case { op: Op::Distance, name: "paper_stage_64x56x56_b4", shape: [4, 64, 56, 56] },
 ];
 
 /// The op's inputs as leaf variables: spatial (a, f); high-order (f, z, V weights,
-/// V biases); contrastive (t, s).
+/// V biases); contrastive (t, s); distance (a, b).
 fn inputs(case: &Case, n: usize, dev: Device) -> Vec<Tensor> {
     let [_, c, h, w] = case.shape;
     let mut rng = Rng::new(7);
@@ -100,6 +108,7 @@ fn inputs(case: &Case, n: usize, dev: Device) -> Vec<Tensor> {
             v
         }
         Op::Contrastive => vec![t(&[n, c], 1.0), t(&[n, c], 1.0)],
+        Op::Distance => vec![t(&[n, c, h, w], 1.0), t(&[n, c, h, w], 1.0)],
     }
 }
 
@@ -112,6 +121,7 @@ fn fused(case: &Case, x: &[Tensor]) -> Result<Tensor> {
             x[1].hoa_products(ORDER)?.conv2d(&w, Some(&b), ConvOpts::default().groups(ORDER))?.hoa_combine(&x[0], ORDER)
         }
         Op::Contrastive => x[0].nt_xent_fused(&x[1], TAU),
+        Op::Distance => x[0].normalized_distance(&x[1], 1e-12),
     }
 }
 
@@ -127,6 +137,7 @@ fn unfused(case: &Case, x: &[Tensor]) -> Result<Tensor> {
             high_order_attention(&x[0], &z, &v)
         }
         Op::Contrastive => contrastive_loss(&x[0], &x[1], TAU),
+        Op::Distance => normalized_distance(&x[0], &x[1]),
     }
 }
 
@@ -152,7 +163,7 @@ fn min_bytes(case: &Case, n: usize) -> (u64, u64) {
             let z = map / 4 * (ORDER * (ORDER + 1) / 2) as u64;
             (z + 2 * map, 2 * z + 3 * map)
         }
-        Op::Contrastive => (2 * map, 4 * map),
+        Op::Contrastive | Op::Distance => (2 * map, 4 * map),
     }
 }
 
@@ -162,6 +173,7 @@ fn families(op: Op) -> &'static [&'static str] {
         Op::Spatial => &["spatial_attention_fwd", "spatial_attention_bwd"],
         Op::HighOrder => &["hoa_products_fwd", "hoa_products_bwd", "hoa_combine_fwd", "hoa_combine_bwd"],
         Op::Contrastive => &["contrastive_rows"],
+        Op::Distance => &[],
     }
 }
 
@@ -195,6 +207,7 @@ fn op_name(op: Op) -> &'static str {
         Op::Spatial => "spatial_attention",
         Op::HighOrder => "high_order_attention",
         Op::Contrastive => "contrastive",
+        Op::Distance => "normalized_distance",
     }
 }
 

@@ -10,6 +10,7 @@ mod common;
 use common::assert_close;
 use dfkd::nn::{Conv2d, Module};
 use dfkd::pipeline::attention::{contrastive_loss, high_order_attention, HighOrderAttention};
+use dfkd::pipeline::losses::normalized_distance;
 use dfkd::rng::Rng;
 use dfkd::{ConvOpts, Device, Result, Tensor};
 
@@ -149,5 +150,27 @@ fn contrastive_loss_matches_the_composition() {
             let reference = run(&[t, s], |v| contrastive_loss(&v[0], &v[1], tau));
             compare(&format!("{dev} NT-Xent n={n} d={d} tau={tau}"), fused, reference);
         }
+    }
+}
+
+/// MHAD's normalised distance against two `l2_normalize`, a difference, its square and a
+/// sum: rows of odd lengths, maps of a demo stage's size (two samples), and a row whose
+/// norm is under the floor (the clamp's branch of the backward pass).
+#[test]
+fn normalized_distance_matches_the_composition() {
+    for dev in devices() {
+        for shape in [vec![3, 7], vec![2, 5, 3, 3], vec![2, 16, 32, 32], vec![1, 1]] {
+            let (a, b) = (randn(&shape, 90, dev), randn(&shape, 91, dev).affine(0.5, 0.2).unwrap());
+            let fused = run(&[a.clone(), b.clone()], |v| v[0].normalized_distance(&v[1], 1e-12));
+            let reference = run(&[a, b], |v| normalized_distance(&v[0], &v[1]));
+            compare(&format!("{dev} normalized distance {shape:?}"), fused, reference);
+        }
+        // row 1 of a has norm ~3e-13 < 1e-12: a / eps, no projection term
+        let tiny = Tensor::from_vec(vec![1.0, 1.0, 1.0, 1.0, 1e-13, -2e-13, 1e-13, 1e-13], &[2, 4], Device::Cpu).unwrap().to_device(dev).unwrap();
+        let a = randn(&[2, 4], 92, dev).mul(&tiny).unwrap();
+        let b = randn(&[2, 4], 93, dev);
+        let fused = run(&[a.clone(), b.clone()], |v| v[0].normalized_distance(&v[1], 1e-12));
+        let reference = run(&[a, b], |v| normalized_distance(&v[0], &v[1]));
+        compare(&format!("{dev} normalized distance, a clamped row"), fused, reference);
     }
 }

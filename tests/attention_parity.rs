@@ -1,11 +1,12 @@
 //! Parity of the fused attention kernels (kernels/spatial_attention.cu,
-//! high_order_attention.cu, contrastive.cu) with the CPU backend's fused loops, which
-//! tests/attention_fused.rs checks against the compositions of engine ops. Every
-//! numbered version of every kernel runs (`cuda::force_version`), forward and
-//! backward, in f32 and bf16, on random non-zero inputs at odd sizes, from views with
-//! an offset of 3 elements (which rules out the 4-wide paths) and of 4 (which allows
-//! them where the size does). Runs on `CudaEmu` (the kernels compiled as C++, so CI without a GPU runs
-//! them); `Cuda` joins once its storage exists.
+//! high_order_attention.cu, contrastive.cu, normalized_distance.cu) with the CPU
+//! backend's fused loops, which tests/attention_fused.rs checks against the
+//! compositions of engine ops. Every numbered version of every kernel runs
+//! (`cuda::force_version`), forward and backward, in f32 and bf16, on random non-zero
+//! inputs at odd sizes, from views with an offset of 3 elements (which rules out the
+//! 4-wide paths) and of 4 (which allows them where the size does). Runs on `CudaEmu`
+//! (the kernels compiled as C++, so CI without a GPU runs them); `Cuda` joins once its
+//! storage exists.
 //!
 //! Tolerances, `abs + rel * |cpu|`:
 //! - f32: 1e-6 + 1e-5. Both sides compute in f32 from the same inputs; they differ in
@@ -191,6 +192,39 @@ fn contrastive_kernels() {
                         assert_close(&got[k], &want[k], abs_tol(t), rel_tol(t), &format!("{what} {v} {name}"));
                     }
                 });
+            }
+        }
+    }
+}
+
+#[test]
+fn normalized_distance_kernels() {
+    // (n, d): odd sizes, a demo stage's maps (16 x 32 x 32), short rows, and a
+    // row of zeros (the clamped norm) in the first case. The distance is a difference of
+    // terms near 1 that the CPU sums in f64 and the kernel in f32: 1e-5 absolute.
+    for (dev, offset) in devices().into_iter().flat_map(|d| OFFSETS.map(|o| (d, o))) {
+        OFFSET.set(offset);
+        for dtype in [DType::F32, DType::BF16] {
+            for (n, d) in [(5, 37), (3, 16 * 32 * 32), (4, 3)] {
+                let what = format!("{dev} {dtype:?} n={n} d={d} offset {offset}");
+                let mut a = randn(n * d, 20, 1.0);
+                if n == 5 {
+                    a[d..2 * d].fill(0.0);
+                }
+                let (b, g) = (randn(n * d, 21, 2.0), randn(n, 22, 1.0));
+                let run = |dev: Device| {
+                    let ((a, la), (b, lb), (g, lg)) = (input(dev, &a, &[n, d], dtype), input(dev, &b, &[n, d], dtype), input(dev, &g, &[n], dtype));
+                    let (dist, stats) = a.normalized_distance(&la, &b, &lb, 1e-12).unwrap();
+                    let (da, db) = a.normalized_distance_backward(&la, &b, &lb, &stats, &g, &lg, 1e-12).unwrap();
+                    assert_eq!((dist.dtype(), da.dtype(), db.dtype()), (dtype, dtype, dtype));
+                    [dist, stats, da, db].map(|s| values(&s))
+                };
+                let (want, got) = (run(Device::Cpu), run(dev));
+                for (k, name) in ["dist", "stats", "da", "db"].iter().enumerate() {
+                    let abs = if k == 0 { 1e-5 } else { abs_tol(dtype) };
+                    let t = if k == 1 { DType::F32 } else { dtype };
+                    assert_close(&got[k], &want[k], abs, rel_tol(t), &format!("{what} {name}"));
+                }
             }
         }
     }

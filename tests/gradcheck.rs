@@ -174,4 +174,6 @@ fn fused_attention_ops() {
     // NT-Xent on unnormalised features
     check2(randn(&[5, 7], 68), randn(&[5, 7], 69).affine(2.0, 0.0).unwrap(), |t, s| t.nt_xent_fused(s, 0.5));
     check2(randn(&[4, 6], 70), randn(&[4, 6], 71), |t, s| t.nt_xent_fused(s, 0.1));
+    // MHAD's distance of normalised maps
+    check2(randn(&[3, 2, 2, 3], 72), randn(&[3, 2, 2, 3], 73).affine(2.0, 0.5).unwrap(), |a, b| a.normalized_distance(b, 1e-12));
 }

@@ -105,3 +105,14 @@ pub fn contrastive_rows(op: &str, t: &Layout, s: &Layout) -> Result<(usize, usiz
         (a, b) => bail!("{op}: expected two [n, d] feature batches of one shape (n, d > 0), got {a:?} and {b:?}"),
     }
 }
+
+/// `a` and `b` are `[n, ...]` of one shape, contiguous: `n` rows of `d` values.
+pub fn distance_rows(op: &str, a: &Layout, b: &Layout) -> Result<(usize, usize)> {
+    if a.shape() != b.shape() || a.rank() < 1 {
+        bail!("{op}: expected two [n, ...] tensors of one shape, got {:?} and {:?}", a.shape(), b.shape());
+    }
+    contiguous_start(a, op)?;
+    contiguous_start(b, op)?;
+    let n = a.shape()[0];
+    Ok((n, if n == 0 { 0 } else { a.elem_count() / n }))
+}

@@ -97,6 +97,13 @@ pub trait BackendStorage: Sized + Send + Sync {
     fn hoa_combine(&self, l: &Layout, f: &Self, f_l: &Layout, order: usize) -> Result<Self>;
     /// Returns `(du, df)` given dy.
     fn hoa_combine_backward(&self, l: &Layout, f: &Self, f_l: &Layout, dy: &Self, dy_l: &Layout, order: usize) -> Result<(Self, Self)>;
+    /// `self` = a, and b, `[n, ...]` each: per row, the squared distance of the rows
+    /// L2-normalised (`x / max(|x|, eps)`), `[n]` in the input dtype, and `[|a|, |b|,
+    /// a.b]` per row (f32 `[n, 3]`) for the backward pass (kernels/normalized_distance.cu).
+    fn normalized_distance(&self, l: &Layout, b: &Self, b_l: &Layout, eps: f32) -> Result<(Self, Self)>;
+    /// Returns `(da, db)` given the rows' gradient `g` `[n]`.
+    #[allow(clippy::too_many_arguments)]
+    fn normalized_distance_backward(&self, l: &Layout, b: &Self, b_l: &Layout, stats: &Self, g: &Self, g_l: &Layout, eps: f32) -> Result<(Self, Self)>;
     /// `self` = t, and s, `[n, d]` each: returns `zhat = [t; s]` with rows divided by
     /// `max(norm, eps)` (f32 `[2n, d]`) and the norms (f32 `[2n]`).
     fn contrastive_normalize(&self, l: &Layout, s: &Self, s_l: &Layout, eps: f32) -> Result<(Self, Self)>;
@@ -277,6 +284,16 @@ impl Storage {
         same_device!("hoa_combine_backward", self, f, dy => |u, f, dy| {
             let (du, df) = u.hoa_combine_backward(l, f, f_l, dy, dy_l, order)?;
             Ok((du.into(), df.into()))
+        })
+    }
+    pub fn normalized_distance(&self, l: &Layout, b: &Storage, b_l: &Layout, eps: f32) -> Result<(Storage, Storage)> {
+        same_device!("normalized_distance", self, b => |a, b| { let (d, s) = a.normalized_distance(l, b, b_l, eps)?; Ok((d.into(), s.into())) })
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub fn normalized_distance_backward(&self, l: &Layout, b: &Storage, b_l: &Layout, stats: &Storage, g: &Storage, g_l: &Layout, eps: f32) -> Result<(Storage, Storage)> {
+        same_device!("normalized_distance_backward", self, b, stats, g => |a, b, st, g| {
+            let (da, db) = a.normalized_distance_backward(l, b, b_l, st, g, g_l, eps)?;
+            Ok((da.into(), db.into()))
         })
     }
     pub fn contrastive_normalize(&self, l: &Layout, s: &Storage, s_l: &Layout, eps: f32) -> Result<(Storage, Storage)> {

@@ -65,6 +65,24 @@ impl Tensor {
         }))
     }
 
+    /// MHAD's distance, fused: `self` = a and `b`, `[n, ...]` each: per sample (row),
+    /// `|| a / max(|a|, eps) - b / max(|b|, eps) ||^2`, `[n]`. Equals
+    /// `pipeline::losses::normalized_distance` (two `l2_normalize`, a difference, its
+    /// square and a sum) in one pass each way (kernels/normalized_distance.cu).
+    pub fn normalized_distance(&self, b: &Tensor, eps: f32) -> Result<Tensor> {
+        let (a, b) = (self.contiguous()?, b.contiguous()?);
+        let (n, _) = crate::backend::attention::distance_rows("normalized_distance", a.layout(), b.layout())?;
+        let (dist, stats) = a.storage().normalized_distance(a.layout(), &b.storage(), b.layout(), eps)?;
+        Ok(from_op(dist, &[n], "normalized_distance", &[&a, &b], {
+            let (a, b) = (a.clone(), b.clone());
+            move |g, _| {
+                let g = g.contiguous()?;
+                let (da, db) = a.storage().normalized_distance_backward(a.layout(), &b.storage(), b.layout(), &stats, &g.storage(), g.layout(), eps)?;
+                Ok(vec![Some(Tensor::from_storage(da, a.dims())), Some(Tensor::from_storage(db, b.dims()))])
+            }
+        }))
+    }
+
     /// SFCL's NT-Xent, fused: `self` = teacher features t and `s` the student's, `[n, d]`
     /// each, unnormalised. Equals `pipeline::attention::contrastive_loss`. The
     /// similarity GEMM (and the one of the backward pass) runs through the backend's

@@ -132,6 +132,9 @@ pub struct Mhad {
     site: MhadSite,
     mha: Vec<HighOrderAttention>,
     normalize: bool,
+    /// The normalised distance as one op (`Tensor::normalized_distance`), or the
+    /// composition `normalized_distance`.
+    fused: bool,
 }
 
 impl Mhad {
@@ -154,11 +157,11 @@ impl Mhad {
                 adapters.push(a);
                 mha.push(HighOrderAttention::new(ct, order, fused, rng)?);
             }
-            Ok(Mhad { site: MhadSite::Stages(adapters), mha, normalize })
+            Ok(Mhad { site: MhadSite::Stages(adapters), mha, normalize, fused })
         } else {
             let (dt, ds) = (t.penultimate.dims()[1], s.penultimate.dims()[1]);
             let mlp = (Linear::new(ds, dt, true, rng)?, Linear::new(dt, dt, true, rng)?);
-            Ok(Mhad { site: MhadSite::Penultimate(mlp.0, mlp.1), mha: vec![HighOrderAttention::new(dt, order, fused, rng)?], normalize })
+            Ok(Mhad { site: MhadSite::Penultimate(mlp.0, mlp.1), mha: vec![HighOrderAttention::new(dt, order, fused, rng)?], normalize, fused })
         }
     }
 
@@ -178,17 +181,26 @@ impl Mhad {
         for ((ft, fs), mha) in pairs.iter().zip(&self.mha) {
             let (at, as_) = (mha.forward(ft)?, mha.forward(fs)?);
             let [n, c, ..] = at.dims4("mhad")?;
-            let (at, as_) = if self.normalize { (per_sample_normalize(&at)?, per_sample_normalize(&as_)?) } else { (at, as_) };
-            let l = at.sub(&as_)?.sqr()?.sum_all()?.scale(1.0 / (n * c) as f32)?;
+            let sq_dist = match (self.normalize, self.fused) {
+                (true, true) => at.normalized_distance(&as_, NORM_EPS)?.sum_all()?,
+                (true, false) => normalized_distance(&at, &as_)?.sum_all()?,
+                (false, _) => at.sub(&as_)?.sqr()?.sum_all()?,
+            };
+            let l = sq_dist.scale(1.0 / (n * c) as f32)?;
             total = Some(match total { Some(a) => a.add(&l)?, None => l });
         }
         Ok(total.unwrap())
     }
 }
 
-fn per_sample_normalize(x: &Tensor) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    x.flatten_from(1)?.l2_normalize(1, 1e-12)?.reshape(&dims)
+/// The floor of the per-sample norms (PyTorch's `F.normalize` default).
+const NORM_EPS: f32 = 1e-12;
+
+/// Per sample, the squared distance of `a` and `b` L2-normalised over all their values,
+/// `[n]`: the composition `Tensor::normalized_distance` fuses and is checked against.
+pub fn normalized_distance(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let unit = |x: &Tensor| x.flatten_from(1)?.l2_normalize(1, NORM_EPS);
+    unit(a)?.sub(&unit(b)?)?.sqr()?.sum(&[1], false)
 }
 
 impl Module for Mhad {

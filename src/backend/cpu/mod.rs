@@ -10,6 +10,7 @@ mod conv3x3;
 mod elementwise;
 mod high_order_attention;
 mod matmul;
+mod normalized_distance;
 mod optim;
 mod pool;
 mod reduce;
@@ -229,6 +230,12 @@ impl BackendStorage for CpuStorage {
     }
     fn hoa_combine_backward(&self, l: &Layout, f: &Self, f_l: &Layout, dy: &Self, dy_l: &Layout, order: usize) -> Result<(Self, Self)> {
         high_order_attention::combine_backward_storage(self, l, f, f_l, dy, dy_l, order)
+    }
+    fn normalized_distance(&self, l: &Layout, b: &Self, b_l: &Layout, eps: f32) -> Result<(Self, Self)> {
+        normalized_distance::forward_storage(self, l, b, b_l, eps)
+    }
+    fn normalized_distance_backward(&self, l: &Layout, b: &Self, b_l: &Layout, stats: &Self, g: &Self, g_l: &Layout, eps: f32) -> Result<(Self, Self)> {
+        normalized_distance::backward_storage(self, l, b, b_l, stats, g, g_l, eps)
     }
     fn contrastive_normalize(&self, l: &Layout, s: &Self, s_l: &Layout, eps: f32) -> Result<(Self, Self)> {
         contrastive::normalize_storage(self, l, s, s_l, eps)

@@ -1,5 +1,5 @@
 //! Host side of the fused attention kernels (kernels/spatial_attention.cu,
-//! high_order_attention.cu, contrastive.cu), written once against `Gpu` so that the
+//! high_order_attention.cu, contrastive.cu, normalized_distance.cu), written once against `Gpu` so that the
 //! emulator and a real GPU storage run the same code: argument checks (shared with the
 //! CPU through `backend::attention`), the kernel version for the shape, the launch.
 //!
@@ -8,7 +8,7 @@
 //! and `force_version` lets the parity tests and the bench run every one.
 
 use super::launch::{check_u32, Arg, Gpu, LaunchCfg};
-use crate::backend::attention::{check_dtype, contiguous_start, contrastive_rows, HighOrder, Planes};
+use crate::backend::attention::{check_dtype, contiguous_start, contrastive_rows, distance_rows, HighOrder, Planes};
 use crate::{bail, DType, Layout, Result};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -33,10 +33,11 @@ fn family_dtypes(family: &str) -> &'static [DType] {
 }
 
 /// Every kernel name this file launches, as (family, version or None, dtype, name): the
-/// versioned families of `VERSIONS` and the two unversioned normalisation kernels.
+/// versioned families of `VERSIONS` and the unversioned normalisation and distance
+/// kernels.
 pub(crate) fn kernel_names() -> Vec<(&'static str, Option<u32>, DType, String)> {
     let versioned = VERSIONS.iter().flat_map(|&(f, vs)| vs.iter().flat_map(move |&v| family_dtypes(f).iter().map(move |&d| (f, Some(v), d, format!("{f}_v{v}_{}", suffix(d))))));
-    let plain = ["contrastive_normalize_fwd", "contrastive_normalize_bwd"].into_iter().flat_map(|f| family_dtypes(f).iter().map(move |&d| (f, None, d, format!("{f}_{}", suffix(d)))));
+    let plain = ["contrastive_normalize_fwd", "contrastive_normalize_bwd", "normalized_distance_fwd", "normalized_distance_bwd"].into_iter().flat_map(|f| family_dtypes(f).iter().map(move |&d| (f, None, d, format!("{f}_{}", suffix(d)))));
     versioned.chain(plain).collect()
 }
 
@@ -252,6 +253,37 @@ pub fn contrastive_normalize_backward<G: Gpu>(g: &G, z: &G::Buf, l: &Layout, nor
     let args = [u(n), u(d), Arg::F32(eps), Arg::Ptr(g.ptr(z, zo)), Arg::Ptr(np), Arg::Ptr(g.ptr(dz, go)), Arg::Ptr(g.ptr_mut(&mut dtb, 0)), Arg::Ptr(g.ptr_mut(&mut dsb, 0))];
     g.launch(kernel("contrastive_normalize_bwd", None, dt), LaunchCfg::warp_rows(m as u32), &args)?;
     Ok((dtb, dsb))
+}
+
+pub fn normalized_distance<G: Gpu>(g: &G, a: &G::Buf, l: &Layout, b: &G::Buf, b_l: &Layout, eps: f32) -> Result<(G::Buf, G::Buf)> {
+    let op = "normalized_distance";
+    let (n, d) = distance_rows(op, l, b_l)?;
+    let dt = check_dtype(op, &[g.dtype(a), g.dtype(b)])?;
+    let (ao, bo) = (start(g, a, l, op)?, start(g, b, b_l, op)?);
+    let (mut dist, mut stats) = (g.alloc(n, dt)?, g.alloc(3 * n, DType::F32)?);
+    if n > 0 {
+        let args = [u(n), u(d), Arg::F32(eps), Arg::Ptr(g.ptr(a, ao)), Arg::Ptr(g.ptr(b, bo)), Arg::Ptr(g.ptr_mut(&mut dist, 0)), Arg::Ptr(g.ptr_mut(&mut stats, 0))];
+        g.launch(kernel("normalized_distance_fwd", None, dt), LaunchCfg::rows(check_u32(n)?, check_u32(d)?), &args)?;
+    }
+    Ok((dist, stats))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn normalized_distance_backward<G: Gpu>(g: &G, a: &G::Buf, l: &Layout, b: &G::Buf, b_l: &Layout, stats: &G::Buf, dd: &G::Buf, dd_l: &Layout, eps: f32) -> Result<(G::Buf, G::Buf)> {
+    let op = "normalized_distance_backward";
+    let (n, d) = distance_rows(op, l, b_l)?;
+    if dd_l.shape() != [n] {
+        bail!("{op}: expected a gradient of [{n}], got {:?}", dd_l.shape());
+    }
+    let dt = check_dtype(op, &[g.dtype(a), g.dtype(b), g.dtype(dd)])?;
+    let (ao, bo, go) = (start(g, a, l, op)?, start(g, b, b_l, op)?, start(g, dd, dd_l, op)?);
+    let st = whole_f32(g, stats, 3 * n, "normalized_distance_backward stats")?;
+    let (mut da, mut db) = (g.alloc(n * d, dt)?, g.alloc(n * d, dt)?);
+    if n * d > 0 {
+        let args = [u(n), u(d), Arg::F32(eps), Arg::Ptr(g.ptr(a, ao)), Arg::Ptr(g.ptr(b, bo)), Arg::Ptr(st), Arg::Ptr(g.ptr(dd, go)), Arg::Ptr(g.ptr_mut(&mut da, 0)), Arg::Ptr(g.ptr_mut(&mut db, 0))];
+        g.launch(kernel("normalized_distance_bwd", None, dt), LaunchCfg::elementwise(check_u32(n * d)?), &args)?;
+    }
+    Ok((da, db))
 }
 
 /// `[n, 2n]` of an f32 similarity matrix, and its start.

@@ -98,6 +98,12 @@ impl<S: GpuStorage> BackendStorage for S {
     fn hoa_combine_backward(&self, l: &Layout, f: &Self, f_l: &Layout, dy: &Self, dy_l: &Layout, order: usize) -> Result<(Self, Self)> {
         attention::hoa_combine_backward(&self.gpu(), self.buf(), l, f.buf(), f_l, dy.buf(), dy_l, order).map(|(u, f)| (S::wrap(u), S::wrap(f)))
     }
+    fn normalized_distance(&self, l: &Layout, b: &Self, b_l: &Layout, eps: f32) -> Result<(Self, Self)> {
+        attention::normalized_distance(&self.gpu(), self.buf(), l, b.buf(), b_l, eps).map(|(d, s)| (S::wrap(d), S::wrap(s)))
+    }
+    fn normalized_distance_backward(&self, l: &Layout, b: &Self, b_l: &Layout, stats: &Self, g: &Self, g_l: &Layout, eps: f32) -> Result<(Self, Self)> {
+        attention::normalized_distance_backward(&self.gpu(), self.buf(), l, b.buf(), b_l, stats.buf(), g.buf(), g_l, eps).map(|(a, b)| (S::wrap(a), S::wrap(b)))
+    }
     fn contrastive_normalize(&self, l: &Layout, s: &Self, s_l: &Layout, eps: f32) -> Result<(Self, Self)> {
         attention::contrastive_normalize(&self.gpu(), self.buf(), l, s.buf(), s_l, eps).map(|(z, n)| (S::wrap(z), S::wrap(n)))
     }
