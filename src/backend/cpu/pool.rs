@@ -2,6 +2,7 @@
 //! `[h, w]` plane at a time (planes are independent), in parallel over planes when the
 //! output is large.
 
+use super::simd::multiversion;
 use super::{buffers, PAR_THRESHOLD};
 use crate::backend::Pool2dParams;
 use crate::{bail, Result};
@@ -15,11 +16,18 @@ pub fn max_pool2d(x: &[f32], p: &Pool2dParams) -> Result<(Vec<f32>, Vec<u32>)> {
     debug_assert_eq!(x.len(), p.input_shape().iter().product::<usize>(), "Storage checks the params");
     let (ho, wo, plane) = (p.h_out(), p.w_out(), p.h_in * p.w_in);
     let mut idx = vec![0u32; p.batch * p.channels * ho * wo];
+    // the outputs whose windows lie inside the plane's columns, scanned lanes across
+    // outputs (`max_row_inside`); the edge ones one at a time below
+    let (s, pad) = (p.stride.1, p.padding.1);
+    let last_end = if p.w_in + pad >= p.kw { ((p.w_in + pad - p.kw) / s + 1).min(wo) } else { 0 };
+    let inside = pad.div_ceil(s).min(last_end)..last_end;
     for_planes(&mut idx, ho * wo, |i, idx| {
         let x = &x[i * plane..][..plane];
         for oh in 0..ho {
             let rows = window(oh, p.stride.0, p.padding.0, p.kh, p.h_in);
-            for ow in 0..wo {
+            let out = &mut idx[oh * wo..(oh + 1) * wo];
+            max_row_inside(x, p.w_in, rows.clone(), s, inside.start * s - pad, p.kw, &mut out[inside.clone()]);
+            for ow in (0..wo).filter(|ow| !inside.contains(ow)) {
                 let cols = window(ow, p.stride.1, p.padding.1, p.kw, p.w_in);
                 let (mut best, mut best_i) = (f32::NEG_INFINITY, rows.start * p.w_in + cols.start);
                 for ih in rows.clone() {
@@ -30,12 +38,46 @@ pub fn max_pool2d(x: &[f32], p: &Pool2dParams) -> Result<(Vec<f32>, Vec<u32>)> {
                         }
                     }
                 }
-                idx[oh * wo + ow] = best_i as u32;
+                out[ow] = best_i as u32;
             }
         }
     });
     let out = gather_planes(x, &p.input_shape(), &idx, &p.output_shape())?;
     Ok((out, idx))
+}
+
+multiversion! {
+    /// `max_pool2d`'s scan for consecutive outputs of one output row whose windows lie
+    /// inside the plane's columns (the first one's starts at column `c0`): the same
+    /// row-major order and rule, for 16 outputs at a time held in registers, so the
+    /// compare-and-select chains of different outputs run side by side.
+    fn max_row_inside(x: &[f32], w_in: usize, rows: std::ops::Range<usize>, stride: usize, c0: usize, kw: usize, best_i: &mut [u32]) {
+        const L: usize = 16;
+        for (chunk, out) in best_i.chunks_mut(L).enumerate() {
+            let o0 = chunk * L;
+            let n = out.len();
+            let mut best = [f32::NEG_INFINITY; L];
+            let mut bi = [0u32; L];
+            for l in 0..n {
+                bi[l] = (rows.start * w_in + c0 + (o0 + l) * stride) as u32;
+            }
+            for ih in rows.clone() {
+                for k in 0..kw {
+                    let first = ih * w_in + c0 + k + o0 * stride;
+                    let mut v = [f32::NEG_INFINITY; L];
+                    for l in 0..n {
+                        v[l] = x[first + l * stride];
+                    }
+                    for l in 0..L {
+                        let wins = v[l] > best[l] || v[l].is_nan();
+                        best[l] = if wins { v[l] } else { best[l] };
+                        bi[l] = if wins { (first + l * stride) as u32 } else { bi[l] };
+                    }
+                }
+            }
+            out.copy_from_slice(&bi[..n]);
+        }
+    }
 }
 
 /// `out[plane, idx[i]] += src[i]` within each plane, `out` zero-initialised with
@@ -211,6 +253,8 @@ mod tests {
             params(2, 2, (9, 6), (3, 2), (1, 2), (1, 0)),
             params(3, 4, (5, 5), (5, 5), (1, 1), (2, 2)),
             params(4, 64, (32, 32), (3, 3), (2, 2), (1, 1)), // the ResNet stem pool, threaded
+            params(1, 2, (9, 75), (3, 3), (2, 2), (1, 1)),   // rows of several 16-output blocks
+            params(1, 2, (4, 40), (2, 3), (1, 3), (0, 1)),   // stride 3
         ]
     }
 
