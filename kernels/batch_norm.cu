@@ -31,6 +31,37 @@ DFKD_KERNEL(bn_stats_f32, (unsigned int n, unsigned int c, unsigned int s, float
     }
 }
 
+// stats [2, c]: per channel the mean, then the biased var, as bn_stats computes them
+// (DFKD's BN-statistics loss reads the statistics without normalising).
+DFKD_KERNEL(channel_stats_f32, (unsigned int n, unsigned int c, unsigned int s, const float* x, float* stats)) {
+    const unsigned int m = n * s;
+    for (unsigned int ch = blockIdx.x; ch < c; ch += gridDim.x) {
+        float acc = 0.0f;
+        for (unsigned int j = threadIdx.x; j < m; j += blockDim.x) acc += x[channel_at(j, ch, c, s)];
+        const float mu = block_reduce(acc, SumOp()) / (float)m;
+        acc = 0.0f;
+        for (unsigned int j = threadIdx.x; j < m; j += blockDim.x) {
+            const float d = x[channel_at(j, ch, c, s)] - mu;
+            acc += d * d;
+        }
+        const float v = block_reduce(acc, SumOp()) / (float)m;
+        if (threadIdx.x == 0) {
+            stats[ch] = mu;
+            stats[c + ch] = v;
+        }
+    }
+}
+
+// The gradient of channel_stats: dx = dmean / m + dvar * 2 (x - mean) / m, with
+// dstats [2, c] = (dmean; dvar).
+DFKD_KERNEL(channel_stats_bwd_f32, (unsigned int total, unsigned int c, unsigned int s, unsigned int m, const float* x,
+                                    const float* stats, const float* dstats, float* dx)) {
+    GRID_STRIDE(i, total) {
+        const unsigned int ch = (i / s) % c;
+        dx[i] = dstats[ch] / (float)m + 2.0f * dstats[c + ch] / (float)m * (x[i] - stats[ch]);
+    }
+}
+
 // y = (x - mean) * (invstd * gamma) + beta
 DFKD_KERNEL(bn_apply_f32, (unsigned int total, unsigned int c, unsigned int s, const float* x, const float* mean,
                            const float* invstd, const float* gamma, const float* beta, float* y)) {

@@ -445,6 +445,29 @@ fn batch_norm_kernels() {
 }
 
 #[test]
+fn channel_stats_kernels() {
+    // the BN-statistics loss's mean and biased variance per channel, and their gradient;
+    // float block reductions against the CPU's f64 sums, as batch_norm_kernels
+    let shape = [6, 7, 9, 11];
+    let n: usize = shape.iter().product();
+    let x: Vec<f32> = randn(n, 44).iter().map(|v| 3.0 + 2.0 * v).collect();
+    let dstats = randn(2 * 7, 45);
+    let l = Layout::contiguous(&shape);
+    for dev in devices() {
+        let run = |d: Device| {
+            let (x, ds) = (on(d, &x), on(d, &dstats));
+            let stats = x.channel_stats(&l).unwrap();
+            let dx = x.channel_stats_backward(&l, &stats, &ds).unwrap();
+            [stats, dx].map(|s| values(&s))
+        };
+        let (got, want) = (run(dev), run(Device::Cpu));
+        for (k, name) in ["stats", "dx"].iter().enumerate() {
+            assert_close(&got[k], &want[k], 1e-5, 1e-5, &format!("{dev} channel_stats {name}"));
+        }
+    }
+}
+
+#[test]
 fn conv_kernels() {
     // im2col/col2im are exact copies and gathers; the GEMMs are the CPU GEMM on the
     // emulator (cuBLAS on a GPU) but tile and sum in another order than the CPU

@@ -72,6 +72,12 @@ pub trait BackendStorage: Sized + Send + Sync {
     fn batch_norm_train(&self, l: &Layout, gamma: &Self, beta: &Self, eps: f32) -> Result<(Self, Self, Self)>;
     /// Returns `(dx, dgamma, dbeta)`.
     fn batch_norm_backward(&self, l: &Layout, dy: &Self, mean: &Self, invstd: &Self, gamma: &Self) -> Result<(Self, Self, Self)>;
+    /// The batch statistics `batch_norm_train` normalises with, without normalising:
+    /// f32 `[2, c]`, per channel of contiguous `[n, c, ...]` the mean, then the biased
+    /// variance.
+    fn channel_stats(&self, l: &Layout) -> Result<Self>;
+    /// Returns dx given the saved `stats` and their gradient `dstats` (`[2, c]` each).
+    fn channel_stats_backward(&self, l: &Layout, stats: &Self, dstats: &Self) -> Result<Self>;
 
     /// One fused optimiser update, in place on contiguous buffers of the same length.
     /// `state` holds the rule's buffers (momentum; or Adam's m then v).
@@ -262,6 +268,10 @@ impl Storage {
             let (dx, dg, db) = x.batch_norm_backward(l, d, m, s, g)?;
             Ok((dx.into(), dg.into(), db.into()))
         })
+    }
+    pub fn channel_stats(&self, l: &Layout) -> Result<Storage> { dispatch!(self, s => Ok(s.channel_stats(l)?.into())) }
+    pub fn channel_stats_backward(&self, l: &Layout, stats: &Storage, dstats: &Storage) -> Result<Storage> {
+        same_device!("channel_stats_backward", self, stats, dstats => |x, s, ds| Ok(x.channel_stats_backward(l, s, ds)?.into()))
     }
     pub fn spatial_attention(&self, l: &Layout, f: &Storage, f_l: &Layout, k: f32) -> Result<(Storage, Storage)> {
         same_device!("spatial_attention", self, f => |a, f| { let (y, s) = a.spatial_attention(l, f, f_l, k)?; Ok((y.into(), s.into())) })

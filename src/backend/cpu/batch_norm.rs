@@ -16,9 +16,8 @@ pub fn forward_train(x: &[f32], shape: &[usize], gamma: &[f32], beta: &[f32], ep
     check_param(gamma, c, "gamma")?;
     check_param(beta, c, "beta")?;
     let stats: Vec<(f32, f32)> = per_channel(c, x.len(), |ch| {
-        let mean = planes(x, c, s, ch).map(sum_f64).sum::<f64>() / m as f64;
-        let sq: f64 = planes(x, c, s, ch).map(|p| sum_sq_dev(p, mean)).sum();
-        (mean as f32, (1.0 / (sq / m as f64 + eps as f64).sqrt()) as f32)
+        let (mean, var) = mean_var(x, c, s, m, ch);
+        (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
     });
     let y = buffers::filled(x.len(), |y| {
         for_planes(y, c, s, |i, ch, y| {
@@ -27,6 +26,39 @@ pub fn forward_train(x: &[f32], shape: &[usize], gamma: &[f32], beta: &[f32], ep
         });
     });
     Ok((y, stats.iter().map(|s| s.0).collect(), stats.iter().map(|s| s.1).collect()))
+}
+
+/// Returns `[2, c]`: per channel the mean, then the biased variance. They are
+/// `forward_train`'s statistics without the normalisation (DFKD's BN-statistics loss
+/// compares them with the running ones), in two f64 passes where `mean` and `var` make
+/// about four float passes.
+pub fn channel_stats(x: &[f32], shape: &[usize]) -> Result<Vec<f32>> {
+    let (c, s, m) = dims(shape, x.len(), "channel_stats")?;
+    let stats: Vec<(f64, f64)> = per_channel(c, x.len(), |ch| mean_var(x, c, s, m, ch));
+    Ok(stats.iter().map(|s| s.0 as f32).chain(stats.iter().map(|s| s.1 as f32)).collect())
+}
+
+/// The gradient of `channel_stats` given `stats` and its gradient `dstats` (`[2, c]`
+/// each): `dx = dmean / m + dvar * 2 (x - mean) / m`, one pass.
+pub fn channel_stats_backward(x: &[f32], shape: &[usize], stats: &[f32], dstats: &[f32]) -> Result<Vec<f32>> {
+    let (c, s, m) = dims(shape, x.len(), "channel_stats_backward")?;
+    for (v, name) in [(stats, "statistics"), (dstats, "statistics' gradient")] {
+        check_param(v, 2 * c, name)?;
+    }
+    Ok(buffers::filled(x.len(), |dx| {
+        for_planes(dx, c, s, |i, ch, dx| {
+            let (mean, b, a) = (stats[ch], dstats[ch] / m as f32, 2.0 * dstats[c + ch] / m as f32);
+            dx.iter_mut().zip(&x[i * s..][..s]).for_each(|(dx, &x)| *dx = b + a * (x - mean));
+        });
+    }))
+}
+
+/// Channel `ch`'s mean and biased variance from two passes (mean, then centred squares)
+/// summed in f64, so a large mean cannot cancel the variance away.
+fn mean_var(x: &[f32], c: usize, s: usize, m: usize, ch: usize) -> (f64, f64) {
+    let mean = planes(x, c, s, ch).map(sum_f64).sum::<f64>() / m as f64;
+    let sq: f64 = planes(x, c, s, ch).map(|p| sum_sq_dev(p, mean)).sum();
+    (mean, sq / m as f64)
 }
 
 /// Returns `(dx, dgamma, dbeta)`: `dbeta = Σ dy`, `dgamma = Σ dy * xhat` and
@@ -177,6 +209,31 @@ mod tests {
             assert_close(&mean, &wmean, 1e-6, "mean");
             assert_close(&invstd, &winvstd, 1e-5, "invstd");
             assert_close(&y, &wy, 1e-4, "y");
+        }
+    }
+
+    #[test]
+    fn channel_stats_match_naive_and_their_gradient_is_the_formula() {
+        for (n, shape) in SHAPES.into_iter().enumerate() {
+            let (c, len) = (shape[1], shape.iter().product::<usize>());
+            let m = (len / c) as f64;
+            let x: Vec<f32> = rand(len, 20 + n as u64).iter().map(|v| 100.0 + 3.0 * v).collect();
+            let stats = channel_stats(&x, shape).unwrap();
+            let (_, wmean, winvstd) = naive(&f64s(&x), shape, &vec![1.0; c], &vec![0.0; c], 0.0);
+            let wvar: Vec<f64> = winvstd.iter().map(|s| 1.0 / (s * s)).collect();
+            assert_close(&stats[..c], &wmean, 1e-6, "mean");
+            assert_close(&stats[c..], &wvar, 1e-5, "var");
+            // d(sum(dmean * mean + dvar * var))/dx = dmean / m + dvar * 2 (x - mean) / m
+            let dstats = rand(2 * c, 30 + n as u64);
+            let dx = channel_stats_backward(&x, shape, &stats, &dstats).unwrap();
+            let s = len / shape[0] / c;
+            let want: Vec<f64> = (0..len)
+                .map(|i| {
+                    let ch = i / s % c;
+                    dstats[ch] as f64 / m + dstats[c + ch] as f64 * 2.0 * (x[i] as f64 - wmean[ch]) / m
+                })
+                .collect();
+            assert_close(&dx, &want, 1e-5, "dx");
         }
     }
 

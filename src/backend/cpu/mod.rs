@@ -215,6 +215,14 @@ impl BackendStorage for CpuStorage {
         let (dx, dg, db) = batch_norm::backward(x, l.shape(), dy, mean.f32("bn")?, invstd.f32("bn")?, gamma.f32("bn")?)?;
         Ok((CpuStorage::F32(dx), CpuStorage::F32(dg), CpuStorage::F32(db)))
     }
+    fn channel_stats(&self, l: &Layout) -> Result<Self> {
+        Ok(CpuStorage::F32(batch_norm::channel_stats(self.contiguous_f32(l, "channel_stats")?, l.shape())?))
+    }
+    fn channel_stats_backward(&self, l: &Layout, stats: &Self, dstats: &Self) -> Result<Self> {
+        let op = "channel_stats_backward";
+        let x = self.contiguous_f32(l, op)?;
+        Ok(CpuStorage::F32(batch_norm::channel_stats_backward(x, l.shape(), stats.f32(op)?, dstats.f32(op)?)?))
+    }
     fn spatial_attention(&self, l: &Layout, f: &Self, f_l: &Layout, k: f32) -> Result<(Self, Self)> {
         spatial_attention::forward_storage(self, l, f, f_l, k)
     }

@@ -337,6 +337,37 @@ pub fn batch_norm_train<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, gamma: &G::Buf, b
     Ok((y, mean, invstd))
 }
 
+/// `[2, c]`: per channel the mean, then the biased variance (kernels/batch_norm.cu).
+pub fn channel_stats<G: Gpu>(g: &G, x: &G::Buf, l: &Layout) -> Result<G::Buf> {
+    let (off, [n, c, s]) = bn_dims(g, x, l, "channel_stats")?;
+    let mut stats = g.alloc(2 * c as usize, DType::F32)?;
+    let args = [Arg::U32(n), Arg::U32(c), Arg::U32(s), Arg::Ptr(g.ptr(x, off)), Arg::Ptr(g.ptr_mut(&mut stats, 0))];
+    g.launch("channel_stats_f32", LaunchCfg::rows(c, n * s), &args)?;
+    Ok(stats)
+}
+
+/// `dx = dmean / m + dvar * 2 (x - mean) / m`, from the saved statistics and their
+/// gradient (`[2, c]` each).
+pub fn channel_stats_backward<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, stats: &G::Buf, dstats: &G::Buf) -> Result<G::Buf> {
+    let (off, [n, c, s]) = bn_dims(g, x, l, "channel_stats_backward")?;
+    per_channel(g, stats, 2 * c, "channel statistics")?;
+    per_channel(g, dstats, 2 * c, "channel statistics' gradient")?;
+    let total = n * c * s;
+    let mut dx = g.alloc(total as usize, DType::F32)?;
+    let args = [
+        Arg::U32(total),
+        Arg::U32(c),
+        Arg::U32(s),
+        Arg::U32(n * s),
+        Arg::Ptr(g.ptr(x, off)),
+        Arg::Ptr(g.ptr(stats, 0)),
+        Arg::Ptr(g.ptr(dstats, 0)),
+        Arg::Ptr(g.ptr_mut(&mut dx, 0)),
+    ];
+    g.launch("channel_stats_bwd_f32", LaunchCfg::elementwise(total), &args)?;
+    Ok(dx)
+}
+
 /// Returns `(dx, dgamma, dbeta)`; `dy` has `x`'s layout.
 pub fn batch_norm_backward<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, dy: &G::Buf, mean: &G::Buf, invstd: &G::Buf, gamma: &G::Buf) -> Result<(G::Buf, G::Buf, G::Buf)> {
     let (off, [n, c, s]) = bn_dims(g, x, l, "batch_norm_backward")?;
