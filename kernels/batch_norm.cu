@@ -1,4 +1,5 @@
-// Batch norm in training mode over contiguous [n, c, spatial] tensors, with the CPU
+// Batch norm over contiguous [n, c, spatial] tensors (training mode; evaluation mode as
+// a per-channel affine map; the batch statistics alone), with the CPU
 // reference's formulas (src/backend/cpu/batch_norm.rs). Per-channel statistics take
 // one block per channel (grid-stride over channels); element-wise passes one thread
 // per element. Statistics are float block reductions where the CPU sums in f64.
@@ -28,6 +29,15 @@ DFKD_KERNEL(bn_stats_f32, (unsigned int n, unsigned int c, unsigned int s, float
             mean[ch] = mu;
             invstd[ch] = 1.0f / sqrtf(var + eps);
         }
+    }
+}
+
+// y = x * scale + shift per channel: batch norm in evaluation mode, one pass.
+DFKD_KERNEL(channel_affine_f32, (unsigned int total, unsigned int c, unsigned int s, const float* x,
+                                 const float* scale, const float* shift, float* y)) {
+    GRID_STRIDE(i, total) {
+        const unsigned int ch = (i / s) % c;
+        y[i] = x[i] * scale[ch] + shift[ch];
     }
 }
 

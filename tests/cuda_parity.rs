@@ -446,8 +446,9 @@ fn batch_norm_kernels() {
 
 #[test]
 fn channel_stats_kernels() {
-    // the BN-statistics loss's mean and biased variance per channel, and their gradient;
-    // float block reductions against the CPU's f64 sums, as batch_norm_kernels
+    // the BN-statistics loss's mean and biased variance per channel, and their gradient
+    // (float block reductions against the CPU's f64 sums, as batch_norm_kernels); and
+    // evaluation-mode batch norm's affine map
     let shape = [6, 7, 9, 11];
     let n: usize = shape.iter().product();
     let x: Vec<f32> = randn(n, 44).iter().map(|v| 3.0 + 2.0 * v).collect();
@@ -458,10 +459,12 @@ fn channel_stats_kernels() {
             let (x, ds) = (on(d, &x), on(d, &dstats));
             let stats = x.channel_stats(&l).unwrap();
             let dx = x.channel_stats_backward(&l, &stats, &ds).unwrap();
-            [stats, dx].map(|s| values(&s))
+            // batch norm in evaluation mode: a scale and a shift per channel
+            let y = x.channel_affine(&l, &on(d, &dstats[..7]), &on(d, &dstats[7..])).unwrap();
+            [stats, dx, y].map(|s| values(&s))
         };
         let (got, want) = (run(dev), run(Device::Cpu));
-        for (k, name) in ["stats", "dx"].iter().enumerate() {
+        for (k, name) in ["stats", "dx", "affine"].iter().enumerate() {
             assert_close(&got[k], &want[k], 1e-5, 1e-5, &format!("{dev} channel_stats {name}"));
         }
     }

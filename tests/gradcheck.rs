@@ -159,6 +159,8 @@ fn batch_norm_train_and_eval() {
     check_grads(&[x.clone(), randn(&[3], 47), randn(&[3], 48)], bn(false), EPS, ABS, REL);
     check_grads(&[randn(&[5, 3], 49), randn(&[3], 50), randn(&[3], 51)], bn(true), EPS, ABS, REL);
     check1(x, |x| { let (m, v) = x.channel_stats()?; m.add(&v) });
+    // evaluation-mode batch norm's per-channel affine map, gradients of all three
+    check_grads(&[randn(&[3, 4, 2, 5], 52), randn(&[4], 53), randn(&[4], 54)], |v| v[0].channel_affine(&v[1], &v[2]), EPS, ABS, REL);
 }
 
 #[test]

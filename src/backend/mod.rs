@@ -72,6 +72,9 @@ pub trait BackendStorage: Sized + Send + Sync {
     fn batch_norm_train(&self, l: &Layout, gamma: &Self, beta: &Self, eps: f32) -> Result<(Self, Self, Self)>;
     /// Returns `(dx, dgamma, dbeta)`.
     fn batch_norm_backward(&self, l: &Layout, dy: &Self, mean: &Self, invstd: &Self, gamma: &Self) -> Result<(Self, Self, Self)>;
+    /// `x * scale[c] + shift[c]` over contiguous f32 `[n, c, ...]` (`scale`, `shift`: f32
+    /// `[c]`): batch norm in evaluation mode, one pass.
+    fn channel_affine(&self, l: &Layout, scale: &Self, shift: &Self) -> Result<Self>;
     /// The batch statistics `batch_norm_train` normalises with, without normalising:
     /// f32 `[2, c]`, per channel of contiguous `[n, c, ...]` the mean, then the biased
     /// variance.
@@ -268,6 +271,9 @@ impl Storage {
             let (dx, dg, db) = x.batch_norm_backward(l, d, m, s, g)?;
             Ok((dx.into(), dg.into(), db.into()))
         })
+    }
+    pub fn channel_affine(&self, l: &Layout, scale: &Storage, shift: &Storage) -> Result<Storage> {
+        same_device!("channel_affine", self, scale, shift => |x, a, b| Ok(x.channel_affine(l, a, b)?.into()))
     }
     pub fn channel_stats(&self, l: &Layout) -> Result<Storage> { dispatch!(self, s => Ok(s.channel_stats(l)?.into())) }
     pub fn channel_stats_backward(&self, l: &Layout, stats: &Storage, dstats: &Storage) -> Result<Storage> {

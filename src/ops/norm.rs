@@ -33,7 +33,7 @@ impl Tensor {
         if !training {
             let scale = gamma.div(&running_var.add_scalar(eps)?.sqrt()?)?;
             let shift = beta.sub(&running_mean.mul(&scale)?)?;
-            return self.mul(&scale.reshape(&bshape)?)?.add(&shift.reshape(&bshape)?);
+            return self.channel_affine(&scale, &shift);
         }
         let x = self.contiguous()?;
         let (g, b) = (gamma.contiguous()?, beta.contiguous()?);
@@ -53,6 +53,36 @@ impl Tensor {
             Ok(vec![Some(Tensor::from_storage(dx, &sh)), Some(Tensor::from_storage(dg, &[c])), Some(Tensor::from_storage(db, &[c]))])
         }))
     }
+
+    /// `x * scale[c] + shift[c]` for `x` `[n, c, ...]` and `scale`, `shift` `[c]`: batch
+    /// norm in evaluation mode, one pass (two broadcast ops otherwise). Gradients reach
+    /// `scale` and `shift` too (a model fine-tuned in evaluation mode).
+    pub fn channel_affine(&self, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+        let c = self.dims().get(1).copied().unwrap_or(0);
+        let f32s = [self, scale, shift].iter().all(|t| t.dtype() == crate::DType::F32);
+        if self.rank() < 2 || !f32s || scale.dims() != [c] || shift.dims() != [c] {
+            let mut bshape = vec![1; self.rank().max(2)];
+            bshape[1] = c;
+            return self.mul(&scale.reshape(&bshape)?)?.add(&shift.reshape(&bshape)?);
+        }
+        let (x, a, b) = (self.contiguous()?, scale.contiguous()?, shift.contiguous()?);
+        let y = x.storage().channel_affine(x.layout(), &a.storage(), &b.storage())?;
+        Ok(from_op(y, x.dims(), "channel_affine", &[&x, &a, &b], {
+            let (x, a) = (x.clone(), a.clone());
+            move |dy, needs| {
+                let dy = dy.contiguous()?;
+                let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
+                let dx = match needs[0] {
+                    true => Some(dy.channel_affine(&a, &Tensor::zeros(&[a.elem_count()], a.device())?)?),
+                    false => None,
+                };
+                let da = if needs[1] { Some(dy.mul(&x)?.sum(&dims, false)?) } else { None };
+                let db = if needs[2] { Some(dy.sum(&dims, false)?) } else { None };
+                Ok(vec![dx, da, db])
+            }
+        }))
+    }
+
 
     /// Per-channel batch mean and biased variance of `[n, c, ...]` (no running update):
     /// what DeepInversion's BN-statistics loss compares with the running statistics.

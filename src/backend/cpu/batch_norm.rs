@@ -28,6 +28,23 @@ pub fn forward_train(x: &[f32], shape: &[usize], gamma: &[f32], beta: &[f32], ep
     Ok((y, stats.iter().map(|s| s.0).collect(), stats.iter().map(|s| s.1).collect()))
 }
 
+/// `y = x * scale[c] + shift[c]`, one pass: batch norm in evaluation mode (its
+/// statistics folded into a scale and a shift), and its input gradient (no shift).
+pub fn channel_affine(x: &[f32], shape: &[usize], scale: &[f32], shift: &[f32]) -> Result<Vec<f32>> {
+    let (c, s, _) = dims(shape, x.len(), "channel_affine")?;
+    check_param(scale, c, "scale")?;
+    check_param(shift, c, "shift")?;
+    Ok(buffers::filled(x.len(), |y| {
+        for_planes(y, c, s, |i, ch, y| affine_plane(&x[i * s..][..s], scale[ch], shift[ch], y));
+    }))
+}
+
+multiversion! {
+    fn affine_plane(x: &[f32], a: f32, b: f32, y: &mut [f32]) {
+        y.iter_mut().zip(x).for_each(|(y, &x)| *y = x * a + b);
+    }
+}
+
 /// Returns `[2, c]`: per channel the mean, then the biased variance. They are
 /// `forward_train`'s statistics without the normalisation (DFKD's BN-statistics loss
 /// compares them with the running ones), in two f64 passes where `mean` and `var` make

@@ -215,6 +215,10 @@ impl BackendStorage for CpuStorage {
         let (dx, dg, db) = batch_norm::backward(x, l.shape(), dy, mean.f32("bn")?, invstd.f32("bn")?, gamma.f32("bn")?)?;
         Ok((CpuStorage::F32(dx), CpuStorage::F32(dg), CpuStorage::F32(db)))
     }
+    fn channel_affine(&self, l: &Layout, scale: &Self, shift: &Self) -> Result<Self> {
+        let op = "channel_affine";
+        Ok(CpuStorage::F32(batch_norm::channel_affine(self.contiguous_f32(l, op)?, l.shape(), scale.f32(op)?, shift.f32(op)?)?))
+    }
     fn channel_stats(&self, l: &Layout) -> Result<Self> {
         Ok(CpuStorage::F32(batch_norm::channel_stats(self.contiguous_f32(l, "channel_stats")?, l.shape())?))
     }

@@ -337,6 +337,18 @@ pub fn batch_norm_train<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, gamma: &G::Buf, b
     Ok((y, mean, invstd))
 }
 
+/// `x * scale[c] + shift[c]` (kernels/batch_norm.cu).
+pub fn channel_affine<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, scale: &G::Buf, shift: &G::Buf) -> Result<G::Buf> {
+    let (off, [n, c, s]) = bn_dims(g, x, l, "channel_affine")?;
+    per_channel(g, scale, c, "scale")?;
+    per_channel(g, shift, c, "shift")?;
+    let total = n * c * s;
+    let mut y = g.alloc(total as usize, DType::F32)?;
+    let args = [Arg::U32(total), Arg::U32(c), Arg::U32(s), Arg::Ptr(g.ptr(x, off)), Arg::Ptr(g.ptr(scale, 0)), Arg::Ptr(g.ptr(shift, 0)), Arg::Ptr(g.ptr_mut(&mut y, 0))];
+    g.launch("channel_affine_f32", LaunchCfg::elementwise(total), &args)?;
+    Ok(y)
+}
+
 /// `[2, c]`: per channel the mean, then the biased variance (kernels/batch_norm.cu).
 pub fn channel_stats<G: Gpu>(g: &G, x: &G::Buf, l: &Layout) -> Result<G::Buf> {
     let (off, [n, c, s]) = bn_dims(g, x, l, "channel_stats")?;

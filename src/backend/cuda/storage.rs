@@ -82,6 +82,9 @@ impl<S: GpuStorage> BackendStorage for S {
         let (dx, dg, db) = ops::batch_norm_backward(&self.gpu(), self.buf(), l, dy.buf(), mean.buf(), invstd.buf(), gamma.buf())?;
         Ok((S::wrap(dx), S::wrap(dg), S::wrap(db)))
     }
+    fn channel_affine(&self, l: &Layout, scale: &Self, shift: &Self) -> Result<Self> {
+        ops::channel_affine(&self.gpu(), self.buf(), l, scale.buf(), shift.buf()).map(S::wrap)
+    }
     fn channel_stats(&self, l: &Layout) -> Result<Self> { ops::channel_stats(&self.gpu(), self.buf(), l).map(S::wrap) }
     fn channel_stats_backward(&self, l: &Layout, stats: &Self, dstats: &Self) -> Result<Self> {
         ops::channel_stats_backward(&self.gpu(), self.buf(), l, stats.buf(), dstats.buf()).map(S::wrap)
