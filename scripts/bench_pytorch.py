@@ -3,6 +3,7 @@
 
     python3 scripts/bench_pytorch.py [--workload train-step] --arch resnet18 --batch 32 --image-size 64 --num-classes 200 [--device cuda]
     OMP_WAIT_POLICY=ACTIVE python3 scripts/bench_pytorch.py --workload demo-iteration --threads 2 [--steps 3]
+    python3 scripts/bench_pytorch.py --workload predict --threads 1
 
 --workload train-step (the default) times the same training step as `distill bench`
 (a torchvision model: forward, cross-entropy, backward, SGD) and prints images/s from
@@ -10,6 +11,9 @@ the median step. It needs torchvision. On CUDA the comparison with dfkd is FP32 
 FP32: TF32 (PyTorch's default for cuDNN convolutions on Ampere and later) is off
 unless --tf32, and cuDNN's autotuner is on (PyTorch users turn it on for fixed shapes;
 the warmup steps absorb its search).
+
+--workload predict times batch-1 inference (benches/predict.rs): ResNet-18 at 224 px
+and the demo's resnet8 at 32 px, evaluation mode, median of 30 after 5 warmup runs.
 
 --workload demo-iteration times ONE distillation iteration of dfkd's default config
 (`Config::cpu_demo()`, src/pipeline/config.rs) as `Distiller::iterate` runs it
@@ -42,6 +46,8 @@ import sys
 import time
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # src/data/transforms.rs
 
@@ -57,6 +63,54 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # src/data/transforms.
 #   MHAD: identity adapters 256 + 1024 + 4096; MHA on 16/32/64 channels: 624 + 2400 + 9408
 #   projection head: fc1 64 -> 128 (8320), BN 256, fc2 128 -> 64 (8256)
 DFKD_PARAMS = {"teacher": 272474, "student": 78042, "generator": 249411, "mhad": 17808, "projection head": 16832}
+
+
+# --- src/models/resnet.rs: CIFAR-style ResNet (3x3 stem, no max pool), BasicBlocks,
+# 1x1 conv + BN shortcut where the shape changes; kaiming fan-out convs, no bias
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                           if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+class ResNet(nn.Module):
+    """Returns (logits, stage outputs, penultimate features), as dfkd's `Features`."""
+
+    def __init__(self, depths, widths=(16, 32, 64), num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers, cin = [], 16
+        for s, (w, d) in enumerate(zip(widths, depths)):
+            blocks = []
+            for i in range(d):
+                blocks.append(BasicBlock(cin, w, 2 if s > 0 and i == 0 else 1))
+                cin = w
+            layers.append(nn.Sequential(*blocks))
+        self.layers = nn.ModuleList(layers)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        stages = []
+        for layer in self.layers:
+            x = layer(x)
+            stages.append(x)
+        pen = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc(pen), stages, pen
 
 
 def train_step(a):
@@ -91,9 +145,6 @@ def train_step(a):
 def demo_iteration(a):
     import math
 
-    import torch.nn as nn
-    import torch.nn.functional as F
-
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_attention_pytorch as att  # spatial_attention, high_order_attention, contrastive
 
@@ -110,53 +161,6 @@ def demo_iteration(a):
     steps = 3 if a.steps is None else a.steps
     warmup = 1 if a.warmup is None else a.warmup
     dev = a.device
-
-    # --- src/models/resnet.rs: CIFAR-style ResNet (3x3 stem, no max pool), BasicBlocks,
-    # 1x1 conv + BN shortcut where the shape changes; kaiming fan-out convs, no bias
-    class BasicBlock(nn.Module):
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                               if stride != 1 or cin != cout else None)
-
-        def forward(self, x):
-            out = F.relu(self.bn1(self.conv1(x)))
-            out = self.bn2(self.conv2(out))
-            identity = x if self.downsample is None else self.downsample(x)
-            return F.relu(out + identity)
-
-    class ResNet(nn.Module):
-        """Returns (logits, stage outputs, penultimate features), as dfkd's `Features`."""
-
-        def __init__(self, depths, widths=(16, 32, 64), num_classes=CLASSES):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(16)
-            layers, cin = [], 16
-            for s, (w, d) in enumerate(zip(widths, depths)):
-                blocks = []
-                for i in range(d):
-                    blocks.append(BasicBlock(cin, w, 2 if s > 0 and i == 0 else 1))
-                    cin = w
-                layers.append(nn.Sequential(*blocks))
-            self.layers = nn.ModuleList(layers)
-            self.fc = nn.Linear(cin, num_classes)
-            for m in self.modules():
-                if isinstance(m, nn.Conv2d):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-        def forward(self, x):
-            x = F.relu(self.bn1(self.conv1(x)))
-            stages = []
-            for layer in self.layers:
-                x = layer(x)
-                stages.append(x)
-            pen = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-            return self.fc(pen), stages, pen
 
     # --- src/pipeline/attention.rs: SAM's encoder-decoder, then the spatial attention
     class SAM(nn.Module):
@@ -351,9 +355,34 @@ def demo_iteration(a):
           f"OMP_WAIT_POLICY={wait}, {len(times)} timed after {warmup} warmup)")
 
 
+def predict(a):
+    """Batch-1 inference as `distill predict` runs it (benches/predict.rs): torchvision's
+    ResNet-18 (200 classes) at 224 px and the demo's resnet8 at 32 px, evaluation mode,
+    torch.inference_mode, on --threads threads."""
+    import torchvision
+
+    steps = 30 if a.steps is None else a.steps
+    warmup = 5 if a.warmup is None else a.warmup
+    torch.manual_seed(0)
+    models = [("resnet18", torchvision.models.resnet18(num_classes=200), 224), ("resnet8", ResNet((1, 1, 1), num_classes=10), 32)]
+    for name, model, size in models:
+        model = model.eval()
+        x = torch.randn(1, 3, size, size)
+        times = []
+        with torch.inference_mode():
+            for i in range(warmup + steps):
+                t0 = time.perf_counter()
+                model(x)
+                if i >= warmup:
+                    times.append((time.perf_counter() - t0) * 1e3)
+        med = sorted(times)[len(times) // 2]
+        print(f"pytorch {torch.__version__} predict {name} batch 1 {size}px on cpu ({torch.get_num_threads()} threads): "
+              f"median {med:.2f} ms")
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--workload", default="train-step", choices=["train-step", "demo-iteration"])
+    p.add_argument("--workload", default="train-step", choices=["train-step", "demo-iteration", "predict"])
     p.add_argument("--arch", default="resnet18", help="train-step only")
     p.add_argument("--batch", type=int, default=32, help="train-step only")
     p.add_argument("--image-size", type=int, default=64, help="train-step only")
@@ -374,6 +403,8 @@ def main():
         torch.backends.cudnn.benchmark = True
     if a.workload == "train-step":
         train_step(a)
+    elif a.workload == "predict":
+        predict(a)
     else:
         demo_iteration(a)
 
