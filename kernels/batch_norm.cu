@@ -10,24 +10,34 @@ __device__ __forceinline__ unsigned int channel_at(unsigned int j, unsigned int 
     return (j / s) * c * s + ch * s + j % s;
 }
 
-// mean and invstd = 1 / sqrt(var + eps) per channel, var biased, from two passes
-// (mean, then centred squares) so a large mean cannot cancel the variance.
+struct MeanVar {
+    float mean, var;
+};
+
+// Channel ch's mean and biased var, from two passes (mean, then centred squares) so a
+// large mean cannot cancel the variance. Every thread of the block calls it (block
+// reductions); every thread gets the result.
+__device__ MeanVar channel_mean_var(unsigned int n, unsigned int c, unsigned int s, unsigned int ch, const float* x) {
+    const unsigned int m = n * s;
+    float acc = 0.0f;
+    for (unsigned int j = threadIdx.x; j < m; j += blockDim.x) acc += x[channel_at(j, ch, c, s)];
+    const float mu = block_reduce(acc, SumOp()) / (float)m;
+    acc = 0.0f;
+    for (unsigned int j = threadIdx.x; j < m; j += blockDim.x) {
+        const float d = x[channel_at(j, ch, c, s)] - mu;
+        acc += d * d;
+    }
+    return MeanVar{mu, block_reduce(acc, SumOp()) / (float)m};
+}
+
+// mean and invstd = 1 / sqrt(var + eps) per channel.
 DFKD_KERNEL(bn_stats_f32, (unsigned int n, unsigned int c, unsigned int s, float eps, const float* x, float* mean,
                            float* invstd)) {
-    const unsigned int m = n * s;
     for (unsigned int ch = blockIdx.x; ch < c; ch += gridDim.x) {
-        float acc = 0.0f;
-        for (unsigned int j = threadIdx.x; j < m; j += blockDim.x) acc += x[channel_at(j, ch, c, s)];
-        const float mu = block_reduce(acc, SumOp()) / (float)m;
-        acc = 0.0f;
-        for (unsigned int j = threadIdx.x; j < m; j += blockDim.x) {
-            const float d = x[channel_at(j, ch, c, s)] - mu;
-            acc += d * d;
-        }
-        const float var = block_reduce(acc, SumOp()) / (float)m;
+        const MeanVar mv = channel_mean_var(n, c, s, ch, x);
         if (threadIdx.x == 0) {
-            mean[ch] = mu;
-            invstd[ch] = 1.0f / sqrtf(var + eps);
+            mean[ch] = mv.mean;
+            invstd[ch] = 1.0f / sqrtf(mv.var + eps);
         }
     }
 }
@@ -44,20 +54,11 @@ DFKD_KERNEL(channel_affine_f32, (unsigned int total, unsigned int c, unsigned in
 // stats [2, c]: per channel the mean, then the biased var, as bn_stats computes them
 // (DFKD's BN-statistics loss reads the statistics without normalising).
 DFKD_KERNEL(channel_stats_f32, (unsigned int n, unsigned int c, unsigned int s, const float* x, float* stats)) {
-    const unsigned int m = n * s;
     for (unsigned int ch = blockIdx.x; ch < c; ch += gridDim.x) {
-        float acc = 0.0f;
-        for (unsigned int j = threadIdx.x; j < m; j += blockDim.x) acc += x[channel_at(j, ch, c, s)];
-        const float mu = block_reduce(acc, SumOp()) / (float)m;
-        acc = 0.0f;
-        for (unsigned int j = threadIdx.x; j < m; j += blockDim.x) {
-            const float d = x[channel_at(j, ch, c, s)] - mu;
-            acc += d * d;
-        }
-        const float v = block_reduce(acc, SumOp()) / (float)m;
+        const MeanVar mv = channel_mean_var(n, c, s, ch, x);
         if (threadIdx.x == 0) {
-            stats[ch] = mu;
-            stats[c + ch] = v;
+            stats[ch] = mv.mean;
+            stats[c + ch] = mv.var;
         }
     }
 }
