@@ -114,5 +114,5 @@ pub fn distance_rows(op: &str, a: &Layout, b: &Layout) -> Result<(usize, usize)>
     contiguous_start(a, op)?;
     contiguous_start(b, op)?;
     let n = a.shape()[0];
-    Ok((n, if n == 0 { 0 } else { a.elem_count() / n }))
+    Ok((n, a.elem_count().checked_div(n).unwrap_or(0)))
 }

@@ -58,15 +58,15 @@ multiversion! {
             let n = out.len();
             let mut best = [f32::NEG_INFINITY; L];
             let mut bi = [0u32; L];
-            for l in 0..n {
-                bi[l] = (rows.start * w_in + c0 + (o0 + l) * stride) as u32;
+            for (l, bi) in bi[..n].iter_mut().enumerate() {
+                *bi = (rows.start * w_in + c0 + (o0 + l) * stride) as u32;
             }
             for ih in rows.clone() {
                 for k in 0..kw {
                     let first = ih * w_in + c0 + k + o0 * stride;
                     let mut v = [f32::NEG_INFINITY; L];
-                    for l in 0..n {
-                        v[l] = x[first + l * stride];
+                    for (l, v) in v[..n].iter_mut().enumerate() {
+                        *v = x[first + l * stride];
                     }
                     for l in 0..L {
                         let wins = v[l] > best[l] || v[l].is_nan();
