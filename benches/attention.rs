@@ -1,6 +1,6 @@
 //! The fused attention ops (spatial attention, high-order attention, contrastive
-//! similarity, MHAD's normalised distance) against the compositions of engine ops they replace, forward and
-//! forward+backward, on every device:
+//! similarity, MHAD's normalised distance) against the compositions of engine ops they
+//! replace, forward and forward+backward, on every device:
 //! - `cpu`: criterion times the fused CPU loops and the composition (which on the CPU
 //!   is also the CPU reference), at the CPU demo's shapes (batch 64, 32 px: resnet8/20
 //!   stages, generator blocks) and at the paper's shapes (224 px ResNet-18 stages,

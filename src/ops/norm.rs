@@ -28,8 +28,6 @@ impl Tensor {
                 bail!("batch_norm: {name} has shape {:?}, expected [{c}]", t.dims());
             }
         }
-        let mut bshape = vec![1; self.rank()];
-        bshape[1] = c;
         if !training {
             let scale = gamma.div(&running_var.add_scalar(eps)?.sqrt()?)?;
             let shift = beta.sub(&running_mean.mul(&scale)?)?;
@@ -82,7 +80,6 @@ impl Tensor {
             }
         }))
     }
-
 
     /// Per-channel batch mean and biased variance of `[n, c, ...]` (no running update):
     /// what DeepInversion's BN-statistics loss compares with the running statistics.

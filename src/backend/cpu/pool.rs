@@ -26,7 +26,9 @@ pub fn max_pool2d(x: &[f32], p: &Pool2dParams) -> Result<(Vec<f32>, Vec<u32>)> {
         for oh in 0..ho {
             let rows = window(oh, p.stride.0, p.padding.0, p.kh, p.h_in);
             let out = &mut idx[oh * wo..(oh + 1) * wo];
-            max_row_inside(x, p.w_in, rows.clone(), s, inside.start * s - pad, p.kw, &mut out[inside.clone()]);
+            if !inside.is_empty() {
+                max_row_inside(x, p.w_in, rows.clone(), s, inside.start * s - pad, p.kw, &mut out[inside.clone()]);
+            }
             for ow in (0..wo).filter(|ow| !inside.contains(ow)) {
                 let cols = window(ow, p.stride.1, p.padding.1, p.kw, p.w_in);
                 let (mut best, mut best_i) = (f32::NEG_INFINITY, rows.start * p.w_in + cols.start);
@@ -255,6 +257,7 @@ mod tests {
             params(4, 64, (32, 32), (3, 3), (2, 2), (1, 1)), // the ResNet stem pool, threaded
             params(1, 2, (9, 75), (3, 3), (2, 2), (1, 1)),   // rows of several 16-output blocks
             params(1, 2, (4, 40), (2, 3), (1, 3), (0, 1)),   // stride 3
+            params(1, 2, (3, 1), (3, 3), (1, 1), (1, 1)),    // a one-column plane: no window inside
         ]
     }
 

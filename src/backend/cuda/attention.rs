@@ -1,7 +1,8 @@
 //! Host side of the fused attention kernels (kernels/spatial_attention.cu,
-//! high_order_attention.cu, contrastive.cu, normalized_distance.cu), written once against `Gpu` so that the
-//! emulator and a real GPU storage run the same code: argument checks (shared with the
-//! CPU through `backend::attention`), the kernel version for the shape, the launch.
+//! high_order_attention.cu, contrastive.cu, normalized_distance.cu), written once
+//! against `Gpu` so that the emulator and a real GPU storage run the same code: argument
+//! checks (shared with the CPU through `backend::attention`), the kernel version for the
+//! shape, the launch.
 //!
 //! Each kernel family has numbered versions side by side (llm.c style, the .cu headers
 //! say what each changes). `VERSIONS` lists them; the host picks a default per shape,
