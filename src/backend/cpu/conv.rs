@@ -1,6 +1,7 @@
 //! 2-D convolution on the CPU as im2col + GEMM (the `gemm` crate). Small 3x3 stride-1
-//! convolutions take `conv3x3`'s direct AVX-512 path instead where it is faster (its
-//! `applies` says where: forward, and the input gradient as a convolution itself).
+//! convolutions take `conv3x3`'s direct AVX-512 or AVX2 path instead where it is faster
+//! (its `applies` says where: forward, and the input gradient as a convolution itself),
+//! and on AVX2 CPUs `conv3x3_weight`'s direct weight gradient.
 //!
 //! The output columns (one per output pixel of every sample) are processed in *tiles*:
 //! several whole samples, or a band of output rows of one sample. For each tile and
@@ -25,7 +26,7 @@
 //! Tile width, budget and thresholds were tuned on ResNet-18 shapes (batch 32, 64x64
 //! input) on two AVX-512 cores, where the three passes reach 200-250 GFLOP/s.
 
-use super::{buffers, conv3x3};
+use super::{buffers, conv3x3, conv3x3_weight};
 use crate::backend::Conv2dParams;
 use crate::Result;
 use gemm::Parallelism;
@@ -72,6 +73,9 @@ pub fn conv2d_backward_input(grad: &[f32], w: &[f32], p: &Conv2dParams) -> Resul
 }
 
 pub fn conv2d_backward_weight(x: &[f32], grad: &[f32], p: &Conv2dParams) -> Result<Vec<f32>> {
+    if conv3x3_weight::applies(p) {
+        return Ok(conv3x3_weight::conv2d_backward_weight(x, grad, p));
+    }
     let g = Geom::new(p);
     debug_assert_eq!(x.len(), g.in_len(), "Storage checks the operands");
     debug_assert_eq!(grad.len(), g.out_len(), "Storage checks the operands");

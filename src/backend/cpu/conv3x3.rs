@@ -1,8 +1,9 @@
-//! Direct 3x3 convolution (stride 1, padding 1, no dilation, no groups) with AVX-512,
-//! for the small channel counts of the CPU demo (16-64 channels on 8x8 to 32x32
-//! planes; `applies` says where it wins). There im2col + GEMM spends about as long writing the column matrix (nine
-//! shifted copies of the input, 8-14% of a distillation iteration with its `memcpy`
-//! calls) as multiplying. Here each sample's input is padded once and read in place:
+//! Direct 3x3 convolution (stride 1, padding 1, no dilation, no groups) with AVX-512 or
+//! AVX2, for the small channel counts of the CPU demo (16-64 channels on 8x8 to 32x32
+//! planes; `applies` says where it wins). There im2col + GEMM spends about as long
+//! writing the column matrix (nine shifted copies of the input, 8-14% of a distillation
+//! iteration with its `memcpy` calls on AVX-512, 22-27% on AVX2) as multiplying. Here
+//! each sample's input is padded once and read in place:
 //!
 //! ```text
 //! out[co, oh, ow] = sum over ci, ki, kj of  w[co, ci, ki, kj] * xpad[ci, oh + ki, ow + kj]
@@ -20,7 +21,15 @@
 //! this path takes is the same convolution of the output gradient with the flipped,
 //! transposed weights, so it runs here too when the input has a multiple of 16 channels.
 //!
-//! Without AVX-512 (or for other shapes) `conv.rs`'s im2col path runs instead.
+//! With AVX2 and FMA only (16 registers of 8 lanes) the block is 16 output channels by 6
+//! pixels: twelve accumulators, two weight loads and six broadcasts per tap. Its six
+//! pixels are consecutive in the *padded* plane, where output pixel (oh, ow) sits at
+//! `oh * (w + 2) + ow` and reads its taps at fixed offsets from there, so a block runs
+//! on across row ends and only the two pad columns of each row are computed in vain
+//! (20% of the work on 8-pixel rows, 6% on 32; six pixels per row block would waste 33%
+//! on 8-pixel rows).
+//!
+//! Without either (or for other shapes) `conv.rs`'s im2col path runs instead.
 
 use super::buffers;
 use crate::backend::Conv2dParams;
@@ -29,8 +38,41 @@ use std::cell::RefCell;
 
 /// f32 lanes of one AVX-512 vector: output channels come in multiples of this.
 const LANES: usize = 16;
-/// Output pixels of a register block.
+/// Output pixels of an AVX-512 register block (of one output row).
 const PIX: usize = 8;
+/// Output pixels of an AVX2 register block (consecutive in the padded plane).
+const PIX_AVX2: usize = 6;
+
+/// The vector kernel this CPU runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    /// 32-channel blocks (a last one of 16) by 8 pixels of one row.
+    Avx512,
+    /// 16-channel blocks by 6 pixels of the padded plane.
+    Avx2,
+}
+
+impl Isa {
+    /// Output channels of a full block.
+    fn block_width(self) -> usize {
+        match self {
+            Isa::Avx512 => 2 * LANES,
+            Isa::Avx2 => LANES,
+        }
+    }
+
+    /// Most input channels for which this kernel beats im2col + GEMM (`cargo bench
+    /// --bench conv`): AVX-512 up to 128 (ResNet-18's layer2, 128 x 8x8: -29% time
+    /// forward, -22% backward; beyond 128 not measured). AVX2 up to 64 (session 8, a
+    /// 2-core AMD EPYC: the demo's 16-64 channels -17% to -24% time forward, 64 x 16x16
+    /// even, 128 x 8x8 +19% forward, +11% backward).
+    fn max_c_in(self) -> usize {
+        match self {
+            Isa::Avx512 => 128,
+            Isa::Avx2 => 64,
+        }
+    }
+}
 
 /// Whether `conv2d` computes this forward convolution.
 pub fn applies(p: &Conv2dParams) -> bool {
@@ -43,28 +85,35 @@ pub fn applies(p: &Conv2dParams) -> bool {
         && p.c_out > 0
         && p.c_out % LANES == 0
         && p.batch * p.c_in * p.h_in * p.w_in > 0
-        // measured (`cargo bench --bench conv`): faster than im2col + GEMM on rows of
-        // 8 or more pixels with up to 128 input channels (+12% to +45% forward with 16-64
-        // channels; 128 x 8x8, ResNet-18's layer2: -29% time forward, -22% backward),
-        // slower on 4x4 and 2x2 planes (the 8-pixel block is mostly empty); beyond 128
-        // input channels not measured
+        // measured (`cargo bench --bench conv`, AVX-512): faster than im2col + GEMM on
+        // rows of 8 or more pixels (+12% to +45% forward with 16-64 channels), slower on
+        // 4x4 and 2x2 planes (the 8-pixel block is mostly empty); see `max_c_in`
         && p.w_in >= 8
-        && p.c_in <= 128
-        && has_avx512()
+        && best_isa().is_some_and(|isa| p.c_in <= isa.max_c_in())
 }
 
 /// Whether `conv2d_backward_input` computes this convolution's input gradient.
 pub fn applies_backward_input(p: &Conv2dParams) -> bool { applies(&transposed(p)) }
 
-fn has_avx512() -> bool {
+/// Whether this CPU runs the AVX2 kernel (it has AVX2 and FMA but not AVX-512F).
+pub fn runs_avx2() -> bool { best_isa() == Some(Isa::Avx2) }
+
+/// The widest kernel this CPU can run, if any.
+fn best_isa() -> Option<Isa> { supported_isas().first().copied() }
+
+/// Every kernel this CPU can run, widest first.
+fn supported_isas() -> Vec<Isa> {
+    let mut isas = vec![];
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx512f")
+        if std::is_x86_feature_detected!("avx512f") {
+            isas.push(Isa::Avx512);
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            isas.push(Isa::Avx2);
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    isas
 }
 
 /// The convolution whose forward is `p`'s input gradient: channels swapped (same planes,
@@ -74,26 +123,34 @@ fn transposed(p: &Conv2dParams) -> Conv2dParams { Conv2dParams { c_in: p.c_out, 
 /// `conv2d(x, w)` for a `p` that `applies`.
 pub fn conv2d(x: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> {
     assert!(applies(p), "conv3x3::conv2d called for {p:?}");
-    let packed = pack(w, p.c_out, p.c_in, |co, ci, k| w[(co * p.c_in + ci) * 9 + k]);
-    run(x, &packed, p)
+    conv2d_with(best_isa().expect("`applies` checked"), x, w, p)
+}
+
+fn conv2d_with(isa: Isa, x: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> {
+    let packed = pack(isa, w, p.c_out, p.c_in, |co, ci, k| w[(co * p.c_in + ci) * 9 + k]);
+    run(isa, x, &packed, p)
 }
 
 /// The input gradient of `conv2d(x, w)` for a `p` that `applies_backward_input`:
 /// `grad` convolved with `w` flipped in both spatial axes, in and out channels swapped.
 pub fn conv2d_backward_input(grad: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> {
-    let q = transposed(p);
-    assert!(applies(&q), "conv3x3::conv2d_backward_input called for {p:?}");
-    // the new weight [c_in][c_out][ki][kj] is w[c_out][c_in][2 - ki][2 - kj]: k -> 8 - k
-    let packed = pack(w, q.c_out, q.c_in, |ci, co, k| w[(co * p.c_in + ci) * 9 + 8 - k]);
-    run(grad, &packed, &q)
+    assert!(applies_backward_input(p), "conv3x3::conv2d_backward_input called for {p:?}");
+    conv2d_backward_input_with(best_isa().expect("`applies` checked"), grad, w, p)
 }
 
-/// Weights as `[co block][ci][k][block width]`, blocks of 32 output channels and a last
-/// one of 16; `at(co, ci, k)` reads the weight of output channel `co`, input `ci`, tap `k`.
-fn pack(w: &[f32], c_out: usize, c_in: usize, at: impl Fn(usize, usize, usize) -> f32) -> Vec<f32> {
+fn conv2d_backward_input_with(isa: Isa, grad: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> {
+    let q = transposed(p);
+    // the new weight [c_in][c_out][ki][kj] is w[c_out][c_in][2 - ki][2 - kj]: k -> 8 - k
+    let packed = pack(isa, w, q.c_out, q.c_in, |ci, co, k| w[(co * p.c_in + ci) * 9 + 8 - k]);
+    run(isa, grad, &packed, &q)
+}
+
+/// Weights as `[co block][ci][k][block width]` in `isa`'s blocks; `at(co, ci, k)` reads
+/// the weight of output channel `co`, input `ci`, tap `k`.
+fn pack(isa: Isa, w: &[f32], c_out: usize, c_in: usize, at: impl Fn(usize, usize, usize) -> f32) -> Vec<f32> {
     debug_assert_eq!(w.len(), c_out * c_in * 9);
     let mut packed = vec![0f32; c_out * c_in * 9];
-    for (co0, width) in blocks(c_out) {
+    for (co0, width) in blocks(isa, c_out) {
         let dst = &mut packed[co0 * c_in * 9..][..width * c_in * 9];
         for ci in 0..c_in {
             for k in 0..9 {
@@ -107,14 +164,19 @@ fn pack(w: &[f32], c_out: usize, c_in: usize, at: impl Fn(usize, usize, usize) -
 }
 
 /// `(first channel, width)` of each output-channel block.
-fn blocks(c_out: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..c_out).step_by(2 * LANES).map(move |co0| (co0, (c_out - co0).min(2 * LANES)))
+fn blocks(isa: Isa, c_out: usize) -> impl Iterator<Item = (usize, usize)> {
+    let full = isa.block_width();
+    (0..c_out).step_by(full).map(move |co0| (co0, (c_out - co0).min(full)))
 }
 
-fn run(x: &[f32], packed: &[f32], p: &Conv2dParams) -> Vec<f32> {
+fn run(isa: Isa, x: &[f32], packed: &[f32], p: &Conv2dParams) -> Vec<f32> {
     let (in_sample, out_sample) = (p.c_in * p.h_in * p.w_in, p.c_out * p.h_in * p.w_in);
     assert_eq!(x.len(), p.batch * in_sample, "conv3x3: input size");
-    let block_len = 2 * LANES * p.h_in * p.w_in;
+    let block_len = isa.block_width() * p.h_in * p.w_in;
+    let channels = |xp: &[f32], co0: usize, out: &mut [f32]| match isa {
+        Isa::Avx512 => channels(xp, packed, p, co0, out),
+        Isa::Avx2 => channels_avx2(xp, packed, p, co0, out),
+    };
     // every output element is written by exactly one block store in `channels`
     buffers::filled(p.batch * out_sample, |out| {
         if p.batch >= rayon::current_num_threads() {
@@ -123,8 +185,8 @@ fn run(x: &[f32], packed: &[f32], p: &Conv2dParams) -> Vec<f32> {
                 PADDED.with(|xp| {
                     let xp = &mut xp.borrow_mut();
                     pad(x, p, xp);
-                    for (co0, width) in blocks(p.c_out) {
-                        channels(xp, packed, p, co0, &mut out[co0 * p.h_in * p.w_in..][..width * p.h_in * p.w_in]);
+                    for (co0, width) in blocks(isa, p.c_out) {
+                        channels(xp, co0, &mut out[co0 * p.h_in * p.w_in..][..width * p.h_in * p.w_in]);
                     }
                 })
             })
@@ -134,7 +196,7 @@ fn run(x: &[f32], packed: &[f32], p: &Conv2dParams) -> Vec<f32> {
             let mut xp = vec![];
             for (out, x) in out.chunks_mut(out_sample).zip(x.chunks(in_sample)) {
                 pad(x, p, &mut xp);
-                out.par_chunks_mut(block_len).enumerate().for_each(|(i, out)| channels(&xp, packed, p, i * 2 * LANES, out));
+                out.par_chunks_mut(block_len).enumerate().for_each(|(i, out)| channels(&xp, i * isa.block_width(), out));
             }
         }
     })
@@ -146,8 +208,8 @@ thread_local! {
 }
 
 /// One sample's input `x` with a zero border, into `xp`: `[c_in][h + 2][w + 2]` plus the
-/// floats the last register block reads past the end.
-fn pad(x: &[f32], p: &Conv2dParams, xp: &mut Vec<f32>) {
+/// floats the last register block reads past the end (`PIX + 2` covers both kernels').
+pub(super) fn pad(x: &[f32], p: &Conv2dParams, xp: &mut Vec<f32>) {
     let (h, w) = (p.h_in, p.w_in);
     let (wp, plane) = (w + 2, (h + 2) * (w + 2));
     // the last block of a row reads up to PIX + 2 floats past the last padded row's end
@@ -239,6 +301,107 @@ unsafe fn block<const NV: usize>(_: &[f32], _: usize, _: usize, _: usize, _: &[f
     unreachable!("`applies` is false without AVX-512")
 }
 
+/// `channels` for the AVX2 kernel: 16 output channels `co0..co0 + 16` of one sample, in
+/// blocks of 6 consecutive pixels of the padded plane (see the module comment).
+fn channels_avx2(xp: &[f32], packed: &[f32], p: &Conv2dParams, co0: usize, out: &mut [f32]) {
+    let (h, w) = (p.h_in, p.w_in);
+    let (wp, plane, hw) = (w + 2, (h + 2) * (w + 2), h * w);
+    // the kernel's reads past a row end rely on this length (see the SAFETY note)
+    assert!(xp.len() >= p.c_in * plane + PIX + 2 && out.len() == LANES * hw, "conv3x3: padded input or block");
+    let wblock = &packed[co0 * p.c_in * 9..][..LANES * p.c_in * 9];
+    // output pixel (oh, ow) is padded-plane position oh * wp + ow: all lie below `end`
+    let end = (h - 1) * wp + w;
+    // Blocks land in `staged` in the padded layout, a channel every `stride` floats, and
+    // whole rows are copied out at the end. Stored straight into `out`, the 16 channels
+    // of a pixel lie h*w floats apart: a multiple of 4 KiB on 32x32 planes, so all 16
+    // compete for one L1 set (measured: the stores took a sixth of the time). `stride`
+    // is odd, and leaves room for the last block's 8-float stores.
+    let stride = (end.next_multiple_of(PIX_AVX2) + 2) | 1;
+    STAGED.with(|staged| {
+        let staged = &mut staged.borrow_mut();
+        staged.resize(LANES * stride, 0.0);
+        // in increasing j0: each block's stores run 2 floats into the next block's pixels,
+        // which that block then overwrites
+        for j0 in (0..end).step_by(PIX_AVX2) {
+            // SAFETY: the kernel reads xp[j0 + ci*plane + ki*wp + r + kj] for ci < c_in,
+            // ki, kj < 3, r < PIX_AVX2: at most (end - 1) + (c_in-1)*plane + 2*wp + 7
+            // = c_in*plane + 4, inside xp's c_in*plane + PIX + 2 floats; wblock holds
+            // 16*c_in*9 floats; it writes staged[j0 + c*stride + r] for c < 16, r < 8,
+            // inside staged as j0 + 8 <= stride; `supported_isas` checked AVX2 and FMA.
+            unsafe { block_avx2(&xp[j0..], wp, plane, p.c_in, wblock, &mut staged[j0..], stride) };
+        }
+        for (out, staged) in out.chunks_exact_mut(hw).zip(staged.chunks_exact(stride)) {
+            for (oh, row) in out.chunks_exact_mut(w).enumerate() {
+                row.copy_from_slice(&staged[oh * wp..][..w]);
+            }
+        }
+    })
+}
+
+thread_local! {
+    /// Per-thread staging of one AVX2 block of output channels, reused across calls.
+    static STAGED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `dst[l*stride + r] = sum over ci, ki, kj of wblock[ci][ki*3+kj][l] *
+/// xs[ci*plane + ki*wp + r + kj]` for the 6 pixels r and 16 channels l of a block; it
+/// also writes `dst[l*stride + 6]` and `dst[l*stride + 7]` (with zeros).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `xs` holds `(c_in-1)*plane + 2*wp + PIX_AVX2 + 2` floats,
+/// `wblock` `c_in*9*16` and `dst` `15*stride + 8`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_avx2(xs: &[f32], wp: usize, plane: usize, c_in: usize, wblock: &[f32], dst: &mut [f32], stride: usize) {
+    use std::arch::x86_64::*;
+    debug_assert!(xs.len() >= (c_in - 1) * plane + 2 * wp + PIX_AVX2 + 2);
+    debug_assert!(wblock.len() >= c_in * 9 * LANES && dst.len() >= 15 * stride + 8);
+    let (x, wb) = (xs.as_ptr(), wblock.as_ptr());
+    let mut acc = [[_mm256_setzero_ps(); PIX_AVX2]; 2];
+    for ci in 0..c_in {
+        for ki in 0..3 {
+            let row = x.add(ci * plane + ki * wp);
+            for kj in 0..3 {
+                let wk = wb.add((ci * 9 + ki * 3 + kj) * LANES);
+                let (w0, w1) = (_mm256_loadu_ps(wk), _mm256_loadu_ps(wk.add(8)));
+                for r in 0..PIX_AVX2 {
+                    let b = _mm256_broadcast_ss(&*row.add(r + kj));
+                    acc[0][r] = _mm256_fmadd_ps(w0, b, acc[0][r]);
+                    acc[1][r] = _mm256_fmadd_ps(w1, b, acc[1][r]);
+                }
+            }
+        }
+    }
+    // acc[v][r] holds channels 8v..8v+8 of pixel r: transposed as an 8x8 block (pixels
+    // 6 and 7 zero), each channel's pixels become one vector
+    let d = dst.as_mut_ptr();
+    let z = _mm256_setzero_ps();
+    for (v, acc) in acc.iter().enumerate() {
+        let r = [acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], z, z];
+        let t: [__m256; 8] = std::array::from_fn(|i| {
+            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+            if i % 2 == 0 { _mm256_unpacklo_ps(a, b) } else { _mm256_unpackhi_ps(a, b) }
+        });
+        // u[4h + i]: lanes (4h..4h+4 of pixels) in each 128-bit half
+        let u: [__m256; 8] = std::array::from_fn(|i| {
+            let (h, k) = (i / 4, i % 4);
+            let (a, b) = (t[4 * h + k % 2], t[4 * h + 2 + k % 2]);
+            if k < 2 { _mm256_shuffle_ps::<0x44>(a, b) } else { _mm256_shuffle_ps::<0xEE>(a, b) }
+        });
+        for c in 0..8 {
+            // channel c: pixels 0-3 from u[k], pixels 4-7 from u[4 + k], the half c / 4
+            let k = [0, 2, 1, 3][c % 4];
+            let col = if c < 4 { _mm256_permute2f128_ps::<0x20>(u[k], u[4 + k]) } else { _mm256_permute2f128_ps::<0x31>(u[k], u[4 + k]) };
+            _mm256_storeu_ps(d.add((8 * v + c) * stride), col);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn block_avx2(_: &[f32], _: usize, _: usize, _: usize, _: &[f32], _: &mut [[f32; LANES]; PIX_AVX2]) {
+    unreachable!("`applies` is false without AVX2")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,14 +448,20 @@ mod tests {
     /// terms, 128 channels x 9 taps, drift further than 1e-5 from the f64 reference).
     fn abs_tolerance(mag: &[f64]) -> f32 { 1e-5f32.max(2.0 * f32::EPSILON * mag.iter().cloned().fold(0.0, f64::max) as f32) }
 
-    const SKIP: &str = "skipped: this CPU has no AVX-512F, so the im2col path runs instead";
+    const SKIP: &str = "skipped: this CPU has neither AVX-512F nor AVX2 + FMA, so the im2col path runs instead";
+
+    /// Every kernel this CPU runs (an AVX-512 CPU checks the AVX2 kernel too).
+    fn isas() -> Vec<Isa> {
+        let isas = supported_isas();
+        if isas.is_empty() {
+            eprintln!("{SKIP}");
+        }
+        isas
+    }
 
     #[test]
     fn forward_matches_the_definition() {
-        if !has_avx512() {
-            return eprintln!("{SKIP}");
-        }
-        for (i, p) in cases().into_iter().enumerate() {
+        for (isa, (i, p)) in isas().into_iter().flat_map(|isa| cases().into_iter().enumerate().map(move |c| (isa, c))) {
             let (x, w) = (rand(p.batch * p.c_in * p.h_in * p.w_in, i as u64), rand(p.c_out * p.c_in * 9, 50 + i as u64));
             let (mut want, mut mag) = (vec![0f64; p.batch * p.c_out * p.h_in * p.w_in], vec![0f64; p.batch * p.c_out * p.h_in * p.w_in]);
             walk(&p, |xi, wi, oi| {
@@ -300,18 +469,15 @@ mod tests {
                 mag[oi] += (x[xi] as f64 * w[wi] as f64).abs();
             });
             let want: Vec<f32> = want.into_iter().map(|v| v as f32).collect();
-            crate::test_close::assert_close(&conv2d(&x, &w, &p), &want, abs_tolerance(&mag), 1e-5, &format!("conv3x3 forward {p:?}"));
+            crate::test_close::assert_close(&conv2d_with(isa, &x, &w, &p), &want, abs_tolerance(&mag), 1e-5, &format!("conv3x3 {isa:?} forward {p:?}"));
         }
     }
 
     #[test]
     fn backward_input_matches_the_definition() {
-        if !has_avx512() {
-            return eprintln!("{SKIP}");
-        }
         let cases: Vec<_> = cases().into_iter().filter(|p| p.c_in % LANES == 0).collect();
         assert!(cases.len() >= 3, "the cases exercise the input gradient");
-        for (i, p) in cases.into_iter().enumerate() {
+        for (isa, (i, p)) in isas().into_iter().flat_map(|isa| cases.clone().into_iter().enumerate().map(move |c| (isa, c))) {
             let (g, w) = (rand(p.batch * p.c_out * p.h_in * p.w_in, 100 + i as u64), rand(p.c_out * p.c_in * 9, 150 + i as u64));
             let (mut want, mut mag) = (vec![0f64; p.batch * p.c_in * p.h_in * p.w_in], vec![0f64; p.batch * p.c_in * p.h_in * p.w_in]);
             walk(&p, |xi, wi, oi| {
@@ -319,8 +485,8 @@ mod tests {
                 mag[xi] += (g[oi] as f64 * w[wi] as f64).abs();
             });
             let want: Vec<f32> = want.into_iter().map(|v| v as f32).collect();
-            let got = conv2d_backward_input(&g, &w, &p);
-            crate::test_close::assert_close(&got, &want, abs_tolerance(&mag), 1e-5, &format!("conv3x3 backward input {p:?}"));
+            let got = conv2d_backward_input_with(isa, &g, &w, &p);
+            crate::test_close::assert_close(&got, &want, abs_tolerance(&mag), 1e-5, &format!("conv3x3 {isa:?} backward input {p:?}"));
         }
     }
 }

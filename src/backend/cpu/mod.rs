@@ -7,6 +7,7 @@ pub(crate) mod buffers;
 mod contrastive;
 mod conv;
 mod conv3x3;
+mod conv3x3_weight;
 mod elementwise;
 mod high_order_attention;
 mod matmul;
