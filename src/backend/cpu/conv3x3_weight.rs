@@ -87,7 +87,7 @@ fn accumulate(xps: &[Vec<f32>], gps: &[Vec<f32>], p: &Conv2dParams, dw: &mut [f3
     let stride = nvec * LANES;
     // the kernel's reads rely on these lengths (see the SAFETY note)
     assert!(
-        xps.iter().all(|xp| xp.len() >= p.c_in * plane + 7) && gps.iter().all(|gp| gp.len() == p.c_out * stride) && p.c_out % CO_BLOCK == 0,
+        xps.iter().all(|xp| xp.len() >= p.c_in * plane + 7) && gps.iter().all(|gp| gp.len() == p.c_out * stride) && p.c_out.is_multiple_of(CO_BLOCK),
         "conv3x3_weight: padded operands"
     );
     for co0 in (0..p.c_out).step_by(CO_BLOCK) {
