@@ -252,3 +252,42 @@ fn a_rank_that_fails_mid_run_stops_the_others_with_its_message() {
     .to_string();
     assert_eq!(err, "rank 1 lost its GPU");
 }
+
+/// What three iterations of a one-process pooled run give: each loss of each
+/// iteration, then the squared size of the student's whole update (the third
+/// iteration's student steps draw from a pool in which a batch was replaced).
+fn pooled_fingerprint(method: &str) -> Vec<f32> {
+    let mut cfg = tiny(&workdir("unused"));
+    cfg.distill.method = method.into();
+    cfg.distill.pool_batches = 2;
+    let (t, s) = models();
+    let mut d = Distiller::new(&cfg, t.as_ref(), s.as_ref(), Device::Cpu).unwrap();
+    let before = to_host(d.named_state());
+    let mut out = vec![];
+    for _ in 0..3 {
+        let (g, s) = d.iterate().unwrap();
+        out.extend(g.iter().chain(&s).map(|p| p.1));
+    }
+    let moved: f64 = before.iter().zip(to_host(d.named_state())).flat_map(|((_, a), (_, b))| a.iter().zip(b).map(|(x, y)| (*x as f64 - y as f64).powi(2)).collect::<Vec<_>>()).sum();
+    out.push(moved as f32);
+    out
+}
+
+/// Pools are shared across ranks without changing one process's run: the numbers are
+/// what main computed before (commit dd55fbf, on the CPU). Any change to what one
+/// process draws, keeps or replaces moves the losses by far more than the tolerance,
+/// which only allows for another CPU's rounding.
+#[test]
+fn one_process_pooled_runs_are_unchanged() {
+    let want: [(&str, &[f32]); 2] = [
+        ("dfkd-fgvc", &[66.11742, 0.10216025, 2.2756748, 0.10333829, 0.13537471, 3.569577, 65.87516, 0.094910815, 2.274797, 0.09476352,
+                        0.13618171, 2.4501677, 64.85203, 0.08654008, 2.2770472, 0.08366348, 0.13488635, 2.0591128, 4095.2905]),
+        ("deepinversion", &[65.444626, 2.4623694, 0.01073098, 0.09089278, 65.25956, 2.3020196, 0.010944549, 0.08169904, 65.43257, 2.0829563,
+                            0.010873445, 0.072747566, 32.187923]),
+    ];
+    for (method, want) in want {
+        let got = pooled_fingerprint(method);
+        eprintln!("{method}: {got:?}");
+        common::assert_close(&got, want, 0.0, 1e-5, &format!("{method}, one process, pool of 2: losses and the update's size"));
+    }
+}
