@@ -104,8 +104,6 @@ impl Config {
         if p.ranks > 1 {
             c.check(k.batch_size % p.ranks == 0 && k.batch_size / p.ranks >= 2, "parallel.ranks", p.ranks,
                     &format!("a divisor of distill.batch_size = {} leaving each rank at least 2 samples", k.batch_size));
-            c.check(k.pool_batches == 0 && k.method != "deepinversion", "parallel.ranks", p.ranks,
-                    "1 with an image pool (distill.pool_batches, DeepInversion): pools are not shared between ranks yet");
         }
         c.done()
     }
