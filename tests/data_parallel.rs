@@ -162,14 +162,21 @@ fn a_data_parallel_job_writes_its_outputs_once() {
     let w = workdir("job");
     let mut cfg = tiny(&w);
     cfg.parallel.ranks = 2;
-    let run_dir = w.join("run");
-    let s = job::run_job(&cfg, Device::Cpu, &RunOptions { run_dir: run_dir.clone(), resume: false, overwrite: false }).unwrap();
-    assert!((0.0..=100.0).contains(&s.student_top1));
-    let log = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
-    assert_eq!(log.lines().filter(|l| l.contains("\"distill\"")).count(), 4, "one record per iteration, from rank 0 only");
-    for f in ["student.safetensors", "checkpoint/state.json", "checkpoint/generator.safetensors", "images/iter000004.png"] {
-        assert!(run_dir.join(f).exists(), "{f} missing");
+    // DeepInversion pools: every rank takes part in the checkpoints rank 0 writes
+    for (method, state) in [("dfkd-fgvc", "checkpoint/generator.safetensors"), ("deepinversion", "checkpoint/pool.safetensors")] {
+        cfg.distill.method = method.into();
+        let run_dir = w.join(method);
+        let s = job::run_job(&cfg, Device::Cpu, &RunOptions { run_dir: run_dir.clone(), resume: false, overwrite: false }).unwrap();
+        assert!((0.0..=100.0).contains(&s.student_top1));
+        let log = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+        assert_eq!(log.lines().filter(|l| l.contains("\"distill\"")).count(), 4, "{method}: one record per iteration, from rank 0 only");
+        for f in ["student.safetensors", "checkpoint/state.json", state, "images/iter000004.png"] {
+            assert!(run_dir.join(f).exists(), "{method}: {f} missing");
+        }
     }
+    let pool = load_tensors(w.join("deepinversion/checkpoint/pool.safetensors")).unwrap();
+    assert_eq!(pool.len(), 4, "one inverted batch an iteration");
+    assert!(pool.iter().all(|(_, t)| t.dims() == [8, 3, 16, 16]), "the pool is saved as global batches");
     std::fs::remove_dir_all(&w).unwrap();
 }
 
