@@ -90,7 +90,7 @@ impl<'a> Distiller<'a> {
         let world = group.as_ref().map_or(1, |g| g.world());
         // this rank thread's BatchNorm mode (no effect without a group)
         parallel::set_sync_batch_norm(cfg.parallel.sync_batch_norm);
-        if d.batch_size % world != 0 {
+        if !d.batch_size.is_multiple_of(world) {
             bail!("{world} data-parallel ranks need distill.batch_size ({}) divisible by them", d.batch_size);
         }
         if d.gen_target_ce > 0.0 && !cfg.generator.conditional {
@@ -521,7 +521,7 @@ impl<'a> Distiller<'a> {
             let n = t.dims().first().copied().unwrap_or(0);
             match world {
                 1 => Ok(t),
-                _ if n % world != 0 => bail!("the checkpoint's pooled batches have {n} images, which {world} ranks cannot share evenly"),
+                _ if !n.is_multiple_of(world) => bail!("the checkpoint's pooled batches have {n} images, which {world} ranks cannot share evenly"),
                 _ => t.narrow(0, rank * n / world, n / world)?.contiguous(),
             }
         };
@@ -594,16 +594,16 @@ pub fn run(
     while distiller.iteration() < total {
         let (g, s) = distiller.iterate()?;
         let it = distiller.iteration();
-        let checkpoint = it % d.checkpoint_every == 0 || it == total;
+        let checkpoint = it.is_multiple_of(d.checkpoint_every) || it == total;
         if let (Some(log), Some(bar)) = (log.as_deref_mut(), &bar) {
             let mut record = json!({"phase": "distill", "iteration": it, "epoch": it as f32 / d.iterations_per_epoch as f32,
                                     "lr": distiller.opt_s.lr()});
             for (n, v) in g.iter().chain(&s) {
                 record[*n] = json!(v);
             }
-            let epoch_done = it % d.iterations_per_epoch == 0;
+            let epoch_done = it.is_multiple_of(d.iterations_per_epoch);
             let epoch = it / d.iterations_per_epoch;
-            if epoch_done && d.eval_every > 0 && (epoch % d.eval_every == 0 || it == total) {
+            if epoch_done && d.eval_every > 0 && (epoch.is_multiple_of(d.eval_every) || it == total) {
                 let acc = evaluate(distiller.student)?;
                 record["student_top1"] = json!(acc);
             }
