@@ -173,6 +173,17 @@ mod tests {
     }
 
     #[test]
+    fn image_pools_run_on_ranks_but_still_need_generator_steps() {
+        for method in ["dfkd-fgvc", "deepinversion"] {
+            let mut c = Config::cpu_demo();
+            c.apply_overrides(&["parallel.ranks=2".into(), "distill.pool_batches=4".into(), format!("distill.method={method}")]).unwrap();
+            c.validate().unwrap_or_else(|e| panic!("{method}: {e}"));
+        }
+        let e = refused(&["parallel.ranks=2", "distill.pool_batches=4", "distill.g_steps=0"]);
+        assert!(e.contains("distill.pool_batches = 4") && e.contains("distill.g_steps = 0"), "{e}");
+    }
+
+    #[test]
     fn imported_teacher_weights_need_no_teacher_epochs() {
         let mut c = Config::cpu_demo();
         c.teacher.epochs = 0;
