@@ -14,9 +14,11 @@
 mod common;
 
 use common::{randn, tiny};
+use dfkd::checkpoint::load_tensors;
 use dfkd::commands::job::{self, RunOptions};
 use dfkd::models::{build, Classifier};
 use dfkd::parallel::run_ranks;
+use dfkd::pipeline::checkpoint_dir::CheckpointDir;
 use dfkd::pipeline::config::Config;
 use dfkd::pipeline::distill::Distiller;
 use dfkd::rng::Rng;
@@ -160,51 +162,176 @@ fn a_data_parallel_job_writes_its_outputs_once() {
     let w = workdir("job");
     let mut cfg = tiny(&w);
     cfg.parallel.ranks = 2;
-    let run_dir = w.join("run");
-    let s = job::run_job(&cfg, Device::Cpu, &RunOptions { run_dir: run_dir.clone(), resume: false, overwrite: false }).unwrap();
-    assert!((0.0..=100.0).contains(&s.student_top1));
-    let log = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
-    assert_eq!(log.lines().filter(|l| l.contains("\"distill\"")).count(), 4, "one record per iteration, from rank 0 only");
-    for f in ["student.safetensors", "checkpoint/state.json", "checkpoint/generator.safetensors", "images/iter000004.png"] {
-        assert!(run_dir.join(f).exists(), "{f} missing");
+    // DeepInversion pools: every rank takes part in the checkpoints rank 0 writes
+    for (method, state) in [("dfkd-fgvc", "checkpoint/generator.safetensors"), ("deepinversion", "checkpoint/pool.safetensors")] {
+        cfg.distill.method = method.into();
+        let run_dir = w.join(method);
+        let s = job::run_job(&cfg, Device::Cpu, &RunOptions { run_dir: run_dir.clone(), resume: false, overwrite: false }).unwrap();
+        assert!((0.0..=100.0).contains(&s.student_top1));
+        let log = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+        assert_eq!(log.lines().filter(|l| l.contains("\"distill\"")).count(), 4, "{method}: one record per iteration, from rank 0 only");
+        for f in ["student.safetensors", "checkpoint/state.json", state, "images/iter000004.png"] {
+            assert!(run_dir.join(f).exists(), "{method}: {f} missing");
+        }
     }
+    let pool = load_tensors(w.join("deepinversion/checkpoint/pool.safetensors")).unwrap();
+    assert_eq!(pool.len(), 4, "one inverted batch an iteration");
+    assert!(pool.iter().all(|(_, t)| t.dims() == [8, 3, 16, 16]), "the pool is saved as global batches");
     std::fs::remove_dir_all(&w).unwrap();
+}
+
+/// What a rank hands back: its losses of each iteration, its weights, and its rows of
+/// each pooled batch (shape and values).
+struct RankRun {
+    losses: Vec<String>,
+    state: Named,
+    pool: Vec<(Vec<usize>, Vec<f32>)>,
+}
+
+fn host_pool(d: &Distiller) -> Vec<(Vec<usize>, Vec<f32>)> {
+    d.pool_shard().iter().map(|t| (t.dims().to_vec(), t.to_vec_f32().unwrap())).collect()
+}
+
+/// `world` ranks of `cfg` (the student initialised from `student_seed`), each resuming
+/// from `ckpt` when `resume`, running `iterations` and then, when `save`, taking part in
+/// a checkpoint (rank 0 writes it).
+fn on_ranks(cfg: &Config, ckpt: &CheckpointDir, world: usize, student_seed: u64, resume: bool, iterations: usize, save: bool) -> Vec<RankRun> {
+    let mut c = cfg.clone();
+    c.parallel.ranks = world;
+    run_ranks(world, |_| {
+        let t = build("resnet8", 10, true, &mut Rng::new(5))?;
+        let s = build("resnet8", 10, true, &mut Rng::new(student_seed))?;
+        let mut d = Distiller::new(&c, t.as_ref(), s.as_ref(), Device::Cpu)?;
+        if resume {
+            d.resume(ckpt)?;
+        }
+        let losses: Vec<String> = (0..iterations).map(|_| d.iterate().map(|l| format!("{l:?}"))).collect::<dfkd::Result<_>>()?;
+        if save {
+            d.save_checkpoint(ckpt)?;
+        }
+        Ok(RankRun { losses, state: to_host(d.named_state()), pool: host_pool(&d) })
+    })
+    .unwrap()
 }
 
 #[test]
 fn a_resumed_data_parallel_run_continues_exactly_and_may_change_its_rank_count() {
     let w = workdir("resume");
-    let mut cfg = tiny(&w);
-    cfg.parallel.ranks = 2;
-    let ckpt = dfkd::pipeline::checkpoint_dir::CheckpointDir::new(&w.join("run"));
-    // each rank: `before` iterations (then rank 0 checkpoints), or resume and run `after`
-    let ranks = |world: usize, student_seed: u64, resume: bool, iterations: usize, save: bool| {
-        let mut c = cfg.clone();
-        c.parallel.ranks = world;
-        run_ranks(world, |rank| {
-            let t = build("resnet8", 10, true, &mut Rng::new(5))?;
-            let s = build("resnet8", 10, true, &mut Rng::new(student_seed))?;
-            let mut d = Distiller::new(&c, t.as_ref(), s.as_ref(), Device::Cpu)?;
-            if resume {
-                d.resume(&ckpt)?;
-            }
-            let losses: Vec<String> = (0..iterations).map(|_| d.iterate().map(|l| format!("{l:?}"))).collect::<dfkd::Result<_>>()?;
-            if save && rank == 0 {
-                d.save_checkpoint(&ckpt)?;
-            }
-            Ok((losses, to_host(d.named_state())))
-        })
-        .unwrap()
-    };
-    let whole = ranks(2, 6, false, 4, false);
-    ranks(2, 6, false, 2, true);
+    let cfg = tiny(&w);
+    let ckpt = CheckpointDir::new(&w.join("run"));
+    let whole = on_ranks(&cfg, &ckpt, 2, 6, false, 4, false);
+    on_ranks(&cfg, &ckpt, 2, 6, false, 2, true);
     // a different initialisation: everything must come from the checkpoint
-    let resumed = ranks(2, 99, true, 2, false);
-    assert_eq!(resumed[0].0, whole[0].0[2..], "the losses after the checkpoint");
-    assert_eq!(resumed[1].1, whole[0].1, "the weights after 4 iterations");
+    let resumed = on_ranks(&cfg, &ckpt, 2, 99, true, 2, false);
+    assert_eq!(resumed[0].losses, whole[0].losses[2..], "the losses after the checkpoint");
+    assert_eq!(resumed[1].state, whole[0].state, "the weights after 4 iterations");
     // N may change on resume: the noise of each rank is tied to its rank and the iteration
-    let four = ranks(4, 99, true, 1, false);
+    let four = on_ranks(&cfg, &ckpt, 4, 99, true, 1, false);
     assert_eq!(four.len(), 4);
+    std::fs::remove_dir_all(&w).unwrap();
+}
+
+/// Runs `iterations` of `cfg` on 2 ranks, each reporting after every iteration which
+/// slots of its pool changed, and at the end its weights and rows of the pool.
+fn pooled_ranks(cfg: &Config, iterations: usize) -> Vec<(Vec<Vec<usize>>, RankRun)> {
+    let mut c = cfg.clone();
+    c.parallel.ranks = 2;
+    run_ranks(2, |_| {
+        let (t, s) = models();
+        let mut d = Distiller::new(&c, t.as_ref(), s.as_ref(), Device::Cpu)?;
+        let mut changed = vec![];
+        let mut before = host_pool(&d);
+        for _ in 0..iterations {
+            d.iterate()?;
+            let now = host_pool(&d);
+            changed.push((0..now.len()).filter(|&i| before.get(i) != Some(&now[i])).collect());
+            before = now;
+        }
+        Ok((changed, RankRun { losses: vec![], state: to_host(d.named_state()), pool: before }))
+    })
+    .unwrap()
+}
+
+/// A pooled run on 2 ranks: the weights stay identical, each rank keeps its own rows
+/// of every pooled batch (the 4 of 8 images it synthesised), and the ranks replace the
+/// same pooled batch at the same time, so that slot i of every rank is one global batch.
+fn pooled_ranks_agree(cfg: &Config, iterations: usize, capacity: usize) {
+    let what = &cfg.distill.method;
+    let ranks = pooled_ranks(cfg, iterations);
+    let (changed, last) = (&ranks[0].0, &ranks[0].1);
+    // the student's tensors (about 40); with the generator and MHAD/SFCL, many more
+    assert!(last.state.len() > 30, "{what}: {} tensors", last.state.len());
+    for ((name, a), (_, b)) in last.state.iter().zip(&ranks[1].1.state) {
+        assert_eq!(a, b, "{what}: {name} differs between the ranks after {iterations} iterations");
+    }
+    assert_eq!(changed, &ranks[1].0, "{what}: the ranks replaced different pooled batches");
+    let replaced: Vec<usize> = changed[capacity..].iter().map(|c| { assert_eq!(c.len(), 1, "{what}: one batch a step"); c[0] }).collect();
+    assert!(replaced.len() >= 4 && replaced.iter().any(|&i| i != replaced[0]), "{what}: replacements exercised: {replaced:?}");
+    assert_eq!(last.pool.len(), capacity);
+    for (slot, ((dims, a), (_, b))) in last.pool.iter().zip(&ranks[1].1.pool).enumerate() {
+        assert_eq!(dims, &[4, 3, 16, 16], "{what}: a rank's rows of a pooled batch of 8");
+        assert_ne!(a, b, "{what}: slot {slot}: each rank pools the images it synthesised");
+    }
+}
+
+#[test]
+fn pooled_ranks_stay_identical_and_replace_the_same_batches() {
+    let mut cfg = tiny(&workdir("unused"));
+    cfg.distill.pool_batches = 3;
+    pooled_ranks_agree(&cfg, 10, 3);
+}
+
+#[test]
+fn deepinversion_ranks_stay_identical_and_replace_the_same_batches() {
+    let mut cfg = tiny(&workdir("unused"));
+    cfg.distill.method = "deepinversion".into();
+    cfg.distill.pool_batches = 2;
+    pooled_ranks_agree(&cfg, 7, 2);
+}
+
+#[test]
+fn a_pooled_checkpoint_holds_global_batches_and_resumes_on_any_rank_count() {
+    let w = workdir("resume-pool");
+    let mut cfg = tiny(&w);
+    cfg.distill.pool_batches = 2; // full at the checkpoint: the resumed iterations replace
+    let ckpt = CheckpointDir::new(&w.join("run"));
+    let whole = on_ranks(&cfg, &ckpt, 2, 6, false, 4, false);
+    let saved = on_ranks(&cfg, &ckpt, 2, 6, false, 2, true);
+
+    // the file holds global batches: the ranks' rows, in rank order
+    let mut file = load_tensors(w.join("run/checkpoint/pool.safetensors")).unwrap();
+    file.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(file.iter().map(|f| f.0.as_str()).collect::<Vec<_>>(), ["0", "1"]);
+    let global: Vec<Vec<f32>> = file.iter().map(|(_, t)| t.to_vec_f32().unwrap()).collect();
+    for (i, (_, t)) in file.iter().enumerate() {
+        assert_eq!(t.dims(), [8, 3, 16, 16], "pooled batch {i}: a global batch");
+        assert_eq!(global[i], [saved[0].pool[i].1.clone(), saved[1].pool[i].1.clone()].concat(), "pooled batch {i}: rank 0's rows, then rank 1's");
+    }
+
+    // 2 ranks again: exactly the uninterrupted run (a different initialisation: all
+    // must come from the checkpoint)
+    let resumed = on_ranks(&cfg, &ckpt, 2, 99, true, 2, false);
+    assert_eq!(resumed[0].losses, whole[0].losses[2..], "the losses after the checkpoint");
+    for r in 0..2 {
+        assert_eq!(resumed[r].state, whole[r].state, "rank {r}'s weights after 4 iterations");
+        assert_eq!(resumed[r].pool, whole[r].pool, "rank {r}'s pool after 4 iterations");
+    }
+
+    // 1 rank or 4: each takes its rows of every global batch, and runs on
+    for world in [1, 4] {
+        let rows = 8 / world;
+        for (r, run) in on_ranks(&cfg, &ckpt, world, 99, true, 0, false).iter().enumerate() {
+            for (i, (dims, x)) in run.pool.iter().enumerate() {
+                assert_eq!(dims, &[rows, 3, 16, 16]);
+                let per_row = x.len() / rows;
+                assert_eq!(x[..], global[i][r * rows * per_row..(r + 1) * rows * per_row], "{world} ranks: rank {r}'s rows of pooled batch {i}");
+            }
+        }
+        let runs = on_ranks(&cfg, &ckpt, world, 99, true, 2, false);
+        assert!(runs.iter().all(|r| r.state == runs[0].state && r.pool.len() == 2), "{world} ranks after resuming");
+        assert!(runs[0].losses.iter().all(|l| !l.contains("NaN") && !l.contains("inf")), "{world} ranks: {:?}", runs[0].losses);
+        assert_ne!(runs[0].state, whole[0].state, "{world} ranks draw other noise than 2");
+    }
     std::fs::remove_dir_all(&w).unwrap();
 }
 
@@ -251,4 +378,43 @@ fn a_rank_that_fails_mid_run_stops_the_others_with_its_message() {
     .expect("a failed rank fails the run")
     .to_string();
     assert_eq!(err, "rank 1 lost its GPU");
+}
+
+/// What three iterations of a one-process pooled run give: each loss of each
+/// iteration, then the squared size of the student's whole update (the third
+/// iteration's student steps draw from a pool in which a batch was replaced).
+fn pooled_fingerprint(method: &str) -> Vec<f32> {
+    let mut cfg = tiny(&workdir("unused"));
+    cfg.distill.method = method.into();
+    cfg.distill.pool_batches = 2;
+    let (t, s) = models();
+    let mut d = Distiller::new(&cfg, t.as_ref(), s.as_ref(), Device::Cpu).unwrap();
+    let before = to_host(d.named_state());
+    let mut out = vec![];
+    for _ in 0..3 {
+        let (g, s) = d.iterate().unwrap();
+        out.extend(g.iter().chain(&s).map(|p| p.1));
+    }
+    let moved: f64 = before.iter().zip(to_host(d.named_state())).flat_map(|((_, a), (_, b))| a.iter().zip(b).map(|(x, y)| (*x as f64 - y as f64).powi(2)).collect::<Vec<_>>()).sum();
+    out.push(moved as f32);
+    out
+}
+
+/// Pools are shared across ranks without changing one process's run: the numbers are
+/// what main computed before (commit dd55fbf, on the CPU). Any change to what one
+/// process draws, keeps or replaces moves the losses by far more than the tolerance,
+/// which only allows for another CPU's rounding.
+#[test]
+fn one_process_pooled_runs_are_unchanged() {
+    let want: [(&str, &[f32]); 2] = [
+        ("dfkd-fgvc", &[66.11742, 0.10216025, 2.2756748, 0.10333829, 0.13537471, 3.569577, 65.87516, 0.094910815, 2.274797, 0.09476352,
+                        0.13618171, 2.4501677, 64.85203, 0.08654008, 2.2770472, 0.08366348, 0.13488635, 2.0591128, 4095.2905]),
+        ("deepinversion", &[65.444626, 2.4623694, 0.01073098, 0.09089278, 65.25956, 2.3020196, 0.010944549, 0.08169904, 65.43257, 2.0829563,
+                            0.010873445, 0.072747566, 32.187923]),
+    ];
+    for (method, want) in want {
+        let got = pooled_fingerprint(method);
+        eprintln!("{method}: {got:?}");
+        common::assert_close(&got, want, 0.0, 1e-5, &format!("{method}, one process, pool of 2: losses and the update's size"));
+    }
 }

@@ -61,7 +61,13 @@ pub struct Distiller<'a> {
     opt_g: Option<Optimizer>,
     schedule: CosineSchedule,
     rng: Rng,
+    /// On a rank of a data-parallel group, the draws every rank makes alike (which
+    /// pooled batch a new one replaces), tied to the iteration; `None` alone, where
+    /// `rng` makes them.
+    shared_rng: Option<Rng>,
     iteration: usize,
+    /// The image pool: this rank's rows of each pooled global batch (the share it
+    /// synthesised), in the same slots on every rank; alone, the whole batches.
     pool: Vec<Tensor>,
     device: Device,
     /// This rank's group in a data-parallel run (`parallel::current` when built).
@@ -84,8 +90,8 @@ impl<'a> Distiller<'a> {
         let world = group.as_ref().map_or(1, |g| g.world());
         // this rank thread's BatchNorm mode (no effect without a group)
         parallel::set_sync_batch_norm(cfg.parallel.sync_batch_norm);
-        if d.batch_size % world != 0 || (world > 1 && (d.pool_batches > 0 || method == Method::DeepInversion)) {
-            bail!("{world} data-parallel ranks need distill.batch_size ({}) divisible by them and no image pool (distill.pool_batches = 0, not DeepInversion)", d.batch_size);
+        if !d.batch_size.is_multiple_of(world) {
+            bail!("{world} data-parallel ranks need distill.batch_size ({}) divisible by them", d.batch_size);
         }
         if d.gen_target_ce > 0.0 && !cfg.generator.conditional {
             bail!("distill.gen_target_ce = {} needs generator.conditional = true: an unconditional generator cannot be asked for a class", d.gen_target_ce);
@@ -135,7 +141,7 @@ impl<'a> Distiller<'a> {
             }
         }
         let local_batch = d.batch_size / world;
-        Ok(Distiller { cfg, method, teacher, student, generator, aux, opt_s, opt_g, schedule, rng, iteration: 0, pool: vec![], device, group, local_batch })
+        Ok(Distiller { cfg, method, teacher, student, generator, aux, opt_s, opt_g, schedule, rng, shared_rng: None, iteration: 0, pool: vec![], device, group, local_batch })
     }
 
     /// This rank in a data-parallel run (0 alone): rank 0 writes logs and checkpoints.
@@ -166,7 +172,10 @@ impl<'a> Distiller<'a> {
         if let Some(g) = &self.group {
             // each rank draws its own noise; tied to the iteration, so a resumed run
             // (with any number of ranks) needs no saved per-rank state
-            self.rng = self.cfg.distill_rng(0xd15711).fork(1 + g.rank() as u64).fork(self.iteration as u64);
+            let streams = self.cfg.distill_rng(0xd15711);
+            self.rng = streams.fork(1 + g.rank() as u64).fork(self.iteration as u64);
+            // and the draws that keep the ranks' pool shards aligned come from one stream
+            self.shared_rng = Some(streams.fork(0).fork(self.iteration as u64));
         }
         let g_losses = match self.method {
             Method::DeepInversion => self.invert_pixels()?,
@@ -297,10 +306,12 @@ impl<'a> Distiller<'a> {
     }
 
     /// DeepInversion (ADI): optimise a batch of pixels against the teacher's BN
-    /// statistics and sampled targets, with image priors and the competition term.
+    /// statistics and sampled targets, with image priors and the competition term. On
+    /// a rank, its share of the batch: the BN term is the global batch's, and each
+    /// rank's pixels get their gradient of the global batch's loss.
     fn invert_pixels(&mut self) -> Result<Losses> {
         let d = &self.cfg.distill;
-        let (n, s, k) = (d.batch_size, self.cfg.data.image_size, self.teacher.num_classes());
+        let (n, s, k) = (self.local_batch, self.cfg.data.image_size, self.teacher.num_classes());
         let x = Tensor::randn(&[n, 3, s, s], 0.0, 1.0, &mut self.rng, self.device)?.to_var()?;
         let targets: Vec<u32> = (0..n).map(|_| self.rng.below(k) as u32).collect();
         let mut opt = Optimizer::adam(vec![ParamGroup::new(vec![x.clone()], 0.0)], 0.05, 0.5, 0.99);
@@ -313,7 +324,12 @@ impl<'a> Distiller<'a> {
             let (bn, ce) = (losses::bn_loss(&t)?, t.logits.cross_entropy(&targets, 0.0)?);
             let (tv, l2) = (losses::total_variation(&x)?, x.sqr()?.mean_all()?);
             let js = losses::js_divergence(&t.logits, &st.logits)?;
-            let loss = bn.scale(d.alpha)?.add(&ce)?.add(&tv.scale(0.05)?)?.add(&l2.scale(1e-4)?)?.sub(&js)?;
+            let mut loss = bn.scale(d.alpha)?.add(&ce)?.add(&tv.scale(0.05)?)?.add(&l2.scale(1e-4)?)?.sub(&js)?;
+            if let Some(g) = &self.group {
+                // the global loss is the mean of the ranks' (each a mean over its share,
+                // the BN term's backward summed over the ranks): 1/N of this rank's
+                loss = loss.scale(1.0 / g.world() as f32)?;
+            }
             let parts = vec![("g_bn", bn.to_scalar()?), ("g_ce", ce.to_scalar()?), ("g_js", js.to_scalar()?)];
             check_finite(&parts, "deepinversion", self.iteration)?;
             opt.step(&loss.backward()?)?;
@@ -334,10 +350,11 @@ impl<'a> Distiller<'a> {
         }
     }
 
-    /// Adds a synthesised batch to the pool, replacing a random one when it is full.
+    /// Adds a synthesised batch (this rank's share) to the pool, replacing a random one
+    /// when it is full: the same one on every rank.
     fn remember(&mut self, batch: Tensor, capacity: usize) {
         if self.pool.len() >= capacity {
-            let i = self.rng.below(self.pool.len());
+            let i = self.shared_rng.as_mut().unwrap_or(&mut self.rng).below(self.pool.len());
             self.pool[i] = batch;
         } else {
             self.pool.push(batch);
@@ -348,9 +365,10 @@ impl<'a> Distiller<'a> {
     fn uses_pool(&self) -> bool { self.method == Method::DeepInversion || self.cfg.distill.pool_batches > 0 }
 
     /// A student batch of images drawn at random from the whole pool, so that one batch
-    /// mixes several generator states.
+    /// mixes several generator states. On a rank, its share of the batch, drawn with its
+    /// own noise from its own rows of the pool (docs/DATA_PARALLEL.md, "Image pools").
     fn pooled_images(&mut self) -> Result<Tensor> {
-        let n = self.cfg.distill.batch_size;
+        let n = self.local_batch;
         let picks: Vec<Tensor> = (0..n)
             .map(|_| {
                 let b = &self.pool[self.rng.below(self.pool.len())];
@@ -425,7 +443,11 @@ impl<'a> Distiller<'a> {
         out
     }
 
-    /// A grid of freshly synthesised images (or the latest inverted batch).
+    /// This rank's rows of each pooled batch (alone, the batches), in pool order.
+    pub fn pool_shard(&self) -> &[Tensor] { &self.pool }
+
+    /// A grid of freshly synthesised images (or the latest inverted batch): on a rank,
+    /// its own share (rank 0 writes the grids).
     pub fn save_samples(&mut self, path: &Path) -> Result<()> {
         let x = match self.method {
             Method::DeepInversion => match self.pool.last() {
@@ -450,7 +472,17 @@ impl<'a> Distiller<'a> {
         names
     }
 
+    /// Writes the checkpoint. On a rank of a data-parallel group every rank must call
+    /// it: the pool is saved as global batches, gathered from every rank's rows; rank 0
+    /// alone writes.
     pub fn save_checkpoint(&self, ckpt: &CheckpointDir) -> Result<()> {
+        let pool = match &self.group {
+            Some(g) => self.pool.iter().map(|shard| g.all_gather(shard)).collect::<Result<Vec<_>>>()?,
+            None => self.pool.clone(),
+        };
+        if self.rank() != 0 {
+            return Ok(());
+        }
         let state = State { iteration: self.iteration, rng: self.rng.state() };
         ckpt.save(&state, |dir| {
             save_model(self.student, dir.join("student.safetensors"))?;
@@ -462,12 +494,14 @@ impl<'a> Distiller<'a> {
                 let g_state = opt.state_tensors(&Self::optimizer_names(g))?;
                 save_tensors(dir.join("optim_generator.safetensors"), &g_state.iter().map(|(n, t)| (n.as_str(), t)).collect::<Vec<_>>())?;
             }
-            let pool: Vec<(String, &Tensor)> = self.pool.iter().enumerate().map(|(i, t)| (format!("{i}"), t)).collect();
+            let pool: Vec<(String, &Tensor)> = pool.iter().enumerate().map(|(i, t)| (format!("{i}"), t)).collect();
             save_tensors(dir.join("pool.safetensors"), &pool)
         })
     }
 
-    /// Restores the state `save_checkpoint` wrote: models, optimisers, RNG, iteration.
+    /// Restores the state `save_checkpoint` wrote: models, optimisers, RNG, iteration,
+    /// and the pool (on a rank, its rows of each global batch: the number of ranks may
+    /// differ from the run that wrote it).
     pub fn resume(&mut self, ckpt: &CheckpointDir) -> Result<()> {
         let (state, dir): (State, _) = ckpt.load()?;
         load_model(self.student, dir.join("student.safetensors"))?;
@@ -482,8 +516,17 @@ impl<'a> Distiller<'a> {
         let mut pool: Vec<(usize, Tensor)> =
             load_tensors(dir.join("pool.safetensors"))?.into_iter().filter_map(|(n, t)| n.parse().ok().map(|i| (i, t))).collect();
         pool.sort_by_key(|(i, _)| *i);
+        let (rank, world) = self.group.as_ref().map_or((0, 1), |g| (g.rank(), g.world()));
+        let shard = |t: Tensor| -> Result<Tensor> {
+            let n = t.dims().first().copied().unwrap_or(0);
+            match world {
+                1 => Ok(t),
+                _ if !n.is_multiple_of(world) => bail!("the checkpoint's pooled batches have {n} images, which {world} ranks cannot share evenly"),
+                _ => t.narrow(0, rank * n / world, n / world)?.contiguous(),
+            }
+        };
         // checkpoints load on the host; the student trains on the pool where it runs
-        self.pool = pool.into_iter().map(|(_, t)| t.to_device(self.device)).collect::<Result<_>>()?;
+        self.pool = pool.into_iter().map(|(_, t)| shard(t)?.to_device(self.device)).collect::<Result<_>>()?;
         self.iteration = state.iteration;
         self.rng = Rng::from_state(state.rng);
         Ok(())
@@ -527,7 +570,8 @@ impl Accumulator {
 
 /// Runs the loop to the configured length, with checkpoints, image grids, evaluations
 /// and metrics, resuming from `run_dir`'s checkpoint when `resume`. In a data-parallel
-/// run every rank calls it and only rank 0 is given the `log`: the others only train.
+/// run every rank calls it and only rank 0 is given the `log`: the others train and
+/// take part in the checkpoints (rank 0 writes them).
 pub fn run(
     distiller: &mut Distiller,
     run_dir: &Path,
@@ -549,24 +593,30 @@ pub fn run(
     }
     while distiller.iteration() < total {
         let (g, s) = distiller.iterate()?;
-        let (Some(log), Some(bar)) = (log.as_deref_mut(), &bar) else { continue };
         let it = distiller.iteration();
-        let mut record = json!({"phase": "distill", "iteration": it, "epoch": it as f32 / d.iterations_per_epoch as f32,
-                                "lr": distiller.opt_s.lr()});
-        for (n, v) in g.iter().chain(&s) {
-            record[*n] = json!(v);
+        let checkpoint = it.is_multiple_of(d.checkpoint_every) || it == total;
+        if let (Some(log), Some(bar)) = (log.as_deref_mut(), &bar) {
+            let mut record = json!({"phase": "distill", "iteration": it, "epoch": it as f32 / d.iterations_per_epoch as f32,
+                                    "lr": distiller.opt_s.lr()});
+            for (n, v) in g.iter().chain(&s) {
+                record[*n] = json!(v);
+            }
+            let epoch_done = it.is_multiple_of(d.iterations_per_epoch);
+            let epoch = it / d.iterations_per_epoch;
+            if epoch_done && d.eval_every > 0 && (epoch.is_multiple_of(d.eval_every) || it == total) {
+                let acc = evaluate(distiller.student)?;
+                record["student_top1"] = json!(acc);
+            }
+            log.write(&record)?;
+            let kd = s.iter().find(|(n, _)| *n == "s_kd").map(|p| p.1).unwrap_or(f32::NAN);
+            bar.step(&format!("kd {kd:.3}"));
+            if checkpoint {
+                distiller.save_samples(&run_dir.join("images").join(format!("iter{it:06}.png")))?;
+            }
         }
-        let epoch_done = it % d.iterations_per_epoch == 0;
-        let epoch = it / d.iterations_per_epoch;
-        if epoch_done && d.eval_every > 0 && (epoch % d.eval_every == 0 || it == total) {
-            let acc = evaluate(distiller.student)?;
-            record["student_top1"] = json!(acc);
-        }
-        log.write(&record)?;
-        let kd = s.iter().find(|(n, _)| *n == "s_kd").map(|p| p.1).unwrap_or(f32::NAN);
-        bar.step(&format!("kd {kd:.3}"));
-        if it % d.checkpoint_every == 0 || it == total {
-            distiller.save_samples(&run_dir.join("images").join(format!("iter{it:06}.png")))?;
+        if checkpoint {
+            // after the grid, whose noise the saved RNG state has drawn; on every rank,
+            // which gathers its rows of the pool for rank 0 to write
             distiller.save_checkpoint(&ckpt)?;
         }
     }

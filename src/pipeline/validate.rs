@@ -104,8 +104,6 @@ impl Config {
         if p.ranks > 1 {
             c.check(k.batch_size % p.ranks == 0 && k.batch_size / p.ranks >= 2, "parallel.ranks", p.ranks,
                     &format!("a divisor of distill.batch_size = {} leaving each rank at least 2 samples", k.batch_size));
-            c.check(k.pool_batches == 0 && k.method != "deepinversion", "parallel.ranks", p.ranks,
-                    "1 with an image pool (distill.pool_batches, DeepInversion): pools are not shared between ranks yet");
         }
         c.done()
     }
@@ -172,6 +170,17 @@ mod tests {
             let e = refused(&[set]);
             assert!(e.contains(&format!("{key} = {value} ")) && e.contains("expected"), "{set}: {e}");
         }
+    }
+
+    #[test]
+    fn image_pools_run_on_ranks_but_still_need_generator_steps() {
+        for method in ["dfkd-fgvc", "deepinversion"] {
+            let mut c = Config::cpu_demo();
+            c.apply_overrides(&["parallel.ranks=2".into(), "distill.pool_batches=4".into(), format!("distill.method={method}")]).unwrap();
+            c.validate().unwrap_or_else(|e| panic!("{method}: {e}"));
+        }
+        let e = refused(&["parallel.ranks=2", "distill.pool_batches=4", "distill.g_steps=0"]);
+        assert!(e.contains("distill.pool_batches = 4") && e.contains("distill.g_steps = 0"), "{e}");
     }
 
     #[test]
