@@ -17,6 +17,7 @@
 //! runs of samples and sum their private gradients at the end. AVX-512 CPUs keep the
 //! GEMM path, which reached 200-250 GFLOP/s there (`conv.rs`).
 
+use super::buffers;
 use super::conv3x3::{self, pad};
 use crate::backend::Conv2dParams;
 use rayon::prelude::*;
@@ -43,7 +44,8 @@ pub fn conv2d_backward_weight(x: &[f32], grad: &[f32], p: &Conv2dParams) -> Vec<
     let partials: Vec<Vec<f32>> = (0..threads)
         .into_par_iter()
         .map(|t| {
-            let mut dw = vec![0f32; p.c_out * p.c_in * 9];
+            // from the recycled buffers, as the tensor this becomes goes back to them
+            let mut dw = buffers::zeroed(p.c_out * p.c_in * 9);
             let (mut xps, mut gps) = (vec![vec![]; group], vec![vec![]; group]);
             let samples = (t * per)..((t + 1) * per).min(p.batch);
             for b0 in samples.clone().step_by(group) {
@@ -61,6 +63,7 @@ pub fn conv2d_backward_weight(x: &[f32], grad: &[f32], p: &Conv2dParams) -> Vec<
     let mut dw = parts.next().expect("at least one thread");
     for part in parts {
         dw.iter_mut().zip(&part).for_each(|(d, s)| *d += s);
+        buffers::recycle(part);
     }
     dw
 }
