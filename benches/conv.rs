@@ -10,18 +10,28 @@ use dfkd::backend::Conv2dParams;
 use dfkd::rng::Rng;
 use dfkd::{ConvOpts, Device, Tensor};
 
-/// (name, batch, c_in, c_out, hw, kernel, stride, padding)
-const SHAPES: &[(&str, usize, usize, usize, usize, usize, usize, usize)] = &[
-    ("stem_7x7_s2", 32, 3, 64, 64, 7, 2, 3),
-    ("layer1_3x3", 32, 64, 64, 16, 3, 1, 1),
-    ("layer2_3x3_s2", 32, 64, 128, 16, 3, 2, 1),
-    ("layer2_3x3", 32, 128, 128, 8, 3, 1, 1),
-    ("layer3_3x3", 32, 256, 256, 4, 3, 1, 1),
-    ("layer4_3x3", 32, 512, 512, 2, 3, 1, 1),
-    ("down_1x1_s2", 32, 128, 256, 8, 1, 2, 0),
-    ("demo_16x32x32_3x3", 64, 16, 16, 32, 3, 1, 1),
-    ("demo_32x16x16_3x3", 64, 32, 32, 16, 3, 1, 1),
-    ("demo_64x8x8_3x3", 64, 64, 64, 8, 3, 1, 1),
+/// (name, batch, c_in, c_out, plane side, kernel, stride, padding, groups)
+type Shape = (&'static str, usize, usize, usize, usize, usize, usize, usize, usize);
+
+const SHAPES: &[Shape] = &[
+    ("stem_7x7_s2", 32, 3, 64, 64, 7, 2, 3, 1),
+    ("layer1_3x3", 32, 64, 64, 16, 3, 1, 1, 1),
+    ("layer2_3x3_s2", 32, 64, 128, 16, 3, 2, 1, 1),
+    ("layer2_3x3", 32, 128, 128, 8, 3, 1, 1, 1),
+    ("layer3_3x3", 32, 256, 256, 4, 3, 1, 1, 1),
+    ("layer4_3x3", 32, 512, 512, 2, 3, 1, 1, 1),
+    ("down_1x1_s2", 32, 128, 256, 8, 1, 2, 0, 1),
+    ("demo_16x32x32_3x3", 64, 16, 16, 32, 3, 1, 1, 1),
+    ("demo_32x16x16_3x3", 64, 32, 32, 16, 3, 1, 1, 1),
+    ("demo_64x8x8_3x3", 64, 64, 64, 8, 3, 1, 1, 1),
+    // the demo's other convolutions: the stride-2 3x3s and 1x1 shortcuts of resnet20 and
+    // resnet8, and the 1x1s of the high-order attention (grouped: 3 orders)
+    ("demo_16x32x32_3x3_s2", 64, 16, 32, 32, 3, 2, 1, 1),
+    ("demo_32x16x16_3x3_s2", 64, 32, 64, 16, 3, 2, 1, 1),
+    ("demo_16x32x32_1x1_s2", 64, 16, 32, 32, 1, 2, 0, 1),
+    ("demo_16x32x32_1x1", 64, 16, 24, 32, 1, 1, 0, 1),
+    ("demo_64x8x8_1x1", 64, 64, 96, 8, 1, 1, 0, 1),
+    ("demo_12x32x32_1x1_g3", 64, 12, 48, 32, 1, 1, 0, 3),
 ];
 
 fn bench(c: &mut Criterion) {
@@ -29,13 +39,13 @@ fn bench(c: &mut Criterion) {
     let mut rng = Rng::new(0);
     let mut group = c.benchmark_group("conv2d");
     group.sample_size(10);
-    for &(name, batch, ci, co, hw, k, s, p) in SHAPES {
+    for &(name, batch, ci, co, hw, k, s, p, groups) in SHAPES {
         let x = Tensor::randn(&[batch, ci, hw, hw], 0.0, 1.0, &mut rng, Device::Cpu).unwrap();
-        let w = Tensor::randn(&[co, ci, k, k], 0.0, 0.1, &mut rng, Device::Cpu).unwrap();
-        let opts = ConvOpts::default().stride(s).padding(p);
+        let w = Tensor::randn(&[co, ci / groups, k, k], 0.0, 0.1, &mut rng, Device::Cpu).unwrap();
+        let opts = ConvOpts::default().stride(s).padding(p).groups(groups);
         let params = Conv2dParams {
             batch, c_in: ci, h_in: hw, w_in: hw, c_out: co, kh: k, kw: k,
-            stride: (s, s), padding: (p, p), dilation: (1, 1), groups: 1,
+            stride: (s, s), padding: (p, p), dilation: (1, 1), groups,
         };
         let flops = 2 * params.macs() as u64;
         group.throughput(Throughput::Elements(flops));

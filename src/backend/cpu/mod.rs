@@ -6,6 +6,7 @@ mod batch_norm;
 pub(crate) mod buffers;
 mod contrastive;
 mod conv;
+mod conv1x1;
 mod conv3x3;
 mod conv3x3_weight;
 mod elementwise;
