@@ -1,8 +1,9 @@
 //! 2-D convolution on the CPU as im2col + GEMM (the `gemm` crate). Small 3x3 stride-1
 //! convolutions take `conv3x3`'s direct AVX-512 or AVX2 path instead where it is faster
 //! (its `applies` says where: forward, and the input gradient as a convolution itself),
-//! and on AVX2 CPUs `conv3x3_weight`'s direct weight gradient; on AVX2 CPUs stride-1
-//! 1x1 convolutions take `conv1x1`'s direct passes.
+//! and on AVX2 CPUs `conv3x3_weight`'s direct weight gradient. On AVX2 CPUs stride-2
+//! 3x3 convolutions take `conv3x3_s2`'s direct forward and input gradient, and stride-1
+//! 1x1 convolutions `conv1x1`'s direct passes.
 //!
 //! The output columns (one per output pixel of every sample) are processed in *tiles*:
 //! several whole samples, or a band of output rows of one sample. For each tile and
@@ -27,7 +28,7 @@
 //! Tile width, budget and thresholds were tuned on ResNet-18 shapes (batch 32, 64x64
 //! input) on two AVX-512 cores, where the three passes reach 200-250 GFLOP/s.
 
-use super::{buffers, conv1x1, conv3x3, conv3x3_weight};
+use super::{buffers, conv1x1, conv3x3, conv3x3_s2, conv3x3_weight};
 use crate::backend::Conv2dParams;
 use crate::Result;
 use gemm::Parallelism;
@@ -50,6 +51,9 @@ pub fn conv2d(x: &[f32], w: &[f32], p: &Conv2dParams) -> Result<Vec<f32>> {
     if conv3x3::applies(p) {
         return Ok(conv3x3::conv2d(x, w, p));
     }
+    if conv3x3_s2::applies(p) {
+        return Ok(conv3x3_s2::conv2d(x, w, p));
+    }
     if conv1x1::applies(p) {
         return Ok(conv1x1::conv2d(x, w, p));
     }
@@ -65,6 +69,9 @@ pub fn conv2d(x: &[f32], w: &[f32], p: &Conv2dParams) -> Result<Vec<f32>> {
 pub fn conv2d_backward_input(grad: &[f32], w: &[f32], p: &Conv2dParams) -> Result<Vec<f32>> {
     if conv3x3::applies_backward_input(p) {
         return Ok(conv3x3::conv2d_backward_input(grad, w, p));
+    }
+    if conv3x3_s2::applies_backward_input(p) {
+        return Ok(conv3x3_s2::conv2d_backward_input(grad, w, p));
     }
     if conv1x1::applies(p) {
         return Ok(conv1x1::conv2d_backward_input(grad, w, p));

@@ -54,18 +54,6 @@ fn shape_fits(p: &Conv2dParams) -> bool {
     p.kh == 1 && p.kw == 1 && p.h_in > 0 && p.w_in > 0 && p.padding == (0, 0) && p.dilation == (1, 1) && p.stride == (1, 1) && p.groups > 0 && p.c_in.is_multiple_of(p.groups) && p.c_out.is_multiple_of(p.groups)
 }
 
-/// Whether this CPU can run the kernels (tests run them on AVX-512 CPUs too).
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// Sizes of one product: `groups` blocks of `[c_dst] = [c_dst x c_src] · [c_src]` over `hw` pixels.
 #[derive(Clone, Copy, Debug)]
 struct Product {
@@ -85,7 +73,7 @@ impl Product {
 
 /// `conv2d(x, w)` for a `p` that `applies`.
 pub fn conv2d(x: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> {
-    assert!(shape_fits(p) && has_avx2(), "conv1x1::conv2d called for {p:?} (or without AVX2)");
+    assert!(shape_fits(p) && conv3x3::supports_avx2(), "conv1x1::conv2d called for {p:?} (or without AVX2)");
     let (cig, cog) = (p.c_in / p.groups, p.c_out / p.groups);
     let pr = Product { groups: p.groups, c_src: cig, c_dst: cog, hw: p.h_in * p.w_in };
     assert!(x.len() == p.batch * pr.src_sample() && w.len() == p.c_out * cig, "conv1x1: operand sizes");
@@ -96,7 +84,7 @@ pub fn conv2d(x: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> {
 /// The input gradient of `conv2d(x, w)` for a `p` that `applies`: the product with the
 /// transposed weights.
 pub fn conv2d_backward_input(grad: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> {
-    assert!(shape_fits(p) && has_avx2(), "conv1x1::conv2d_backward_input called for {p:?} (or without AVX2)");
+    assert!(shape_fits(p) && conv3x3::supports_avx2(), "conv1x1::conv2d_backward_input called for {p:?} (or without AVX2)");
     let (cig, cog) = (p.c_in / p.groups, p.c_out / p.groups);
     let pr = Product { groups: p.groups, c_src: cog, c_dst: cig, hw: p.h_in * p.w_in };
     assert!(grad.len() == p.batch * pr.src_sample() && w.len() == p.c_out * cig, "conv1x1: operand sizes");
@@ -106,7 +94,7 @@ pub fn conv2d_backward_input(grad: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f
 
 /// The gradient of `conv2d(x, w)` in `w` for a `p` that `applies`.
 pub fn conv2d_backward_weight(x: &[f32], grad: &[f32], p: &Conv2dParams) -> Vec<f32> {
-    assert!(shape_fits(p) && has_avx2(), "conv1x1::conv2d_backward_weight called for {p:?} (or without AVX2)");
+    assert!(shape_fits(p) && conv3x3::supports_avx2(), "conv1x1::conv2d_backward_weight called for {p:?} (or without AVX2)");
     let (cig, cog, hw) = (p.c_in / p.groups, p.c_out / p.groups, p.h_in * p.w_in);
     let (in_sample, out_sample) = (p.c_in * hw, p.c_out * hw);
     assert!(x.len() == p.batch * in_sample && grad.len() == p.batch * out_sample, "conv1x1: operand sizes");
@@ -398,7 +386,7 @@ mod tests {
     /// sample groups are full (8 samples of 88 channels x 8x8 share a pass) or cut short.
     #[test]
     fn matches_the_definition() {
-        if !has_avx2() {
+        if !conv3x3::supports_avx2() {
             return eprintln!("skipped: no AVX2 and FMA");
         }
         let cases = [

@@ -27,7 +27,8 @@
 //! `oh * (w + 2) + ow` and reads its taps at fixed offsets from there, so a block runs
 //! on across row ends and only the two pad columns of each row are computed in vain
 //! (20% of the work on 8-pixel rows, 6% on 32; six pixels per row block would waste 33%
-//! on 8-pixel rows).
+//! on 8-pixel rows). The taps are a list of offsets from the pixel (`Walk`), so
+//! `conv3x3_s2` runs the same kernel over the phases of stride-2 convolutions.
 //!
 //! Without either (or for other shapes) `conv.rs`'s im2col path runs instead.
 
@@ -45,7 +46,7 @@ const PIX_AVX2: usize = 6;
 
 /// The vector kernel this CPU runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Isa {
+pub(super) enum Isa {
     /// 32-channel blocks (a last one of 16) by 8 pixels of one row.
     Avx512,
     /// 16-channel blocks by 6 pixels of the padded plane.
@@ -98,6 +99,9 @@ pub fn applies_backward_input(p: &Conv2dParams) -> bool { applies(&transposed(p)
 /// Whether this CPU runs the AVX2 kernel (it has AVX2 and FMA but not AVX-512F).
 pub fn runs_avx2() -> bool { best_isa() == Some(Isa::Avx2) }
 
+/// Whether this CPU can run the AVX2 kernel (AVX-512 CPUs can, though they run theirs).
+pub(super) fn supports_avx2() -> bool { supported_isas().contains(&Isa::Avx2) }
+
 /// The widest kernel this CPU can run, if any.
 fn best_isa() -> Option<Isa> { supported_isas().first().copied() }
 
@@ -147,7 +151,7 @@ fn conv2d_backward_input_with(isa: Isa, grad: &[f32], w: &[f32], p: &Conv2dParam
 
 /// Weights as `[co block][ci][k][block width]` in `isa`'s blocks; `at(co, ci, k)` reads
 /// the weight of output channel `co`, input `ci`, tap `k`.
-fn pack(isa: Isa, w: &[f32], c_out: usize, c_in: usize, at: impl Fn(usize, usize, usize) -> f32) -> Vec<f32> {
+pub(super) fn pack(isa: Isa, w: &[f32], c_out: usize, c_in: usize, at: impl Fn(usize, usize, usize) -> f32) -> Vec<f32> {
     debug_assert_eq!(w.len(), c_out * c_in * 9);
     let mut packed = vec![0f32; c_out * c_in * 9];
     for (co0, width) in blocks(isa, c_out) {
@@ -170,36 +174,49 @@ fn blocks(isa: Isa, c_out: usize) -> impl Iterator<Item = (usize, usize)> {
 }
 
 fn run(isa: Isa, x: &[f32], packed: &[f32], p: &Conv2dParams) -> Vec<f32> {
-    let (in_sample, out_sample) = (p.c_in * p.h_in * p.w_in, p.c_out * p.h_in * p.w_in);
-    assert_eq!(x.len(), p.batch * in_sample, "conv3x3: input size");
-    let block_len = isa.block_width() * p.h_in * p.w_in;
+    let hw = p.h_in * p.w_in;
     let channels = |xp: &[f32], co0: usize, out: &mut [f32]| match isa {
         Isa::Avx512 => channels(xp, packed, p, co0, out),
         Isa::Avx2 => channels_avx2(xp, packed, p, co0, out),
     };
-    // every output element is written by exactly one block store in `channels`
+    // every output element is written by exactly one block store in `channels`; the
+    // blocks of `for_each_block` are those of `blocks`
+    let (in_sample, out_sample) = (p.c_in * hw, p.c_out * hw);
     buffers::filled(p.batch * out_sample, |out| {
-        if p.batch >= rayon::current_num_threads() {
-            // a sample per task
-            out.par_chunks_mut(out_sample).zip(x.par_chunks(in_sample)).for_each(|(out, x)| {
-                PADDED.with(|xp| {
-                    let xp = &mut xp.borrow_mut();
-                    pad(x, p, xp);
-                    for (co0, width) in blocks(isa, p.c_out) {
-                        channels(xp, co0, &mut out[co0 * p.h_in * p.w_in..][..width * p.h_in * p.w_in]);
-                    }
-                })
-            })
-        } else {
-            // fewer samples than threads (batch-1 inference): a block of output
-            // channels per task, `blocks` cutting the sample where these chunks do
-            let mut xp = vec![];
-            for (out, x) in out.chunks_mut(out_sample).zip(x.chunks(in_sample)) {
-                pad(x, p, &mut xp);
-                out.par_chunks_mut(block_len).enumerate().for_each(|(i, out)| channels(&xp, i * isa.block_width(), out));
-            }
-        }
+        for_each_block(x, in_sample, out, out_sample, isa.block_width() * hw, |x, xp| pad(x, p, xp), |xp, i, out| channels(xp, i * isa.block_width(), out))
     })
+}
+
+/// For every sample: `prepare(its input, buffer)`, then `block(&buffer, i, output block
+/// i)` for the blocks of `block_len` floats of its output (the last one may be shorter).
+/// Samples go to the threads, or with fewer samples than threads (batch-1 inference)
+/// one sample's blocks do.
+pub(super) fn for_each_block(
+    x: &[f32],
+    in_sample: usize,
+    out: &mut [f32],
+    out_sample: usize,
+    block_len: usize,
+    prepare: impl Fn(&[f32], &mut Vec<f32>) + Sync,
+    block: impl Fn(&[f32], usize, &mut [f32]) + Sync,
+) {
+    let batch = x.len() / in_sample.max(1);
+    assert!(x.len() == batch * in_sample && out.len() == batch * out_sample && block_len > 0, "conv3x3: sample sizes");
+    if batch >= rayon::current_num_threads() {
+        out.par_chunks_mut(out_sample).zip(x.par_chunks(in_sample)).for_each(|(out, x)| {
+            PADDED.with(|xp| {
+                let xp = &mut xp.borrow_mut();
+                prepare(x, xp);
+                out.chunks_mut(block_len).enumerate().for_each(|(i, out)| block(xp, i, out));
+            })
+        })
+    } else {
+        let mut xp = vec![];
+        for (out, x) in out.chunks_mut(out_sample).zip(x.chunks(in_sample)) {
+            prepare(x, &mut xp);
+            out.par_chunks_mut(block_len).enumerate().for_each(|(i, out)| block(&xp, i, out));
+        }
+    }
 }
 
 thread_local! {
@@ -305,37 +322,69 @@ unsafe fn block<const NV: usize>(_: &[f32], _: usize, _: usize, _: usize, _: &[f
 /// blocks of 6 consecutive pixels of the padded plane (see the module comment).
 fn channels_avx2(xp: &[f32], packed: &[f32], p: &Conv2dParams, co0: usize, out: &mut [f32]) {
     let (h, w) = (p.h_in, p.w_in);
-    let (wp, plane, hw) = (w + 2, (h + 2) * (w + 2), h * w);
-    // the kernel's reads past a row end rely on this length (see the SAFETY note)
-    assert!(xp.len() >= p.c_in * plane + PIX + 2 && out.len() == LANES * hw, "conv3x3: padded input or block");
+    let wp = w + 2;
+    let taps: [usize; 9] = std::array::from_fn(|k| k / 3 * wp + k % 3);
+    let walk = Walk { rows: h, cols: w, row: wp, channel: (h + 2) * wp, taps: &taps };
     let wblock = &packed[co0 * p.c_in * 9..][..LANES * p.c_in * 9];
-    // output pixel (oh, ow) is padded-plane position oh * wp + ow: all lie below `end`
-    let end = (h - 1) * wp + w;
-    // Blocks land in `staged` in the padded layout, a channel every `stride` floats, and
-    // whole rows are copied out at the end. Stored straight into `out`, the 16 channels
-    // of a pixel lie h*w floats apart: a multiple of 4 KiB on 32x32 planes, so all 16
-    // compete for one L1 set (measured: the stores took a sixth of the time). `stride`
-    // is odd, and leaves room for the last block's 8-float stores.
-    let stride = (end.next_multiple_of(PIX_AVX2) + 2) | 1;
-    STAGED.with(|staged| {
-        let staged = &mut staged.borrow_mut();
-        staged.resize(LANES * stride, 0.0);
-        // in increasing j0: each block's stores run 2 floats into the next block's pixels,
-        // which that block then overwrites
-        for j0 in (0..end).step_by(PIX_AVX2) {
-            // SAFETY: the kernel reads xp[j0 + ci*plane + ki*wp + r + kj] for ci < c_in,
-            // ki, kj < 3, r < PIX_AVX2: at most (end - 1) + (c_in-1)*plane + 2*wp + 7
-            // = c_in*plane + 4, inside xp's c_in*plane + PIX + 2 floats; wblock holds
-            // 16*c_in*9 floats; it writes staged[j0 + c*stride + r] for c < 16, r < 8,
-            // inside staged as j0 + 8 <= stride; `supported_isas` checked AVX2 and FMA.
-            unsafe { block_avx2(&xp[j0..], wp, plane, p.c_in, wblock, &mut staged[j0..], stride) };
-        }
-        for (out, staged) in out.chunks_exact_mut(hw).zip(staged.chunks_exact(stride)) {
-            for (oh, row) in out.chunks_exact_mut(w).enumerate() {
-                row.copy_from_slice(&staged[oh * wp..][..w]);
+    let hw = h * w;
+    walk.channels_avx2(xp, p.c_in, wblock, |c, oh, row| out[c * hw + oh * w..][..w].copy_from_slice(row));
+}
+
+/// How the AVX2 kernel walks a sample (`conv3x3_s2` walks its stride-2 phases this
+/// way too): output pixel (oh, ow) is position `oh * row + ow` of a virtual plane, input
+/// channel `ci` starts at `ci * channel` of the input, and tap `t` of a pixel reads
+/// `taps[t]` floats on from the pixel's position there.
+pub(super) struct Walk<'a> {
+    pub rows: usize,
+    pub cols: usize,
+    pub row: usize,
+    pub channel: usize,
+    pub taps: &'a [usize],
+}
+
+impl Walk<'_> {
+    /// Floats the input must hold for `c_in` channels: the last block reads up to 5
+    /// pixels past the plane's last one.
+    pub fn input_len(&self, c_in: usize) -> usize { (c_in - 1) * self.channel + self.taps.iter().max().map_or(0, |t| t + 1) + self.end() + 5 }
+
+    /// Positions below this hold every output pixel.
+    fn end(&self) -> usize { (self.rows - 1) * self.row + self.cols }
+
+    /// The 16 output channels whose weights are `wblock` (`[ci][tap][16]`), in blocks of
+    /// 6 consecutive positions; `store(c, oh, pixels)` takes each output row.
+    pub fn channels_avx2(&self, xp: &[f32], c_in: usize, wblock: &[f32], mut store: impl FnMut(usize, usize, &[f32])) {
+        // the kernel's reads past a row end rely on these lengths (see the SAFETY note)
+        assert!(
+            self.rows > 0 && self.cols > 0 && self.cols <= self.row && c_in > 0 && xp.len() >= self.input_len(c_in) && wblock.len() == LANES * c_in * self.taps.len(),
+            "conv3x3: AVX2 walk over a short input or weight block"
+        );
+        let end = self.end();
+        // Blocks land in `staged` in the padded layout, a channel every `stride` floats,
+        // and whole rows are stored at the end. Stored straight into the output, the 16
+        // channels of a pixel lie h*w floats apart: a multiple of 4 KiB on 32x32 planes,
+        // so all 16 compete for one L1 set (measured: the stores took a sixth of the
+        // time). `stride` is odd, and leaves room for the last block's 8-float stores.
+        let stride = (end.next_multiple_of(PIX_AVX2) + 2) | 1;
+        STAGED.with(|staged| {
+            let staged = &mut staged.borrow_mut();
+            staged.resize(LANES * stride, 0.0);
+            // in increasing j0: each block's stores run 2 floats into the next block's
+            // pixels, which that block then overwrites
+            for j0 in (0..end).step_by(PIX_AVX2) {
+                // SAFETY: the kernel reads xp[j0 + ci*channel + taps[t] + r] for
+                // ci < c_in, r < 6: below (c_in-1)*channel + max tap + 1 + end + 5 =
+                // input_len (j0 + r <= end + 4), asserted above; wblock holds
+                // 16*c_in*taps floats; it writes staged[j0 + c*stride + r] for c < 16,
+                // r < 8, inside staged as j0 + 8 <= stride; the callers checked AVX2 and FMA.
+                unsafe { block_avx2(&xp[j0..], self.channel, c_in, self.taps, wblock, &mut staged[j0..], stride) };
             }
-        }
-    })
+            for (c, staged) in staged.chunks_exact(stride).enumerate() {
+                for oh in 0..self.rows {
+                    store(c, oh, &staged[oh * self.row..][..self.cols]);
+                }
+            }
+        })
+    }
 }
 
 thread_local! {
@@ -343,32 +392,31 @@ thread_local! {
     static STAGED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `dst[l*stride + r] = sum over ci, ki, kj of wblock[ci][ki*3+kj][l] *
-/// xs[ci*plane + ki*wp + r + kj]` for the 6 pixels r and 16 channels l of a block; it
-/// also writes `dst[l*stride + 6]` and `dst[l*stride + 7]` (with zeros).
+/// `dst[l*stride + r] = sum over ci, t of wblock[ci][t][l] * xs[ci*channel + taps[t] + r]`
+/// for the 6 pixels r and 16 channels l of a block; it also writes `dst[l*stride + 6]`
+/// and `dst[l*stride + 7]` (with zeros).
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; `xs` holds `(c_in-1)*plane + 2*wp + PIX_AVX2 + 2` floats,
-/// `wblock` `c_in*9*16` and `dst` `15*stride + 8`.
+/// The CPU has AVX2 and FMA; `xs` holds `(c_in-1)*channel + max(taps) + 6` floats,
+/// `wblock` `c_in*taps*16` and `dst` `15*stride + 8`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn block_avx2(xs: &[f32], wp: usize, plane: usize, c_in: usize, wblock: &[f32], dst: &mut [f32], stride: usize) {
+unsafe fn block_avx2(xs: &[f32], channel: usize, c_in: usize, taps: &[usize], wblock: &[f32], dst: &mut [f32], stride: usize) {
     use std::arch::x86_64::*;
-    debug_assert!(xs.len() >= (c_in - 1) * plane + 2 * wp + PIX_AVX2 + 2);
-    debug_assert!(wblock.len() >= c_in * 9 * LANES && dst.len() >= 15 * stride + 8);
-    let (x, wb) = (xs.as_ptr(), wblock.as_ptr());
+    debug_assert!(xs.len() >= (c_in - 1) * channel + taps.iter().max().unwrap_or(&0) + PIX_AVX2);
+    debug_assert!(wblock.len() >= c_in * taps.len() * LANES && dst.len() >= 15 * stride + 8);
+    let (x, mut wk) = (xs.as_ptr(), wblock.as_ptr());
     let mut acc = [[_mm256_setzero_ps(); PIX_AVX2]; 2];
     for ci in 0..c_in {
-        for ki in 0..3 {
-            let row = x.add(ci * plane + ki * wp);
-            for kj in 0..3 {
-                let wk = wb.add((ci * 9 + ki * 3 + kj) * LANES);
-                let (w0, w1) = (_mm256_loadu_ps(wk), _mm256_loadu_ps(wk.add(8)));
-                for r in 0..PIX_AVX2 {
-                    let b = _mm256_broadcast_ss(&*row.add(r + kj));
-                    acc[0][r] = _mm256_fmadd_ps(w0, b, acc[0][r]);
-                    acc[1][r] = _mm256_fmadd_ps(w1, b, acc[1][r]);
-                }
+        let xc = x.add(ci * channel);
+        for &tap in taps {
+            let row = xc.add(tap);
+            let (w0, w1) = (_mm256_loadu_ps(wk), _mm256_loadu_ps(wk.add(8)));
+            wk = wk.add(LANES);
+            for r in 0..PIX_AVX2 {
+                let b = _mm256_broadcast_ss(&*row.add(r));
+                acc[0][r] = _mm256_fmadd_ps(w0, b, acc[0][r]);
+                acc[1][r] = _mm256_fmadd_ps(w1, b, acc[1][r]);
             }
         }
     }
@@ -398,7 +446,7 @@ unsafe fn block_avx2(xs: &[f32], wp: usize, plane: usize, c_in: usize, wblock: &
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn block_avx2(_: &[f32], _: usize, _: usize, _: usize, _: &[f32], _: &mut [[f32; LANES]; PIX_AVX2]) {
+unsafe fn block_avx2(_: &[f32], _: usize, _: usize, _: &[usize], _: &[f32], _: &mut [f32], _: usize) {
     unreachable!("`applies` is false without AVX2")
 }
 

@@ -8,6 +8,7 @@ mod contrastive;
 mod conv;
 mod conv1x1;
 mod conv3x3;
+mod conv3x3_s2;
 mod conv3x3_weight;
 mod elementwise;
 mod high_order_attention;
