@@ -20,8 +20,8 @@
 //! gradient gets a zero row and column at its far end), and likewise for columns. Each
 //! phase of the input gradient is then a walk with 1, 2 or 4 taps, 9 in all.
 //!
-//! The weight gradient stays on the GEMM path. AVX-512 CPUs keep im2col + GEMM for all
-//! three (not measured there).
+//! The weight gradient's dot products read the same phase planes (`conv3x3_weight`).
+//! AVX-512 CPUs keep im2col + GEMM for all three passes (not measured there).
 
 use super::buffers;
 use super::conv3x3::{self, for_each_block, pack, Isa, Walk};
@@ -41,7 +41,7 @@ pub fn applies_backward_input(p: &Conv2dParams) -> bool { shape_fits(p) && p.c_i
 
 /// Stride-2 3x3 convolutions with padding 1, on planes of 8 or more pixels a side (on
 /// smaller ones the 6-pixel blocks are mostly empty, as for stride 1).
-fn shape_fits(p: &Conv2dParams) -> bool {
+pub(super) fn shape_fits(p: &Conv2dParams) -> bool {
     p.kh == 3
         && p.kw == 3
         && p.stride == (2, 2)
@@ -53,7 +53,7 @@ fn shape_fits(p: &Conv2dParams) -> bool {
         && p.w_in >= 8
 }
 
-fn out_hw(p: &Conv2dParams) -> (usize, usize) { ((p.h_in - 1) / 2 + 1, (p.w_in - 1) / 2 + 1) }
+pub(super) fn out_hw(p: &Conv2dParams) -> (usize, usize) { ((p.h_in - 1) / 2 + 1, (p.w_in - 1) / 2 + 1) }
 
 /// `conv2d(x, w)` for a `p` that `applies` (or any stride-2 shape of `shape_fits` with
 /// 16-channel output blocks, on a CPU with AVX2 and FMA).
@@ -62,10 +62,7 @@ pub fn conv2d(x: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> {
     let (ho, wo) = out_hw(p);
     // phase planes of (ho + 1) x (wo + 1)
     let (r, c) = (ho + 1, wo + 1);
-    let taps: [usize; 9] = std::array::from_fn(|k| {
-        let (ki, kj) = (k / 3, k % 3);
-        ((ki % 2) * 2 + kj % 2) * r * c + (ki / 2) * c + kj / 2
-    });
+    let taps = phase_taps(r, c);
     let walk = Walk { rows: ho, cols: wo, row: c, channel: 4 * r * c, taps: &taps };
     let packed = pack(Isa::Avx2, w, p.c_out, p.c_in, |co, ci, k| w[(co * p.c_in + ci) * 9 + k]);
     let (in_sample, ohw) = (p.c_in * p.h_in * p.w_in, ho * wo);
@@ -79,10 +76,18 @@ pub fn conv2d(x: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> {
     })
 }
 
+/// Where tap (ki, kj) = k of an output pixel reads in the phase planes of `r x c`.
+pub(super) fn phase_taps(r: usize, c: usize) -> [usize; 9] {
+    std::array::from_fn(|k| {
+        let (ki, kj) = (k / 3, k % 3);
+        ((ki % 2) * 2 + kj % 2) * r * c + (ki / 2) * c + kj / 2
+    })
+}
+
 /// One sample's padded input as its four phase planes per channel, `[c_in][a][b][r][c]`
 /// with `P[a][b][i][j] = xpad[2i + a][2j + b]` (zero outside the input), into `xp`, which
 /// ends up `len` floats long or more.
-fn phases(x: &[f32], p: &Conv2dParams, r: usize, c: usize, len: usize, xp: &mut Vec<f32>) {
+pub(super) fn phases(x: &[f32], p: &Conv2dParams, r: usize, c: usize, len: usize, xp: &mut Vec<f32>) {
     let (h, w) = (p.h_in, p.w_in);
     let rc = r * c;
     xp.clear();
