@@ -16,8 +16,8 @@ use std::time::Instant;
 /// (name, batch, c_in, c_out, plane side, kernel, stride, padding, groups)
 type Shape = (&'static str, usize, usize, usize, usize, usize, usize, usize, usize);
 
-/// resnet20's and resnet8's convolutions and the high-order attention's 1x1s (3 orders,
-/// grouped).
+/// resnet20's and resnet8's convolutions, the high-order attention's 1x1s (3 orders,
+/// grouped), and some of ResNet-18's.
 const SHAPES: &[Shape] = &[
     ("16x32x32_3x3", 64, 16, 16, 32, 3, 1, 1, 1),
     ("32x16x16_3x3", 64, 32, 32, 16, 3, 1, 1, 1),
@@ -29,6 +29,10 @@ const SHAPES: &[Shape] = &[
     ("64x8x8_1x1", 64, 64, 96, 8, 1, 1, 0, 1),
     ("12x32x32_1x1_g3", 64, 12, 48, 32, 1, 1, 0, 3),
     ("24x16x16_1x1_g3", 64, 24, 96, 16, 1, 1, 0, 3),
+    // ResNet-18's (batch 32, 64 px input)
+    ("r18_layer2_3x3_s2", 32, 64, 128, 16, 3, 2, 1, 1),
+    ("r18_layer3_3x3_s2", 32, 128, 256, 8, 3, 2, 1, 1),
+    ("r18_layer1_3x3", 32, 64, 64, 16, 3, 1, 1, 1),
 ];
 
 /// Milliseconds of the fastest of 25 runs.

@@ -96,7 +96,7 @@ pub(super) fn phases(x: &[f32], p: &Conv2dParams, r: usize, c: usize, len: usize
         let phases = &mut xp[ci * 4 * rc..][..4 * rc];
         for (ih, src) in plane.chunks_exact(w).enumerate() {
             // padded row ih + 1 is row i of phase a
-            let (a, i) = ((ih + 1) % 2, (ih + 1) / 2);
+            let (a, i) = ((ih + 1) % 2, ih.div_ceil(2));
             let (b0, b1) = phases[a * 2 * rc..][..2 * rc].split_at_mut(rc);
             // padded column iw + 1: odd columns (b = 1, j = iw / 2) from even iw, even
             // columns (b = 0, j = iw / 2 + 1) from odd iw; over pairs, which the

@@ -34,9 +34,12 @@ const LANES: usize = 8;
 
 /// Whether `conv2d_backward_weight` computes this convolution's weight gradient: the
 /// stride-1 convolutions of `conv3x3` and the stride-2 ones of `conv3x3_s2`.
-pub fn applies(p: &Conv2dParams) -> bool { conv3x3::runs_avx2() && shape_fits(p) }
+/// Stride 2 only where the output rows have 16 or more pixels: with 8x8 outputs the
+/// direct path was even with the GEMM at 32 -> 64 channels and slower at 64 -> 128
+/// (4.6 against 3.9 ms, ResNet-18's layer2 at batch 32), and 2.5x slower on 4x4 outputs.
+pub fn applies(p: &Conv2dParams) -> bool { conv3x3::runs_avx2() && (conv3x3::applies(p) || (shape_fits(p) && p.stride == (2, 2) && conv3x3_s2::out_hw(p).1 >= 16)) }
 
-/// The shapes this module computes, on any CPU with AVX2 and FMA (tests run them on
+/// The shapes this module can compute, on any CPU with AVX2 and FMA (tests run them on
 /// AVX-512 CPUs too).
 fn shape_fits(p: &Conv2dParams) -> bool { conv3x3::applies(p) || (conv3x3_s2::shape_fits(p) && p.c_out.is_multiple_of(CO_BLOCK)) }
 
@@ -78,7 +81,7 @@ impl Geometry {
     }
 }
 
-/// The gradient of `conv2d(x, w)` in `w`, for a `p` that `applies`.
+/// The gradient of `conv2d(x, w)` in `w`, for a `p` that `applies` (or `shape_fits`).
 pub fn conv2d_backward_weight(x: &[f32], grad: &[f32], p: &Conv2dParams) -> Vec<f32> {
     assert!(shape_fits(p) && conv3x3::supports_avx2(), "conv3x3_weight called for {p:?}");
     let geo = Geometry::new(p);
