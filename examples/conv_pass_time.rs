@@ -29,10 +29,12 @@ const SHAPES: &[Shape] = &[
     ("64x8x8_1x1", 64, 64, 96, 8, 1, 1, 0, 1),
     ("12x32x32_1x1_g3", 64, 12, 48, 32, 1, 1, 0, 3),
     ("24x16x16_1x1_g3", 64, 24, 96, 16, 1, 1, 0, 3),
-    // ResNet-18's (batch 32, 64 px input)
+    // ResNet-18's: training (batch 32, 64 px) and inference (batch 1, 224 px)
     ("r18_layer2_3x3_s2", 32, 64, 128, 16, 3, 2, 1, 1),
     ("r18_layer3_3x3_s2", 32, 128, 256, 8, 3, 2, 1, 1),
     ("r18_layer1_3x3", 32, 64, 64, 16, 3, 1, 1, 1),
+    ("r18_b1_224px_layer2_3x3_s2", 1, 64, 128, 56, 3, 2, 1, 1),
+    ("r18_b1_224px_layer1_3x3", 1, 64, 64, 56, 3, 1, 1, 1),
 ];
 
 /// Milliseconds of the fastest of 25 runs.

@@ -34,10 +34,18 @@ const LANES: usize = 16;
 const MAX_C_IN: usize = 64;
 
 /// Whether `conv2d` computes this forward convolution.
-pub fn applies(p: &Conv2dParams) -> bool { shape_fits(p) && p.c_out.is_multiple_of(LANES) && p.c_in <= MAX_C_IN && conv3x3::runs_avx2() }
+pub fn applies(p: &Conv2dParams) -> bool { shape_fits(p) && small_enough(p) && p.c_out.is_multiple_of(LANES) && p.c_in <= MAX_C_IN && conv3x3::runs_avx2() }
 
 /// Whether `conv2d_backward_input` computes this convolution's input gradient.
-pub fn applies_backward_input(p: &Conv2dParams) -> bool { shape_fits(p) && p.c_in.is_multiple_of(LANES) && p.c_out <= MAX_C_IN && conv3x3::runs_avx2() }
+pub fn applies_backward_input(p: &Conv2dParams) -> bool { shape_fits(p) && small_enough(p) && p.c_in.is_multiple_of(LANES) && p.c_out <= MAX_C_IN && conv3x3::runs_avx2() }
+
+/// Floats of one sample's input above which its phase planes leave L2 and the GEMM is
+/// faster: ResNet-18's 64 channels of 56x56 (batch-1 inference at 224 px) took 10-25%
+/// longer here, while 16 x 32x32 and 64 x 16x16 (16 Ki floats) took half as long.
+const MAX_INPUT: usize = 32 * 1024;
+
+/// Whether the direct path is faster for this size of sample (see `MAX_INPUT`).
+fn small_enough(p: &Conv2dParams) -> bool { p.c_in * p.h_in * p.w_in <= MAX_INPUT }
 
 /// Stride-2 3x3 convolutions with padding 1, on planes of 8 or more pixels a side (on
 /// smaller ones the 6-pixel blocks are mostly empty, as for stride 1).

@@ -37,7 +37,7 @@ const LANES: usize = 8;
 /// Stride 2 only where the output rows have 16 or more pixels: with 8x8 outputs the
 /// direct path was even with the GEMM at 32 -> 64 channels and slower at 64 -> 128
 /// (4.6 against 3.9 ms, ResNet-18's layer2 at batch 32), and 2.5x slower on 4x4 outputs.
-pub fn applies(p: &Conv2dParams) -> bool { conv3x3::runs_avx2() && (conv3x3::applies(p) || (shape_fits(p) && p.stride == (2, 2) && conv3x3_s2::out_hw(p).1 >= 16)) }
+pub fn applies(p: &Conv2dParams) -> bool { conv3x3::runs_avx2() && (conv3x3::applies(p) || (conv3x3_s2::applies(p) && conv3x3_s2::out_hw(p).1 >= 16)) }
 
 /// The shapes this module can compute, on any CPU with AVX2 and FMA (tests run them on
 /// AVX-512 CPUs too).
