@@ -62,6 +62,19 @@ pub(crate) fn zeroed(n: usize) -> Vec<f32> {
     }
 }
 
+/// The element-wise sum of equally long buffers (per-thread partial sums): added into
+/// the first, the others recycled.
+pub(crate) fn sum(parts: Vec<Vec<f32>>) -> Vec<f32> {
+    let mut parts = parts.into_iter();
+    let mut total = parts.next().expect("at least one buffer to sum");
+    for part in parts {
+        assert_eq!(part.len(), total.len(), "buffers::sum: lengths differ");
+        total.iter_mut().zip(&part).for_each(|(t, p)| *t += p);
+        recycle(part);
+    }
+    total
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

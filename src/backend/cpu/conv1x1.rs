@@ -70,26 +70,23 @@ impl Product {
     fn dst_sample(&self) -> usize { self.groups * self.c_dst * self.hw }
 }
 
-
 /// `conv2d(x, w)` for a `p` that `applies`.
-pub fn conv2d(x: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> {
-    assert!(shape_fits(p) && conv3x3::supports_avx2(), "conv1x1::conv2d called for {p:?} (or without AVX2)");
-    let (cig, cog) = (p.c_in / p.groups, p.c_out / p.groups);
-    let pr = Product { groups: p.groups, c_src: cig, c_dst: cog, hw: p.h_in * p.w_in };
-    assert!(x.len() == p.batch * pr.src_sample() && w.len() == p.c_out * cig, "conv1x1: operand sizes");
-    let packed = pack(&pr, |g, co, ci| w[(g * cog + co) * cig + ci]);
-    buffers::filled(p.batch * pr.dst_sample(), |out| for_each_sample(&pr, out, |b, out, par| product(&x[b * pr.src_sample()..][..pr.src_sample()], &packed, &pr, out, par)))
-}
+pub fn conv2d(x: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> { products(x, w, p, false) }
 
 /// The input gradient of `conv2d(x, w)` for a `p` that `applies`: the product with the
 /// transposed weights.
-pub fn conv2d_backward_input(grad: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> {
-    assert!(shape_fits(p) && conv3x3::supports_avx2(), "conv1x1::conv2d_backward_input called for {p:?} (or without AVX2)");
+pub fn conv2d_backward_input(grad: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> { products(grad, w, p, true) }
+
+/// Every sample's product of `src` with the weights, or with their transpose.
+fn products(src: &[f32], w: &[f32], p: &Conv2dParams, transposed: bool) -> Vec<f32> {
+    assert!(shape_fits(p) && conv3x3::supports_avx2(), "conv1x1 called for {p:?} (or without AVX2)");
     let (cig, cog) = (p.c_in / p.groups, p.c_out / p.groups);
-    let pr = Product { groups: p.groups, c_src: cog, c_dst: cig, hw: p.h_in * p.w_in };
-    assert!(grad.len() == p.batch * pr.src_sample() && w.len() == p.c_out * cig, "conv1x1: operand sizes");
-    let packed = pack(&pr, |g, ci, co| w[(g * cog + co) * cig + ci]);
-    buffers::filled(p.batch * pr.dst_sample(), |dx| for_each_sample(&pr, dx, |b, dx, par| product(&grad[b * pr.src_sample()..][..pr.src_sample()], &packed, &pr, dx, par)))
+    let (c_src, c_dst) = if transposed { (cog, cig) } else { (cig, cog) };
+    let pr = Product { groups: p.groups, c_src, c_dst, hw: p.h_in * p.w_in };
+    assert!(src.len() == p.batch * pr.src_sample() && w.len() == p.c_out * cig, "conv1x1: operand sizes");
+    let packed = pack(&pr, |g, d, s| if transposed { w[(g * cog + s) * cig + d] } else { w[(g * cog + d) * cig + s] });
+    let n = pr.src_sample();
+    buffers::filled(p.batch * pr.dst_sample(), |dst| for_each_sample(&pr, dst, |b, dst, par| product(&src[b * n..][..n], &packed, &pr, dst, par)))
 }
 
 /// The gradient of `conv2d(x, w)` in `w` for a `p` that `applies`.
@@ -127,13 +124,7 @@ pub fn conv2d_backward_weight(x: &[f32], grad: &[f32], p: &Conv2dParams) -> Vec<
             dw
         })
         .collect();
-    let mut parts = partials.into_iter();
-    let mut dw = parts.next().expect("at least one thread");
-    for part in parts {
-        dw.iter_mut().zip(&part).for_each(|(d, s)| *d += s);
-        buffers::recycle(part);
-    }
-    dw
+    buffers::sum(partials)
 }
 
 /// Runs `f(sample, dst_of_the_sample, parallel_inside)` for every sample of `dst`: a

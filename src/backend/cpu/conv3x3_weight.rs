@@ -111,13 +111,7 @@ pub fn conv2d_backward_weight(x: &[f32], grad: &[f32], p: &Conv2dParams) -> Vec<
             dw
         })
         .collect();
-    let mut parts = partials.into_iter();
-    let mut dw = parts.next().expect("at least one thread");
-    for part in parts {
-        dw.iter_mut().zip(&part).for_each(|(d, s)| *d += s);
-        buffers::recycle(part);
-    }
-    dw
+    buffers::sum(partials)
 }
 
 /// One sample's output gradient as the dot products read it, `[c_out][stride]` with
