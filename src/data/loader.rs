@@ -124,7 +124,9 @@ fn build(samples: &[Sample], chunk: &[usize], cfg: &LoaderConfig, base: &Rng, wa
             (i, load_rgb(&samples[i].path).map(|img| cfg.pipeline.apply(&img, &mut rng)))
         })
         .collect();
-    let mut batch = Batch { images: Vec::with_capacity(chunk.len() * 3 * size * size), labels: Vec::new(), n: 0, size };
+    // from the tensors' recycled buffers, where the batch's tensor returns it
+    let images = crate::backend::cpu::buffers::with_capacity(chunk.len() * 3 * size * size);
+    let mut batch = Batch { images, labels: Vec::new(), n: 0, size };
     for (i, item) in items {
         match item {
             Ok(x) => {
