@@ -5,6 +5,9 @@
 //! SFCL still cost.
 //!
 //!     cargo run --release --example distill_iteration_time -- [ITERATIONS [fused|unfused|baseline]...]
+//!
+//! With `DFKD_PROFILE=1`, each run also prints where its timed iterations spent their
+//! time, op by op (`dfkd::profile`).
 
 #[global_allocator]
 static ALLOC: dfkd::allocator::MiMalloc = dfkd::allocator::MiMalloc;
@@ -40,7 +43,9 @@ fn main() -> dfkd::Result<()> {
         let student = build(&cfg.student.arch, cfg.data.num_classes, true, &mut Rng::new(2))?;
         let mut d = Distiller::new(&cfg, teacher.as_ref(), student.as_ref(), Device::Cpu)?;
         d.iterate()?; // warm-up: buffer pool, page faults
+        dfkd::profile::reset();
         let (mut wall, mut cpu) = (vec![], vec![]);
+        let start = Instant::now();
         for _ in 0..iters {
             let (t0, c0) = (Instant::now(), cpu_seconds());
             d.iterate()?;
@@ -48,6 +53,9 @@ fn main() -> dfkd::Result<()> {
             cpu.push(format!("{:.2}", cpu_seconds() - c0));
         }
         println!("{name:>13}: wall {} s, CPU {} s per iteration", wall.join(", "), cpu.join(", "));
+        if dfkd::profile::enabled() {
+            println!("\n{}", dfkd::profile::report().table(Some(start.elapsed()), 30));
+        }
     }
     Ok(())
 }

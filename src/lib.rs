@@ -5,6 +5,7 @@
 pub mod allocator;
 pub mod backend;
 pub mod failpoint;
+pub mod profile;
 mod device;
 mod dtype;
 mod error;

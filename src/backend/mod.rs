@@ -206,129 +206,175 @@ impl Storage {
         Storage::from_cpu(self.to_cpu()?, device)
     }
 
-    pub fn to_dtype(&self, l: &Layout, dtype: DType) -> Result<Storage> { dispatch!(self, s => Ok(s.to_dtype(l, dtype)?.into())) }
-    pub fn copy_strided(&self, l: &Layout) -> Result<Storage> { dispatch!(self, s => Ok(s.copy_strided(l)?.into())) }
+    pub fn to_dtype(&self, l: &Layout, dtype: DType) -> Result<Storage> {
+        let _timer = crate::profile::scope("to_dtype", self.device(), || format!("{:?}", l.shape()));
+        dispatch!(self, s => Ok(s.to_dtype(l, dtype)?.into()))
+    }
+    pub fn copy_strided(&self, l: &Layout) -> Result<Storage> {
+        let _timer = crate::profile::scope("copy_strided", self.device(), || format!("{:?}", l.shape()));
+        dispatch!(self, s => Ok(s.copy_strided(l)?.into()))
+    }
     pub fn copy_into(&self, l: &Layout, dst: &mut Storage, dst_l: &Layout) -> Result<()> {
+        let _timer = crate::profile::scope("copy_into", self.device(), || format!("{:?} -> {:?}", l.shape(), dst_l.shape()));
         same_device!("copy_into", self, dst => |a, b| a.copy_into(l, b, dst_l))
     }
-    pub fn unary(&self, l: &Layout, op: UnaryOp) -> Result<Storage> { dispatch!(self, s => Ok(s.unary(l, op)?.into())) }
+    pub fn unary(&self, l: &Layout, op: UnaryOp) -> Result<Storage> {
+        let _timer = crate::profile::scope("unary", self.device(), || format!("{op:?} {:?}", l.shape()));
+        dispatch!(self, s => Ok(s.unary(l, op)?.into()))
+    }
     pub fn binary(&self, l: &Layout, rhs: &Storage, rhs_l: &Layout, op: BinaryOp) -> Result<Storage> {
+        let _timer = crate::profile::scope("binary", self.device(), || format!("{op:?} {:?} {:?}", l.shape(), rhs_l.shape()));
         same_device!("binary", self, rhs => |a, b| Ok(a.binary(l, b, rhs_l, op)?.into()))
     }
     pub fn reduce(&self, l: &Layout, op: ReduceOp, dims: &[usize]) -> Result<Storage> {
+        let _timer = crate::profile::scope("reduce", self.device(), || format!("{op:?} {:?} over {dims:?}", l.shape()));
         dispatch!(self, s => Ok(s.reduce(l, op, dims)?.into()))
     }
     pub fn matmul(&self, l: &Layout, rhs: &Storage, rhs_l: &Layout) -> Result<Storage> {
+        let _timer = crate::profile::scope("matmul", self.device(), || format!("{:?} x {:?}", l.shape(), rhs_l.shape()));
         same_device!("matmul", self, rhs => |a, b| Ok(a.matmul(l, b, rhs_l)?.into()))
     }
     pub fn softmax_last(&self, l: &Layout, log: bool) -> Result<Storage> {
+        let _timer = crate::profile::scope("softmax_last", self.device(), || format!("{:?}", l.shape()));
         dispatch!(self, s => Ok(s.softmax_last(l, log)?.into()))
     }
     pub fn conv2d(&self, l: &Layout, w: &Storage, w_l: &Layout, p: &Conv2dParams) -> Result<Storage> {
+        let _timer = crate::profile::scope("conv2d", self.device(), || p.describe());
         p.check("conv2d", &[("input", l, Conv2dParams::input_shape), ("weight", w_l, Conv2dParams::weight_shape)])?;
         same_device!("conv2d", self, w => |a, b| Ok(a.conv2d(l, b, w_l, p)?.into()))
     }
     pub fn conv2d_backward_input(&self, l: &Layout, w: &Storage, w_l: &Layout, p: &Conv2dParams) -> Result<Storage> {
+        let _timer = crate::profile::scope("conv2d_backward_input", self.device(), || p.describe());
         p.check("conv2d_backward_input", &[("grad", l, Conv2dParams::output_shape), ("weight", w_l, Conv2dParams::weight_shape)])?;
         same_device!("conv2d_backward_input", self, w => |a, b| Ok(a.conv2d_backward_input(l, b, w_l, p)?.into()))
     }
     pub fn conv2d_backward_weight(&self, l: &Layout, g: &Storage, g_l: &Layout, p: &Conv2dParams) -> Result<Storage> {
+        let _timer = crate::profile::scope("conv2d_backward_weight", self.device(), || p.describe());
         p.check("conv2d_backward_weight", &[("input", l, Conv2dParams::input_shape), ("grad", g_l, Conv2dParams::output_shape)])?;
         same_device!("conv2d_backward_weight", self, g => |a, b| Ok(a.conv2d_backward_weight(l, b, g_l, p)?.into()))
     }
     pub fn max_pool2d(&self, l: &Layout, p: &Pool2dParams) -> Result<(Storage, Storage)> {
+        let _timer = crate::profile::scope("max_pool2d", self.device(), || format!("{:?}", l.shape()));
         p.check("max_pool2d", &[("input", l, Pool2dParams::input_shape)])?;
         dispatch!(self, s => { let (o, i) = s.max_pool2d(l, p)?; Ok((o.into(), i.into())) })
     }
     pub fn scatter_add_planes(&self, l: &Layout, idx: &Storage, idx_l: &Layout, out_plane: usize) -> Result<Storage> {
+        let _timer = crate::profile::scope("scatter_add_planes", self.device(), || format!("{:?}", l.shape()));
         same_device!("scatter_add_planes", self, idx => |a, b| Ok(a.scatter_add_planes(l, b, idx_l, out_plane)?.into()))
     }
     pub fn gather_planes(&self, l: &Layout, idx: &Storage, idx_l: &Layout) -> Result<Storage> {
+        let _timer = crate::profile::scope("gather_planes", self.device(), || format!("{:?}", l.shape()));
         same_device!("gather_planes", self, idx => |a, b| Ok(a.gather_planes(l, b, idx_l)?.into()))
     }
     pub fn avg_pool2d(&self, l: &Layout, p: &Pool2dParams) -> Result<Storage> {
+        let _timer = crate::profile::scope("avg_pool2d", self.device(), || format!("{:?}", l.shape()));
         p.check("avg_pool2d", &[("input", l, Pool2dParams::input_shape)])?;
         dispatch!(self, s => Ok(s.avg_pool2d(l, p)?.into()))
     }
     pub fn avg_pool2d_backward(&self, l: &Layout, p: &Pool2dParams) -> Result<Storage> {
+        let _timer = crate::profile::scope("avg_pool2d_backward", self.device(), || format!("{:?}", l.shape()));
         p.check("avg_pool2d_backward", &[("grad", l, Pool2dParams::output_shape)])?;
         dispatch!(self, s => Ok(s.avg_pool2d_backward(l, p)?.into()))
     }
     pub fn upsample_nearest2d(&self, l: &Layout, scale: (usize, usize)) -> Result<Storage> {
+        let _timer = crate::profile::scope("upsample_nearest2d", self.device(), || format!("{:?}", l.shape()));
         dispatch!(self, s => Ok(s.upsample_nearest2d(l, scale)?.into()))
     }
     pub fn upsample_nearest2d_backward(&self, l: &Layout, scale: (usize, usize)) -> Result<Storage> {
+        let _timer = crate::profile::scope("upsample_nearest2d_backward", self.device(), || format!("{:?}", l.shape()));
         dispatch!(self, s => Ok(s.upsample_nearest2d_backward(l, scale)?.into()))
     }
     pub fn batch_norm_train(&self, l: &Layout, gamma: &Storage, beta: &Storage, eps: f32) -> Result<(Storage, Storage, Storage)> {
+        let _timer = crate::profile::scope("batch_norm_train", self.device(), || format!("{:?}", l.shape()));
         same_device!("batch_norm", self, gamma, beta => |x, g, b| {
             let (y, m, s) = x.batch_norm_train(l, g, b, eps)?;
             Ok((y.into(), m.into(), s.into()))
         })
     }
     pub fn batch_norm_backward(&self, l: &Layout, dy: &Storage, mean: &Storage, invstd: &Storage, gamma: &Storage) -> Result<(Storage, Storage, Storage)> {
+        let _timer = crate::profile::scope("batch_norm_backward", self.device(), || format!("{:?}", l.shape()));
         same_device!("batch_norm_backward", self, dy, mean, invstd, gamma => |x, d, m, s, g| {
             let (dx, dg, db) = x.batch_norm_backward(l, d, m, s, g)?;
             Ok((dx.into(), dg.into(), db.into()))
         })
     }
     pub fn channel_affine(&self, l: &Layout, scale: &Storage, shift: &Storage) -> Result<Storage> {
+        let _timer = crate::profile::scope("channel_affine", self.device(), || format!("{:?}", l.shape()));
         same_device!("channel_affine", self, scale, shift => |x, a, b| Ok(x.channel_affine(l, a, b)?.into()))
     }
-    pub fn channel_stats(&self, l: &Layout) -> Result<Storage> { dispatch!(self, s => Ok(s.channel_stats(l)?.into())) }
+    pub fn channel_stats(&self, l: &Layout) -> Result<Storage> {
+        let _timer = crate::profile::scope("channel_stats", self.device(), || format!("{:?}", l.shape()));
+        dispatch!(self, s => Ok(s.channel_stats(l)?.into()))
+    }
     pub fn channel_stats_backward(&self, l: &Layout, stats: &Storage, dstats: &Storage) -> Result<Storage> {
+        let _timer = crate::profile::scope("channel_stats_backward", self.device(), || format!("{:?}", l.shape()));
         same_device!("channel_stats_backward", self, stats, dstats => |x, s, ds| Ok(x.channel_stats_backward(l, s, ds)?.into()))
     }
     pub fn spatial_attention(&self, l: &Layout, f: &Storage, f_l: &Layout, k: f32) -> Result<(Storage, Storage)> {
+        let _timer = crate::profile::scope("spatial_attention", self.device(), || format!("{:?}", l.shape()));
         same_device!("spatial_attention", self, f => |a, f| { let (y, s) = a.spatial_attention(l, f, f_l, k)?; Ok((y.into(), s.into())) })
     }
     #[allow(clippy::too_many_arguments)]
     pub fn spatial_attention_backward(&self, l: &Layout, f: &Storage, f_l: &Layout, dy: &Storage, dy_l: &Layout, stats: &Storage, k: f32) -> Result<(Storage, Storage)> {
+        let _timer = crate::profile::scope("spatial_attention_backward", self.device(), || format!("{:?}", l.shape()));
         same_device!("spatial_attention_backward", self, f, dy, stats => |a, f, dy, st| {
             let (da, df) = a.spatial_attention_backward(l, f, f_l, dy, dy_l, st, k)?;
             Ok((da.into(), df.into()))
         })
     }
-    pub fn hoa_products(&self, l: &Layout, order: usize) -> Result<Storage> { dispatch!(self, s => Ok(s.hoa_products(l, order)?.into())) }
+    pub fn hoa_products(&self, l: &Layout, order: usize) -> Result<Storage> {
+        let _timer = crate::profile::scope("hoa_products", self.device(), || format!("{:?}", l.shape()));
+        dispatch!(self, s => Ok(s.hoa_products(l, order)?.into()))
+    }
     pub fn hoa_products_backward(&self, l: &Layout, dh: &Storage, dh_l: &Layout, order: usize) -> Result<Storage> {
+        let _timer = crate::profile::scope("hoa_products_backward", self.device(), || format!("{:?}", l.shape()));
         same_device!("hoa_products_backward", self, dh => |z, dh| Ok(z.hoa_products_backward(l, dh, dh_l, order)?.into()))
     }
     pub fn hoa_combine(&self, l: &Layout, f: &Storage, f_l: &Layout, order: usize) -> Result<Storage> {
+        let _timer = crate::profile::scope("hoa_combine", self.device(), || format!("{:?}", l.shape()));
         same_device!("hoa_combine", self, f => |u, f| Ok(u.hoa_combine(l, f, f_l, order)?.into()))
     }
     pub fn hoa_combine_backward(&self, l: &Layout, f: &Storage, f_l: &Layout, dy: &Storage, dy_l: &Layout, order: usize) -> Result<(Storage, Storage)> {
+        let _timer = crate::profile::scope("hoa_combine_backward", self.device(), || format!("{:?}", l.shape()));
         same_device!("hoa_combine_backward", self, f, dy => |u, f, dy| {
             let (du, df) = u.hoa_combine_backward(l, f, f_l, dy, dy_l, order)?;
             Ok((du.into(), df.into()))
         })
     }
     pub fn normalized_distance(&self, l: &Layout, b: &Storage, b_l: &Layout, eps: f32) -> Result<(Storage, Storage)> {
+        let _timer = crate::profile::scope("normalized_distance", self.device(), || format!("{:?}", l.shape()));
         same_device!("normalized_distance", self, b => |a, b| { let (d, s) = a.normalized_distance(l, b, b_l, eps)?; Ok((d.into(), s.into())) })
     }
     #[allow(clippy::too_many_arguments)]
     pub fn normalized_distance_backward(&self, l: &Layout, b: &Storage, b_l: &Layout, stats: &Storage, g: &Storage, g_l: &Layout, eps: f32) -> Result<(Storage, Storage)> {
+        let _timer = crate::profile::scope("normalized_distance_backward", self.device(), || format!("{:?}", l.shape()));
         same_device!("normalized_distance_backward", self, b, stats, g => |a, b, st, g| {
             let (da, db) = a.normalized_distance_backward(l, b, b_l, st, g, g_l, eps)?;
             Ok((da.into(), db.into()))
         })
     }
     pub fn contrastive_normalize(&self, l: &Layout, s: &Storage, s_l: &Layout, eps: f32) -> Result<(Storage, Storage)> {
+        let _timer = crate::profile::scope("contrastive_normalize", self.device(), || format!("{:?}", l.shape()));
         same_device!("contrastive_normalize", self, s => |t, s| { let (z, n) = t.contrastive_normalize(l, s, s_l, eps)?; Ok((z.into(), n.into())) })
     }
     pub fn contrastive_normalize_backward(&self, l: &Layout, norms: &Storage, dzhat: &Storage, eps: f32, dtype: DType) -> Result<(Storage, Storage)> {
+        let _timer = crate::profile::scope("contrastive_normalize_backward", self.device(), || format!("{:?}", l.shape()));
         same_device!("contrastive_normalize_backward", self, norms, dzhat => |z, n, g| {
             let (dt, ds) = z.contrastive_normalize_backward(l, n, g, eps, dtype)?;
             Ok((dt.into(), ds.into()))
         })
     }
     pub fn contrastive_rows(&self, l: &Layout, tau: f32) -> Result<(Storage, Storage)> {
+        let _timer = crate::profile::scope("contrastive_rows", self.device(), || format!("{:?}", l.shape()));
         dispatch!(self, s => { let (loss, lse) = s.contrastive_rows(l, tau)?; Ok((loss.into(), lse.into())) })
     }
     pub fn contrastive_sym(&self, l: &Layout, lse: &Storage, dloss: &Storage, dloss_l: &Layout, tau: f32) -> Result<Storage> {
+        let _timer = crate::profile::scope("contrastive_sym", self.device(), || format!("{:?}", l.shape()));
         same_device!("contrastive_sym", self, lse, dloss => |s, lse, d| Ok(s.contrastive_sym(l, lse, d, dloss_l, tau)?.into()))
     }
     pub fn optimizer_update(&mut self, grad: &Storage, state: &mut [&mut Storage], rule: UpdateRule) -> Result<()> {
         let device = self.device();
+        let _timer = crate::profile::scope("optimizer_update", device, || format!("[{}]", self.len()));
         if let Some(s) = state.iter().find(|s| s.device() != device) {
             return Err(crate::Error::DeviceMismatch { op: "optimizer_update", lhs: device, rhs: s.device() });
         }

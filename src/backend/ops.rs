@@ -211,6 +211,24 @@ impl Conv2dParams {
         (self.w_in + 2 * self.padding.1 - self.dilation.1 * (self.kw - 1) - 1) / self.stride.1 + 1
     }
     pub fn input_shape(&self) -> [usize; 4] { [self.batch, self.c_in, self.h_in, self.w_in] }
+    /// `b64 16x32x32 -> 32 3x3 s2`, plus padding, dilation and groups where they differ
+    /// from the common case (padding k/2, dilation 1, one group): a profile's key.
+    pub fn describe(&self) -> String {
+        let mut s = format!("b{} {}x{}x{} -> {} {}x{} s{}", self.batch, self.c_in, self.h_in, self.w_in, self.c_out, self.kh, self.kw, self.stride.0);
+        if self.stride.0 != self.stride.1 {
+            s += &format!("x{}", self.stride.1);
+        }
+        if self.padding != (self.kh / 2, self.kw / 2) {
+            s += &format!(" p{:?}", self.padding);
+        }
+        if self.dilation != (1, 1) {
+            s += &format!(" d{:?}", self.dilation);
+        }
+        if self.groups != 1 {
+            s += &format!(" g{}", self.groups);
+        }
+        s
+    }
     pub fn weight_shape(&self) -> [usize; 4] { [self.c_out, self.c_in / self.groups, self.kh, self.kw] }
     pub fn output_shape(&self) -> [usize; 4] { [self.batch, self.c_out, self.h_out(), self.w_out()] }
     /// Multiply-adds of the forward pass.

@@ -206,8 +206,13 @@ fn distill(cfg: &mut Config, device: Device, args: &DistillArgs, default_run: &s
 
 fn main() {
     dfkd::allocator::keep_freed_pages();
+    let start = std::time::Instant::now();
     let cli = Cli::parse();
-    if let Err(e) = run(cli) {
+    let result = run(cli);
+    if dfkd::profile::enabled() {
+        eprintln!("\nwhere the time went (DFKD_PROFILE):\n{}", dfkd::profile::report().table(Some(start.elapsed()), 30));
+    }
+    if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
