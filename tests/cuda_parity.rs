@@ -102,7 +102,7 @@ fn unary_kernels() {
 fn binary_kernels() {
     use BinaryOp::*;
     // all exact: one IEEE operation (or comparison) per element on both sides
-    let ops = [Add, Sub, Mul, Div, Max, Min, Eq, Gt];
+    let ops = [Add, Sub, Mul, Div, Max, Min, Eq, Gt, WherePositive];
     // values on a coarse grid so that Eq and Max/Min see ties
     let a: Vec<f32> = randn(37 * 29, 2).iter().map(|v| (v * 2.0).round() / 2.0 + 0.25).collect();
     let b: Vec<f32> = randn(37 * 29, 3).iter().map(|v| (v * 2.0).round() / 2.0 + 0.25).collect();

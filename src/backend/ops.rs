@@ -99,6 +99,9 @@ pub enum BinaryOp {
     Eq,
     /// 1 where lhs > rhs else 0.
     Gt,
+    /// lhs where rhs > 0 else 0: relu's gradient (output gradient, input) in one pass,
+    /// where `grad * step(x)` took two and a mask.
+    WherePositive,
 }
 
 impl BinaryOp {
@@ -113,6 +116,7 @@ impl BinaryOp {
             BinaryOp::Min => a.min(b),
             BinaryOp::Eq => (a == b) as u8 as f32,
             BinaryOp::Gt => (a > b) as u8 as f32,
+            BinaryOp::WherePositive => if b > 0.0 { a } else { 0.0 },
         }
     }
     /// The op's name in errors and in the autograd graph ("badd"): its kernel's name
@@ -130,6 +134,7 @@ impl BinaryOp {
             BinaryOp::Min => "bmin_f32",
             BinaryOp::Eq => "beq_f32",
             BinaryOp::Gt => "bgt_f32",
+            BinaryOp::WherePositive => "bwhere_positive_f32",
         }
     }
 }

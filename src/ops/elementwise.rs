@@ -21,7 +21,7 @@ impl Tensor {
     pub fn sqrt(&self) -> Result<Tensor> { self.unary(UnaryOp::Sqrt, "sqrt", |_, y, g| g.div(&y.affine(2.0, 0.0)?)) }
     pub fn sqr(&self) -> Result<Tensor> { self.unary(UnaryOp::Sqr, "sqr", |x, _, g| g.mul(&x.affine(2.0, 0.0)?)) }
     pub fn abs(&self) -> Result<Tensor> { self.unary(UnaryOp::Abs, "abs", |x, _, g| g.mul(&x.map(UnaryOp::Sign)?)) }
-    pub fn relu(&self) -> Result<Tensor> { self.unary(UnaryOp::Relu, "relu", |x, _, g| g.mul(&x.map(UnaryOp::Step)?)) }
+    pub fn relu(&self) -> Result<Tensor> { self.unary(UnaryOp::Relu, "relu", |x, _, g| g.binary(x, BinaryOp::WherePositive)) }
     pub fn sigmoid(&self) -> Result<Tensor> {
         self.unary(UnaryOp::Sigmoid, "sigmoid", |_, y, g| g.mul(&y.mul(&y.affine(-1.0, 1.0)?)?))
     }
@@ -83,6 +83,8 @@ impl Tensor {
                     (ga.clone(), g.sub(&ga)?)
                 }
                 BinaryOp::Eq | BinaryOp::Gt => return Ok(vec![None, None]),
+                // a mask by rhs's sign: linear in lhs, flat in rhs
+                BinaryOp::WherePositive => return Ok(vec![Some(g.binary(&b, op)?.sum_to(da)?), None]),
             };
             Ok(vec![Some(grads.0.sum_to(da)?), Some(grads.1.sum_to(db)?)])
         }))

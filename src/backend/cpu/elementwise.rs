@@ -130,7 +130,7 @@ pub fn binary(a: &[f32], la: &Layout, b: &[f32], lb: &Layout, op: BinaryOp) -> R
         bail!("binary {op:?}: operands must be broadcast to one shape, got {:?} and {:?}", la.shape(), lb.shape());
     }
     macro_rules! go { ($($v:path),*) => { match op { $($v => map2(a, la, b, lb, |x, y| $v.apply(x, y))),* } } }
-    Ok(go!(BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max, BinaryOp::Min, BinaryOp::Eq, BinaryOp::Gt))
+    Ok(go!(BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max, BinaryOp::Min, BinaryOp::Eq, BinaryOp::Gt, BinaryOp::WherePositive))
 }
 
 pub fn copy_strided(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
