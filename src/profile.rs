@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 static STATE: AtomicU8 = AtomicU8::new(0);
 
 /// (op, shape) -> (calls, total time).
-static TIMES: Mutex<Option<HashMap<(&'static str, String), (u64, Duration)>>> = Mutex::new(None);
+type Times = HashMap<(&'static str, String), (u64, Duration)>;
+static TIMES: Mutex<Option<Times>> = Mutex::new(None);
 
 thread_local! {
     /// Whether a timed op is running on this thread (its inner ops are not recorded).
@@ -47,7 +48,7 @@ pub fn enable() { STATE.store(2, Ordering::Relaxed) }
 /// Forgets every time recorded so far (after a warm-up, say).
 pub fn reset() { *lock() = None }
 
-fn lock() -> std::sync::MutexGuard<'static, Option<HashMap<(&'static str, String), (u64, Duration)>>> {
+fn lock() -> std::sync::MutexGuard<'static, Option<Times>> {
     TIMES.lock().unwrap_or_else(|e| e.into_inner())
 }
 

@@ -8,6 +8,10 @@
 //! sum in other orders than the CPU (GEMM tiling, block reductions in BatchNorm, f32
 //! instead of f64 accumulators), and 20 conv + BN layers amplify a few-ulp difference
 //! in the forward pass to about 1e-5 of a gradient's scale; the bound leaves 10x room.
+//! The CPU side runs without its Winograd convolutions, whose transforms round a few
+//! times more (about 1e-6 of an output, `backend/cpu/winograd.rs`): amplified the same
+//! way, that alone put gradients at 35-660x the bound, while the devices compute the
+//! convolutions as products of the inputs, as the direct CPU kernels do.
 
 mod common;
 
@@ -73,7 +77,9 @@ fn assert_tensors_close(got: &[(String, Vec<f32>)], want: &[(String, Vec<f32>)],
 #[test]
 fn resnet18_training_step_matches_the_cpu() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    dfkd::backend::cpu::set_winograd(false);
     let cpu = train_step(Device::Cpu);
+    dfkd::backend::cpu::set_winograd(true);
     assert!(cpu.loss.is_finite() && cpu.grads.len() == 62, "{} {}", cpu.loss, cpu.grads.len());
     for dev in common::cuda_devices() {
         let t0 = std::time::Instant::now();

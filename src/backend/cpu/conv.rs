@@ -2,8 +2,10 @@
 //! convolutions take `conv3x3`'s direct AVX-512 or AVX2 path instead where it is faster
 //! (its `applies` says where: forward, and the input gradient as a convolution itself),
 //! and on AVX2 CPUs `conv3x3_weight`'s direct weight gradient. On AVX2 CPUs stride-2
-//! 3x3 convolutions take `conv3x3_s2`'s direct forward and input gradient, and stride-1
-//! 1x1 convolutions `conv1x1`'s direct passes.
+//! 3x3 convolutions take `conv3x3_s2`'s direct forward and input gradient, stride-1
+//! 1x1 convolutions `conv1x1`'s direct passes, and batches of stride-1 3x3
+//! convolutions with 16 or more input channels `winograd`'s F(2x2, 3x3) forward and
+//! input gradient, before any of the others.
 //!
 //! The output columns (one per output pixel of every sample) are processed in *tiles*:
 //! several whole samples, or a band of output rows of one sample. For each tile and
@@ -28,7 +30,7 @@
 //! Tile width, budget and thresholds were tuned on ResNet-18 shapes (batch 32, 64x64
 //! input) on two AVX-512 cores, where the three passes reach 200-250 GFLOP/s.
 
-use super::{buffers, conv1x1, conv3x3, conv3x3_s2, conv3x3_weight};
+use super::{buffers, conv1x1, conv3x3, conv3x3_s2, conv3x3_weight, winograd};
 use crate::backend::Conv2dParams;
 use crate::Result;
 use gemm::Parallelism;
@@ -48,6 +50,9 @@ const SPLIT_K_MIN: usize = 1024;
 const PAR_MACS: usize = 1 << 21;
 
 pub fn conv2d(x: &[f32], w: &[f32], p: &Conv2dParams) -> Result<Vec<f32>> {
+    if winograd::applies(p) {
+        return Ok(winograd::conv2d(x, w, p));
+    }
     if conv3x3::applies(p) {
         return Ok(conv3x3::conv2d(x, w, p));
     }
@@ -67,6 +72,9 @@ pub fn conv2d(x: &[f32], w: &[f32], p: &Conv2dParams) -> Result<Vec<f32>> {
 
 /// The exact adjoint of `conv2d` in its input, so also conv_transpose2d's forward.
 pub fn conv2d_backward_input(grad: &[f32], w: &[f32], p: &Conv2dParams) -> Result<Vec<f32>> {
+    if winograd::applies_backward_input(p) {
+        return Ok(winograd::conv2d_backward_input(grad, w, p));
+    }
     if conv3x3::applies_backward_input(p) {
         return Ok(conv3x3::conv2d_backward_input(grad, w, p));
     }

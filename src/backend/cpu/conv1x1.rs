@@ -34,9 +34,13 @@ use rayon::prelude::*;
 /// f32 lanes of an AVX2 vector.
 const LANES: usize = 8;
 /// Output channels of a register block.
-const CO_BLOCK: usize = 4;
-/// Vectors of pixels of a register block of the product.
-const PIX_VECTORS: usize = 3;
+pub(super) const CO_BLOCK: usize = 4;
+/// Vectors of pixels of a register block of the product: 4 x 2 vectors keep eight
+/// accumulators, enough to hide the FMA latency on two ports. With 3 (twelve, plus
+/// three input vectors and a broadcast: all 16 registers) LLVM spilled an accumulator
+/// to the stack every iteration, and products with 32-64 input channels took 16-42%
+/// longer (`examples/winograd_ab`'s method, alternating, session 10).
+const PIX_VECTORS: usize = 2;
 /// Input channels of a register block of the weight gradient.
 const CI_BLOCK: usize = 3;
 /// Floats of the input rows of one pixel range of the product, and of the gradient and
@@ -194,7 +198,7 @@ fn product(src: &[f32], packed: &[f32], pr: &Product, dst: &mut [f32], parallel:
 
 /// Pixels `j0..j0 + n` of `width` destination channels (`dst`: their planes of `hw`).
 #[allow(clippy::too_many_arguments)]
-fn channel_block(src: &[f32], w: &[f32], c_src: usize, hw: usize, width: usize, j0: usize, n: usize, dst: &mut [f32]) {
+pub(super) fn channel_block(src: &[f32], w: &[f32], c_src: usize, hw: usize, width: usize, j0: usize, n: usize, dst: &mut [f32]) {
     debug_assert!(src.len() == c_src * hw && w.len() == width * c_src && dst.len() == width * hw && j0 + n <= hw);
     let mut j = j0;
     while j < j0 + n {

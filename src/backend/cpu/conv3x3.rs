@@ -122,7 +122,7 @@ fn supported_isas() -> Vec<Isa> {
 
 /// The convolution whose forward is `p`'s input gradient: channels swapped (same planes,
 /// as stride 1 and padding 1 keep the size).
-fn transposed(p: &Conv2dParams) -> Conv2dParams { Conv2dParams { c_in: p.c_out, c_out: p.c_in, ..*p } }
+pub(super) fn transposed(p: &Conv2dParams) -> Conv2dParams { Conv2dParams { c_in: p.c_out, c_out: p.c_in, ..*p } }
 
 /// `conv2d(x, w)` for a `p` that `applies`.
 pub fn conv2d(x: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> {

@@ -96,10 +96,17 @@ pub(super) fn phase_taps(r: usize, c: usize) -> [usize; 9] {
 /// with `P[a][b][i][j] = xpad[2i + a][2j + b]` (zero outside the input), into `xp`, which
 /// ends up `len` floats long or more.
 pub(super) fn phases(x: &[f32], p: &Conv2dParams, r: usize, c: usize, len: usize, xp: &mut Vec<f32>) {
+    xp.clear();
+    xp.resize(len.max(p.c_in * 4 * r * c), 0.0);
+    phases_data(x, p, r, c, xp);
+}
+
+/// The input's floats of `phases` into `xp`, which already holds zeros (or the same
+/// layout's zeros from before) everywhere else.
+pub(super) fn phases_data(x: &[f32], p: &Conv2dParams, r: usize, c: usize, xp: &mut [f32]) {
     let (h, w) = (p.h_in, p.w_in);
     let rc = r * c;
-    xp.clear();
-    xp.resize(len.max(p.c_in * 4 * rc), 0.0);
+    assert!(xp.len() >= p.c_in * 4 * rc && r > h.div_ceil(2) && c > w / 2, "conv3x3_s2: phase planes too small");
     for (ci, plane) in x.chunks_exact(h * w).enumerate() {
         let phases = &mut xp[ci * 4 * rc..][..4 * rc];
         for (ih, src) in plane.chunks_exact(w).enumerate() {

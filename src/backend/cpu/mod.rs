@@ -20,6 +20,9 @@ mod reduce;
 mod simd;
 mod softmax;
 mod spatial_attention;
+mod winograd;
+
+pub use winograd::set_enabled as set_winograd;
 
 /// Also used by the CUDA backend to shape its strided kernel arguments.
 pub(crate) use elementwise::coalesce;
