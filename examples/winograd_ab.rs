@@ -4,7 +4,10 @@
 //! keeps its fastest: this machine's speed wanders by up to 2x within seconds, so
 //! timing one path and then the other compares two machines.
 //!
-//!     cargo run --release --example winograd_ab -- [ROUNDS]
+//!     cargo run --release --example winograd_ab -- [ROUNDS [FILTER]]
+//!
+//! FILTER picks the shapes whose name (`b64_16-16_32x32`: batch, channels in and out,
+//! plane) contains it.
 
 #[global_allocator]
 static ALLOC: dfkd::allocator::MiMalloc = dfkd::allocator::MiMalloc;
@@ -40,8 +43,9 @@ fn ms(f: impl Fn()) -> f64 {
 fn main() -> dfkd::Result<()> {
     dfkd::allocator::keep_freed_pages();
     let rounds: usize = std::env::args().nth(1).map_or(12, |s| s.parse().expect("ROUNDS is a number"));
+    let filter = std::env::args().nth(2).unwrap_or_default();
     let mut rng = Rng::new(0);
-    for &(batch, c_in, c_out, side) in SHAPES {
+    for &(batch, c_in, c_out, side) in SHAPES.iter().filter(|&&(b, i, o, s)| format!("b{b}_{i}-{o}_{s}x{s}").contains(&filter)) {
         let x = Tensor::randn(&[batch, c_in, side, side], 0.0, 1.0, &mut rng, Device::Cpu)?;
         let w = Tensor::randn(&[c_out, c_in, 3, 3], 0.0, 0.1, &mut rng, Device::Cpu)?;
         let p = Conv2dParams { batch, c_in, h_in: side, w_in: side, c_out, kh: 3, kw: 3, stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 1 };
