@@ -216,6 +216,13 @@ impl Conv2dParams {
         (self.w_in + 2 * self.padding.1 - self.dilation.1 * (self.kw - 1) - 1) / self.stride.1 + 1
     }
     pub fn input_shape(&self) -> [usize; 4] { [self.batch, self.c_in, self.h_in, self.w_in] }
+    /// A dense 3x3 convolution (one group, no dilation) with padding 1 and this stride
+    /// in both axes, over non-empty operands: what the CPU's direct and Winograd 3x3
+    /// kernels take, each within its own further bounds.
+    pub fn is_dense_3x3(&self, stride: usize) -> bool {
+        (self.kh, self.kw, self.stride, self.padding, self.dilation, self.groups) == (3, 3, (stride, stride), (1, 1), (1, 1), 1)
+            && self.batch * self.c_in * self.c_out * self.h_in * self.w_in > 0
+    }
     /// `b64 16x32x32 -> 32 3x3 s2`, plus padding, dilation and groups where they differ
     /// from the common case (padding k/2, dilation 1, one group): a profile's key.
     pub fn describe(&self) -> String {

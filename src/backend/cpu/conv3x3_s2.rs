@@ -50,13 +50,7 @@ fn small_enough(p: &Conv2dParams) -> bool { p.c_in * p.h_in * p.w_in <= MAX_INPU
 /// Stride-2 3x3 convolutions with padding 1, on planes of 8 or more pixels a side (on
 /// smaller ones the 6-pixel blocks are mostly empty, as for stride 1).
 pub(super) fn shape_fits(p: &Conv2dParams) -> bool {
-    p.kh == 3
-        && p.kw == 3
-        && p.stride == (2, 2)
-        && p.padding == (1, 1)
-        && p.dilation == (1, 1)
-        && p.groups == 1
-        && p.batch * p.c_in * p.c_out > 0
+    p.is_dense_3x3(2)
         && p.h_in >= 8
         && p.w_in >= 8
 }

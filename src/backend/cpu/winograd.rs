@@ -67,14 +67,7 @@ pub fn applies(p: &Conv2dParams) -> bool {
 
 /// The convolutions this module computes, given AVX2 and enough samples.
 fn shape_fits(p: &Conv2dParams) -> bool {
-    p.kh == 3
-        && p.kw == 3
-        && p.stride == (1, 1)
-        && p.padding == (1, 1)
-        && p.dilation == (1, 1)
-        && p.groups == 1
-        && p.c_in > 0
-        && p.c_out > 0
+    p.is_dense_3x3(1)
         && p.h_in >= 2
         && p.w_in >= 2
 }
