@@ -88,7 +88,7 @@ fn products(src: &[f32], w: &[f32], p: &Conv2dParams, transposed: bool) -> Vec<f
     let (c_src, c_dst) = if transposed { (cog, cig) } else { (cig, cog) };
     let pr = Product { groups: p.groups, c_src, c_dst, hw: p.h_in * p.w_in };
     assert!(src.len() == p.batch * pr.src_sample() && w.len() == p.c_out * cig, "conv1x1: operand sizes");
-    let packed = pack(&pr, |g, d, s| if transposed { w[(g * cog + s) * cig + d] } else { w[(g * cog + d) * cig + s] });
+    let packed = pack(pr.groups, pr.c_dst, pr.c_src, |g, d, s| if transposed { w[(g * cog + s) * cig + d] } else { w[(g * cog + d) * cig + s] });
     let n = pr.src_sample();
     buffers::filled(p.batch * pr.dst_sample(), |dst| for_each_sample(&pr, dst, |b, dst, par| product(&src[b * n..][..n], &packed, &pr, dst, par)))
 }
@@ -147,14 +147,15 @@ fn for_each_sample(pr: &Product, dst: &mut [f32], f: impl Fn(usize, &mut [f32], 
     }
 }
 
-/// Weights as `[group][channel block][c_src][block width]`; `at(g, d, s)` reads the
-/// weight from source channel `s` to destination channel `d` of group `g`.
-fn pack(pr: &Product, at: impl Fn(usize, usize, usize) -> f32) -> Vec<f32> {
-    let mut packed = Vec::with_capacity(pr.groups * pr.c_dst * pr.c_src);
-    for g in 0..pr.groups {
-        for d0 in (0..pr.c_dst).step_by(CO_BLOCK) {
-            let width = CO_BLOCK.min(pr.c_dst - d0);
-            for s in 0..pr.c_src {
+/// Weights as `[group][channel block][c_src][block width]`, the layout `channel_block`
+/// reads; `at(g, d, s)` reads the weight from source channel `s` to destination
+/// channel `d` of group `g`.
+pub(super) fn pack(groups: usize, c_dst: usize, c_src: usize, at: impl Fn(usize, usize, usize) -> f32) -> Vec<f32> {
+    let mut packed = Vec::with_capacity(groups * c_dst * c_src);
+    for g in 0..groups {
+        for d0 in (0..c_dst).step_by(CO_BLOCK) {
+            let width = CO_BLOCK.min(c_dst - d0);
+            for s in 0..c_src {
                 packed.extend((d0..d0 + width).map(|d| at(g, d, s)));
             }
         }

@@ -99,26 +99,20 @@ fn backward_input(grad: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> {
     run(grad, &u, &q)
 }
 
-/// `U = G g Gᵀ` of every filter, as `[ξ][conv1x1 channel block][c_in][block width]`;
-/// `at(co, ci, k)` reads tap k of the filter from input `ci` to output `co`.
+/// `U = G g Gᵀ` of every filter, as 16 products' weights (one per ξ) in `conv1x1`'s
+/// packed layout; `at(co, ci, k)` reads tap k of the filter from input `ci` to output
+/// `co`.
 fn transform_filters(c_out: usize, c_in: usize, at: impl Fn(usize, usize, usize) -> f32) -> Vec<f32> {
     const G: [[f32; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
-    let per_xi = c_out * c_in;
-    let mut u = vec![0f32; 16 * per_xi];
-    for co in 0..c_out {
-        let (co0, lane) = (co / conv1x1::CO_BLOCK * conv1x1::CO_BLOCK, co % conv1x1::CO_BLOCK);
-        let width = conv1x1::CO_BLOCK.min(c_out - co0);
-        for ci in 0..c_in {
-            let g: [[f32; 3]; 3] = std::array::from_fn(|i| std::array::from_fn(|j| at(co, ci, i * 3 + j)));
-            // G g: 4 x 3
-            let gg: [[f32; 3]; 4] = std::array::from_fn(|a| std::array::from_fn(|j| (0..3).map(|i| G[a][i] * g[i][j]).sum()));
-            for xi in 0..16 {
-                let (a, b) = (xi / 4, xi % 4);
-                u[xi * per_xi + co0 * c_in + ci * width + lane] = (0..3).map(|j| gg[a][j] * G[b][j]).sum();
-            }
-        }
-    }
-    u
+    let transform = |co: usize, ci: usize| -> [f32; 16] {
+        let g: [[f32; 3]; 3] = std::array::from_fn(|i| std::array::from_fn(|j| at(co, ci, i * 3 + j)));
+        // G g: 4 x 3
+        let gg: [[f32; 3]; 4] = std::array::from_fn(|a| std::array::from_fn(|j| (0..3).map(|i| G[a][i] * g[i][j]).sum()));
+        std::array::from_fn(|xi| (0..3).map(|j| gg[xi / 4][j] * G[xi % 4][j]).sum())
+    };
+    let u: Vec<[f32; 16]> = (0..c_out * c_in).map(|k| transform(k / c_in, k % c_in)).collect();
+    // each ξ a "group" of the packing
+    conv1x1::pack(16, c_out, c_in, |xi, co, ci| u[co * c_in + ci][xi])
 }
 
 /// Tile geometry of one sample.
@@ -185,11 +179,10 @@ fn sample(x: &[f32], u: &[f32], p: &Conv2dParams, t: &Tiles, out: &mut [f32], sc
     let Scratch { phases: xp, layout, v, m } = scratch;
     // zeroed when the layout changes: the input's floats are rewritten for every sample,
     // and the padding around them stays zero
-    let len = t.phases_len(p.c_in);
     let key = (p.c_in, p.h_in, p.w_in);
-    if xp.len() != len || *layout != Some(key) {
+    if *layout != Some(key) {
         xp.clear();
-        xp.resize(len, 0.0);
+        xp.resize(t.phases_len(p.c_in), 0.0);
         *layout = Some(key);
     }
     conv3x3_s2::phases_data(x, p, t.r, t.c, xp);
