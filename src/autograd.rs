@@ -69,9 +69,11 @@ impl Gradients {
     pub fn is_empty(&self) -> bool { self.0.is_empty() }
 }
 
-/// Tensors reachable from `root` through tracked inputs, inputs before their users.
-fn topological_order(root: &Tensor) -> Vec<Tensor> {
+/// Tensors reachable from `root` through tracked inputs, inputs before their users,
+/// and how many uses each leaf (a tracked tensor without a node) has among them.
+fn topological_order(root: &Tensor) -> (Vec<Tensor>, HashMap<TensorId, usize>) {
     let mut order = vec![];
+    let mut leaf_uses: HashMap<TensorId, usize> = HashMap::new();
     let mut visited = HashSet::new();
     // Iterative post-order DFS, marking on expansion: deep graphs (ResNets, unrolled
     // generators) must not overflow the stack.
@@ -87,12 +89,18 @@ fn topological_order(root: &Tensor) -> Vec<Tensor> {
         let inputs = t.node().and_then(|n| n.inputs()).unwrap_or_default();
         stack.push((t, true));
         for i in inputs {
-            if i.tracks_grad() && !visited.contains(&i.id()) {
+            if !i.tracks_grad() {
+                continue;
+            }
+            if i.node().is_none() {
+                *leaf_uses.entry(i.id()).or_default() += 1;
+            }
+            if !visited.contains(&i.id()) {
                 stack.push((i, false));
             }
         }
     }
-    order
+    (order, leaf_uses)
 }
 
 pub fn backward(root: &Tensor) -> Result<Gradients> {
@@ -103,20 +111,47 @@ pub fn backward(root: &Tensor) -> Result<Gradients> {
 }
 
 /// Backward from `root` seeded with `grad` (same shape as root).
-pub fn backward_with(root: &Tensor, grad: Tensor) -> Result<Gradients> {
+pub fn backward_with(root: &Tensor, grad: Tensor) -> Result<Gradients> { backward_hooked(root, grad, &mut |_, g| Ok(Some(g))) }
+
+/// Backward from `root` seeded with `grad`, handing each leaf's gradient to `on_leaf`
+/// the moment it is final: right after the last backward step that uses the leaf, while
+/// the rest of the pass is still to run. `on_leaf` returns the gradient to keep in the
+/// result, or `None` when it took it (data parallelism starts averaging a parameter's
+/// gradient with the other ranks' there, overlapped with the rest of the backward).
+/// Leaves are handed over in the same order on every run of the same graph.
+pub fn backward_hooked(root: &Tensor, grad: Tensor, on_leaf: &mut dyn FnMut(&Tensor, Tensor) -> Result<Option<Tensor>>) -> Result<Gradients> {
     if !root.tracks_grad() {
         bail!("backward: the root does not depend on any tensor that requires grad");
     }
     let _guard = NoGradGuard::new();
-    let order = topological_order(root);
+    let mut out = Gradients::default();
+    if root.node().is_none() {
+        // the root is itself a leaf
+        if let Some(g) = on_leaf(root, grad)? {
+            out.0.insert(root.id(), g);
+        }
+        return Ok(out);
+    }
+    let (order, mut leaf_uses) = topological_order(root);
     let mut pending: HashMap<TensorId, Tensor> = HashMap::new();
     pending.insert(root.id(), grad);
-    let mut out = Gradients::default();
+    // One use of `input` is over: if it was a leaf's last, its gradient is final.
+    let mut release = |input: &Tensor, pending: &mut HashMap<TensorId, Tensor>, out: &mut Gradients| -> Result<()> {
+        let Some(uses) = leaf_uses.get_mut(&input.id()) else { return Ok(()) };
+        *uses -= 1;
+        if *uses == 0 {
+            if let Some(g) = pending.remove(&input.id()).map(|g| on_leaf(input, g)).transpose()?.flatten() {
+                out.0.insert(input.id(), g);
+            }
+        }
+        Ok(())
+    };
     for t in order.iter().rev() {
-        let Some(g) = pending.remove(&t.id()) else { continue };
-        let Some(node) = t.node() else {
-            if t.requires_grad() {
-                out.0.insert(t.id(), g);
+        let Some(node) = t.node() else { continue };
+        let Some(g) = pending.remove(&t.id()) else {
+            // no gradient reached this op: its uses of leaves are over all the same
+            for input in node.inputs().unwrap_or_default() {
+                release(&input, &mut pending, &mut out)?;
             }
             continue;
         };
@@ -126,18 +161,20 @@ pub fn backward_with(root: &Tensor, grad: Tensor) -> Result<Gradients> {
         let needs: Vec<bool> = inputs.iter().map(|i| i.tracks_grad()).collect();
         let grads = f(&g, &needs)?;
         for ((input, gi), need) in inputs.iter().zip(grads).zip(needs) {
-            let Some(gi) = gi else { continue };
             if !need {
                 continue;
             }
-            if gi.dims() != input.dims() {
-                bail!("backward of `{}`: gradient shape {:?} differs from input shape {:?}", node.name(), gi.dims(), input.dims());
+            if let Some(gi) = gi {
+                if gi.dims() != input.dims() {
+                    bail!("backward of `{}`: gradient shape {:?} differs from input shape {:?}", node.name(), gi.dims(), input.dims());
+                }
+                let acc = match pending.remove(&input.id()) {
+                    Some(prev) => prev.add(&gi)?,
+                    None => gi,
+                };
+                pending.insert(input.id(), acc);
             }
-            let acc = match pending.remove(&input.id()) {
-                Some(prev) => prev.add(&gi)?,
-                None => gi,
-            };
-            pending.insert(input.id(), acc);
+            release(input, &mut pending, &mut out)?;
         }
     }
     Ok(out)
@@ -197,6 +234,44 @@ mod tests {
         assert!(saved.upgrade().is_none(), "backward must free saved activations");
         let err = loss.backward().err().unwrap().to_string();
         assert!(err.contains("second time"), "{err}");
+    }
+
+    #[test]
+    fn a_leaf_is_handed_over_once_final_before_the_ops_below_it_run() {
+        use std::sync::Mutex;
+        let log = Arc::new(Mutex::new(Vec::<String>::new()));
+        let (x, w1, w2) = (var(&[1.0, 2.0]), var(&[3.0, -1.0]), var(&[0.5, 2.0]));
+        let h = x.mul(&w1).unwrap();
+        // an identity op that logs when its backward runs: the first layer's backward
+        let probe_log = log.clone();
+        let h = crate::ops::with_backward(&h, "probe", &[&h], move |dy, _| {
+            probe_log.lock().unwrap().push("probe".into());
+            Ok(vec![Some(dy.clone())])
+        });
+        // w1 is used twice, once in each layer: handed over once, with both uses summed
+        let y = h.mul(&w2).unwrap().add(&w1).unwrap().sqr().unwrap().sum_all().unwrap();
+        let names = [(x.id(), "x"), (w1.id(), "w1"), (w2.id(), "w2")];
+        let mut seen = vec![];
+        let grads = backward_hooked(&y, y.ones_like().unwrap(), &mut |leaf, g| {
+            let name = names.iter().find(|(id, _)| *id == leaf.id()).unwrap().1;
+            log.lock().unwrap().push(name.into());
+            seen.push((name, g.to_vec_f32().unwrap()));
+            Ok(None)
+        })
+        .unwrap();
+        assert!(grads.is_empty(), "the hook took every gradient");
+        let log = log.lock().unwrap().clone();
+        assert_eq!(log[0], "w2", "w2's gradient is final before the first layer's backward: {log:?}");
+        assert_eq!(log[1], "probe", "{log:?}");
+        assert_eq!(log.len(), 4, "each leaf once: {log:?}");
+        // d/dw of sum((x w1 w2 + w1)^2): the same values backward computes
+        let (xv, a, b) = ([1.0f32, 2.0], [3.0f32, -1.0], [0.5f32, 2.0]);
+        let r: Vec<f32> = (0..2).map(|i| 2.0 * (xv[i] * a[i] * b[i] + a[i])).collect();
+        let want_w1: Vec<f32> = (0..2).map(|i| r[i] * (xv[i] * b[i] + 1.0)).collect();
+        let want_w2: Vec<f32> = (0..2).map(|i| r[i] * xv[i] * a[i]).collect();
+        let got = |n: &str| seen.iter().find(|(m, _)| *m == n).unwrap().1.clone();
+        assert_eq!(got("w1"), want_w1);
+        assert_eq!(got("w2"), want_w2);
     }
 
     #[test]

@@ -86,10 +86,16 @@ fn check_equivalence(cfg: &Config, batch: &Tensor, grads: fn(&Config, &Tensor) -
     for world in [2, 4] {
         let mut c = cfg.clone();
         c.parallel.ranks = world;
+        // 10 KB buckets: many, each started during the backward pass
+        c.parallel.bucket_mb = 0.01;
         let ranks = run_ranks(world, |rank| Ok(grads(&c, &share(batch, rank, world)))).unwrap();
         for (rank, got) in ranks.iter().enumerate() {
             assert_eq!(got, &ranks[0], "{what}: rank {rank} of {world} applies other gradients than rank 0");
         }
+        // one bucket, started once the backward pass is over: the same bits
+        c.parallel.bucket_mb = 25.0;
+        let one_bucket = run_ranks(world, |rank| Ok(grads(&c, &share(batch, rank, world)))).unwrap();
+        assert_eq!(one_bucket[0], ranks[0], "{what}, {world} ranks: the bucket size changed the gradients");
         let (w, at) = worst(&ranks[0], &single);
         eprintln!("{what}, {world} ranks: worst {w:.2}x the tolerance at {at}; largest gradient {:.3}", largest(&single));
         assert!(w <= 1.0, "{what}, {world} ranks: {at} ({w:.1}x the tolerance)");
@@ -135,6 +141,7 @@ fn local_negatives_are_a_different_loss() {
 fn ranks_stay_identical_over_many_iterations() {
     let mut cfg = tiny(&workdir("unused"));
     cfg.parallel.ranks = 2;
+    cfg.parallel.bucket_mb = 0.01;
     ranks_stay_identical(&cfg);
     // with each rank's own BatchNorm statistics, rank 0's running ones are kept
     cfg.parallel.sync_batch_norm = false;

@@ -4,9 +4,9 @@
 //! A `Collective` is one rank's handle on its group: all-reduce, broadcast and
 //! all-gather of tensors. Two implementations: `ThreadGroup` (ranks as threads of one
 //! process, any device: how CI tests every data-parallel path without a GPU) and
-//! `NcclGroup` (NCCL, one thread per GPU). On top of them (`ops`): differentiable all-reduce and all-gather,
-//! gradient averaging in buckets, synchronised BatchNorm, and broadcasting a module's
-//! weights.
+//! `NcclGroup` (NCCL, one thread per GPU). On top of them: differentiable all-reduce
+//! and all-gather, synchronised BatchNorm and broadcasting a module's weights (`ops`),
+//! and gradient averaging in buckets overlapped with the backward pass (`buckets`).
 //!
 //! How a step stays equal to one process on the concatenated batch: every batch
 //! statistic goes through an all-reduce (BatchNorm in training mode, the BN-statistics
@@ -21,17 +21,19 @@
 //! signature carrying it, and a single-device run, which never enters one, takes no
 //! collective at all.
 
+mod buckets;
 mod nccl;
 mod ops;
 mod threads;
 
+pub use buckets::{average_gradients, backward_averaged, GradientBuckets, DEFAULT_BUCKET_ELEMS};
 pub use nccl::NcclGroup;
-pub use ops::{all_gather, all_reduce_sum, average_gradients, broadcast_buffers, broadcast_module, global_batch_mean, global_channel_stats, global_channel_stats_many};
+pub use ops::{all_gather, all_reduce_sum, broadcast_buffers, broadcast_module, global_batch_mean, global_channel_stats, global_channel_stats_many};
 pub use threads::{run_group, run_ranks, ThreadGroup};
 
-use crate::{Result, Tensor};
+use crate::{Error, Result, Tensor};
 use std::cell::{Cell, RefCell};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 
 /// One rank's handle on its group. Every rank must make the same calls in the same
 /// order with tensors of the same shape; a mismatch is an error on every rank, and a
@@ -42,6 +44,15 @@ pub trait Collective: Send + Sync {
     fn world(&self) -> usize;
     /// The elementwise sum of every rank's `t`, on every rank (same shape and device).
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
+    /// Starts `all_reduce_sum` of `t` and returns at once; the sum comes from
+    /// `Pending::wait`. Started calls form a sequence of their own: every rank starts
+    /// the same calls in the same order, and may make blocking calls while they run
+    /// (gradient buckets are started during the backward pass, whose synchronised
+    /// BatchNorm makes its own calls). The default makes the call at once, in the
+    /// sequence of blocking calls, which stays correct as long as every rank starts at
+    /// the same points of that sequence (as the backward pass does), but overlaps
+    /// nothing.
+    fn start_all_reduce_sum(&self, t: &Tensor) -> Pending { Pending::ready(self.all_reduce_sum(t)) }
     /// Rank `root`'s `t` on every rank.
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor>;
     /// Every rank's `t` concatenated along dim 0 in rank order, on every rank.
@@ -49,6 +60,32 @@ pub trait Collective: Send + Sync {
     /// Fails the group: every rank's pending and later calls return an error naming
     /// this rank and `why`.
     fn abort(&self, why: &str);
+}
+
+/// A collective started without waiting for it.
+#[must_use = "a started collective must be waited for"]
+pub struct Pending(PendingState);
+
+enum PendingState {
+    Ready(Result<Tensor>),
+    /// Its result comes through the channel; the message says why, if it never does.
+    Queued(mpsc::Receiver<Result<Tensor>>, String),
+}
+
+impl Pending {
+    /// A call that is already over.
+    pub fn ready(result: Result<Tensor>) -> Pending { Pending(PendingState::Ready(result)) }
+
+    /// A call whose result a worker sends; `lost` is the error if it drops the channel.
+    pub fn queued(result: mpsc::Receiver<Result<Tensor>>, lost: String) -> Pending { Pending(PendingState::Queued(result, lost)) }
+
+    /// The call's result, once every rank has joined it.
+    pub fn wait(self) -> Result<Tensor> {
+        match self.0 {
+            PendingState::Ready(r) => r,
+            PendingState::Queued(rx, lost) => rx.recv().map_err(|_| Error::Msg(lost))?,
+        }
+    }
 }
 
 thread_local! {

@@ -3,12 +3,8 @@
 use super::Collective;
 use crate::nn::{Module, Slot};
 use crate::ops::with_backward;
-use crate::{no_grad, Error, Gradients, Result, Tensor};
+use crate::{no_grad, Error, Result, Tensor};
 use std::sync::Arc;
-
-/// DDP's default bucket: gradients are averaged in concatenations of about 25 MB, so
-/// a model's hundreds of small tensors cost a few collective calls, not hundreds.
-const BUCKET_ELEMS: usize = 25 * 1024 * 1024 / 4;
 
 /// The sum of every rank's `x`, with gradient: the backward all-reduces the output
 /// gradient, so each rank's `x` receives the gradient of every rank's use of the sum
@@ -115,41 +111,6 @@ impl Tensor {
         let scale = var.add_scalar(eps)?.sqrt()?.recip()?.mul(gamma)?;
         self.sub(&mean.reshape(&bshape)?)?.mul(&scale.reshape(&bshape)?)?.add(&beta.reshape(&bshape)?)
     }
-}
-
-/// Replaces each gradient of `params` by its mean over the ranks, in buckets of about
-/// 25 MB (the parameters' order decides the buckets, so it must be the same on every
-/// rank; a parameter without a gradient is skipped, and must be on every rank).
-pub fn average_gradients<'a>(grads: &mut Gradients, params: impl IntoIterator<Item = &'a Tensor>, group: &Arc<dyn Collective>) -> Result<()> {
-    let inv = 1.0 / group.world() as f32;
-    let mut bucket: Vec<(&Tensor, Tensor)> = vec![];
-    let mut elems = 0;
-    let flush = |bucket: &mut Vec<(&Tensor, Tensor)>, grads: &mut Gradients| -> Result<()> {
-        if bucket.is_empty() {
-            return Ok(());
-        }
-        let flat: Vec<Tensor> = bucket.iter().map(|(_, g)| g.contiguous()?.reshape(&[g.elem_count()])).collect::<Result<_>>()?;
-        let mean = group.all_reduce_sum(&Tensor::cat(&flat.iter().collect::<Vec<_>>(), 0)?)?.scale(inv)?;
-        let mut at = 0;
-        for (p, g) in bucket.drain(..) {
-            let n = g.elem_count();
-            // its own storage: the optimiser updates whole buffers
-            grads.insert(p, mean.narrow(0, at, n)?.deep_copy()?.reshape(p.dims())?);
-            at += n;
-        }
-        Ok(())
-    };
-    for p in params {
-        if let Some(g) = grads.remove(p) {
-            elems += g.elem_count();
-            bucket.push((p, g));
-            if elems >= BUCKET_ELEMS {
-                flush(&mut bucket, grads)?;
-                elems = 0;
-            }
-        }
-    }
-    flush(&mut bucket, grads)
 }
 
 /// Makes every parameter and buffer of `module` equal to rank 0's.

@@ -3,11 +3,18 @@
 //! arrive computes the result once (sums in rank order, so every rank gets the same
 //! bits), and all ranks copy it out. Works for tensors on any device (through the
 //! host), so the data-parallel code paths run in CI on the CPU and the kernel emulator.
+//!
+//! Started calls (`start_all_reduce_sum`: gradient buckets during the backward) meet
+//! in a second rendezvous of their own, made by one worker thread per rank in the
+//! order they were started. They may then run while the rank thread makes blocking
+//! calls (synchronised BatchNorm's backward), in whatever interleaving, the same way
+//! NCCL needs a second communicator for it.
 
-use super::Collective;
+use super::{Collective, Pending};
 use crate::{Error, Result, Tensor};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -49,28 +56,81 @@ impl Shared {
     }
 }
 
-/// One rank of an in-process group (see the module doc).
-pub struct ThreadGroup {
-    rank: usize,
-    shared: Arc<Shared>,
-    /// Calls and elements this rank has contributed so far (what a bandwidth model
-    /// needs).
+/// Calls and f32 elements a rank has contributed so far (what a bandwidth model needs).
+#[derive(Default)]
+struct Traffic {
     calls: AtomicU64,
     sent: AtomicU64,
+}
+
+/// One rank's place in one rendezvous.
+struct Endpoint {
+    rank: usize,
+    shared: Arc<Shared>,
+    traffic: Arc<Traffic>,
+}
+
+/// A started all-reduce, for the rank's worker, and where its sum goes.
+type Job = (Tensor, mpsc::Sender<Result<Tensor>>);
+
+/// One rank of an in-process group (see the module doc).
+pub struct ThreadGroup {
+    main: Endpoint,
+    /// The rendezvous of started calls.
+    side: Arc<Shared>,
+    /// The worker that makes this rank's started calls, from the first one on.
+    worker: Mutex<Option<mpsc::Sender<Job>>>,
 }
 
 impl ThreadGroup {
     /// The `world` ranks of a new group, in rank order; give each to its own thread.
     pub fn new(world: usize) -> Vec<ThreadGroup> {
         assert!(world >= 1, "a group needs at least one rank");
-        let state = State { generation: 0, round: None, result: Arc::new((vec![], vec![])), failed: None };
-        let shared = Arc::new(Shared { world, state: Mutex::new(state), wake: Condvar::new() });
-        (0..world).map(|rank| ThreadGroup { rank, shared: shared.clone(), calls: Default::default(), sent: Default::default() }).collect()
+        let share = || {
+            let state = State { generation: 0, round: None, result: Arc::new((vec![], vec![])), failed: None };
+            Arc::new(Shared { world, state: Mutex::new(state), wake: Condvar::new() })
+        };
+        let (main, side) = (share(), share());
+        (0..world)
+            .map(|rank| ThreadGroup {
+                main: Endpoint { rank, shared: main.clone(), traffic: Default::default() },
+                side: side.clone(),
+                worker: Mutex::new(None),
+            })
+            .collect()
     }
 
-    /// `(calls, f32 elements)` this rank has contributed to collectives so far.
-    pub fn traffic(&self) -> (u64, u64) { (self.calls.load(Ordering::Relaxed), self.sent.load(Ordering::Relaxed)) }
+    /// `(calls, f32 elements)` this rank has contributed to collectives so far, started
+    /// ones included.
+    pub fn traffic(&self) -> (u64, u64) {
+        let t = &self.main.traffic;
+        (t.calls.load(Ordering::Relaxed), t.sent.load(Ordering::Relaxed))
+    }
 
+    /// Hands `t` to this rank's worker, starting the worker on first use.
+    fn start(&self, t: &Tensor) -> Result<mpsc::Receiver<Result<Tensor>>> {
+        let mut worker = self.worker.lock().unwrap_or_else(|e| e.into_inner());
+        if worker.is_none() {
+            let (tx, rx) = mpsc::channel::<Job>();
+            let side = Endpoint { rank: self.main.rank, shared: self.side.clone(), traffic: self.main.traffic.clone() };
+            std::thread::Builder::new()
+                .name(format!("rank {} collectives", self.main.rank))
+                .spawn(move || {
+                    // ends when the group is dropped; a reply nobody waits for any more is dropped
+                    for (t, reply) in rx {
+                        let _ = reply.send(side.exchange(Op::AllReduceSum, &t));
+                    }
+                })
+                .map_err(|e| Error::Msg(format!("rank {}: cannot start the collectives thread: {e}", self.main.rank)))?;
+            *worker = Some(tx);
+        }
+        let (reply, sum) = mpsc::channel();
+        worker.as_ref().expect("started above").send((t.clone(), reply)).map_err(|_| Error::Msg(format!("rank {}: the collectives thread stopped", self.main.rank)))?;
+        Ok(sum)
+    }
+}
+
+impl Endpoint {
     fn failure(&self, (rank, why): &(usize, String)) -> Error {
         if *rank == self.rank {
             Error::Msg(why.clone())
@@ -83,8 +143,8 @@ impl ThreadGroup {
     /// deposited.
     fn exchange(&self, op: Op, t: &Tensor) -> Result<Tensor> {
         let data = t.to_vec_f32()?;
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        self.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.traffic.calls.fetch_add(1, Ordering::Relaxed);
+        self.traffic.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
         let sh = &*self.shared;
         let mut st = sh.lock();
         if let Some(f) = &st.failed {
@@ -149,20 +209,28 @@ fn complete(round: Round) -> (Vec<f32>, Vec<usize>) {
 }
 
 impl Collective for ThreadGroup {
-    fn rank(&self) -> usize { self.rank }
-    fn world(&self) -> usize { self.shared.world }
-    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> { self.exchange(Op::AllReduceSum, t) }
-    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
-        if root >= self.shared.world {
-            return Err(Error::Msg(format!("broadcast from rank {root} in a group of {}", self.shared.world)));
+    fn rank(&self) -> usize { self.main.rank }
+    fn world(&self) -> usize { self.main.shared.world }
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> { self.main.exchange(Op::AllReduceSum, t) }
+    fn start_all_reduce_sum(&self, t: &Tensor) -> Pending {
+        match self.start(t) {
+            Ok(sum) => Pending::queued(sum, format!("rank {}: the collectives thread stopped", self.main.rank)),
+            Err(e) => Pending::ready(Err(e)),
         }
-        self.exchange(Op::Broadcast(root), t)
     }
-    fn all_gather(&self, t: &Tensor) -> Result<Tensor> { self.exchange(Op::AllGather, t) }
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        if root >= self.world() {
+            return Err(Error::Msg(format!("broadcast from rank {root} in a group of {}", self.world())));
+        }
+        self.main.exchange(Op::Broadcast(root), t)
+    }
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor> { self.main.exchange(Op::AllGather, t) }
     fn abort(&self, why: &str) {
-        let mut st = self.shared.lock();
-        st.failed.get_or_insert_with(|| (self.rank, why.to_string()));
-        self.shared.wake.notify_all();
+        for shared in [&self.main.shared, &self.side] {
+            let mut st = shared.lock();
+            st.failed.get_or_insert_with(|| (self.main.rank, why.to_string()));
+            shared.wake.notify_all();
+        }
     }
 }
 

@@ -41,10 +41,20 @@ pub struct ParallelConfig {
     /// makes the run depend on the number of ranks. The BN-statistics loss always uses
     /// the global batch.
     pub sync_batch_norm: bool,
+    /// Gradients are averaged in buckets of about this many MB (DDP's `bucket_cap_mb`),
+    /// each started as soon as the backward pass has finished its gradients, while the
+    /// pass goes on (docs/DATA_PARALLEL.md). Smaller buckets start sooner and overlap
+    /// more, but cost more calls.
+    pub bucket_mb: f32,
 }
 
 impl Default for ParallelConfig {
-    fn default() -> Self { ParallelConfig { ranks: 1, global_negatives: true, sync_batch_norm: true } }
+    fn default() -> Self { ParallelConfig { ranks: 1, global_negatives: true, sync_batch_norm: true, bucket_mb: 25.0 } }
+}
+
+impl ParallelConfig {
+    /// `bucket_mb` in f32 elements (at least one).
+    pub fn bucket_elems(&self) -> usize { ((self.bucket_mb as f64 * 1024.0 * 1024.0 / 4.0) as usize).max(1) }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

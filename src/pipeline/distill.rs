@@ -147,12 +147,13 @@ impl<'a> Distiller<'a> {
     /// This rank in a data-parallel run (0 alone): rank 0 writes logs and checkpoints.
     pub fn rank(&self) -> usize { self.group.as_ref().map_or(0, |g| g.rank()) }
 
-    /// The gradients the optimiser applies: this rank's, averaged over the ranks.
-    fn synced(&self, mut grads: Gradients, opt: &Optimizer) -> Result<Gradients> {
-        if let Some(g) = &self.group {
-            parallel::average_gradients(&mut grads, opt.params(), g)?;
+    /// The gradients of `loss` the optimiser applies: this rank's, averaged over the
+    /// ranks in buckets overlapped with the backward pass.
+    fn backward_synced(&self, loss: &Tensor, opt: &Optimizer) -> Result<Gradients> {
+        match &self.group {
+            Some(g) => parallel::backward_averaged(loss, opt.params(), g, self.cfg.parallel.bucket_elems()),
+            None => loss.backward(),
         }
-        Ok(grads)
     }
 
     /// Each loss's mean over the ranks (each rank's is over its own share).
@@ -210,7 +211,7 @@ impl<'a> Distiller<'a> {
         for _ in 0..d.g_steps {
             let noise = self.generator.as_ref().expect("a generator").sample_z(self.local_batch, &mut self.rng, self.device)?;
             let (loss, parts, raw) = self.generator_loss(&noise.z, noise.targets)?;
-            let grads = self.synced(loss.backward()?, self.opt_g.as_ref().unwrap())?;
+            let grads = self.backward_synced(&loss, self.opt_g.as_ref().unwrap())?;
             self.opt_g.as_mut().unwrap().step(&grads)?;
             acc.add(&parts);
             if d.pool_batches > 0 {
@@ -274,9 +275,9 @@ impl<'a> Distiller<'a> {
     /// checked against one process.
     pub fn generator_step_gradients(&mut self, z: &Tensor) -> Result<Vec<(String, Tensor)>> {
         self.student.freeze(true)?;
-        let grads = self.generator_loss(z, None).and_then(|(loss, _, _)| loss.backward());
+        let grads = self.generator_loss(z, None).and_then(|(loss, _, _)| self.backward_synced(&loss, self.opt_g.as_ref().expect("a generator")));
         self.student.freeze(false)?;
-        let grads = self.synced(grads?, self.opt_g.as_ref().expect("a generator"))?;
+        let grads = grads?;
         let g = self.generator.as_ref().expect("a generator");
         Ok(g.named_parameters().into_iter().filter_map(|(n, p)| grads.get(&p).map(|t| (n, t.clone()))).collect())
     }
@@ -384,7 +385,7 @@ impl<'a> Distiller<'a> {
             self.opt_s.set_lr(self.schedule.lr_at(self.opt_s.steps() as usize));
             let x = if self.uses_pool() { self.pooled_images()? } else { no_grad(|| self.fresh_images(true))?.0.detach() };
             let (loss, parts) = self.student_loss(&x)?;
-            let grads = self.synced(loss.backward()?, &self.opt_s)?;
+            let grads = self.backward_synced(&loss, &self.opt_s)?;
             self.opt_s.step(&grads)?;
             acc.add(&parts);
         }
@@ -427,7 +428,7 @@ impl<'a> Distiller<'a> {
     /// averaged over the ranks, by name (`student.*`, `aux.*`).
     pub fn student_step_gradients(&mut self, x: &Tensor) -> Result<Vec<(String, Tensor)>> {
         let (loss, _) = self.student_loss(x)?;
-        let grads = self.synced(loss.backward()?, &self.opt_s)?;
+        let grads = self.backward_synced(&loss, &self.opt_s)?;
         let names = self.student_side_names();
         Ok(self.opt_s.params().filter_map(|p| Some((names.get(&p.id())?.clone(), grads.get(p)?.clone()))).collect())
     }

@@ -101,6 +101,7 @@ impl Config {
                 "0 unless generator.conditional = true (an unconditional generator cannot be asked for a class)");
         let p = &self.parallel;
         c.positive("parallel.ranks", p.ranks);
+        c.finite_positive("parallel.bucket_mb", p.bucket_mb);
         if p.ranks > 1 {
             c.check(k.batch_size % p.ranks == 0 && k.batch_size / p.ranks >= 2, "parallel.ranks", p.ranks,
                     &format!("a divisor of distill.batch_size = {} leaving each rank at least 2 samples", k.batch_size));
