@@ -31,9 +31,9 @@ pub use nccl::NcclGroup;
 pub use ops::{all_gather, all_reduce_sum, broadcast_buffers, broadcast_module, global_batch_mean, global_channel_stats, global_channel_stats_many};
 pub use threads::{run_group, run_ranks, ThreadGroup};
 
-use crate::{Error, Result, Tensor};
+use crate::{Result, Tensor};
 use std::cell::{Cell, RefCell};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 
 /// One rank's handle on its group. Every rank must make the same calls in the same
 /// order with tensors of the same shape; a mismatch is an error on every rank, and a
@@ -44,14 +44,11 @@ pub trait Collective: Send + Sync {
     fn world(&self) -> usize;
     /// The elementwise sum of every rank's `t`, on every rank (same shape and device).
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
-    /// Starts `all_reduce_sum` of `t` and returns at once; the sum comes from
-    /// `Pending::wait`. Started calls form a sequence of their own: every rank starts
-    /// the same calls in the same order, and may make blocking calls while they run
-    /// (gradient buckets are started during the backward pass, whose synchronised
-    /// BatchNorm makes its own calls). The default makes the call at once, in the
-    /// sequence of blocking calls, which stays correct as long as every rank starts at
-    /// the same points of that sequence (as the backward pass does), but overlaps
-    /// nothing.
+    /// Starts `all_reduce_sum` of `t` and returns at once, so the rank computes on
+    /// (and may make further calls) while it runs; the sum comes from `Pending::wait`.
+    /// A started call keeps its place in the rank's sequence of calls: the rule above
+    /// counts it where it was started. The default makes the call at once (correct,
+    /// overlapping nothing).
     fn start_all_reduce_sum(&self, t: &Tensor) -> Pending { Pending::ready(self.all_reduce_sum(t)) }
     /// Rank `root`'s `t` on every rank.
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor>;
@@ -64,28 +61,17 @@ pub trait Collective: Send + Sync {
 
 /// A collective started without waiting for it.
 #[must_use = "a started collective must be waited for"]
-pub struct Pending(PendingState);
-
-enum PendingState {
-    Ready(Result<Tensor>),
-    /// Its result comes through the channel; the message says why, if it never does.
-    Queued(mpsc::Receiver<Result<Tensor>>, String),
-}
+pub struct Pending(Box<dyn FnOnce() -> Result<Tensor> + Send>);
 
 impl Pending {
     /// A call that is already over.
-    pub fn ready(result: Result<Tensor>) -> Pending { Pending(PendingState::Ready(result)) }
+    pub fn ready(result: Result<Tensor>) -> Pending { Pending(Box::new(move || result)) }
 
-    /// A call whose result a worker sends; `lost` is the error if it drops the channel.
-    pub fn queued(result: mpsc::Receiver<Result<Tensor>>, lost: String) -> Pending { Pending(PendingState::Queued(result, lost)) }
+    /// A call whose result `wait` gets from `f`.
+    pub fn later(f: impl FnOnce() -> Result<Tensor> + Send + 'static) -> Pending { Pending(Box::new(f)) }
 
     /// The call's result, once every rank has joined it.
-    pub fn wait(self) -> Result<Tensor> {
-        match self.0 {
-            PendingState::Ready(r) => r,
-            PendingState::Queued(rx, lost) => rx.recv().map_err(|_| Error::Msg(lost))?,
-        }
-    }
+    pub fn wait(self) -> Result<Tensor> { (self.0)() }
 }
 
 thread_local! {

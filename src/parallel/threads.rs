@@ -4,16 +4,18 @@
 //! bits), and all ranks copy it out. Works for tensors on any device (through the
 //! host), so the data-parallel code paths run in CI on the CPU and the kernel emulator.
 //!
-//! Started calls (`start_all_reduce_sum`: gradient buckets during the backward) meet
-//! in a second rendezvous of their own, made by one worker thread per rank in the
-//! order they were started. They may then run while the rank thread makes blocking
-//! calls (synchronised BatchNorm's backward), in whatever interleaving, the same way
-//! NCCL needs a second communicator for it.
+//!
+//! A started call (`start_all_reduce_sum`: a gradient bucket during the backward) is
+//! made by a worker thread of the rank, while the rank thread computes on. Like NCCL's
+//! calls on their stream, a rank's calls stay one sequence in the order it issued
+//! them: while any started call is still to be made, the blocking ones queue behind it
+//! on the worker too. So a rank that interleaves its calls differently from the others
+//! fails here as it would on GPUs (a mismatch, here an error rather than a hang).
 
 use super::{Collective, Pending};
 use crate::{Error, Result, Tensor};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -63,39 +65,37 @@ struct Traffic {
     sent: AtomicU64,
 }
 
-/// One rank's place in one rendezvous.
+/// One rank's place in the rendezvous.
 struct Endpoint {
     rank: usize,
     shared: Arc<Shared>,
-    traffic: Arc<Traffic>,
+    traffic: Traffic,
 }
 
-/// A started all-reduce, for the rank's worker, and where its sum goes.
-type Job = (Tensor, mpsc::Sender<Result<Tensor>>);
+/// A call for the rank's worker, and where its result goes.
+type Job = (Op, Tensor, mpsc::Sender<Result<Tensor>>);
 
 /// One rank of an in-process group (see the module doc).
 pub struct ThreadGroup {
-    main: Endpoint,
-    /// The rendezvous of started calls.
-    side: Arc<Shared>,
-    /// The worker that makes this rank's started calls, from the first one on.
+    endpoint: Arc<Endpoint>,
+    /// The worker that makes the rank's calls while started ones are queued, from the
+    /// first started call on.
     worker: Mutex<Option<mpsc::Sender<Job>>>,
+    /// Calls handed to the worker and not yet made.
+    queued: Arc<AtomicUsize>,
 }
 
 impl ThreadGroup {
     /// The `world` ranks of a new group, in rank order; give each to its own thread.
     pub fn new(world: usize) -> Vec<ThreadGroup> {
         assert!(world >= 1, "a group needs at least one rank");
-        let share = || {
-            let state = State { generation: 0, round: None, result: Arc::new((vec![], vec![])), failed: None };
-            Arc::new(Shared { world, state: Mutex::new(state), wake: Condvar::new() })
-        };
-        let (main, side) = (share(), share());
+        let state = State { generation: 0, round: None, result: Arc::new((vec![], vec![])), failed: None };
+        let shared = Arc::new(Shared { world, state: Mutex::new(state), wake: Condvar::new() });
         (0..world)
             .map(|rank| ThreadGroup {
-                main: Endpoint { rank, shared: main.clone(), traffic: Default::default() },
-                side: side.clone(),
+                endpoint: Arc::new(Endpoint { rank, shared: shared.clone(), traffic: Default::default() }),
                 worker: Mutex::new(None),
+                queued: Default::default(),
             })
             .collect()
     }
@@ -103,30 +103,48 @@ impl ThreadGroup {
     /// `(calls, f32 elements)` this rank has contributed to collectives so far, started
     /// ones included.
     pub fn traffic(&self) -> (u64, u64) {
-        let t = &self.main.traffic;
+        let t = &self.endpoint.traffic;
         (t.calls.load(Ordering::Relaxed), t.sent.load(Ordering::Relaxed))
     }
 
-    /// Hands `t` to this rank's worker, starting the worker on first use.
-    fn start(&self, t: &Tensor) -> Result<mpsc::Receiver<Result<Tensor>>> {
+    /// Makes the call `op` on `t` in its place in the rank's sequence: at once, unless
+    /// started calls are still queued ahead of it.
+    fn call(&self, op: Op, t: &Tensor) -> Result<Tensor> {
+        if self.queued.load(Ordering::Acquire) == 0 {
+            // only this rank's thread queues calls, so none is ahead of this one
+            return self.endpoint.exchange(op, t);
+        }
+        self.enqueue(op, t)?.recv().map_err(|_| self.worker_stopped())?
+    }
+
+    fn worker_stopped(&self) -> Error { Error::Msg(format!("rank {}: the collectives thread stopped", self.endpoint.rank)) }
+
+    /// Hands the call to the rank's worker, starting it on first use.
+    fn enqueue(&self, op: Op, t: &Tensor) -> Result<mpsc::Receiver<Result<Tensor>>> {
         let mut worker = self.worker.lock().unwrap_or_else(|e| e.into_inner());
         if worker.is_none() {
             let (tx, rx) = mpsc::channel::<Job>();
-            let side = Endpoint { rank: self.main.rank, shared: self.side.clone(), traffic: self.main.traffic.clone() };
+            let (endpoint, queued) = (self.endpoint.clone(), self.queued.clone());
             std::thread::Builder::new()
-                .name(format!("rank {} collectives", self.main.rank))
+                .name(format!("rank {} collectives", self.endpoint.rank))
                 .spawn(move || {
-                    // ends when the group is dropped; a reply nobody waits for any more is dropped
-                    for (t, reply) in rx {
-                        let _ = reply.send(side.exchange(Op::AllReduceSum, &t));
+                    // ends when the group is dropped; a result nobody waits for any more is dropped
+                    for (op, t, reply) in rx {
+                        let r = endpoint.exchange(op, &t);
+                        queued.fetch_sub(1, Ordering::Release);
+                        let _ = reply.send(r);
                     }
                 })
-                .map_err(|e| Error::Msg(format!("rank {}: cannot start the collectives thread: {e}", self.main.rank)))?;
+                .map_err(|e| Error::Msg(format!("rank {}: cannot start the collectives thread: {e}", self.endpoint.rank)))?;
             *worker = Some(tx);
         }
-        let (reply, sum) = mpsc::channel();
-        worker.as_ref().expect("started above").send((t.clone(), reply)).map_err(|_| Error::Msg(format!("rank {}: the collectives thread stopped", self.main.rank)))?;
-        Ok(sum)
+        let (reply, result) = mpsc::channel();
+        self.queued.fetch_add(1, Ordering::Release);
+        worker.as_ref().expect("started above").send((op, t.clone(), reply)).map_err(|_| {
+            self.queued.fetch_sub(1, Ordering::Release);
+            self.worker_stopped()
+        })?;
+        Ok(result)
     }
 }
 
@@ -209,12 +227,15 @@ fn complete(round: Round) -> (Vec<f32>, Vec<usize>) {
 }
 
 impl Collective for ThreadGroup {
-    fn rank(&self) -> usize { self.main.rank }
-    fn world(&self) -> usize { self.main.shared.world }
-    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> { self.main.exchange(Op::AllReduceSum, t) }
+    fn rank(&self) -> usize { self.endpoint.rank }
+    fn world(&self) -> usize { self.endpoint.shared.world }
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> { self.call(Op::AllReduceSum, t) }
     fn start_all_reduce_sum(&self, t: &Tensor) -> Pending {
-        match self.start(t) {
-            Ok(sum) => Pending::queued(sum, format!("rank {}: the collectives thread stopped", self.main.rank)),
+        match self.enqueue(Op::AllReduceSum, t) {
+            Ok(result) => {
+                let stopped = self.worker_stopped();
+                Pending::later(move || result.recv().map_err(|_| stopped)?)
+            }
             Err(e) => Pending::ready(Err(e)),
         }
     }
@@ -222,15 +243,14 @@ impl Collective for ThreadGroup {
         if root >= self.world() {
             return Err(Error::Msg(format!("broadcast from rank {root} in a group of {}", self.world())));
         }
-        self.main.exchange(Op::Broadcast(root), t)
+        self.call(Op::Broadcast(root), t)
     }
-    fn all_gather(&self, t: &Tensor) -> Result<Tensor> { self.main.exchange(Op::AllGather, t) }
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor> { self.call(Op::AllGather, t) }
     fn abort(&self, why: &str) {
-        for shared in [&self.main.shared, &self.side] {
-            let mut st = shared.lock();
-            st.failed.get_or_insert_with(|| (self.main.rank, why.to_string()));
-            shared.wake.notify_all();
-        }
+        let shared = &self.endpoint.shared;
+        let mut st = shared.lock();
+        st.failed.get_or_insert_with(|| (self.endpoint.rank, why.to_string()));
+        shared.wake.notify_all();
     }
 }
 
@@ -340,6 +360,37 @@ mod tests {
         .unwrap()
         .to_string();
         assert!(err.contains("rank 1 panicked: index out of bounds in rank one"), "{err}");
+    }
+
+    #[test]
+    fn a_started_call_keeps_its_place_among_the_blocking_ones() {
+        // both ranks start a sum and make a blocking one: in the same order they agree...
+        let out = run_ranks(2, |rank| {
+            let g = crate::parallel::current().unwrap();
+            let started = g.start_all_reduce_sum(&t(&[rank as f32, 1.0]));
+            let blocking = g.all_reduce_sum(&t(&[10.0; 3]))?.to_vec_f32()?;
+            Ok((started.wait()?.to_vec_f32()?, blocking))
+        })
+        .unwrap();
+        assert!(out.iter().all(|o| *o == (vec![1.0, 2.0], vec![20.0; 3])), "{out:?}");
+        // ...and a rank that makes them in the other order is an error, not a hang or a
+        // sum of different tensors
+        let err = run_ranks(2, |rank| {
+            let g = crate::parallel::current().unwrap();
+            if rank == 0 {
+                let started = g.start_all_reduce_sum(&t(&[1.0, 1.0]));
+                g.all_reduce_sum(&t(&[1.0; 3]))?;
+                started.wait()?;
+            } else {
+                g.all_reduce_sum(&t(&[1.0; 3]))?;
+                g.start_all_reduce_sum(&t(&[1.0, 1.0])).wait()?;
+            }
+            Ok(())
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("collective mismatch"), "{err}");
     }
 
     #[test]
