@@ -362,6 +362,15 @@ fn nccl_binding_on_a_gpu() {
         assert_eq!(got.dims(), x.dims(), "{what}");
         assert_eq!(got.to_vec_f32().unwrap(), x.to_vec_f32().unwrap(), "{what} on one rank returns its input");
     }
+    // a started all-reduce on NCCL's own stream, with kernels queued meanwhile on the
+    // device's stream, and one dropped unwaited
+    let started = g.start_all_reduce_sum(&on_gpu);
+    let meanwhile = on_gpu.scale(2.0).unwrap().add(&on_gpu).unwrap();
+    drop(g.start_all_reduce_sum(&meanwhile));
+    let sum = started.wait().unwrap_or_else(|e| panic!("NCCL started all-reduce: {e}"));
+    assert_eq!(sum.to_vec_f32().unwrap(), x.to_vec_f32().unwrap(), "a started all-reduce on one rank returns its input");
+    let want: Vec<f32> = x.to_vec_f32().unwrap().iter().map(|v| v * 2.0 + v).collect();
+    assert_eq!(meanwhile.to_vec_f32().unwrap(), want);
 }
 
 #[test]

@@ -1,10 +1,14 @@
 //! The GPU collective: NCCL, one communicator per GPU of this process, one rank thread
 //! each (see `backend::cuda::nccl` for why one process). Tensors stay on their GPU;
-//! each call is enqueued on the device's stream like a kernel.
+//! each call is queued on the communicator's own stream, and the device's stream waits
+//! for it: at once for a blocking call (the host does not wait), at `Pending::wait` for
+//! a started one, whose all-reduce so runs while the kernels queued meanwhile do.
 
-use super::Collective;
+use super::{Collective, Pending};
 use crate::backend::cuda::nccl::{init_all, NcclComm};
+use crate::backend::Storage;
 use crate::{bail, Device, Result, Tensor};
+use cudarc::driver::CudaEvent;
 use std::sync::Arc;
 
 /// One rank of an NCCL group.
@@ -40,6 +44,17 @@ impl Collective for NcclGroup {
         let s = self.comm().all_reduce_sum(&t.storage(), t.elem_count())?;
         Ok(Tensor::from_storage(s, t.dims()))
     }
+    fn start_all_reduce_sum(&self, t: &Tensor) -> Pending {
+        let start = || -> Result<InFlight> {
+            let input = self.packed(t)?;
+            let (output, done) = self.comm().start_all_reduce_sum(&input.storage(), input.elem_count())?;
+            Ok(InFlight { comms: self.comms.clone(), rank: self.rank, done: Some(done), input, output: Some(output) })
+        };
+        match start() {
+            Ok(call) => Pending::later(move || call.finish()),
+            Err(e) => Pending::ready(Err(e)),
+        }
+    }
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
         let t = self.packed(t)?;
         let s = self.comm().broadcast(&t.storage(), t.elem_count(), root)?;
@@ -57,5 +72,33 @@ impl Collective for NcclGroup {
     }
     fn abort(&self, _why: &str) {
         self.comms.iter().for_each(|c| c.abort());
+    }
+}
+
+/// A started all-reduce: its buffers stay alive until the device's stream has waited
+/// for it, even when it is dropped unwaited (a failing rank), so the caching allocator
+/// never hands them out while NCCL still reads or writes them.
+struct InFlight {
+    comms: Arc<Vec<NcclComm>>,
+    rank: usize,
+    done: Option<CudaEvent>,
+    input: Tensor,
+    output: Option<Storage>,
+}
+
+impl InFlight {
+    fn finish(mut self) -> Result<Tensor> {
+        let done = self.done.take().expect("joined once");
+        self.comms[self.rank].join(&done)?;
+        Ok(Tensor::from_storage(self.output.take().expect("taken once"), self.input.dims()))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            // no error path in drop: a failure here resurfaces at the next sync
+            let _ = self.comms[self.rank].join(&done);
+        }
     }
 }

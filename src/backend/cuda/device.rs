@@ -162,6 +162,13 @@ impl CudaDev {
     /// threads may create tensors too); a no-op when it already is.
     pub(super) fn bind(&self) -> Result<()> { self.ctx.bind_to_thread().map_err(|e| self.error("binding the context to this thread", driver_error(e))) }
 
+    /// A stream of its own on this device (NCCL's), ordered against the device's
+    /// stream by events only (a non-blocking stream: no implicit ordering with it).
+    pub(super) fn new_stream(&self) -> Result<Arc<CudaStream>> {
+        self.bind()?;
+        self.ctx.new_stream().map_err(|e| self.error("creating a stream", driver_error(e)))
+    }
+
     fn lock_free(&self) -> MutexGuard<'_, FreeLists<sys::CUdeviceptr>> { self.free.lock().unwrap_or_else(|e| e.into_inner()) }
 
     pub(super) fn blas(&self) -> MutexGuard<'_, CudaBlas> { self.blas.lock().unwrap_or_else(|e| e.into_inner()) }
