@@ -103,11 +103,15 @@ fn topological_order(root: &Tensor) -> (Vec<Tensor>, HashMap<TensorId, usize>) {
     (order, leaf_uses)
 }
 
-pub fn backward(root: &Tensor) -> Result<Gradients> {
+pub fn backward(root: &Tensor) -> Result<Gradients> { backward_with(root, seed(root)?) }
+
+/// The gradient a backward from the scalar `root` starts from (1); an error for a root
+/// that is not a scalar.
+pub fn seed(root: &Tensor) -> Result<Tensor> {
     if root.elem_count() != 1 {
         bail!("backward: the root must be a scalar, got shape {:?}", root.dims());
     }
-    backward_with(root, root.ones_like()?)
+    root.ones_like()
 }
 
 /// Backward from `root` seeded with `grad` (same shape as root).

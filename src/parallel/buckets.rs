@@ -15,7 +15,7 @@
 //! same sum over the ranks, whatever bucket carries it.
 
 use super::{Collective, Pending};
-use crate::autograd::backward_hooked;
+use crate::autograd::{backward_hooked, seed};
 use crate::{bail, Gradients, Result, Tensor, TensorId};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,8 +42,6 @@ pub struct GradientBuckets<'g> {
     buckets: Vec<Bucket>,
     /// Buckets started so far: always the first ones.
     started: usize,
-    /// Of those, the ones started before `finish` (during the backward).
-    started_early: usize,
 }
 
 impl<'g> GradientBuckets<'g> {
@@ -69,7 +67,7 @@ impl<'g> GradientBuckets<'g> {
             b.missing += 1;
             elems += p.elem_count();
         }
-        GradientBuckets { group, place, buckets, started: 0, started_early: 0 }
+        GradientBuckets { group, place, buckets, started: 0 }
     }
 
     /// Takes `grad` if `leaf` is one of the parameters (returning `None`), and starts
@@ -84,7 +82,6 @@ impl<'g> GradientBuckets<'g> {
         bucket.missing -= 1;
         while self.started < self.buckets.len() && self.buckets[self.started].missing == 0 {
             self.start_next()?;
-            self.started_early += 1;
         }
         Ok(None)
     }
@@ -108,8 +105,8 @@ impl<'g> GradientBuckets<'g> {
         Ok(())
     }
 
-    /// Buckets started before `finish`, while the backward pass was still running.
-    pub fn started_during_backward(&self) -> usize { self.started_early }
+    /// Buckets started so far: before `finish`, those the backward pass started.
+    pub fn started_during_backward(&self) -> usize { self.started }
 
     /// Starts the buckets still waiting (a parameter without a gradient in this pass
     /// leaves its bucket incomplete until here; it must have none on every rank), waits
@@ -137,11 +134,8 @@ impl<'g> GradientBuckets<'g> {
 /// The gradients of the scalar `loss`, with each of `params`' averaged over the ranks
 /// in buckets of about `bucket_elems` started during the backward pass.
 pub fn backward_averaged<'a>(loss: &Tensor, params: impl IntoIterator<Item = &'a Tensor>, group: &Arc<dyn Collective>, bucket_elems: usize) -> Result<Gradients> {
-    if loss.elem_count() != 1 {
-        bail!("backward: the root must be a scalar, got shape {:?}", loss.dims());
-    }
     let mut buckets = GradientBuckets::new(params, group, bucket_elems);
-    let mut grads = backward_hooked(loss, loss.ones_like()?, &mut |leaf, g| buckets.add(leaf, g))?;
+    let mut grads = backward_hooked(loss, seed(loss)?, &mut |leaf, g| buckets.add(leaf, g))?;
     buckets.finish(&mut grads)?;
     Ok(grads)
 }
