@@ -246,3 +246,33 @@ fn a_run_resumes_on_cuda_devices() {
         std::fs::remove_dir_all(&w).unwrap();
     }
 }
+
+/// `teacher.ema_decay`: the cached (and returned) teacher is the average, which differs
+/// from the last weights; those are kept beside it and equal, bit for bit, the teacher
+/// trained without an average (the average never touches the training).
+#[test]
+fn an_averaged_teacher_is_the_saved_one_and_trains_as_the_plain_one() {
+    use dfkd::nn::Module;
+    let w = workdir("ema");
+    let mut cfg = tiny(&w);
+    cfg.teacher.epochs = 2;
+    cfg.teacher.ema_decay = 0.0;
+    let ds = job::prepare_data(&cfg).unwrap();
+    let mut log = dfkd::pipeline::report::MetricsLog::open(&w.join("metrics.jsonl")).unwrap();
+    let values = |m: &dyn Module| -> Vec<Vec<f32>> { m.named_tensors().iter().map(|(_, t, _)| t.to_vec_f32().unwrap()).collect() };
+    let (plain, plain_path) = job::prepare_teacher(&cfg, &ds, Device::Cpu, &mut log).unwrap();
+    assert!(!job::last_weights_path(&plain_path).exists());
+    cfg.teacher.ema_decay = 0.9;
+    let (averaged, path) = job::prepare_teacher(&cfg, &ds, Device::Cpu, &mut log).unwrap();
+    assert_ne!(path, plain_path, "the decay is part of the teacher's cache key");
+    let load = |p: &std::path::Path| dfkd::commands::predict::load_classifier("resnet8", 10, true, p).unwrap();
+    assert_eq!(values(load(&path).as_ref()), values(averaged.as_ref()), "the saved teacher is the one returned");
+    assert_eq!(values(load(&job::last_weights_path(&path)).as_ref()), values(plain.as_ref()), "the last weights are the plain run's");
+    let (a, p) = (values(averaged.as_ref()), values(plain.as_ref()));
+    assert_eq!(a.len(), p.len());
+    assert!(a.iter().zip(&p).all(|(x, y)| x != y), "every parameter and buffer is averaged");
+    // served from the cache: the average again
+    let (cached, _) = job::prepare_teacher(&cfg, &ds, Device::Cpu, &mut log).unwrap();
+    assert_eq!(values(cached.as_ref()), a);
+    std::fs::remove_dir_all(&w).unwrap();
+}

@@ -236,9 +236,19 @@ fn run(cli: Cli) -> Result<()> {
             let run_dir = cfg.workdir.join("teacher");
             std::fs::create_dir_all(&run_dir).map_err(|e| dfkd::Error::io(&run_dir, e))?;
             let mut log = dfkd::pipeline::report::MetricsLog::open(&run_dir.join("metrics.jsonl"))?;
+            let t0 = std::time::Instant::now();
             let (teacher, path) = job::prepare_teacher(&cfg, &ds, device, &mut log)?;
+            let seconds = t0.elapsed().as_secs_f32();
             let ev = dfkd::pipeline::eval::evaluate(&[teacher.as_ref()], &ds, cfg.data.image_size, 128, device)?;
-            println!("teacher {} at {}: test top-1 {:.2}%, top-5 {:.2}%", cfg.teacher.arch, path.display(), ev.models[0].top1, ev.models[0].top5);
+            println!("teacher {} at {}: test top-1 {:.2}%, top-5 {:.2}% ({seconds:.1}s)", cfg.teacher.arch, path.display(), ev.models[0].top1, ev.models[0].top5);
+            // a teacher averaged over its training (`teacher.ema_decay`): its last weights too
+            let last = job::last_weights_path(&path);
+            if cfg.teacher.ema_decay > 0.0 && last.exists() {
+                let model = predict::load_classifier(&cfg.teacher.arch, ds.num_classes(), cfg.teacher.small_stem, &last)?;
+                model.to_device(device)?;
+                let ev = dfkd::pipeline::eval::evaluate(&[model.as_ref()], &ds, cfg.data.image_size, 128, device)?;
+                println!("its last weights (not averaged) at {}: test top-1 {:.2}%, top-5 {:.2}%", last.display(), ev.models[0].top1, ev.models[0].top5);
+            }
             Ok(())
         }
         Some(Command::Eval(a)) => {

@@ -79,10 +79,21 @@ pub fn prepare_teacher(cfg: &Config, ds: &Dataset, device: Device, log: &mut Met
         eprintln!("{:>14} cached {}", "teacher", path.display());
         return Ok((model, path));
     }
-    train_classifier(model.as_ref(), ds, t, cfg.data.image_size, seed, device, log, "teacher")?;
+    let trained = train_classifier(model.as_ref(), ds, t, cfg.data.image_size, seed, device, log, "teacher")?;
+    if let Some(mut last) = trained.last {
+        // the weights as they trained, beside the averaged teacher: for comparison only
+        // (`distill eval --weights`); the model holds the average again afterwards
+        last.swap()?;
+        save_model(model.as_ref(), last_weights_path(&path))?;
+        last.swap()?;
+    }
     save_model(model.as_ref(), &path)?;
     Ok((model, path))
 }
+
+/// Where a teacher trained with `teacher.ema_decay` keeps its last (not averaged)
+/// weights: `<key>.last.safetensors` beside `<key>.safetensors`.
+pub fn last_weights_path(teacher: &Path) -> PathBuf { teacher.with_extension("last.safetensors") }
 
 /// Options of a distillation run.
 #[derive(Clone, Debug, Default)]

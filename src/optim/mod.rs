@@ -1,8 +1,10 @@
 //! Optimisers (SGD with momentum/Nesterov, Adam) over parameter groups, and learning
 //! rate schedules. Updates are fused backend kernels applied in place.
 
+mod average;
 mod schedule;
 
+pub use average::WeightAverage;
 pub use schedule::CosineSchedule;
 
 use crate::backend::{Storage, UpdateRule};

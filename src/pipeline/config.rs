@@ -92,6 +92,12 @@ pub struct TeacherConfig {
     /// Seed of the teacher's initialisation and batch order; unset: the run's `seed`
     /// (which also draws the synthetic data set), so teachers can be redrawn on one data set.
     pub seed: Option<u64>,
+    /// Decay of an exponential moving average of the weights and BatchNorm statistics,
+    /// updated after every step (with TensorFlow's warm-up `min(decay, (1+k)/(10+k))`),
+    /// which then *is* the teacher: evaluated, cached and distilled from. 0: off, the
+    /// last weights are the teacher. With it on, the last weights are also kept beside
+    /// the cached teacher (`<key>.last.safetensors`), for comparison.
+    pub ema_decay: f32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -262,6 +268,7 @@ impl Config {
                 // it from 86.6% to 97.4% (sd 3.8) (docs/RESULTS.md, session 6).
                 warmup_epochs: 3,
                 seed: None,
+                ema_decay: 0.0,
             },
             student: StudentConfig { arch: "resnet8".into(), small_stem: true, lr: 0.01, momentum: 0.9, weight_decay: 5e-4 },
             generator: GeneratorConfig {

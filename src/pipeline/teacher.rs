@@ -7,12 +7,22 @@ use super::report::MetricsLog;
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::Dataset;
 use crate::models::Classifier;
-use crate::optim::{CosineSchedule, Optimizer, ParamGroup};
+use crate::optim::{CosineSchedule, Optimizer, ParamGroup, WeightAverage};
 use crate::{bail, Device, Result, Tensor};
 use serde_json::json;
 
-/// Trains `model` in place on `device` (moving it there first); returns the last
-/// epoch's training accuracy (%).
+/// What `train_classifier` leaves besides the trained model.
+pub struct Trained {
+    /// The last epoch's training accuracy (%), of the weights as they trained.
+    pub train_top1: f32,
+    /// With `ema_decay` > 0 the model holds the average, and this the last weights
+    /// (`WeightAverage::values`); `None` without an average.
+    pub last: Option<WeightAverage>,
+}
+
+/// Trains `model` in place on `device` (moving it there first). With `cfg.ema_decay`
+/// > 0 the model ends holding the moving average of its weights (and BatchNorm
+/// statistics), which is then the trained model.
 pub fn train_classifier(
     model: &dyn Classifier,
     ds: &Dataset,
@@ -22,7 +32,7 @@ pub fn train_classifier(
     device: Device,
     log: &mut MetricsLog,
     phase: &str,
-) -> Result<f32> {
+) -> Result<Trained> {
     model.to_device(device)?;
     let loader = Loader::new(&ds.train, LoaderConfig::train(ds, cfg.batch_size, image_size as u32, seed));
     if loader.is_empty() {
@@ -31,6 +41,7 @@ pub fn train_classifier(
     let total = cfg.epochs * loader.len();
     let schedule = CosineSchedule { base: cfg.lr, min: 0.0, total, warmup: cfg.warmup_epochs * loader.len() };
     let mut opt = Optimizer::sgd(vec![ParamGroup::new(model.parameters(), cfg.weight_decay)], cfg.lr, cfg.momentum, false);
+    let mut average = if cfg.ema_decay > 0.0 { Some(WeightAverage::new(model, cfg.ema_decay)?) } else { None };
     let bar = Progress::new(phase, total as u64);
     let mut train_acc = 0.0;
     for epoch in 0..cfg.epochs {
@@ -46,6 +57,9 @@ pub fn train_classifier(
                 bail!("{phase}: the cross-entropy loss became {l} at epoch {epoch}, step {}", opt.steps());
             }
             opt.step(&loss.backward()?)?;
+            if let Some(a) = &mut average {
+                a.update()?;
+            }
             let preds = logits.argmax_last()?;
             correct += preds.iter().zip(&b.labels).filter(|(p, l)| **p == **l as usize).count();
             seen += b.n;
@@ -68,6 +82,9 @@ pub fn train_classifier(
     if opt.steps() == 0 {
         bail!("{phase}: no training step ran (teacher.epochs = {}), so there is no trained model to keep", cfg.epochs);
     }
+    if let Some(a) = &mut average {
+        a.swap()?;
+    }
     bar.finish(&format!("train top-1 {train_acc:.1}%"));
-    Ok(train_acc)
+    Ok(Trained { train_top1: train_acc, last: average })
 }

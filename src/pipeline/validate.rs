@@ -59,6 +59,7 @@ impl Config {
         c.unit("teacher.momentum", t.momentum);
         c.finite_non_negative("teacher.weight_decay", t.weight_decay);
         c.unit("teacher.label_smoothing", t.label_smoothing);
+        c.unit("teacher.ema_decay", t.ema_decay);
         let s = &self.student;
         c.arch("student.arch", &s.arch);
         c.finite_positive("student.lr", s.lr);
@@ -162,6 +163,7 @@ mod tests {
             ("distill.tau_kd=0", "distill.tau_kd", "0.0"),
             ("student.arch=resnet9", "student.arch", "\"resnet9\""),
             ("teacher.epochs=0", "teacher.epochs", "0"),
+            ("teacher.ema_decay=1", "teacher.ema_decay", "1.0"),
             ("distill.epochs=0", "distill.epochs", "0"),
             ("distill.method=nope", "distill.method", "\"nope\""),
             ("device=gpu", "device", "\"gpu\""),

@@ -95,8 +95,24 @@ pub fn runs_avx2() -> bool { best_isa() == Some(Isa::Avx2) }
 /// Whether this CPU can run the AVX2 kernel (AVX-512 CPUs can, though they run theirs).
 pub(super) fn supports_avx2() -> bool { supported_isas().contains(&Isa::Avx2) }
 
-/// The widest kernel this CPU can run, if any.
-fn best_isa() -> Option<Isa> { supported_isas().first().copied() }
+/// The widest kernel this CPU can run, if any, unless `simd_kernels_enabled` is false.
+fn best_isa() -> Option<Isa> {
+    if !simd_kernels_enabled() {
+        return None;
+    }
+    supported_isas().first().copied()
+}
+
+/// Whether the hand-written vector convolutions (this module's, `conv3x3_s2`,
+/// `conv1x1`, `winograd`) may run. `DFKD_NO_SIMD_KERNELS=1` in the environment (read
+/// once) turns them all off, so every convolution takes `conv.rs`'s im2col + GEMM path:
+/// other sums, the same results up to rounding. For judging how a run depends on
+/// rounding (docs/RESULTS.md, teacher). `multiversion!` loops are unaffected: their
+/// variants give the same bits.
+pub fn simd_kernels_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DFKD_NO_SIMD_KERNELS").map_or(true, |v| v.is_empty() || v == "0"))
+}
 
 /// Every kernel this CPU can run, widest first.
 fn supported_isas() -> Vec<Isa> {

@@ -1,0 +1,139 @@
+//! An exponential moving average of a model's weights, kept beside the training and
+//! swapped in at the end (timm's `ModelEmaV2`, TensorFlow's `ExponentialMovingAverage`):
+//! every parameter *and* buffer (BatchNorm running statistics) is averaged, so the
+//! averaged model comes with statistics of its own recent past, without a pass over the
+//! data to recompute them.
+
+use crate::nn::Module;
+use crate::{bail, Result, Tensor};
+
+/// The average of every parameter and buffer of one module, held on the host in f32.
+pub struct WeightAverage {
+    decay: f32,
+    updates: u64,
+    /// Each tensor (the live one, written by `swap`), its state_dict name, and its average.
+    slots: Vec<(Tensor, String, Vec<f32>)>,
+}
+
+impl WeightAverage {
+    /// Starts the average at `module`'s current values. `decay` in [0, 1).
+    pub fn new(module: &dyn Module, decay: f32) -> Result<WeightAverage> {
+        if !(0.0..1.0).contains(&decay) {
+            bail!("the weight average's decay must lie in [0, 1), not {decay}");
+        }
+        let slots = module
+            .named_tensors()
+            .into_iter()
+            .map(|(name, t, _)| Ok((t.clone(), name, t.to_vec_f32()?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(WeightAverage { decay, updates: 0, slots })
+    }
+
+    /// The decay of the next update: `min(decay, (1 + k) / (10 + k))` after k updates
+    /// (TensorFlow's `num_updates` warm-up), so early updates weigh the new weights
+    /// heavily and the starting point is soon forgotten; over a short run the average
+    /// spans about its last tenth.
+    pub fn next_decay(&self) -> f32 {
+        let k = self.updates as f64;
+        (self.decay as f64).min((1.0 + k) / (10.0 + k)) as f32
+    }
+
+    /// Updates made so far.
+    pub fn updates(&self) -> u64 { self.updates }
+
+    /// `average = d * average + (1 - d) * live` for every tensor, `d` = `next_decay()`.
+    pub fn update(&mut self) -> Result<()> {
+        let d = self.next_decay();
+        for (t, _, avg) in &mut self.slots {
+            let live = t.to_vec_f32()?;
+            for (a, x) in avg.iter_mut().zip(live) {
+                *a = d * *a + (1.0 - d) * x;
+            }
+        }
+        self.updates += 1;
+        Ok(())
+    }
+
+    /// Exchanges the module's values with the average: afterwards the module holds the
+    /// average and this holds what the module held (a second call swaps back).
+    pub fn swap(&mut self) -> Result<()> {
+        for (t, _, avg) in &mut self.slots {
+            let live = t.to_vec_f32()?;
+            let held = std::mem::replace(avg, live);
+            t.assign(&Tensor::from_vec(held, t.dims(), t.device())?)?;
+        }
+        Ok(())
+    }
+
+    /// The held values by state_dict name, in the module's order.
+    pub fn values(&self) -> impl Iterator<Item = (&str, &[f32])> { self.slots.iter().map(|(_, n, v)| (n.as_str(), v.as_slice())) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::BatchNorm2d;
+    use crate::Device;
+
+    fn values(m: &dyn Module) -> Vec<Vec<f32>> { m.named_tensors().iter().map(|(_, t, _)| t.to_vec_f32().unwrap()).collect() }
+
+    fn set(bn: &BatchNorm2d, w: [f32; 2], b: [f32; 2], mean: [f32; 2], var: [f32; 2]) {
+        for (t, v) in [(&bn.weight, w), (&bn.bias, b), (&bn.running_mean, mean), (&bn.running_var, var)] {
+            t.assign(&Tensor::from_vec(v.to_vec(), &[2], Device::Cpu).unwrap()).unwrap();
+        }
+    }
+
+    /// Three updates against a hand computation, parameters and buffers alike, the
+    /// decay's warm-up included; then the swap and its inverse.
+    #[test]
+    fn averages_parameters_and_buffers_by_hand() {
+        let bn = BatchNorm2d::new(2).unwrap();
+        set(&bn, [1.0, 2.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0]);
+        let mut avg = WeightAverage::new(&bn, 0.5).unwrap();
+        // decays: min(0.5, 1/10) = 0.1, min(0.5, 2/11) = 2/11, then min(0.5, 3/12) = 0.25
+        assert_eq!(avg.next_decay(), 0.1);
+        set(&bn, [3.0, 4.0], [1.0, -1.0], [10.0, 0.0], [2.0, 4.0]);
+        avg.update().unwrap();
+        assert!((avg.next_decay() - 2.0 / 11.0).abs() < 1e-7);
+        set(&bn, [5.0, 0.0], [2.0, 2.0], [0.0, 20.0], [3.0, 1.0]);
+        avg.update().unwrap();
+        assert_eq!(avg.next_decay(), 0.25);
+        set(&bn, [7.0, 8.0], [0.0, 4.0], [0.0, 0.0], [1.0, 1.0]);
+        avg.update().unwrap();
+        assert_eq!(avg.updates(), 3);
+        // by hand, in f64: a1 = 0.1 a0 + 0.9 x1; a2 = 2/11 a1 + 9/11 x2; a3 = 0.25 a2 + 0.75 x3
+        let hand = |a0: f64, x1: f64, x2: f64, x3: f64| {
+            let a1 = 0.1 * a0 + 0.9 * x1;
+            let a2 = 2.0 / 11.0 * a1 + 9.0 / 11.0 * x2;
+            0.25 * a2 + 0.75 * x3
+        };
+        let want = [
+            [hand(1.0, 3.0, 5.0, 7.0), hand(2.0, 4.0, 0.0, 8.0)],
+            [hand(0.0, 1.0, 2.0, 0.0), hand(0.0, -1.0, 2.0, 4.0)],
+            [hand(0.0, 10.0, 0.0, 0.0), hand(0.0, 0.0, 20.0, 0.0)],
+            [hand(1.0, 2.0, 3.0, 1.0), hand(1.0, 4.0, 1.0, 1.0)],
+        ];
+        let names: Vec<&str> = avg.values().map(|(n, _)| n).collect();
+        assert_eq!(names, ["weight", "bias", "running_mean", "running_var"]);
+        for ((_, got), want) in avg.values().zip(&want) {
+            for (g, w) in got.iter().zip(want) {
+                assert!((*g as f64 - w).abs() < 1e-5, "{got:?} vs {want:?}");
+            }
+        }
+        let last = values(&bn);
+        let averaged: Vec<Vec<f32>> = avg.values().map(|(_, v)| v.to_vec()).collect();
+        avg.swap().unwrap();
+        assert_eq!(values(&bn), averaged);
+        assert_eq!(avg.values().map(|(_, v)| v.to_vec()).collect::<Vec<_>>(), last);
+        avg.swap().unwrap();
+        assert_eq!(values(&bn), last);
+    }
+
+    #[test]
+    fn refuses_a_decay_outside_the_unit_interval() {
+        let bn = BatchNorm2d::new(1).unwrap();
+        assert!(WeightAverage::new(&bn, 1.0).is_err());
+        assert!(WeightAverage::new(&bn, -0.1).is_err());
+        assert!(WeightAverage::new(&bn, 0.0).is_ok());
+    }
+}
