@@ -54,7 +54,7 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 
 /// The tiny synthetic set as a data set folder of its own (CUB layout).
 fn data_set(dir: &Path) -> PathBuf {
-    let spec = SyntheticSpec { num_classes: 10, train_per_class: 8, test_per_class: 4, image_size: 16, seed: 0 };
+    let spec = SyntheticSpec { num_classes: 10, train_per_class: 8, test_per_class: 4, image_size: 16, seed: 0, image_stream: 1 };
     let root = dir.join("CUB_200_2011");
     synthetic::ensure(&spec, &root).unwrap();
     root

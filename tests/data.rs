@@ -41,7 +41,7 @@ fn err_of<T: std::fmt::Debug>(r: dfkd::Result<T>) -> String {
 }
 
 fn tiny_spec(seed: u64) -> SyntheticSpec {
-    SyntheticSpec { num_classes: 10, train_per_class: 4, test_per_class: 2, image_size: 32, seed }
+    SyntheticSpec { num_classes: 10, train_per_class: 4, test_per_class: 2, image_size: 32, seed, image_stream: 1 }
 }
 
 #[test]
@@ -80,7 +80,7 @@ fn synthetic_set_is_generated_once_and_opens_as_cub() {
 #[test]
 fn synthetic_classes_are_not_separable_by_mean_colour() {
     let tmp = TempDir::new("colour");
-    let spec = SyntheticSpec { num_classes: 10, train_per_class: 40, test_per_class: 20, image_size: 32, seed: 3 };
+    let spec = SyntheticSpec { num_classes: 10, train_per_class: 40, test_per_class: 20, image_size: 32, seed: 3, image_stream: 1 };
     let ds = synthetic::ensure(&spec, &tmp.0).unwrap();
     let mean = |s: &Sample| {
         let img = image::open(&s.path).unwrap().to_rgb8();

@@ -223,7 +223,7 @@ fn mat_v5_files_of_the_cars_devkit() {
 #[test]
 fn cub_index_files() {
     let d = tmp("cub");
-    let spec = SyntheticSpec { num_classes: 10, train_per_class: 2, test_per_class: 1, image_size: 16, seed: 0 };
+    let spec = SyntheticSpec { num_classes: 10, train_per_class: 2, test_per_class: 1, image_size: 16, seed: 0, image_stream: 1 };
     let root = d.join("cub");
     synthetic::ensure(&spec, &root).unwrap();
     for (k, f) in ["images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt"].iter().enumerate() {

@@ -36,12 +36,37 @@ pub fn prepare_data(cfg: &Config) -> Result<Dataset> {
         test_per_class: d.test_per_class,
         image_size: d.image_size as u32,
         seed: cfg.seed,
+        image_stream: 1,
     };
     let dir = cfg.workdir.join("data").join(format!("synthetic-birds-{}c-{}px-seed{}", d.num_classes, d.image_size, cfg.seed));
     let t0 = Instant::now();
     let ds = synthetic::ensure(&spec, &dir)?;
     eprintln!("{:>14} {} ({} classes, {} train / {} test images) in {:.1}s", "data", dir.display(), ds.num_classes(), ds.train.len(), ds.test.len(), t0.elapsed().as_secs_f32());
     Ok(ds)
+}
+
+/// What the teacher trains on: `ds`, and with `teacher.extra_train_per_class` > 0 (the
+/// synthetic set only) that many more images of each class, drawn from another stream
+/// of the same seed (so none is a test image) and written beside the data set. Only
+/// the training split grows: the test split, and what the student is judged on, stay.
+pub fn teacher_training_set(cfg: &Config, ds: &Dataset) -> Result<Dataset> {
+    let extra = cfg.teacher.extra_train_per_class;
+    if extra == 0 {
+        return Ok(ds.clone());
+    }
+    let d = &cfg.data;
+    if d.dataset != "synthetic" {
+        bail!("teacher.extra_train_per_class = {extra}: extra training images exist for the synthetic set only (data.dataset = {:?})", d.dataset);
+    }
+    let spec = SyntheticSpec { num_classes: d.num_classes, train_per_class: extra, test_per_class: 0, image_size: d.image_size as u32, seed: cfg.seed, image_stream: 2 };
+    let dir = cfg.workdir.join("data").join(format!("synthetic-birds-{}c-{}px-seed{}-extra{extra}", d.num_classes, d.image_size, cfg.seed));
+    let more = synthetic::ensure(&spec, &dir)?;
+    if more.classes != ds.classes {
+        bail!("{}: the extra training images' classes differ from the data set's at {}", dir.display(), ds.root.display());
+    }
+    let mut all = ds.clone();
+    all.train.extend(more.train);
+    Ok(all)
 }
 
 /// A stable fingerprint of what determines a trained teacher, for its cache file: the
@@ -73,13 +98,14 @@ pub fn prepare_teacher(cfg: &Config, ds: &Dataset, device: Device, log: &mut Met
     }
     let dir = cfg.workdir.join("teachers");
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let path = dir.join(format!("{}.safetensors", teacher_key(cfg, ds)));
+    let train_set = teacher_training_set(cfg, ds)?;
+    let path = dir.join(format!("{}.safetensors", teacher_key(cfg, &train_set)));
     if path.exists() {
         load_model(model.as_ref(), &path)?;
         eprintln!("{:>14} cached {}", "teacher", path.display());
         return Ok((model, path));
     }
-    let trained = train_classifier(model.as_ref(), ds, t, cfg.data.image_size, seed, device, log, "teacher")?;
+    let trained = train_classifier(model.as_ref(), &train_set, t, cfg.data.image_size, seed, device, log, "teacher")?;
     if let Some(mut last) = trained.last {
         // the weights as they trained, beside the averaged teacher: for comparison only
         // (`distill eval --weights`); the model holds the average again afterwards

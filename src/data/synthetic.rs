@@ -28,11 +28,19 @@ pub struct SyntheticSpec {
     pub test_per_class: usize,
     pub image_size: u32,
     pub seed: u64,
+    /// Which stream of `seed` draws the images (the classes are always the same for one
+    /// seed): 1, the data set's own; another, more images of the same classes, none of
+    /// them the data set's (the teacher's extra training images,
+    /// `teacher.extra_train_per_class`).
+    #[serde(default = "own_images")]
+    pub image_stream: u64,
 }
+
+fn own_images() -> u64 { 1 }
 
 impl Default for SyntheticSpec {
     fn default() -> Self {
-        SyntheticSpec { num_classes: 10, train_per_class: 100, test_per_class: 50, image_size: 32, seed: 0 }
+        SyntheticSpec { num_classes: 10, train_per_class: 100, test_per_class: 50, image_size: 32, seed: 0, image_stream: 1 }
     }
 }
 
@@ -286,7 +294,7 @@ fn write_all(spec: &SyntheticSpec, marker: &Marker, dir: &Path) -> Result<()> {
         let d = dir.join("images").join(n);
         std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
     }
-    let images = root.fork(1);
+    let images = root.fork(spec.image_stream);
     entries.par_iter().enumerate().try_for_each(|(k, e)| {
         let img = render(&classes[e.label], spec.image_size, &mut images.fork(k as u64));
         let path = dir.join("images").join(&e.rel);

@@ -98,6 +98,10 @@ pub struct TeacherConfig {
     /// last weights are the teacher. With it on, the last weights are also kept beside
     /// the cached teacher (`<key>.last.safetensors`), for comparison.
     pub ema_decay: f32,
+    /// Synthetic set only: this many more training images of each class for the
+    /// teacher, drawn apart from the data set's (`job::teacher_training_set`); the
+    /// data set itself, its test split included, is unchanged. 0: the data set's own.
+    pub extra_train_per_class: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -269,6 +273,7 @@ impl Config {
                 warmup_epochs: 3,
                 seed: None,
                 ema_decay: 0.0,
+                extra_train_per_class: 0,
             },
             student: StudentConfig { arch: "resnet8".into(), small_stem: true, lr: 0.01, momentum: 0.9, weight_decay: 5e-4 },
             generator: GeneratorConfig {

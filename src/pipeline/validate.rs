@@ -60,6 +60,8 @@ impl Config {
         c.finite_non_negative("teacher.weight_decay", t.weight_decay);
         c.unit("teacher.label_smoothing", t.label_smoothing);
         c.unit("teacher.ema_decay", t.ema_decay);
+        c.check(t.extra_train_per_class == 0 || d.dataset == "synthetic" || t.weights.is_some(), "teacher.extra_train_per_class",
+                t.extra_train_per_class, "0 unless data.dataset = \"synthetic\" (extra images are drawn for the synthetic set only)");
         let s = &self.student;
         c.arch("student.arch", &s.arch);
         c.finite_positive("student.lr", s.lr);
