@@ -276,3 +276,35 @@ fn an_averaged_teacher_is_the_saved_one_and_trains_as_the_plain_one() {
     assert_eq!(values(cached.as_ref()), a);
     std::fs::remove_dir_all(&w).unwrap();
 }
+
+/// `teacher.extra_train_per_class`: the teacher's training split grows by that many
+/// new images a class (none of them the data set's), the data set and its test split
+/// stay as they are, and the teacher's cache key follows the images it trained on.
+#[test]
+fn extra_training_images_grow_the_teachers_training_split_only() {
+    let w = workdir("extra");
+    let mut cfg = tiny(&w);
+    let ds = job::prepare_data(&cfg).unwrap();
+    assert_eq!(job::teacher_training_set(&cfg, &ds).unwrap().train.len(), ds.train.len());
+    cfg.teacher.extra_train_per_class = 3;
+    let all = job::teacher_training_set(&cfg, &ds).unwrap();
+    assert_eq!(all.train.len(), ds.train.len() + 10 * 3);
+    assert_eq!(all.train[..ds.train.len()], ds.train[..]);
+    assert_eq!(all.test, ds.test);
+    assert_eq!(all.classes, ds.classes);
+    let bytes = |s: &dfkd::data::Sample| std::fs::read(&s.path).unwrap();
+    let own: Vec<Vec<u8>> = ds.train.iter().chain(&ds.test).map(bytes).collect();
+    for s in &all.train[ds.train.len()..] {
+        assert!(!own.contains(&bytes(s)), "{} repeats an image of the data set", s.path.display());
+    }
+    // each class gets its 3 extra images
+    for c in 0..10 {
+        assert_eq!(all.train[ds.train.len()..].iter().filter(|s| s.label == c).count(), 3);
+    }
+    // the data set itself is unchanged when opened again
+    let again = job::prepare_data(&cfg).unwrap();
+    assert_eq!((again.train.len(), again.test), (ds.train.len(), ds.test.clone()));
+    cfg.data.dataset = w.join("data").display().to_string();
+    assert!(cfg.validate().unwrap_err().to_string().contains("teacher.extra_train_per_class"));
+    std::fs::remove_dir_all(&w).unwrap();
+}
