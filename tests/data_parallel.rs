@@ -417,11 +417,13 @@ fn pooled_fingerprint(method: &str) -> Vec<f32> {
 }
 
 /// Pools are shared across ranks without changing one process's run: the numbers are
-/// what main computed before (commit dd55fbf, on an AVX2 CPU). The tolerance, 1e-3
-/// relative, lies between rounding and logic: the AVX2 direct 3x3 convolutions
-/// (c580da0) moved these numbers by up to 5e-5, while drawing a pooled image's row
-/// before its batch (the same images, another order) moves the student-step losses
-/// and the update's size by 2.8-18%.
+/// what main computed before (commit dd55fbf, on an AVX2 CPU). The tolerance, 1e-2
+/// relative, lies between rounding and logic: the CPU's kernels move these numbers
+/// (the AVX2 direct 3x3 convolutions by up to 5e-5; the AVX-512 kernels of a Zen 4 CPU
+/// by up to 1.3e-3 on a loss and 4.8e-3 on the update's size, which sums three
+/// iterations' drift), while drawing a pooled image's row before its batch (the same
+/// images, another order) moves the student-step losses and the update's size by
+/// 2.8-18%.
 #[test]
 fn one_process_pooled_runs_are_unchanged() {
     let want: [(&str, &[f32]); 2] = [
@@ -433,6 +435,6 @@ fn one_process_pooled_runs_are_unchanged() {
     for (method, want) in want {
         let got = pooled_fingerprint(method);
         eprintln!("{method}: {got:?}");
-        common::assert_close(&got, want, 0.0, 1e-3, &format!("{method}, one process, pool of 2: losses and the update's size"));
+        common::assert_close(&got, want, 0.0, 1e-2, &format!("{method}, one process, pool of 2: losses and the update's size"));
     }
 }
