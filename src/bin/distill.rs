@@ -4,6 +4,7 @@
 use clap::{Args, Parser, Subcommand};
 use dfkd::commands::{bench, job, predict, sweep};
 use dfkd::pipeline::config::Config;
+use dfkd::pipeline::methods::Method;
 use dfkd::{Device, Result};
 use std::path::PathBuf;
 
@@ -76,9 +77,9 @@ struct SummarizeArgs {
 
 #[derive(Args, Default, Clone)]
 struct DistillArgs {
-    /// dfkd-fgvc, dafl, dfad, zskt, dfq or deepinversion.
-    #[arg(long)]
-    method: Option<String>,
+    /// The distillation method (`distill.method`).
+    #[arg(long, value_enum, ignore_case = true)]
+    method: Option<Method>,
     /// Data-parallel ranks (`parallel.ranks`): one per GPU from the device's ordinal up,
     /// or threads on the CPU; each synthesises its share of distill.batch_size.
     #[arg(long, value_name = "N")]
@@ -173,8 +174,8 @@ fn open_device(cfg: &Config) -> Result<Device> {
 }
 
 fn distill(cfg: &mut Config, device: Device, args: &DistillArgs, default_run: &str) -> Result<()> {
-    if let Some(m) = &args.method {
-        cfg.distill.method = m.clone();
+    if let Some(m) = args.method {
+        cfg.distill.method = m;
     }
     if let Some(n) = args.gpus {
         cfg.parallel.ranks = n;
@@ -184,7 +185,7 @@ fn distill(cfg: &mut Config, device: Device, args: &DistillArgs, default_run: &s
         Some(run) => cfg.workdir.join(run),
         // the bare demo never replaces an earlier run: runs/demo, then demo-2, ...
         None if default_run == "demo" => dfkd::pipeline::run_dir::first_free(&cfg.workdir, "demo"),
-        None => cfg.workdir.join(default_run.replace("{method}", &cfg.distill.method)),
+        None => cfg.workdir.join(default_run.replace("{method}", cfg.distill.method.name())),
     };
     let ranks = match cfg.parallel.ranks {
         1 => String::new(),
