@@ -129,7 +129,7 @@ pub struct Setup<'a> {
     pub cfg: &'a Config,
     pub teacher: &'a dyn Classifier,
     pub student: &'a dyn Classifier,
-    /// The generator the loop built (`Synthesis::Generator`), still on the CPU.
+    /// The generator the loop built (`Synthesis::Generator`), on the device.
     pub generator: Option<&'a Generator>,
     pub probe_teacher: Features,
     pub probe_student: Features,
@@ -142,7 +142,8 @@ pub struct Setup<'a> {
 /// How a method is built; `methods!` calls it.
 pub(crate) trait Recipe: DistillMethod + Sized + 'static {
     const SYNTHESIS: Synthesis;
-    /// Builds its modules on the CPU (the loop moves them to the device).
+    /// Builds its modules on the CPU (the loop moves those it is given to the device:
+    /// `student_side`, `generator_side`, `own_modules`).
     fn new(setup: &mut Setup) -> Result<Self>;
 }
 
