@@ -12,6 +12,7 @@ use dfkd::models::build;
 use dfkd::pipeline::checkpoint_dir::CheckpointDir;
 use dfkd::pipeline::config::Config;
 use dfkd::pipeline::distill::Distiller;
+use dfkd::pipeline::methods::Method;
 use dfkd::rng::Rng;
 use dfkd::Device;
 use std::path::PathBuf;
@@ -124,8 +125,8 @@ fn every_method_runs_one_iteration() {
             cfg.distill.s_steps = 1;
         }
         let teacher = build("resnet8", 10, true, &mut Rng::new(5)).unwrap();
-        for method in ["dfkd-fgvc", "dafl", "dfad", "zskt", "dfq", "deepinversion"] {
-            cfg.distill.method = method.parse().unwrap();
+        for &method in Method::ALL {
+            cfg.distill.method = method;
             let student = build("resnet8", 10, true, &mut Rng::new(6)).unwrap();
             let mut d = Distiller::new(&cfg, teacher.as_ref(), student.as_ref(), dev).unwrap();
             assert!(student.parameters().iter().all(|p| p.device() == dev), "{dev} {method}: the student was not moved");

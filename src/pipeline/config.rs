@@ -1,7 +1,7 @@
 //! The run configuration: every term, default and decision of METHOD.md, as a TOML
 //! file whose values the command line can override (`--set distill.beta=5`).
 
-use super::methods::Method;
+use super::methods::{CmiConfig, MadConfig, Method, ZskdConfig};
 use crate::{bail, Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -211,6 +211,10 @@ pub struct DistillConfig {
     pub checkpoint_every: usize,
     /// Evaluate on the test split every this many epochs (0: only at the end).
     pub eval_every: usize,
+    /// The settings of the methods that have their own (each used only by its method).
+    pub zskd: ZskdConfig,
+    pub mad: MadConfig,
+    pub cmi: CmiConfig,
 }
 
 impl Default for Config {
@@ -316,6 +320,9 @@ impl Config {
                 batch_size: 64,
                 checkpoint_every: 4,
                 eval_every: 2,
+                zskd: ZskdConfig::default(),
+                mad: MadConfig::default(),
+                cmi: CmiConfig::default(),
             },
             parallel: ParallelConfig::default(),
         }

@@ -4,8 +4,6 @@ pub mod attention;
 pub mod augment;
 pub mod generator;
 pub mod losses;
-pub mod cmi;
-pub mod zskd;
 pub mod eval;
 pub mod progress;
 pub mod teacher;

@@ -95,6 +95,17 @@ impl Config {
         }
         c.check(k.gen_target_ce == 0.0 || g.conditional, "distill.gen_target_ce", k.gen_target_ce,
                 "0 unless generator.conditional = true (an unconditional generator cannot be asked for a class)");
+        let (z, m, cm) = (&k.zskd, &k.mad, &k.cmi);
+        c.finite_positive("distill.zskd.temperature", z.temperature);
+        c.check(!z.betas.is_empty() && z.betas.iter().all(|b| b.is_finite() && *b > 0.0), "distill.zskd.betas", &z.betas, "one or more finite numbers above 0");
+        c.finite_positive("distill.zskd.lr", z.lr);
+        c.check((0.0..=1.0).contains(&m.momentum), "distill.mad.momentum", m.momentum, "a number in [0, 1]");
+        c.check((0.0..=1.0).contains(&m.ema_share), "distill.mad.ema_share", m.ema_share, "a number in [0, 1]");
+        c.finite_non_negative("distill.cmi.contrast_weight", cm.contrast_weight);
+        c.finite_positive("distill.cmi.tau", cm.tau);
+        c.positive("distill.cmi.bank_size", cm.bank_size);
+        c.positive("distill.cmi.head_hidden", cm.head_hidden);
+        c.positive("distill.cmi.head_dim", cm.head_dim);
         let p = &self.parallel;
         c.positive("parallel.ranks", p.ranks);
         c.finite_positive("parallel.bucket_mb", p.bucket_mb);

@@ -66,7 +66,17 @@ methods! {
     Dfq = "dfq" => dfq::Dfq,
     /// optimises pixels: BN term, CE, image priors and the Jensen-Shannon competition
     DeepInversion = "deepinversion" | "adi" => deep_inversion::DeepInversion,
+    /// optimises pixels toward soft targets from a Dirichlet over the teacher's class similarity
+    Zskd = "zskd" => zskd::Zskd,
+    /// DFQ's adversarial game plus a moving-average generator whose images keep the student from forgetting
+    Mad = "mad" => mad::Mad,
+    /// DFQ's terms plus contrastive instance discrimination against a memory bank; the student distils on a pool
+    Cmi = "cmi" => cmi::Cmi,
 }
+
+pub use cmi::CmiConfig;
+pub use mad::MadConfig;
+pub use zskd::ZskdConfig;
 
 impl Method {
     /// The names and aliases, for errors: `dfkd-fgvc (or dfkd_fgvc, ours), dafl, ...`.

@@ -1,10 +1,90 @@
-//! ZSKD's data impressions (Nayak et al., ICML 2019; docs/METHOD.md, "Baselines"): soft
-//! targets drawn from a Dirichlet over the teacher's class similarity, and the loss that
-//! pulls an image's tempered teacher prediction toward its target.
+//! ZSKD, zero-shot knowledge distillation (Nayak et al., ICML 2019; docs/METHOD.md,
+//! "Baselines"): no generator and no BN statistics. "Data impressions" are optimised
+//! from noise so that the teacher's tempered prediction matches a soft target drawn
+//! from a Dirichlet over the teacher's class similarity (read from its last layer), at
+//! two concentration scales; the student distils on a pool of the impressions.
 
-use crate::models::Classifier;
+use super::{DistillMethod, Recipe, Setup, Synthesis};
+use crate::models::{Classifier, Features};
+use crate::nn::Ctx;
+use crate::optim::{Optimizer, ParamGroup};
+use crate::pipeline::config::Config;
+use crate::pipeline::loop_state::{check_finite, Accumulator, Losses, Loop};
 use crate::rng::Rng;
 use crate::{bail, Device, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// `[distill.zskd]`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZskdConfig {
+    /// The teacher's softmax temperature in the impression loss (the paper: 20).
+    pub temperature: f32,
+    /// The Dirichlet's concentration scales, used in turn batch by batch (the paper:
+    /// 1.0 and 0.1; the smaller gives peakier targets).
+    pub betas: Vec<f32>,
+    /// Adam's learning rate on the pixels; `2 * distill.g_steps` steps a batch.
+    pub lr: f32,
+}
+
+impl Default for ZskdConfig {
+    fn default() -> Self { ZskdConfig { temperature: 20.0, betas: vec![1.0, 0.1], lr: 0.05 } }
+}
+
+/// The pool holds this many batches unless `distill.pool_batches` says otherwise.
+const POOL_BATCHES: usize = 32;
+
+pub struct Zskd {
+    similarity: ClassSimilarity,
+}
+
+impl Recipe for Zskd {
+    const SYNTHESIS: Synthesis = Synthesis::Pixels;
+    fn new(setup: &mut Setup) -> Result<Self> { Ok(Zskd { similarity: ClassSimilarity::of_teacher(setup.teacher)? }) }
+}
+
+impl DistillMethod for Zskd {
+    fn pool_capacity(&self, cfg: &Config) -> usize {
+        match cfg.distill.pool_batches {
+            0 => POOL_BATCHES,
+            n => n,
+        }
+    }
+
+    /// One batch of impressions (on a rank, its share): classes drawn uniformly, a soft
+    /// target per image, `2 * distill.g_steps` Adam steps on the pixels; then pooled.
+    fn synthesize(&mut self, lp: &mut Loop) -> Result<Losses> {
+        let cfg = lp.cfg;
+        let z = &cfg.distill.zskd;
+        let (n, s, k) = (lp.local_batch, cfg.data.image_size, lp.teacher.num_classes());
+        // one batch an iteration: the iteration picks the scale, so a resumed run goes on alike
+        let beta = z.betas[lp.iteration % z.betas.len()];
+        let classes: Vec<u32> = (0..n).map(|_| lp.rng.below(k) as u32).collect();
+        let targets = self.similarity.sample_targets(&classes, beta, &mut lp.rng, lp.device)?;
+        let x = Tensor::randn(&[n, 3, s, s], 0.0, 1.0, &mut lp.rng, lp.device)?.to_var()?;
+        let mut opt = Optimizer::adam(vec![ParamGroup::new(vec![x.clone()], 0.0)], z.lr, 0.9, 0.999);
+        let mut acc = Accumulator::default();
+        for _ in 0..2 * cfg.distill.g_steps {
+            let t = lp.teacher.forward_ctx(&lp.augment(&x)?, &mut Ctx::new(false))?;
+            let mut loss = impression_loss(&t.logits, &targets, z.temperature)?;
+            let parts = vec![("g_impression", loss.to_scalar()?)];
+            check_finite(&parts, "zskd", lp.iteration)?;
+            if lp.world() > 1 {
+                // the global batch's mean loss is 1/N of this rank's share's
+                loss = loss.scale(1.0 / lp.world() as f32)?;
+            }
+            opt.step(&loss.backward()?)?;
+            acc.add(&parts);
+        }
+        lp.remember(x.detach(), self.pool_capacity(cfg));
+        Ok(acc.mean())
+    }
+
+    fn student_loss(&self, lp: &Loop, t: &Features, s: &Features) -> Result<(Tensor, Losses)> { lp.student_kd(t, s) }
+
+    /// The batch synthesised last.
+    fn samples(&mut self, lp: &mut Loop) -> Result<Option<Tensor>> { Ok(lp.last_pooled().cloned()) }
+}
 
 /// The floor of a Dirichlet concentration: min-max scaling gives each class's least
 /// similar class 0, which a Dirichlet does not take; that class then gets ~0 mass.
@@ -52,8 +132,6 @@ impl ClassSimilarity {
             None => bail!("zskd: {} has no classifier weight of shape {want:?}", teacher.arch()),
         }
     }
-
-    pub fn num_classes(&self) -> usize { self.k }
 
     /// Class `c`'s similarity to every class.
     pub fn row(&self, c: usize) -> &[f32] { &self.rows[c * self.k..(c + 1) * self.k] }
@@ -129,6 +207,14 @@ mod tests {
         };
         assert!(peak(0.1, &mut rng) > peak(1.0, &mut rng) + 0.1);
         assert!(s.sample_targets(&[3], 1.0, &mut rng, Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn the_similarity_is_read_from_the_teachers_classifier() {
+        let teacher = crate::models::build("resnet8", 10, true, &mut Rng::new(1)).unwrap();
+        let fc = teacher.named_parameters().into_iter().find(|(n, _)| n == "fc.weight").unwrap().1;
+        let (a, b) = (ClassSimilarity::of_teacher(teacher.as_ref()).unwrap(), ClassSimilarity::from_weight(&fc).unwrap());
+        assert_eq!(a.rows, b.rows);
     }
 
     #[test]
