@@ -17,6 +17,10 @@
 //!   per-step update in `after_generator_step`; anything else in `save` / `restore`;
 //! - the student's batches: `student_batch` (the pool when `pool_capacity` > 0, else
 //!   fresh generator output).
+//!
+//! Every forward of the teacher and student records each BatchNorm layer's input and
+//! running statistics (`Features::bn_inputs`, `bn_running`), which BN-statistics terms
+//! (`losses::bn_loss`) read.
 
 use super::config::Config;
 use super::generator::Generator;
