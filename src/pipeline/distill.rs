@@ -39,6 +39,20 @@ impl<'a> Distiller<'a> {
     /// distiller is that rank's: it synthesises its share of each batch, averages
     /// gradients with the other ranks, and starts from rank 0's weights.
     pub fn new(cfg: &'a Config, teacher: &'a dyn Classifier, student: &'a dyn Classifier, device: Device) -> Result<Self> {
+        let method = cfg.distill.method;
+        Self::with_method(cfg, teacher, student, device, method.synthesis(), |setup| method.build(setup))
+    }
+
+    /// A distiller for a method built by `make` (which synthesises as `synthesis` says)
+    /// instead of the configured one: a method of one's own, outside `Method`.
+    pub fn with_method(
+        cfg: &'a Config,
+        teacher: &'a dyn Classifier,
+        student: &'a dyn Classifier,
+        device: Device,
+        synthesis: Synthesis,
+        make: impl FnOnce(&mut Setup) -> Result<Box<dyn DistillMethod>>,
+    ) -> Result<Self> {
         let d = &cfg.distill;
         let group = parallel::current();
         let world = group.as_ref().map_or(1, |g| g.world());
@@ -58,7 +72,7 @@ impl<'a> Distiller<'a> {
         teacher.to_device(device)?;
         student.to_device(device)?;
         teacher.freeze(true)?;
-        let generator = match d.method.synthesis() {
+        let generator = match synthesis {
             Synthesis::Generator => Some(Generator::new(&cfg.generator, cfg.data.image_size, teacher.num_classes(), d.fused_attention, &mut rng)?),
             Synthesis::Pixels => None,
         };
@@ -70,7 +84,7 @@ impl<'a> Distiller<'a> {
         let probe = Tensor::randn(&[2, 3, cfg.data.image_size, cfg.data.image_size], 0.0, 1.0, &mut rng, device)?;
         let (tp, sp) = no_grad(|| -> Result<(Features, Features)> { Ok((teacher.forward(&probe, false)?, student.forward(&probe, false)?)) })?;
         let mut setup = Setup { cfg, teacher, student, generator: generator.as_ref(), probe_teacher: tp, probe_student: sp, rng: &mut rng, device };
-        let method = d.method.build(&mut setup)?;
+        let method = make(&mut setup)?;
         for m in own_modules(method.as_ref()) {
             m.1.to_device(device)?;
         }

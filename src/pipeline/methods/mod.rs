@@ -4,7 +4,9 @@
 //! calls the trait and never asks which method it runs. `methods!` below lists them
 //! once: the config's and the command line's names, their help, and the type.
 //!
-//! A new method is a file here and one line in the list. Its hooks, by need:
+//! A new method is a file here and one line in the list (a method kept outside the
+//! list runs through `Distiller::with_method`; tests/method_hooks.rs is one, with the
+//! hooks below that the listed methods leave at their defaults). Its hooks, by need:
 //! - a generator trained adversarially: `Recipe::SYNTHESIS = Synthesis::Generator`,
 //!   `generator_loss` (the loop samples noise, steps Adam, pools the batch);
 //! - images optimised directly (no generator): `Synthesis::Pixels`, `synthesize`
@@ -17,6 +19,10 @@
 //!   per-step update in `after_generator_step`; anything else in `save` / `restore`;
 //! - the student's batches: `student_batch` (the pool when `pool_capacity` > 0, else
 //!   fresh generator output).
+//!
+//! Every forward of the teacher and student records each BatchNorm layer's input and
+//! running statistics (`Features::bn_inputs`, `bn_running`), which BN-statistics terms
+//! (`losses::bn_loss`) read.
 
 use super::config::Config;
 use super::generator::Generator;
