@@ -114,3 +114,21 @@ pub fn fatbin_report() -> Vec<(&'static str, usize, Option<&'static [&'static st
 pub fn embedded_fatbins() -> (usize, usize) {
     (MODULES.iter().filter(|m| m.fatbin.is_some()).count(), MODULES.len())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// build.rs's kernel-to-module map agrees with each module's own list, and every
+    /// kernel is in exactly one module: a GPU looks each kernel up there only.
+    #[test]
+    fn every_kernel_maps_to_the_module_that_lists_it() {
+        assert_eq!(KERNEL_MODULE.len(), EMU_KERNELS.len());
+        assert_eq!(MODULES.iter().map(|m| m.kernels.len()).sum::<usize>(), EMU_KERNELS.len());
+        for (name, _) in EMU_KERNELS {
+            let m = kernel_module(name).unwrap();
+            assert!(MODULES[m].kernels.contains(name), "{name} mapped to kernels/{}.cu, which does not list it", MODULES[m].name);
+        }
+        assert_eq!(kernel_module("no_such_kernel"), None);
+    }
+}
