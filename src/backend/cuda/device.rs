@@ -9,6 +9,8 @@
 //! host); `DFKD_CUDA_SYNC=1` synchronises after every launch to name the kernel.
 //! `DFKD_CUDA_NO_CACHE=1` frees every buffer on drop instead of caching it, so that
 //! compute-sanitizer's memcheck sees use-after-free and leaks (slow: it synchronises).
+//! An error in a drop (ours, or one cudarc records for an event or stream) is reported
+//! once, by the next call, naming the operation that failed rather than that call's.
 
 use super::alloc::{size_class, AllocStats, FreeLists};
 use super::cublas;
