@@ -12,6 +12,12 @@ const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/gpu-run");
 /// Every binary gpu-run calls for the emulator's steps.
 const PROGRAMS: &[&str] = &["distill", "cuda_parity", "attention_fused", "attention_parity", "cuda_train_step", "pipeline", "data_parallel", "bench_attention"];
 
+/// One test at a time: a test writing its fake programs while another's gpu-run forks
+/// can hand a child the still-open file, and executing it then fails ("text file busy").
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> { SERIAL.lock().unwrap_or_else(|e| e.into_inner()) }
+
 /// A fresh folder with `bin/` holding a fake of each program: each prints its name and
 /// arguments and exits 0, except those given in `special` (name, shell body).
 fn fake_bundle(name: &str, special: &[(&str, &str)]) -> PathBuf {
@@ -49,6 +55,7 @@ fn run(c: &mut Command) -> (Output, Duration) {
 
 #[test]
 fn a_step_cut_by_the_deadline_leaves_every_earlier_result_in_the_summary() {
+    let _serial = serial();
     let dir = fake_bundle("deadline", &[("cuda_parity", "echo started; sleep 60")]);
     // 16 s: the doctor passes at once, test-parity gets the 11 s left (less the 5 s
     // reserve) and is cut; nothing else has the 10 s a step needs to start
@@ -66,6 +73,7 @@ fn a_step_cut_by_the_deadline_leaves_every_earlier_result_in_the_summary() {
 
 #[test]
 fn a_signal_mid_step_is_recorded_after_the_earlier_results() {
+    let _serial = serial();
     let dir = fake_bundle("signal", &[("cuda_parity", "sleep 60")]);
     let mut child = gpu_run(&dir, &["--budget", "100"]).stdout(std::process::Stdio::null()).spawn().unwrap();
     let t0 = Instant::now();
@@ -88,6 +96,7 @@ fn a_signal_mid_step_is_recorded_after_the_earlier_results() {
 
 #[test]
 fn a_device_that_does_not_open_stops_the_run_after_the_doctor() {
+    let _serial = serial();
     let dir = fake_bundle("unusable", &[("distill", "echo 'doctor: cuda-emu cannot be used: no driver'; exit 1")]);
     let (out, _) = run(&mut gpu_run(&dir, &[]));
     let s = summary(&dir);
@@ -100,6 +109,7 @@ fn a_device_that_does_not_open_stops_the_run_after_the_doctor() {
 
 #[test]
 fn quick_runs_its_list_and_a_doctor_missing_parts_does_not_stop_it() {
+    let _serial = serial();
     let dir = fake_bundle("quick", &[("distill", "echo 'doctor: cuda-emu works, but missing: libnccl.so.2'; exit 3")]);
     let (out, _) = run(&mut gpu_run(&dir, &["--quick"]));
     let s = summary(&dir);
