@@ -35,7 +35,4 @@ pub mod models;
 pub mod checkpoint;
 pub mod commands;
 
-// the integration tests' assert_close, for the unit tests: one definition
-#[cfg(test)]
-#[path = "../tests/common/close.rs"]
-mod test_close;
+pub mod testing;

@@ -118,7 +118,7 @@ fn a_generator_step_on_ranks_equals_one_process_with_and_without_the_bn_term() {
     cfg.distill.alpha = 0.0;
     check_equivalence(&cfg, &z, generator_grads, "generator step (KD only)");
     // DAFL's class-balance term is a batch statistic too
-    cfg.distill.method = "dafl".into();
+    cfg.distill.method = "dafl".parse().unwrap();
     check_equivalence(&cfg, &z, generator_grads, "generator step (DAFL)");
 }
 
@@ -171,7 +171,7 @@ fn a_data_parallel_job_writes_its_outputs_once() {
     cfg.parallel.ranks = 2;
     // DeepInversion pools: every rank takes part in the checkpoints rank 0 writes
     for (method, state) in [("dfkd-fgvc", "checkpoint/generator.safetensors"), ("deepinversion", "checkpoint/pool.safetensors")] {
-        cfg.distill.method = method.into();
+        cfg.distill.method = method.parse().unwrap();
         let run_dir = w.join(method);
         let s = job::run_job(&cfg, Device::Cpu, &RunOptions { run_dir: run_dir.clone(), resume: false, overwrite: false }).unwrap();
         assert!((0.0..=100.0).contains(&s.student_top1));
@@ -291,7 +291,7 @@ fn pooled_ranks_stay_identical_and_replace_the_same_batches() {
 #[test]
 fn deepinversion_ranks_stay_identical_and_replace_the_same_batches() {
     let mut cfg = tiny(&workdir("unused"));
-    cfg.distill.method = "deepinversion".into();
+    cfg.distill.method = "deepinversion".parse().unwrap();
     cfg.distill.pool_batches = 2;
     pooled_ranks_agree(&cfg, 7, 2);
 }
@@ -401,7 +401,7 @@ fn a_rank_that_fails_mid_run_stops_the_others_with_its_message() {
 /// iteration's student steps draw from a pool in which a batch was replaced).
 fn pooled_fingerprint(method: &str) -> Vec<f32> {
     let mut cfg = tiny(&workdir("unused"));
-    cfg.distill.method = method.into();
+    cfg.distill.method = method.parse().unwrap();
     cfg.distill.pool_batches = 2;
     let (t, s) = models();
     let mut d = Distiller::new(&cfg, t.as_ref(), s.as_ref(), Device::Cpu).unwrap();

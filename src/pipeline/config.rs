@@ -1,6 +1,7 @@
 //! The run configuration: every term, default and decision of METHOD.md, as a TOML
 //! file whose values the command line can override (`--set distill.beta=5`).
 
+use super::methods::Method;
 use crate::{bail, Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -136,8 +137,8 @@ pub struct GeneratorConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DistillConfig {
-    /// dfkd-fgvc (the paper), or a baseline: dafl, dfad, zskt, dfq, deepinversion.
-    pub method: String,
+    /// The paper's method or a baseline (`Method::ALL`; `distill --help` lists them).
+    pub method: Method,
     /// Seed of the distillation alone (student and generator initialisation, noise,
     /// sampled targets): runs that differ only here share the data set and the teacher,
     /// which the top-level `seed` decides. `--seeds 0,1,2` sweeps it.
@@ -279,7 +280,7 @@ impl Config {
                 beta2: 0.999,
             },
             distill: DistillConfig {
-                method: "dfkd-fgvc".into(),
+                method: Method::DfkdFgvc,
                 seed: 0,
                 mhad: true,
                 sfcl: true,

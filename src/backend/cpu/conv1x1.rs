@@ -423,9 +423,9 @@ mod tests {
             // sums of at most 64 products (forward, input gradient) or 3 * 1024 (weight
             // gradient) of numbers in [-1, 1]
             let what = |pass: &str| format!("conv1x1 {pass} {p:?}");
-            crate::test_close::assert_close(&conv2d(&x, &w, &p), &f32s(y), 1e-5, 1e-5, &what("forward"));
-            crate::test_close::assert_close(&conv2d_backward_input(&gy, &w, &p), &f32s(dx), 1e-5, 1e-5, &what("input gradient"));
-            crate::test_close::assert_close(&conv2d_backward_weight(&x, &gy, &p), &f32s(dw), 1e-4, 1e-5, &what("weight gradient"));
+            crate::testing::assert_close(&conv2d(&x, &w, &p), &f32s(y), 1e-5, 1e-5, &what("forward"));
+            crate::testing::assert_close(&conv2d_backward_input(&gy, &w, &p), &f32s(dx), 1e-5, 1e-5, &what("input gradient"));
+            crate::testing::assert_close(&conv2d_backward_weight(&x, &gy, &p), &f32s(dw), 1e-4, 1e-5, &what("weight gradient"));
         }
     }
 }

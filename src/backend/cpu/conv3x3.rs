@@ -521,7 +521,7 @@ mod tests {
                 mag[oi] += (x[xi] as f64 * w[wi] as f64).abs();
             });
             let want: Vec<f32> = want.into_iter().map(|v| v as f32).collect();
-            crate::test_close::assert_close(&conv2d_with(isa, &x, &w, &p), &want, abs_tolerance(&mag), 1e-5, &format!("conv3x3 {isa:?} forward {p:?}"));
+            crate::testing::assert_close(&conv2d_with(isa, &x, &w, &p), &want, abs_tolerance(&mag), 1e-5, &format!("conv3x3 {isa:?} forward {p:?}"));
         }
     }
 
@@ -538,7 +538,7 @@ mod tests {
             });
             let want: Vec<f32> = want.into_iter().map(|v| v as f32).collect();
             let got = conv2d_backward_input_with(isa, &g, &w, &p);
-            crate::test_close::assert_close(&got, &want, abs_tolerance(&mag), 1e-5, &format!("conv3x3 {isa:?} backward input {p:?}"));
+            crate::testing::assert_close(&got, &want, abs_tolerance(&mag), 1e-5, &format!("conv3x3 {isa:?} backward input {p:?}"));
         }
     }
 }
