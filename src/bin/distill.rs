@@ -2,7 +2,7 @@
 //! With no arguments it runs the embedded CPU demo end to end.
 
 use clap::{Args, Parser, Subcommand};
-use dfkd::commands::{bench, job, predict, sweep};
+use dfkd::commands::{bench, doctor, job, predict, sweep};
 use dfkd::pipeline::config::Config;
 use dfkd::pipeline::methods::Method;
 use dfkd::{Device, Result};
@@ -61,6 +61,14 @@ enum Command {
     Bench(BenchArgs),
     /// Print the resolved configuration as TOML.
     ShowConfig,
+    /// Check a CUDA device (--device, default cuda:0): driver, card, the libraries loaded
+    /// and from where, the embedded kernels, a small computation against the CPU. Exits
+    /// 0 when ready, 3 when usable with parts missing, 1 when unusable.
+    Doctor {
+        /// Fail when a kernel file has no nvcc fatbin (gpu-bundle's check).
+        #[arg(long)]
+        require_fatbins: bool,
+    },
     /// Compare sweep folders (written by `--seeds`): mean and 95% interval of each, and
     /// the paired differences of each from the first on the seeds both ran.
     Summarize(SummarizeArgs),
@@ -267,7 +275,7 @@ fn run(cli: Cli, args: &DistillArgs) -> Result<()> {
     // only commands that compute open the device (`show-config --device cuda` works
     // without a GPU); make-data runs on the CPU whatever the config says
     let device = match cli.command {
-        Some(Command::ShowConfig | Command::MakeData | Command::Summarize(_)) => Device::Cpu,
+        Some(Command::ShowConfig | Command::MakeData | Command::Summarize(_) | Command::Doctor { .. }) => Device::Cpu,
         _ => open_device(&cfg)?,
     };
     match cli.command {
@@ -336,6 +344,9 @@ fn run(cli: Cli, args: &DistillArgs) -> Result<()> {
         Some(Command::ShowConfig) => {
             print!("{}", cfg.to_toml());
             Ok(())
+        }
+        Some(Command::Doctor { require_fatbins }) => {
+            doctor::main(&doctor::DoctorArgs { device: cli.common.device.clone().unwrap_or_else(|| "cuda:0".into()), require_fatbins })
         }
     }
 }
