@@ -1,4 +1,4 @@
-//! The data-free distillation loop (METHOD.md, "Losses and the adversarial loop"):
+//! The data-free distillation loop (docs/METHOD.md, "Losses and the adversarial loop"):
 //! each iteration runs a synthesis phase (generator steps against the frozen teacher
 //! and student, or pixels optimised directly), then `s_steps` student steps on
 //! synthetic batches. What each phase computes is the method's (`methods`); the loop

@@ -1,5 +1,5 @@
 //! The generator G: z -> image, DCGAN-like with spectral-normalised transposed convs
-//! and a spatial attention module (SAM) after each block (METHOD.md).
+//! and a spatial attention module (SAM) after each block (docs/METHOD.md).
 
 use super::attention::SpatialAttentionModule;
 use super::config::GeneratorConfig;

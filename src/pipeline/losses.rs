@@ -1,4 +1,4 @@
-//! The distillation objectives of DFKD-FGVC and of the baselines (METHOD.md).
+//! The distillation objectives of DFKD-FGVC and of the baselines (docs/METHOD.md).
 
 use super::attention::{contrastive_loss, HighOrderAttention};
 use crate::models::Features;
@@ -203,7 +203,7 @@ impl Module for Mhad {
 /// SFCL's projection head: `Linear(d, hidden) -> [BN] -> ReLU -> Linear(hidden, out)`,
 /// shared by both sides (the teacher side gets its own first layer only when widths
 /// differ). The teacher's *features* are detached, but the head learns from both sides
-/// (METHOD.md): the loss then pushes the teacher anchors apart as well as the student
+/// (docs/METHOD.md): the loss then pushes the teacher anchors apart as well as the student
 /// projections towards them. Detaching the teacher's *projection* instead
 /// (`distill.sfcl_detach_projection`, the superseded behaviour) leaves nothing to keep
 /// the anchors apart: the head maps every sample to nearly one direction (mean pairwise

@@ -39,7 +39,7 @@ pub(super) const CO_BLOCK: usize = 4;
 /// accumulators, enough to hide the FMA latency on two ports. With 3 (twelve, plus
 /// three input vectors and a broadcast: all 16 registers) LLVM spilled an accumulator
 /// to the stack every iteration, and products with 32-64 input channels took 16-42%
-/// longer (`examples/winograd_ab`'s method, alternating, session 10).
+/// longer (`examples/winograd_ab`'s method, alternating; commit 799bc02, a 2-core AMD EPYC).
 const PIX_VECTORS: usize = 2;
 /// Input channels of a register block of the weight gradient.
 const CI_BLOCK: usize = 3;

@@ -1,4 +1,4 @@
-//! DAFL (METHOD.md, "Baselines"): the generator minimises one-hot CE on the teacher's
+//! DAFL (docs/METHOD.md, "Baselines"): the generator minimises one-hot CE on the teacher's
 //! own predictions, an activation term and a class-balance term
 //! (`losses::dafl_generator_loss`); the student distils with KD on fresh images.
 

@@ -1,4 +1,4 @@
-//! DeepInversion (ADI; METHOD.md, "Baselines"): no generator. Each iteration optimises
+//! DeepInversion (ADI; docs/METHOD.md, "Baselines"): no generator. Each iteration optimises
 //! a batch of pixels from noise against the teacher's BN statistics and sampled
 //! targets, with image priors (total variation, l2) and the Jensen-Shannon competition
 //! term against the student, then keeps it in an image pool the student distils on.

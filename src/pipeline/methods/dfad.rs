@@ -1,4 +1,4 @@
-//! DFAD (METHOD.md, "Baselines"): the generator maximises, and the student minimises,
+//! DFAD (docs/METHOD.md, "Baselines"): the generator maximises, and the student minimises,
 //! the L1 distance of the two networks' logits; no BN term.
 
 use super::{DistillMethod, Recipe, Setup, Synthesis};

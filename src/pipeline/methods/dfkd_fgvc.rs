@@ -1,4 +1,4 @@
-//! DFKD-FGVC (METHOD.md, "Losses and the adversarial loop"): the generator minimises
+//! DFKD-FGVC (docs/METHOD.md, "Losses and the adversarial loop"): the generator minimises
 //! alpha * L_BN - L_KD, plus the optional class terms (`distill.gen_*`); the student
 //! minimises L_KD + beta * L_MHAD + gamma * L_SFCL, with MHAD's and SFCL's modules
 //! trained beside it (each a config switch: `distill.mhad`, `distill.sfcl`).

@@ -1,4 +1,4 @@
-//! DFQ (METHOD.md, "Baselines"): the generator minimises alpha * L_BN - L_KD (as
+//! DFQ (docs/METHOD.md, "Baselines"): the generator minimises alpha * L_BN - L_KD (as
 //! DFKD-FGVC's) plus the teacher's cross-entropy on sampled targets; the student
 //! distils with KD on fresh images.
 

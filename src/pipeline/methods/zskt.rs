@@ -1,4 +1,4 @@
-//! ZSKT (METHOD.md, "Baselines"): the generator maximises the KL between the two
+//! ZSKT (docs/METHOD.md, "Baselines"): the generator maximises the KL between the two
 //! networks; the student minimises it plus 250 x the attention transfer between
 //! matching stages (Zagoruyko and Komodakis' weight).
 
