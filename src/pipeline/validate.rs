@@ -40,7 +40,7 @@ impl Config {
         c.check(is_device_name(&self.device), "device", &self.device, "cpu, cuda, cuda:N, cuda-emu or auto");
         let d = &self.data;
         c.check(!d.dataset.trim().is_empty(), "data.dataset", &d.dataset, "\"synthetic\" or a data set folder");
-        c.check(d.image_size >= IMAGE_SIZE_MULTIPLE && d.image_size % IMAGE_SIZE_MULTIPLE == 0, "data.image_size", d.image_size,
+        c.check(d.image_size >= IMAGE_SIZE_MULTIPLE && d.image_size.is_multiple_of(IMAGE_SIZE_MULTIPLE), "data.image_size", d.image_size,
                 "a multiple of 16 (the generator doubles the size in 4 blocks), at least 16");
         c.check(d.num_classes >= 2, "data.num_classes", d.num_classes, "at least 2");
         if d.dataset == "synthetic" {
@@ -110,7 +110,7 @@ impl Config {
         c.positive("parallel.ranks", p.ranks);
         c.finite_positive("parallel.bucket_mb", p.bucket_mb);
         if p.ranks > 1 {
-            c.check(k.batch_size % p.ranks == 0 && k.batch_size / p.ranks >= 2, "parallel.ranks", p.ranks,
+            c.check(k.batch_size.is_multiple_of(p.ranks) && k.batch_size / p.ranks >= 2, "parallel.ranks", p.ranks,
                     &format!("a divisor of distill.batch_size = {} leaving each rank at least 2 samples", k.batch_size));
         }
         c.done()

@@ -78,7 +78,7 @@ impl Isa {
 /// Whether `conv2d` computes this forward convolution.
 pub fn applies(p: &Conv2dParams) -> bool {
     p.is_dense_3x3(1)
-        && p.c_out % LANES == 0
+        && p.c_out.is_multiple_of(LANES)
         // measured (`cargo bench --bench conv`, AVX-512): faster than im2col + GEMM on
         // rows of 8 or more pixels (+12% to +45% forward with 16-64 channels), slower on
         // 4x4 and 2x2 planes (the 8-pixel block is mostly empty); see `max_c_in`

@@ -177,7 +177,7 @@ impl CudaDev {
         use sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT as SMS;
         let gib = |b: usize| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64);
         let mut rows = vec![("card".to_string(), self.describe.clone())];
-        rows.push(("SMs".into(), self.ctx.attribute(SMS).map(|n| n.to_string()).unwrap_or_else(|e| driver_error(e))));
+        rows.push(("SMs".into(), self.ctx.attribute(SMS).map(|n| n.to_string()).unwrap_or_else(driver_error)));
         let mem = match (self.ctx.total_mem(), self.ctx.mem_get_info()) {
             (Ok(total), Ok((free, _))) => format!("{} ({} free)", gib(total), gib(free)),
             (Err(e), _) | (_, Err(e)) => driver_error(e),

@@ -126,7 +126,7 @@ pub fn preload(files: &[&str], dirs: &[PathBuf]) -> Option<PathBuf> {
 }
 
 /// The file the code at `addr` was loaded from (dladdr), if it belongs to a library.
-pub fn loaded_from(addr: *const c_void) -> Option<PathBuf> {
+pub(crate) fn loaded_from(addr: *const c_void) -> Option<PathBuf> {
     let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
     // SAFETY: dladdr only reads the loader's tables and fills `info`.
     if unsafe { libc::dladdr(addr, &mut info) } == 0 || info.dli_fname.is_null() {
