@@ -96,7 +96,7 @@ fn a_preloaded_library_answers_a_dlopen_of_its_soname() {
     let f = unsafe { lib.get::<unsafe extern "C" fn() -> i32>(b"dfkd_stub") }.unwrap();
     assert_eq!(unsafe { f() }, 7);
     assert_eq!(libs::library_file(&lib, "dfkd_stub"), Some(std::fs::canonicalize(dir.join("libdfkdstub.so.13")).unwrap()));
-    assert_eq!(libs::preload(&["libdfkdstub.so.99"], &[dir.clone()]), None, "a folder without every file is not used");
+    assert_eq!(libs::preload(&["libdfkdstub.so.99"], std::slice::from_ref(&dir)), None, "a folder without every file is not used");
     std::fs::remove_dir_all(dir.ancestors().nth(4).unwrap()).unwrap();
 }
 

@@ -71,7 +71,8 @@ fn worst(got: &Named, want: &Named) -> (f32, String) {
     for ((name, g), (_, w)) in got.iter().zip(want) {
         for (i, (a, b)) in g.iter().zip(w).enumerate() {
             let r = (a - b).abs() / (abs + 2e-3 * b.abs());
-            if !(r <= worst.0) {
+            // a NaN ratio counts as the worst
+            if r.is_nan() || r > worst.0 {
                 worst = (r, format!("{name}[{i}]: {a} vs {b}"));
             }
         }
@@ -402,8 +403,7 @@ fn a_rank_that_fails_mid_run_stops_the_others_with_its_message() {
         }
         Ok(())
     })
-    .err()
-    .expect("a failed rank fails the run")
+    .expect_err("a failed rank fails the run")
     .to_string();
     assert_eq!(err, "rank 1 lost its GPU");
 }

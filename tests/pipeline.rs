@@ -24,7 +24,7 @@ fn workdir(name: &str) -> PathBuf {
 }
 
 
-fn distill_records(run: &PathBuf) -> Vec<String> {
+fn distill_records(run: &std::path::Path) -> Vec<String> {
     std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().filter(|l| l.contains("\"distill\"")).map(String::from).collect()
 }
 
