@@ -1,4 +1,4 @@
-// Contrastive similarity, SFCL's NT-Xent (METHOD.md), around one GEMM each way:
+// Contrastive similarity, SFCL's NT-Xent (docs/METHOD.md), around one GEMM each way:
 //   fwd  normalize  zhat = [t; s] / max(||row||, eps)        [2n, d] f32, norms [2n]
 //        GEMM       sim = zhat[:n] zhatᵀ                      [n, 2n]   (cuBLAS)
 //        rows       l = sim / tau; loss_i = logsumexp_{j != i} l_ij - l_{i, n+i}

@@ -1,4 +1,4 @@
-// Mixed high-order attention (MHA, METHOD.md) after its 1x1 convolutions, as two
+// Mixed high-order attention (MHA, docs/METHOD.md) after its 1x1 convolutions, as two
 // element-wise kernels around a GEMM:
 //   A  products  h[r] = relu(prod_{k<r} z[r][k])           for all orders r = 1..R
 //      GEMM      u[r] = V_r h[r] + b_r                       (one grouped 1x1 conv)

@@ -1,4 +1,4 @@
-// MHAD's distance between L2-normalised maps (METHOD.md, "MHAD"), per row (sample) of
+// MHAD's distance between L2-normalised maps (docs/METHOD.md, "MHAD"), per row (sample) of
 // a and b, [n, d] each:
 //   fwd  sums   |a|^2, |b|^2 and a.b in one pass; alpha = 1 / max(|a|, eps), beta
 //               = 1 / max(|b|, eps) (F.normalize's clamp)

@@ -1,4 +1,4 @@
-// Spatial attention, SAM's last line (METHOD.md): per (sample, channel) plane of
+// Spatial attention, SAM's last line (docs/METHOD.md): per (sample, channel) plane of
 // hw = H*W values, with w = softmax(a) over the plane and k = lambda * (H*W or 1),
 //     forward   y  = f + k * w * f                     (stats: max and 1/sum per plane)
 //     backward  df = dy * (1 + k * w)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Reruns the paper's Table 3 ablation (baseline, +SFCL, +MHAD, both) and the baselines
-# (DAFL, DFAD, ZSKT, DFQ, DeepInversion) over the same distillation seeds with one
-# teacher and one budget, then prints each variant's mean with its 95% interval and the
-# paired differences from the full method (what docs/RESULTS.md records).
+# Reruns the paper's Table 1 (DFKD-FGVC and the eight baselines: DAFL, DFAD, ZSKT, DFQ,
+# DeepInversion, ZSKD, MAD, CMI) and its Table 3 ablation (baseline, +SFCL, +MHAD, both)
+# over the same distillation seeds with one teacher and one budget, then prints each
+# variant's mean with its 95% interval, the student/teacher ratio, and the paired
+# differences from the full method (what docs/RESULTS.md records).
 #
 #   scripts/run-ablation.sh [WORKDIR] [SEEDS] [--set key=value ...]   (settings apply to every run)
 #
@@ -26,6 +27,9 @@ runs=(
   "zskt|zskt|"
   "dfq|dfq|"
   "deepinversion|deepinversion|"
+  "zskd|zskd|"
+  "mad|mad|"
+  "cmi|cmi|"
 )
 done_dirs=()
 for r in "${runs[@]}"; do

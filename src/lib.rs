@@ -2,6 +2,10 @@
 //! kernels, and on it data-free knowledge distillation for fine-grained visual
 //! categorization (DFKD-FGVC).
 
+// The CPU kernels index register-blocked accumulators and shapes by position on
+// purpose: the loops unroll over fixed counts, and iterator forms of them spilled.
+#![allow(clippy::needless_range_loop)]
+
 pub mod allocator;
 pub mod backend;
 pub mod failpoint;
@@ -35,7 +39,4 @@ pub mod models;
 pub mod checkpoint;
 pub mod commands;
 
-// the integration tests' assert_close, for the unit tests: one definition
-#[cfg(test)]
-#[path = "../tests/common/close.rs"]
-mod test_close;
+pub mod testing;

@@ -179,7 +179,7 @@ fn data_sets_that_disagree_with_the_config_are_refused_before_any_training() {
 
 /// A textured JPEG: flat colours would leave the scan short and the cut inside headers.
 fn jpeg(path: &Path) {
-    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 37 ^ y * 11) as u8, (x * y) as u8, (y * 53 + x) as u8]));
+    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([((x * 37) ^ (y * 11)) as u8, (x * y) as u8, (y * 53 + x) as u8]));
     img.save(path).unwrap();
 }
 

@@ -71,7 +71,8 @@ fn worst(got: &Named, want: &Named) -> (f32, String) {
     for ((name, g), (_, w)) in got.iter().zip(want) {
         for (i, (a, b)) in g.iter().zip(w).enumerate() {
             let r = (a - b).abs() / (abs + 2e-3 * b.abs());
-            if !(r <= worst.0) {
+            // a NaN ratio counts as the worst
+            if r.is_nan() || r > worst.0 {
                 worst = (r, format!("{name}[{i}]: {a} vs {b}"));
             }
         }
@@ -118,7 +119,7 @@ fn a_generator_step_on_ranks_equals_one_process_with_and_without_the_bn_term() {
     cfg.distill.alpha = 0.0;
     check_equivalence(&cfg, &z, generator_grads, "generator step (KD only)");
     // DAFL's class-balance term is a batch statistic too
-    cfg.distill.method = "dafl".into();
+    cfg.distill.method = "dafl".parse().unwrap();
     check_equivalence(&cfg, &z, generator_grads, "generator step (DAFL)");
 }
 
@@ -148,6 +149,18 @@ fn ranks_stay_identical_over_many_iterations() {
     ranks_stay_identical(&cfg);
 }
 
+#[test]
+fn the_stateful_methods_keep_their_ranks_identical() {
+    // MAD's moving average, CMI's head and memory bank (of the global batch's keys),
+    // ZSKD's student trained on sharded impressions
+    for method in ["mad", "cmi", "zskd"] {
+        let mut cfg = tiny(&workdir("unused"));
+        cfg.parallel.ranks = 2;
+        cfg.distill.method = method.parse().unwrap();
+        ranks_stay_identical(&cfg);
+    }
+}
+
 fn ranks_stay_identical(cfg: &Config) {
     let states = run_ranks(2, |_| {
         let (t, s) = models();
@@ -158,9 +171,9 @@ fn ranks_stay_identical(cfg: &Config) {
         Ok(to_host(d.named_state()))
     })
     .unwrap();
-    assert!(states[0].len() > 50);
+    assert!(states[0].len() > 40, "{} names {} tensors", cfg.distill.method, states[0].len());
     for ((name, a), (_, b)) in states[0].iter().zip(&states[1]) {
-        assert_eq!(a, b, "{name} differs between the ranks after 4 iterations (sync_batch_norm = {})", cfg.parallel.sync_batch_norm);
+        assert_eq!(a, b, "{}: {name} differs between the ranks after 4 iterations (sync_batch_norm = {})", cfg.distill.method, cfg.parallel.sync_batch_norm);
     }
 }
 
@@ -171,7 +184,7 @@ fn a_data_parallel_job_writes_its_outputs_once() {
     cfg.parallel.ranks = 2;
     // DeepInversion pools: every rank takes part in the checkpoints rank 0 writes
     for (method, state) in [("dfkd-fgvc", "checkpoint/generator.safetensors"), ("deepinversion", "checkpoint/pool.safetensors")] {
-        cfg.distill.method = method.into();
+        cfg.distill.method = method.parse().unwrap();
         let run_dir = w.join(method);
         let s = job::run_job(&cfg, Device::Cpu, &RunOptions { run_dir: run_dir.clone(), resume: false, overwrite: false }).unwrap();
         assert!((0.0..=100.0).contains(&s.student_top1));
@@ -291,7 +304,7 @@ fn pooled_ranks_stay_identical_and_replace_the_same_batches() {
 #[test]
 fn deepinversion_ranks_stay_identical_and_replace_the_same_batches() {
     let mut cfg = tiny(&workdir("unused"));
-    cfg.distill.method = "deepinversion".into();
+    cfg.distill.method = "deepinversion".parse().unwrap();
     cfg.distill.pool_batches = 2;
     pooled_ranks_agree(&cfg, 7, 2);
 }
@@ -390,8 +403,7 @@ fn a_rank_that_fails_mid_run_stops_the_others_with_its_message() {
         }
         Ok(())
     })
-    .err()
-    .expect("a failed rank fails the run")
+    .expect_err("a failed rank fails the run")
     .to_string();
     assert_eq!(err, "rank 1 lost its GPU");
 }
@@ -401,7 +413,7 @@ fn a_rank_that_fails_mid_run_stops_the_others_with_its_message() {
 /// iteration's student steps draw from a pool in which a batch was replaced).
 fn pooled_fingerprint(method: &str) -> Vec<f32> {
     let mut cfg = tiny(&workdir("unused"));
-    cfg.distill.method = method.into();
+    cfg.distill.method = method.parse().unwrap();
     cfg.distill.pool_batches = 2;
     let (t, s) = models();
     let mut d = Distiller::new(&cfg, t.as_ref(), s.as_ref(), Device::Cpu).unwrap();
@@ -417,11 +429,13 @@ fn pooled_fingerprint(method: &str) -> Vec<f32> {
 }
 
 /// Pools are shared across ranks without changing one process's run: the numbers are
-/// what main computed before (commit dd55fbf, on an AVX2 CPU). The tolerance, 1e-3
-/// relative, lies between rounding and logic: the AVX2 direct 3x3 convolutions
-/// (c580da0) moved these numbers by up to 5e-5, while drawing a pooled image's row
-/// before its batch (the same images, another order) moves the student-step losses
-/// and the update's size by 2.8-18%.
+/// what main computed before (commit dd55fbf, on an AVX2 CPU). The tolerance, 1e-2
+/// relative, lies between rounding and logic: the CPU's kernels move these numbers
+/// (the AVX2 direct 3x3 convolutions by up to 5e-5; the AVX-512 kernels of a Zen 4 CPU
+/// by up to 1.3e-3 on a loss and 4.8e-3 on the update's size, which sums three
+/// iterations' drift), while drawing a pooled image's row before its batch (the same
+/// images, another order) moves the student-step losses and the update's size by
+/// 2.8-18%.
 #[test]
 fn one_process_pooled_runs_are_unchanged() {
     let want: [(&str, &[f32]); 2] = [
@@ -433,6 +447,6 @@ fn one_process_pooled_runs_are_unchanged() {
     for (method, want) in want {
         let got = pooled_fingerprint(method);
         eprintln!("{method}: {got:?}");
-        common::assert_close(&got, want, 0.0, 1e-3, &format!("{method}, one process, pool of 2: losses and the update's size"));
+        common::assert_close(&got, want, 0.0, 1e-2, &format!("{method}, one process, pool of 2: losses and the update's size"));
     }
 }

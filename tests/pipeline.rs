@@ -12,6 +12,7 @@ use dfkd::models::build;
 use dfkd::pipeline::checkpoint_dir::CheckpointDir;
 use dfkd::pipeline::config::Config;
 use dfkd::pipeline::distill::Distiller;
+use dfkd::pipeline::methods::Method;
 use dfkd::rng::Rng;
 use dfkd::Device;
 use std::path::PathBuf;
@@ -23,7 +24,7 @@ fn workdir(name: &str) -> PathBuf {
 }
 
 
-fn distill_records(run: &PathBuf) -> Vec<String> {
+fn distill_records(run: &std::path::Path) -> Vec<String> {
     std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().filter(|l| l.contains("\"distill\"")).map(String::from).collect()
 }
 
@@ -124,8 +125,8 @@ fn every_method_runs_one_iteration() {
             cfg.distill.s_steps = 1;
         }
         let teacher = build("resnet8", 10, true, &mut Rng::new(5)).unwrap();
-        for method in ["dfkd-fgvc", "dafl", "dfad", "zskt", "dfq", "deepinversion"] {
-            cfg.distill.method = method.into();
+        for &method in Method::ALL {
+            cfg.distill.method = method;
             let student = build("resnet8", 10, true, &mut Rng::new(6)).unwrap();
             let mut d = Distiller::new(&cfg, teacher.as_ref(), student.as_ref(), dev).unwrap();
             assert!(student.parameters().iter().all(|p| p.device() == dev), "{dev} {method}: the student was not moved");
@@ -145,7 +146,7 @@ fn the_generator_class_terms_run_and_report_their_losses() {
     (cfg.distill.gen_target_ce, cfg.distill.gen_onehot, cfg.distill.gen_balance, cfg.distill.gen_student_eval) = (4.0, 1.0, 5.0, true);
     // DFKD-FGVC takes the extra terms; a baseline keeps its published loss
     for (method, names) in [("dfkd-fgvc", vec!["g_target_ce", "g_onehot", "g_balance"]), ("dfq", vec!["g_ce"])] {
-        cfg.distill.method = method.into();
+        cfg.distill.method = method.parse().unwrap();
         let student = build("resnet8", 10, true, &mut Rng::new(6)).unwrap();
         let mut d = Distiller::new(&cfg, teacher.as_ref(), student.as_ref(), Device::Cpu).unwrap();
         let (g, _) = d.iterate().unwrap_or_else(|e| panic!("{method}: {e}"));
@@ -157,7 +158,7 @@ fn the_generator_class_terms_run_and_report_their_losses() {
             assert!(!g.iter().any(|(n, _)| *n == "g_target_ce" || *n == "g_balance"), "dfq got the extra terms: {g:?}");
         }
     }
-    cfg.distill.method = "dfkd-fgvc".into();
+    cfg.distill.method = "dfkd-fgvc".parse().unwrap();
     // asking an unconditional generator for classes is refused before any work
     cfg.generator.conditional = false;
     let student = build("resnet8", 10, true, &mut Rng::new(6)).unwrap();
@@ -225,7 +226,7 @@ fn a_run_resumes_on_cuda_devices() {
         let mut cfg = tiny(&w);
         let teacher = build("resnet8", 10, true, &mut Rng::new(5)).unwrap();
         for method in ["dfkd-fgvc", "deepinversion"] {
-            cfg.distill.method = method.into();
+            cfg.distill.method = method.parse().unwrap();
             // DeepInversion's student steps draw from the pool: enough draws to reach
             // the batch that came from the checkpoint
             cfg.distill.s_steps = if method == "deepinversion" { 6 } else { 1 };

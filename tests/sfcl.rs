@@ -1,6 +1,6 @@
 //! SFCL must learn, not collapse: on a toy problem whose teacher features are distinct
 //! but alike (positive, as pooled post-ReLU features are), the shared projection head
-//! trained as METHOD.md says (teacher features detached, head learning from both sides)
+//! trained as docs/METHOD.md says (teacher features detached, head learning from both sides)
 //! drives NT-Xent far below its no-learning value log(2N-1) and keeps the projections
 //! apart; and the teacher side's gradient reaches the head, which the superseded head
 //! (teacher projection detached, `distill.sfcl_detach_projection`) drops. In the full

@@ -27,6 +27,7 @@ pub trait BackendStorage: Sized + Send + Sync {
     fn dtype(&self) -> DType;
     /// Number of elements in the buffer (not of any view on it).
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool { self.len() == 0 }
     fn to_cpu(&self) -> Result<CpuStorage>;
 
     fn to_dtype(&self, l: &Layout, dtype: DType) -> Result<Self>;

@@ -19,8 +19,6 @@ pub enum UnaryOp {
     /// sign(x) in {-1, 0, 1}: the derivative of abs.
     Sign,
     Relu,
-    /// 1 where x > 0 else 0: the derivative of relu.
-    Step,
     Sigmoid,
     Tanh,
     LeakyRelu(f32),
@@ -35,6 +33,13 @@ pub enum UnaryOp {
 }
 
 impl UnaryOp {
+    /// Every variant (parameters as the kernel tests use them): tests that cover each
+    /// op go through this list, so a new variant is tested once it is listed here.
+    pub const ALL: [UnaryOp; 17] = {
+        use UnaryOp::*;
+        [Neg, Recip, Exp, Log, Sqrt, Sqr, Abs, Sign, Relu, Sigmoid, Tanh, LeakyRelu(0.1), LeakyStep(0.1), Powf(1.7), Clamp(-0.5, 0.7), InRange(-0.5, 0.7), Affine(1.3, -0.2)]
+    };
+
     #[inline(always)]
     pub fn apply(self, x: f32) -> f32 {
         match self {
@@ -49,7 +54,6 @@ impl UnaryOp {
                 if x > 0.0 { 1.0 } else if x < 0.0 { -1.0 } else { 0.0 }
             }
             UnaryOp::Relu => x.max(0.0),
-            UnaryOp::Step => if x > 0.0 { 1.0 } else { 0.0 },
             UnaryOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
             UnaryOp::Tanh => x.tanh(),
             UnaryOp::LeakyRelu(s) => if x > 0.0 { x } else { s * x },
@@ -73,7 +77,6 @@ impl UnaryOp {
             UnaryOp::Abs => "uabs_f32",
             UnaryOp::Sign => "usign_f32",
             UnaryOp::Relu => "urelu_f32",
-            UnaryOp::Step => "ustep_f32",
             UnaryOp::Sigmoid => "usigmoid_f32",
             UnaryOp::Tanh => "utanh_f32",
             UnaryOp::LeakyRelu(_) => "uleaky_relu_f32",
@@ -105,6 +108,12 @@ pub enum BinaryOp {
 }
 
 impl BinaryOp {
+    /// Every variant, for the tests that cover each op.
+    pub const ALL: [BinaryOp; 9] = {
+        use BinaryOp::*;
+        [Add, Sub, Mul, Div, Max, Min, Eq, Gt, WherePositive]
+    };
+
     #[inline(always)]
     pub fn apply(self, a: f32, b: f32) -> f32 {
         match self {
@@ -147,6 +156,9 @@ pub enum ReduceOp {
 }
 
 impl ReduceOp {
+    /// Every variant, for the tests that cover each op.
+    pub const ALL: [ReduceOp; 3] = [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Min];
+
     pub fn identity(self) -> f32 {
         match self {
             ReduceOp::Sum => 0.0,

@@ -2,8 +2,9 @@
 //! With no arguments it runs the embedded CPU demo end to end.
 
 use clap::{Args, Parser, Subcommand};
-use dfkd::commands::{bench, job, predict, sweep};
+use dfkd::commands::{bench, doctor, job, predict, sweep};
 use dfkd::pipeline::config::Config;
+use dfkd::pipeline::methods::Method;
 use dfkd::{Device, Result};
 use std::path::PathBuf;
 
@@ -17,9 +18,10 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     common: Common,
-    /// With no subcommand: the demo run, with these options.
+    /// The run's options, written here or after `distill` alike (with no subcommand:
+    /// the demo run's).
     #[command(flatten)]
-    demo: DistillArgs,
+    before: DistillArgs,
 }
 
 #[derive(Args, Clone)]
@@ -59,6 +61,14 @@ enum Command {
     Bench(BenchArgs),
     /// Print the resolved configuration as TOML.
     ShowConfig,
+    /// Check a CUDA device (--device, default cuda:0): driver, card, the libraries loaded
+    /// and from where, the embedded kernels, a small computation against the CPU. Exits
+    /// 0 when ready, 3 when usable with parts missing, 1 when unusable.
+    Doctor {
+        /// Fail when a kernel file has no nvcc fatbin (gpu-bundle's check).
+        #[arg(long)]
+        require_fatbins: bool,
+    },
     /// Compare sweep folders (written by `--seeds`): mean and 95% interval of each, and
     /// the paired differences of each from the first on the seeds both ran.
     Summarize(SummarizeArgs),
@@ -74,11 +84,11 @@ struct SummarizeArgs {
     json: Option<PathBuf>,
 }
 
-#[derive(Args, Default, Clone)]
+#[derive(Args, Default, Clone, Debug, PartialEq)]
 struct DistillArgs {
-    /// dfkd-fgvc, dafl, dfad, zskt, dfq or deepinversion.
-    #[arg(long)]
-    method: Option<String>,
+    /// The distillation method (`distill.method`).
+    #[arg(long, value_enum, ignore_case = true)]
+    method: Option<Method>,
     /// Data-parallel ranks (`parallel.ranks`): one per GPU from the device's ordinal up,
     /// or threads on the CPU; each synthesises its share of distill.batch_size.
     #[arg(long, value_name = "N")]
@@ -96,6 +106,47 @@ struct DistillArgs {
     /// the data set and teacher, then write `<run>/summary.{json,md}` (mean, std, 95% CI).
     #[arg(long, value_name = "LIST")]
     seeds: Option<String>,
+}
+
+impl DistillArgs {
+    /// The run's options as written before the subcommand (`before`) and after
+    /// `distill` (`after`, none without a subcommand): each means the same in either
+    /// place; given in both, or before another subcommand, it is refused.
+    fn resolve(before: &DistillArgs, command: Option<&Command>) -> std::result::Result<DistillArgs, clap::Error> {
+        let refuse = |msg: String| <Cli as clap::CommandFactory>::command().error(clap::error::ErrorKind::ArgumentConflict, msg);
+        let after = match command {
+            None => return Ok(before.clone()),
+            Some(Command::Distill(after)) => after,
+            Some(_) => match before.given().first() {
+                Some(flag) => return Err(refuse(format!("{flag} applies to distillation runs only: give it after `distill` (or with no subcommand)"))),
+                None => return Ok(DistillArgs::default()),
+            },
+        };
+        if let Some(flag) = before.given().into_iter().find(|f| after.given().contains(f)) {
+            return Err(refuse(format!("{flag} is given both before and after `distill`")));
+        }
+        let merged = DistillArgs {
+            method: before.method.or(after.method),
+            gpus: before.gpus.or(after.gpus),
+            run: before.run.clone().or(after.run.clone()),
+            resume: before.resume || after.resume,
+            overwrite: before.overwrite || after.overwrite,
+            seeds: before.seeds.clone().or(after.seeds.clone()),
+        };
+        if merged.resume && merged.overwrite {
+            return Err(refuse("--resume and --overwrite exclude each other: continue the run, or replace it".into()));
+        }
+        Ok(merged)
+    }
+
+    /// The flags written.
+    fn given(&self) -> Vec<&'static str> {
+        let flags = [
+            ("--method", self.method.is_some()), ("--gpus", self.gpus.is_some()), ("--run", self.run.is_some()),
+            ("--resume", self.resume), ("--overwrite", self.overwrite), ("--seeds", self.seeds.is_some()),
+        ];
+        flags.into_iter().filter(|f| f.1).map(|f| f.0).collect()
+    }
 }
 
 #[derive(Args)]
@@ -173,8 +224,8 @@ fn open_device(cfg: &Config) -> Result<Device> {
 }
 
 fn distill(cfg: &mut Config, device: Device, args: &DistillArgs, default_run: &str) -> Result<()> {
-    if let Some(m) = &args.method {
-        cfg.distill.method = m.clone();
+    if let Some(m) = args.method {
+        cfg.distill.method = m;
     }
     if let Some(n) = args.gpus {
         cfg.parallel.ranks = n;
@@ -184,7 +235,7 @@ fn distill(cfg: &mut Config, device: Device, args: &DistillArgs, default_run: &s
         Some(run) => cfg.workdir.join(run),
         // the bare demo never replaces an earlier run: runs/demo, then demo-2, ...
         None if default_run == "demo" => dfkd::pipeline::run_dir::first_free(&cfg.workdir, "demo"),
-        None => cfg.workdir.join(default_run.replace("{method}", &cfg.distill.method)),
+        None => cfg.workdir.join(default_run.replace("{method}", cfg.distill.method.name())),
     };
     let ranks = match cfg.parallel.ranks {
         1 => String::new(),
@@ -208,7 +259,8 @@ fn main() {
     dfkd::allocator::keep_freed_pages();
     let start = std::time::Instant::now();
     let cli = Cli::parse();
-    let result = run(cli);
+    let args = DistillArgs::resolve(&cli.before, cli.command.as_ref()).unwrap_or_else(|e| e.exit());
+    let result = run(cli, &args);
     if dfkd::profile::enabled() {
         eprintln!("\nwhere the time went (DFKD_PROFILE):\n{}", dfkd::profile::report().table(Some(start.elapsed()), 30));
     }
@@ -218,17 +270,17 @@ fn main() {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, args: &DistillArgs) -> Result<()> {
     let mut cfg = resolve(&cli.common)?;
     // only commands that compute open the device (`show-config --device cuda` works
     // without a GPU); make-data runs on the CPU whatever the config says
     let device = match cli.command {
-        Some(Command::ShowConfig | Command::MakeData | Command::Summarize(_)) => Device::Cpu,
+        Some(Command::ShowConfig | Command::MakeData | Command::Summarize(_) | Command::Doctor { .. }) => Device::Cpu,
         _ => open_device(&cfg)?,
     };
     match cli.command {
-        None => distill(&mut cfg, device, &cli.demo, "demo"),
-        Some(Command::Distill(a)) => distill(&mut cfg, device, &a, "{method}"),
+        None => distill(&mut cfg, device, args, "demo"),
+        Some(Command::Distill(_)) => distill(&mut cfg, device, args, "{method}"),
         Some(Command::MakeData) => job::prepare_data(&cfg).map(|_| ()),
         Some(Command::TrainTeacher) => {
             let ds = job::prepare_data(&cfg)?;
@@ -303,5 +355,53 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", cfg.to_toml());
             Ok(())
         }
+        Some(Command::Doctor { require_fatbins }) => {
+            doctor::main(&doctor::DoctorArgs { device: cli.common.device.clone().unwrap_or_else(|| "cuda:0".into()), require_fatbins })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    /// Every run option, as a user writes it.
+    const OPTIONS: [&[&str]; 6] = [&["--method", "dafl"], &["--gpus", "2"], &["--run", "x"], &["--resume"], &["--overwrite"], &["--seeds", "0-2"]];
+
+    fn resolved(args: &[&str]) -> std::result::Result<DistillArgs, clap::Error> {
+        let cli = Cli::try_parse_from(std::iter::once("distill").chain(args.iter().copied()))?;
+        DistillArgs::resolve(&cli.before, cli.command.as_ref())
+    }
+
+    #[test]
+    fn each_run_option_means_the_same_before_and_after_distill() {
+        for opt in OPTIONS {
+            let after = resolved(&[&["distill"], opt].concat()).unwrap();
+            assert_eq!(after.given(), [opt[0]], "{opt:?} after `distill`");
+            assert_eq!(resolved(&[opt, &["distill"]].concat()).unwrap(), after, "{opt:?} before `distill`");
+            assert_eq!(resolved(opt).unwrap(), after, "{opt:?} with no subcommand (the demo run)");
+            let twice = resolved(&[opt, &["distill"], opt].concat()).unwrap_err();
+            assert_eq!(twice.kind(), ErrorKind::ArgumentConflict, "{opt:?} twice: {twice}");
+            for other in [&["show-config"][..], &["make-data"], &["eval", "--arch", "resnet8", "--weights", "w"]] {
+                let refused = resolved(&[opt, other].concat()).unwrap_err();
+                assert!(refused.kind() == ErrorKind::ArgumentConflict && refused.to_string().contains(opt[0]), "{opt:?} before {other:?}: {refused}");
+            }
+        }
+        // exclusive wherever each is written
+        for args in [&["--resume", "distill", "--overwrite"][..], &["--overwrite", "distill", "--resume"]] {
+            assert_eq!(resolved(args).unwrap_err().kind(), ErrorKind::ArgumentConflict, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn methods_are_named_from_the_one_list() {
+        for m in Method::ALL {
+            for name in std::iter::once(m.name()).chain(m.aliases().iter().copied()) {
+                assert_eq!(resolved(&["distill", "--method", &name.to_uppercase()]).unwrap().method, Some(*m), "{name}");
+            }
+        }
+        let unknown = resolved(&["distill", "--method", "nope"]).unwrap_err().to_string();
+        assert!(Method::ALL.iter().all(|m| unknown.contains(m.name())), "{unknown}");
     }
 }

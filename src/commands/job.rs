@@ -283,11 +283,24 @@ pub fn draw_curves(run_dir: &Path) -> Result<()> {
     let panels = |phase: &str, x: &str, keys: &[&str]| -> Vec<Panel> {
         keys.iter().map(|k| Panel::single(k, points(phase, x, k))).filter(|p| !p.series[0].1.is_empty()).collect()
     };
-    let student = panels("distill", "iteration", &["s_kd", "s_mhad", "s_sfcl", "s_at"]);
+    // whatever the method logged: its student-step (`s_*`) and synthesis (`g_*`) terms
+    let logged = |prefix: &str| -> Vec<String> {
+        let mut keys: Vec<String> = vec![];
+        for r in records.iter().filter(|r| r["phase"] == "distill") {
+            for k in r.as_object().into_iter().flat_map(|o| o.keys()).filter(|k| k.starts_with(prefix)) {
+                if !keys.contains(k) {
+                    keys.push(k.clone());
+                }
+            }
+        }
+        keys
+    };
+    let (s_keys, g_keys) = (logged("s_"), logged("g_"));
+    let student = panels("distill", "iteration", &s_keys.iter().map(String::as_str).collect::<Vec<_>>());
     if !student.is_empty() {
         plot_panels("student losses", "iteration", &student, &run_dir.join("losses_student.png"))?;
     }
-    let generator = panels("distill", "iteration", &["g_bn", "g_kd", "g_l1", "g_ce", "g_dafl", "g_js", "g_target_ce", "g_onehot", "g_balance"]);
+    let generator = panels("distill", "iteration", &g_keys.iter().map(String::as_str).collect::<Vec<_>>());
     if !generator.is_empty() {
         plot_panels("generator losses", "iteration", &generator, &run_dir.join("losses_generator.png"))?;
     }

@@ -41,7 +41,7 @@ impl Dataset {
     }
 
     /// Whether training uses RandomResizedCrop. Aircraft uses Resize + RandomCrop
-    /// instead (METHOD.md), because its variants differ in overall proportions that a
+    /// instead (docs/METHOD.md), because its variants differ in overall proportions that a
     /// random aspect-ratio change would destroy. So does the synthetic set: at 32 px a
     /// crop of 8% of the area is 9x9 pixels, too few to hold the parts that tell
     /// classes apart.

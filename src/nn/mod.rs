@@ -13,6 +13,7 @@
 mod batch_norm;
 mod conv;
 mod dropout;
+pub mod ema;
 pub mod init;
 mod linear;
 mod spectral_norm;

@@ -5,7 +5,7 @@
 //! a started one, whose all-reduce so runs while the kernels queued meanwhile do.
 
 use super::{Collective, Pending};
-use crate::backend::cuda::nccl::{init_all, NcclComm};
+use crate::backend::cuda::nccl::{init_all, NcclComm, NcclComms};
 use crate::backend::Storage;
 use crate::{bail, Device, Result, Tensor};
 use cudarc::driver::CudaEvent;
@@ -15,7 +15,7 @@ use std::sync::Arc;
 pub struct NcclGroup {
     rank: usize,
     /// Every rank's communicator, so that a failing rank can abort them all.
-    comms: Arc<Vec<NcclComm>>,
+    comms: Arc<NcclComms>,
 }
 
 impl NcclGroup {
@@ -79,7 +79,7 @@ impl Collective for NcclGroup {
 /// for it, even when it is dropped unwaited (a failing rank), so the caching allocator
 /// never hands them out while NCCL still reads or writes them.
 struct InFlight {
-    comms: Arc<Vec<NcclComm>>,
+    comms: Arc<NcclComms>,
     rank: usize,
     done: Option<CudaEvent>,
     input: Tensor,

@@ -294,7 +294,7 @@ pub fn run_group<T: Send>(group: Vec<Arc<dyn Collective>>, f: impl Fn(usize) -> 
     if let Some(rank) = first_failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(std::mem::replace(&mut results[rank], Err(Error::Msg(String::new()))).err().expect("the first failure is an error"));
     }
-    Ok(results.into_iter().map(|r| r.ok().expect("no rank failed")).collect())
+    Ok(results.into_iter().map(|r| r.unwrap_or_else(|_| unreachable!("no rank failed"))).collect())
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {

@@ -22,7 +22,7 @@ pub fn spatial_attention(a_s: &Tensor, f: &Tensor, lambda: f32, scaled: bool) ->
 }
 
 /// SAM: an encoder-decoder over the block output that produces the attention logits
-/// `A_s`, then `spatial_attention` (METHOD.md, "Generator G with spatial attention").
+/// `A_s`, then `spatial_attention` (docs/METHOD.md, "Generator G with spatial attention").
 pub struct SpatialAttentionModule {
     reduce: Conv2d,
     enc1: Conv2d,

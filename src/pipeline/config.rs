@@ -1,6 +1,7 @@
-//! The run configuration: every term, default and decision of METHOD.md, as a TOML
+//! The run configuration: every term, default and decision of docs/METHOD.md, as a TOML
 //! file whose values the command line can override (`--set distill.beta=5`).
 
+use super::methods::{CmiConfig, MadConfig, Method, ZskdConfig};
 use crate::{bail, Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -30,7 +31,7 @@ pub struct ParallelConfig {
     /// Ranks, each with its share of `distill.batch_size` (which they must divide):
     /// one per GPU (`cuda:0..N-1`), or threads on the CPU. 1 takes no collective at all.
     pub ranks: usize,
-    /// The contrastive loss's negatives are the whole global batch's (METHOD.md: "the
+    /// The contrastive loss's negatives are the whole global batch's (docs/METHOD.md: "the
     /// other 2N-2 vectors" of a batch of 64), so a run means the same at any rank count;
     /// false: each rank's own share only (less communication, a different loss).
     pub global_negatives: bool,
@@ -70,7 +71,7 @@ pub struct DataConfig {
     pub test_per_class: usize,
     // No augmentation or worker-count keys: the data set picks its training crop
     // (`Dataset::random_resized`: Aircraft and the synthetic set use resize + random
-    // crop, METHOD.md) and the loader decodes on every core (rayon).
+    // crop, docs/METHOD.md) and the loader decodes on every core (rayon).
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -131,7 +132,7 @@ pub struct GeneratorConfig {
     pub sam_softmax_scaled: bool,
     pub spectral_norm: bool,
     /// Decision: a BatchNorm after each block's upsampled transposed conv, as in DCGAN
-    /// (METHOD.md says "DCGAN-like" and is silent on it). Without it the spectral-normed
+    /// (docs/METHOD.md says "DCGAN-like" and is silent on it). Without it the spectral-normed
     /// blocks shrink activations and the images start as flat grey fields.
     pub block_bn: bool,
     /// Class-conditional generator (as in conditional GANs): a scaled one-hot target
@@ -146,8 +147,8 @@ pub struct GeneratorConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DistillConfig {
-    /// dfkd-fgvc (the paper), or a baseline: dafl, dfad, zskt, dfq, deepinversion.
-    pub method: String,
+    /// The paper's method or a baseline (`Method::ALL`; `distill --help` lists them).
+    pub method: Method,
     /// Seed of the distillation alone (student and generator initialisation, noise,
     /// sampled targets): runs that differ only here share the data set and the teacher,
     /// which the top-level `seed` decides. `--seeds 0,1,2` sweeps it.
@@ -184,7 +185,7 @@ pub struct DistillConfig {
     pub proj_bn: bool,
     /// The superseded SFCL: the teacher's *projection* is detached, so the shared head
     /// learns only from the student side, collapses to one direction, and L_SFCL stays
-    /// near log(2N-1). False (METHOD.md): only the teacher's features are detached.
+    /// near log(2N-1). False (docs/METHOD.md): only the teacher's features are detached.
     pub sfcl_detach_projection: bool,
     /// Extra DFKD-FGVC generator terms (0 = off, the paper; the baselines never take
     /// them): the weight of the teacher's cross-entropy on the sampled target classes (needs `generator.conditional`;
@@ -220,6 +221,10 @@ pub struct DistillConfig {
     pub checkpoint_every: usize,
     /// Evaluate on the test split every this many epochs (0: only at the end).
     pub eval_every: usize,
+    /// The settings of the methods that have their own (each used only by its method).
+    pub zskd: ZskdConfig,
+    pub mad: MadConfig,
+    pub cmi: CmiConfig,
 }
 
 impl Default for Config {
@@ -269,7 +274,7 @@ impl Config {
                 label_smoothing: 0.0,
                 // Decision: 3 epochs of warm-up. Without it the demo teacher's test
                 // top-1 over 10 teacher seeds spread from 72.6% to 96.6% (sd 8.1); with
-                // it from 86.6% to 97.4% (sd 3.8) (docs/RESULTS.md, session 6).
+                // it from 86.6% to 97.4% (sd 3.8) (docs/RESULTS.md, "The teacher is a draw").
                 warmup_epochs: 3,
                 seed: None,
                 // Decision: no weight average and no extra images (issue 28, teacher
@@ -295,7 +300,7 @@ impl Config {
                 beta2: 0.999,
             },
             distill: DistillConfig {
-                method: "dfkd-fgvc".into(),
+                method: Method::DfkdFgvc,
                 seed: 0,
                 mhad: true,
                 sfcl: true,
@@ -317,7 +322,7 @@ impl Config {
                 gen_onehot: 0.0,
                 gen_balance: 0.0,
                 gen_student_eval: false,
-                // The demo's budget (METHOD.md: t = 20, 50 iterations an epoch, 200
+                // The demo's budget (docs/METHOD.md: t = 20, 50 iterations an epoch, 200
                 // epochs): a 2-core CPU affords ~48 iterations (~3.3 s each idle) in
                 // the ~4 minutes the first run has after making the data and the
                 // teacher. The student's accuracy still climbs there: 80 iterations beat
@@ -331,6 +336,9 @@ impl Config {
                 batch_size: 64,
                 checkpoint_every: 4,
                 eval_every: 2,
+                zskd: ZskdConfig::default(),
+                mad: MadConfig::default(),
+                cmi: CmiConfig::default(),
             },
             parallel: ParallelConfig::default(),
         }

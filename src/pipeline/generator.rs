@@ -1,5 +1,5 @@
 //! The generator G: z -> image, DCGAN-like with spectral-normalised transposed convs
-//! and a spatial attention module (SAM) after each block (METHOD.md).
+//! and a spatial attention module (SAM) after each block (docs/METHOD.md).
 
 use super::attention::SpatialAttentionModule;
 use super::config::GeneratorConfig;
@@ -49,7 +49,7 @@ impl Generator {
         if cfg.channels.len() != BLOCKS + 1 {
             bail!("generator.channels must list {} widths (first map and each block), got {:?}", BLOCKS + 1, cfg.channels);
         }
-        if image_size % (1 << BLOCKS) != 0 {
+        if !image_size.is_multiple_of(1 << BLOCKS) {
             bail!("generator: image size {image_size} must be a multiple of {}", 1 << BLOCKS);
         }
         let (c0, s0) = (cfg.channels[0], image_size >> BLOCKS);

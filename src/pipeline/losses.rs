@@ -1,4 +1,4 @@
-//! The distillation objectives of DFKD-FGVC and of the baselines (METHOD.md).
+//! The distillation objectives of DFKD-FGVC and of the baselines (docs/METHOD.md).
 
 use super::attention::{contrastive_loss, HighOrderAttention};
 use crate::models::Features;
@@ -6,40 +6,8 @@ use crate::nn::{join, BatchNorm2d, Conv2d, Ctx, Linear, Module, Slot};
 use crate::rng::Rng;
 use crate::{bail, ConvOpts, Device, Result, Tensor};
 
-/// Which method's losses the loop uses (one switch reruns Tables 1 and 3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Method {
-    DfkdFgvc,
-    Dafl,
-    Dfad,
-    Zskt,
-    Dfq,
-    DeepInversion,
-}
-
-impl Method {
-    pub fn parse(s: &str) -> Result<Method> {
-        Ok(match s.to_ascii_lowercase().as_str() {
-            "dfkd-fgvc" | "dfkd_fgvc" | "ours" => Method::DfkdFgvc,
-            "dafl" => Method::Dafl,
-            "dfad" => Method::Dfad,
-            "zskt" => Method::Zskt,
-            "dfq" => Method::Dfq,
-            "deepinversion" | "adi" => Method::DeepInversion,
-            _ => bail!("unknown method `{s}`: expected dfkd-fgvc, dafl, dfad, zskt, dfq or deepinversion"),
-        })
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::DfkdFgvc => "dfkd-fgvc",
-            Method::Dafl => "dafl",
-            Method::Dfad => "dfad",
-            Method::Zskt => "zskt",
-            Method::Dfq => "dfq",
-            Method::DeepInversion => "deepinversion",
-        }
-    }
-}
+/// Losses of one step, by name, for the metrics log.
+pub type Losses = Vec<(&'static str, f32)>;
 
 /// DeepInversion's BN-statistics loss: sum over the teacher's BN layers of
 /// `||mu(x) - running_mean||_2 + ||var(x) - running_var||_2` on the synthetic batch.
@@ -58,6 +26,16 @@ pub fn bn_loss(t: &Features) -> Result<Tensor> {
         total = Some(match total { Some(a) => a.add(&l)?, None => l });
     }
     Ok(total.unwrap())
+}
+
+/// The paper's generator loss, alpha * L_BN - L_KD at temperature `tau` (DFQ's
+/// before its CE term), with its parts `g_bn` and `g_kd`: the frozen teacher's features
+/// `t` and student's `s` on the synthetic batch.
+pub fn bn_minus_kd(t: &Features, s: &Features, alpha: f32, tau: f32) -> Result<(Tensor, Losses)> {
+    let kd = s.logits.kd_loss(&t.logits, tau)?;
+    let bn = bn_loss(t)?;
+    let parts = vec![("g_bn", bn.to_scalar()?), ("g_kd", kd.to_scalar()?)];
+    Ok((bn.scale(alpha)?.sub(&kd)?, parts))
 }
 
 /// DAFL's generator loss: one-hot CE on the teacher's own predictions, minus the mean
@@ -225,7 +203,7 @@ impl Module for Mhad {
 /// SFCL's projection head: `Linear(d, hidden) -> [BN] -> ReLU -> Linear(hidden, out)`,
 /// shared by both sides (the teacher side gets its own first layer only when widths
 /// differ). The teacher's *features* are detached, but the head learns from both sides
-/// (METHOD.md): the loss then pushes the teacher anchors apart as well as the student
+/// (docs/METHOD.md): the loss then pushes the teacher anchors apart as well as the student
 /// projections towards them. Detaching the teacher's *projection* instead
 /// (`distill.sfcl_detach_projection`, the superseded behaviour) leaves nothing to keep
 /// the anchors apart: the head maps every sample to nearly one direction (mean pairwise

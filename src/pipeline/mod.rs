@@ -9,6 +9,8 @@ pub mod progress;
 pub mod teacher;
 pub mod checkpoint_dir;
 pub mod distill;
+pub mod loop_state;
+pub mod methods;
 pub mod stats;
 pub mod sweep;
 pub mod run_dir;

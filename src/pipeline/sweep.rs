@@ -104,9 +104,16 @@ impl Summary {
         Ok(Summary { name: name.into(), seeds, student_top1: top1, student_top5: top5, agreement, teacher_top1 })
     }
 
+    /// The mean student top-1 over the teacher's: the paper's measure of how much of
+    /// its teacher a data-free student recovers (DFKD-FGVC: 0.74-0.94).
+    pub fn ratio(&self) -> f64 { self.student_top1.mean / self.teacher_top1 }
+
     /// Per-seed rows, then the mean with its 95% interval, as a Markdown table.
     pub fn markdown(&self) -> String {
-        let mut s = format!("{}: {} seeds, teacher top-1 {:.2}%\n\n", self.name, self.seeds.len(), self.teacher_top1);
+        let mut s = format!(
+            "{}: {} seeds, teacher top-1 {:.2}%, student / teacher {:.2}\n\n",
+            self.name, self.seeds.len(), self.teacher_top1, self.ratio()
+        );
         s += "| seed | student top-1 % | top-5 % | agreement % | seconds |\n|---|---|---|---|---|\n";
         for r in &self.seeds {
             s += &format!("| {} | {:.2} | {:.2} | {:.2} | {:.0} |\n", r.seed, r.student_top1, r.student_top5, r.agreement, r.seconds);
@@ -157,9 +164,12 @@ pub fn paired(a: &Summary, b: &Summary) -> Option<Paired> {
 /// Several variants side by side (mean ± 95% CI), then each one's paired difference
 /// from the first, as Markdown.
 pub fn comparison_markdown(variants: &[Summary]) -> String {
-    let mut s = String::from("| variant | seeds | student top-1 % | top-5 % | agreement % |\n|---|---|---|---|---|\n");
+    let mut s = String::from("| variant | seeds | teacher top-1 % | student top-1 % | student / teacher | top-5 % | agreement % |\n|---|---|---|---|---|---|---|\n");
     for v in variants {
-        s += &format!("| {} | {} | {} | {} | {} |\n", v.name, v.seeds.len(), v.student_top1.show(1), v.student_top5.show(1), v.agreement.show(1));
+        s += &format!(
+            "| {} | {} | {:.1} | {} | {:.2} | {} | {} |\n",
+            v.name, v.seeds.len(), v.teacher_top1, v.student_top1.show(1), v.ratio(), v.student_top5.show(1), v.agreement.show(1)
+        );
     }
     if variants.len() > 1 {
         s += &format!("\nPaired differences from `{}` on the seeds both ran (95% CI; * = excludes 0):\n\n", variants[0].name);
@@ -216,6 +226,9 @@ mod tests {
         assert_eq!((p.wins, p.losses), (2, 0));
         let md = comparison_markdown(&[a.clone(), b]);
         assert!(md.contains("| b | 2 | 3.0 ± 0.0 [3.0, 3.0] * |"), "{md}");
+        // a's mean 20.0 of its 73.6% teacher
+        assert!(md.contains("| a | 3 | 73.6 | 20.0 ± 24.8 [-4.8, 44.8] | 0.27 |"), "{md}");
+        assert!(a.markdown().contains("student / teacher 0.27"));
         let c = Summary::new("c", vec![result(9, 1.0)]).unwrap();
         assert!(paired(&a, &c).is_none());
     }

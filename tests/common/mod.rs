@@ -2,8 +2,7 @@
 //! gradient checker and the devices a test runs on (`for_each_device`).
 #![allow(dead_code)]
 
-mod close;
-pub use close::assert_close;
+pub use dfkd::testing::assert_close;
 
 use dfkd::rng::Rng;
 use dfkd::{Device, Result, Tensor};

@@ -186,6 +186,7 @@ fn sum_f64_pairs(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::assert_close;
 
     use crate::backend::cpu::test_rand as rand;
 
@@ -205,12 +206,8 @@ mod tests {
 
     fn f64s(v: &[f32]) -> Vec<f64> { v.iter().map(|&v| v as f64).collect() }
 
-    fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
-        assert_eq!(got.len(), want.len(), "{what}: length");
-        for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!((*g as f64 - w).abs() <= tol * (1.0 + w.abs()), "{what}: element {i}: got {g}, want {w}");
-        }
-    }
+    /// The f64 reference rounded to f32, for `assert_close`.
+    fn f32s(v: &[f64]) -> Vec<f32> { v.iter().map(|&v| v as f32).collect() }
 
     const SHAPES: [&[usize]; 4] = [&[4, 3, 5, 6], &[8, 5], &[2, 3, 7], &[16, 32, 16, 16]];
 
@@ -223,9 +220,9 @@ mod tests {
             let (gamma, beta) = (rand(c, 10), rand(c, 11));
             let (y, mean, invstd) = forward_train(&x, shape, &gamma, &beta, 1e-5).unwrap();
             let (wy, wmean, winvstd) = naive(&f64s(&x), shape, &f64s(&gamma), &f64s(&beta), 1e-5);
-            assert_close(&mean, &wmean, 1e-6, "mean");
-            assert_close(&invstd, &winvstd, 1e-5, "invstd");
-            assert_close(&y, &wy, 1e-4, "y");
+            assert_close(&mean, &f32s(&wmean), 1e-6, 1e-6, "mean");
+            assert_close(&invstd, &f32s(&winvstd), 1e-5, 1e-5, "invstd");
+            assert_close(&y, &f32s(&wy), 1e-4, 1e-4, "y");
         }
     }
 
@@ -238,8 +235,8 @@ mod tests {
             let stats = channel_stats(&x, shape).unwrap();
             let (_, wmean, winvstd) = naive(&f64s(&x), shape, &vec![1.0; c], &vec![0.0; c], 0.0);
             let wvar: Vec<f64> = winvstd.iter().map(|s| 1.0 / (s * s)).collect();
-            assert_close(&stats[..c], &wmean, 1e-6, "mean");
-            assert_close(&stats[c..], &wvar, 1e-5, "var");
+            assert_close(&stats[..c], &f32s(&wmean), 1e-6, 1e-6, "mean");
+            assert_close(&stats[c..], &f32s(&wvar), 1e-5, 1e-5, "var");
             // d(sum(dmean * mean + dvar * var))/dx = dmean / m + dvar * 2 (x - mean) / m
             let dstats = rand(2 * c, 30 + n as u64);
             let dx = channel_stats_backward(&x, shape, &stats, &dstats).unwrap();
@@ -250,7 +247,7 @@ mod tests {
                     dstats[ch] as f64 / m + dstats[c + ch] as f64 * 2.0 * (x[i] as f64 - wmean[ch]) / m
                 })
                 .collect();
-            assert_close(&dx, &want, 1e-5, "dx");
+            assert_close(&dx, &f32s(&want), 1e-5, 1e-5, "dx");
         }
     }
 
@@ -276,9 +273,9 @@ mod tests {
                     })
                     .collect()
             };
-            assert_close(&dx, &fd(&x, &|x| loss(x, &gamma, &beta)), 1e-3, "dx");
-            assert_close(&dgamma, &fd(&gamma, &|g| loss(&x, g, &beta)), 1e-3, "dgamma");
-            assert_close(&dbeta, &fd(&beta, &|b| loss(&x, &gamma, b)), 1e-3, "dbeta");
+            assert_close(&dx, &f32s(&fd(&x, &|x| loss(x, &gamma, &beta))), 1e-3, 1e-3, "dx");
+            assert_close(&dgamma, &f32s(&fd(&gamma, &|g| loss(&x, g, &beta))), 1e-3, 1e-3, "dgamma");
+            assert_close(&dbeta, &f32s(&fd(&beta, &|b| loss(&x, &gamma, b))), 1e-3, 1e-3, "dbeta");
         }
     }
 
@@ -302,9 +299,9 @@ mod tests {
         let wdx: Vec<f64> = (0..x.len())
             .map(|i| gamma[ch(i)] as f64 * invstd[ch(i)] as f64 / m * (m * dy[i] as f64 - wdb[ch(i)] - xhat(i) * wdg[ch(i)]))
             .collect();
-        assert_close(&dbeta, &wdb, 1e-5, "dbeta");
-        assert_close(&dgamma, &wdg, 1e-5, "dgamma");
-        assert_close(&dx, &wdx, 1e-4, "dx");
+        assert_close(&dbeta, &f32s(&wdb), 1e-5, 1e-5, "dbeta");
+        assert_close(&dgamma, &f32s(&wdg), 1e-5, 1e-5, "dgamma");
+        assert_close(&dx, &f32s(&wdx), 1e-4, 1e-4, "dx");
     }
 
     #[test]

@@ -476,6 +476,7 @@ fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::assert_close;
 
     use crate::backend::cpu::test_rand as rand;
 
@@ -505,11 +506,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    /// Tolerance of these comparisons: abs 1e-4 + rel 1e-4.
-    fn assert_close(got: &[f32], want: &[f32], what: &str) {
-        crate::test_close::assert_close(got, want, 1e-4, 1e-4, what)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -547,7 +543,7 @@ mod tests {
             let (x, w) = (rand(p.input_shape().iter().product(), i as u64), rand(p.weight_shape().iter().product(), 100 + i as u64));
             let mut want = vec![0f32; p.output_shape().iter().product()];
             naive_walk(&p, |xi, wi, oi| want[oi] += x[xi] * w[wi]);
-            assert_close(&conv2d(&x, &w, &p).unwrap(), &want, &format!("conv2d {p:?}"));
+            assert_close(&conv2d(&x, &w, &p).unwrap(), &want, 1e-4, 1e-4, &format!("conv2d {p:?}"));
         }
     }
 
@@ -557,7 +553,7 @@ mod tests {
             let (g, w) = (rand(p.output_shape().iter().product(), i as u64), rand(p.weight_shape().iter().product(), 200 + i as u64));
             let mut want = vec![0f32; p.input_shape().iter().product()];
             naive_walk(&p, |xi, wi, oi| want[xi] += g[oi] * w[wi]);
-            assert_close(&conv2d_backward_input(&g, &w, &p).unwrap(), &want, &format!("backward_input {p:?}"));
+            assert_close(&conv2d_backward_input(&g, &w, &p).unwrap(), &want, 1e-4, 1e-4, &format!("backward_input {p:?}"));
         }
     }
 
@@ -567,7 +563,7 @@ mod tests {
             let (x, g) = (rand(p.input_shape().iter().product(), i as u64), rand(p.output_shape().iter().product(), 300 + i as u64));
             let mut want = vec![0f32; p.weight_shape().iter().product()];
             naive_walk(&p, |xi, wi, oi| want[wi] += x[xi] * g[oi]);
-            assert_close(&conv2d_backward_weight(&x, &g, &p).unwrap(), &want, &format!("backward_weight {p:?}"));
+            assert_close(&conv2d_backward_weight(&x, &g, &p).unwrap(), &want, 1e-4, 1e-4, &format!("backward_weight {p:?}"));
         }
     }
 

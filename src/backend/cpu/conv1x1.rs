@@ -39,7 +39,7 @@ pub(super) const CO_BLOCK: usize = 4;
 /// accumulators, enough to hide the FMA latency on two ports. With 3 (twelve, plus
 /// three input vectors and a broadcast: all 16 registers) LLVM spilled an accumulator
 /// to the stack every iteration, and products with 32-64 input channels took 16-42%
-/// longer (`examples/winograd_ab`'s method, alternating, session 10).
+/// longer (`examples/winograd_ab`'s method, alternating; commit 799bc02, a 2-core AMD EPYC).
 const PIX_VECTORS: usize = 2;
 /// Input channels of a register block of the weight gradient.
 const CI_BLOCK: usize = 3;
@@ -423,9 +423,9 @@ mod tests {
             // sums of at most 64 products (forward, input gradient) or 3 * 1024 (weight
             // gradient) of numbers in [-1, 1]
             let what = |pass: &str| format!("conv1x1 {pass} {p:?}");
-            crate::test_close::assert_close(&conv2d(&x, &w, &p), &f32s(y), 1e-5, 1e-5, &what("forward"));
-            crate::test_close::assert_close(&conv2d_backward_input(&gy, &w, &p), &f32s(dx), 1e-5, 1e-5, &what("input gradient"));
-            crate::test_close::assert_close(&conv2d_backward_weight(&x, &gy, &p), &f32s(dw), 1e-4, 1e-5, &what("weight gradient"));
+            crate::testing::assert_close(&conv2d(&x, &w, &p), &f32s(y), 1e-5, 1e-5, &what("forward"));
+            crate::testing::assert_close(&conv2d_backward_input(&gy, &w, &p), &f32s(dx), 1e-5, 1e-5, &what("input gradient"));
+            crate::testing::assert_close(&conv2d_backward_weight(&x, &gy, &p), &f32s(dw), 1e-4, 1e-5, &what("weight gradient"));
         }
     }
 }

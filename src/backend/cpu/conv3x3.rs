@@ -17,7 +17,7 @@
 //! latency on two FMA ports. Eight pixels divide the 8-, 16- and 32-pixel rows of the
 //! demo and ResNet-18: with six (the GEMM microkernel's shape) the last block of each
 //! row was a third to two thirds empty, and the forward took 12-46% longer (`cargo
-//! bench --bench conv`, session 6). The input gradient of a convolution
+//! bench --bench conv` on a 2-core Intel Xeon with AVX-512). The input gradient of a convolution
 //! this path takes is the same convolution of the output gradient with the flipped,
 //! transposed weights, so it runs here too when the input has a multiple of 16 channels.
 //!
@@ -64,9 +64,9 @@ impl Isa {
 
     /// Most input channels for which this kernel beats im2col + GEMM (`cargo bench
     /// --bench conv`): AVX-512 up to 128 (ResNet-18's layer2, 128 x 8x8: -29% time
-    /// forward, -22% backward; beyond 128 not measured). AVX2 up to 64 (session 8, a
-    /// 2-core AMD EPYC: the demo's 16-64 channels -17% to -24% time forward, 64 x 16x16
-    /// even, 128 x 8x8 +19% forward, +11% backward).
+    /// forward, -22% backward; beyond 128 not measured). AVX2 up to 64 (a 2-core AMD
+    /// EPYC: the demo's 16-64 channels -17% to -24% time forward, 64 x 16x16 even,
+    /// 128 x 8x8 +19% forward, +11% backward).
     fn max_c_in(self) -> usize {
         match self {
             Isa::Avx512 => 128,
@@ -78,7 +78,7 @@ impl Isa {
 /// Whether `conv2d` computes this forward convolution.
 pub fn applies(p: &Conv2dParams) -> bool {
     p.is_dense_3x3(1)
-        && p.c_out % LANES == 0
+        && p.c_out.is_multiple_of(LANES)
         // measured (`cargo bench --bench conv`, AVX-512): faster than im2col + GEMM on
         // rows of 8 or more pixels (+12% to +45% forward with 16-64 channels), slower on
         // 4x4 and 2x2 planes (the 8-pixel block is mostly empty); see `max_c_in`
@@ -537,7 +537,7 @@ mod tests {
                 mag[oi] += (x[xi] as f64 * w[wi] as f64).abs();
             });
             let want: Vec<f32> = want.into_iter().map(|v| v as f32).collect();
-            crate::test_close::assert_close(&conv2d_with(isa, &x, &w, &p), &want, abs_tolerance(&mag), 1e-5, &format!("conv3x3 {isa:?} forward {p:?}"));
+            crate::testing::assert_close(&conv2d_with(isa, &x, &w, &p), &want, abs_tolerance(&mag), 1e-5, &format!("conv3x3 {isa:?} forward {p:?}"));
         }
     }
 
@@ -554,7 +554,7 @@ mod tests {
             });
             let want: Vec<f32> = want.into_iter().map(|v| v as f32).collect();
             let got = conv2d_backward_input_with(isa, &g, &w, &p);
-            crate::test_close::assert_close(&got, &want, abs_tolerance(&mag), 1e-5, &format!("conv3x3 {isa:?} backward input {p:?}"));
+            crate::testing::assert_close(&got, &want, abs_tolerance(&mag), 1e-5, &format!("conv3x3 {isa:?} backward input {p:?}"));
         }
     }
 }

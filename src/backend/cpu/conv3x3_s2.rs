@@ -255,8 +255,8 @@ mod tests {
             // 1e-5, or two f32 roundings of the largest sum of |products|
             let tol = |mag: &[f64]| 1e-5f32.max(2.0 * f32::EPSILON * mag.iter().cloned().fold(0.0, f64::max) as f32);
             let f32s = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
-            crate::test_close::assert_close(&conv2d(&x, &w, &p), &f32s(y), tol(&y_mag), 1e-5, &format!("stride-2 forward {p:?}"));
-            crate::test_close::assert_close(&conv2d_backward_input(&g, &w, &p), &f32s(dx), tol(&dx_mag), 1e-5, &format!("stride-2 input gradient {p:?}"));
+            crate::testing::assert_close(&conv2d(&x, &w, &p), &f32s(y), tol(&y_mag), 1e-5, &format!("stride-2 forward {p:?}"));
+            crate::testing::assert_close(&conv2d_backward_input(&g, &w, &p), &f32s(dx), tol(&dx_mag), 1e-5, &format!("stride-2 input gradient {p:?}"));
         }
     }
 }

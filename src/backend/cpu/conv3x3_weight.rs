@@ -257,7 +257,7 @@ mod tests {
             let want: Vec<f32> = want.into_iter().map(|v| v as f32).collect();
             // two f32 roundings of the largest sum of |products| (up to 592 terms)
             let tol = 1e-5f32.max(2.0 * f32::EPSILON * mag.iter().cloned().fold(0.0, f64::max) as f32);
-            crate::test_close::assert_close(&conv2d_backward_weight(&x, &g, &p), &want, tol, 1e-5, &format!("conv3x3 weight gradient {p:?}"));
+            crate::testing::assert_close(&conv2d_backward_weight(&x, &g, &p), &want, tol, 1e-5, &format!("conv3x3 weight gradient {p:?}"));
         }
     }
 }

@@ -120,7 +120,7 @@ pub fn unary(x: &[f32], l: &Layout, op: UnaryOp) -> Result<Vec<f32>> {
         };
     }
     Ok(go!(
-        Neg, Recip, Exp, Log, Sqrt, Sqr, Abs, Sign, Relu, Step, Sigmoid, Tanh,
+        Neg, Recip, Exp, Log, Sqrt, Sqr, Abs, Sign, Relu, Sigmoid, Tanh,
         LeakyRelu(s), LeakyStep(s), Powf(e), Clamp(lo, hi), InRange(lo, hi), Affine(m, a),
     ))
 }

@@ -241,6 +241,7 @@ fn nchw(shape: &[usize], len: usize, op: &str) -> Result<[usize; 4]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::assert_close;
 
     use crate::backend::cpu::test_rand as rand;
 
@@ -278,11 +279,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    /// Tolerance of these comparisons: abs 1e-5 + rel 1e-5.
-    fn assert_close(got: &[f32], want: &[f32], what: &str) {
-        crate::test_close::assert_close(got, want, 1e-5, 1e-5, what)
     }
 
     #[test]
@@ -379,8 +375,8 @@ mod tests {
                     want_dx[plane * hw + i] += g[plane * o + out] / k;
                 }
             });
-            assert_close(&avg_pool2d(&x, &p).unwrap(), &want, &format!("avg_pool2d {p:?}"));
-            assert_close(&avg_pool2d_backward(&g, &p).unwrap(), &want_dx, &format!("avg_pool2d_backward {p:?}"));
+            assert_close(&avg_pool2d(&x, &p).unwrap(), &want, 1e-5, 1e-5, &format!("avg_pool2d {p:?}"));
+            assert_close(&avg_pool2d_backward(&g, &p).unwrap(), &want_dx, 1e-5, 1e-5, &format!("avg_pool2d_backward {p:?}"));
         }
     }
 
@@ -403,7 +399,7 @@ mod tests {
                 }
             }
             let dx = upsample_nearest2d_backward(&g, &[b, c, ho, wo], scale).unwrap();
-            assert_close(&dx, &want_dx, "upsample backward");
+            assert_close(&dx, &want_dx, 1e-5, 1e-5, "upsample backward");
         }
         assert!(upsample_nearest2d_backward(&[0.0; 10], &[1, 1, 2, 5], (2, 2)).is_err());
     }

@@ -381,7 +381,7 @@ mod tests {
             assert!(shape_fits(&p), "{p:?}");
             let (x, w) = (rand(p.batch * p.c_in * p.h_in * p.w_in, 300 + i as u64), rand(p.c_out * p.c_in * 9, 350 + i as u64));
             let (want, mag) = reference(&x, &w, &p);
-            crate::test_close::assert_close(&forward(&x, &w, &p), &want, tolerance(&mag), 1e-5, &format!("winograd forward {p:?}"));
+            crate::testing::assert_close(&forward(&x, &w, &p), &want, tolerance(&mag), 1e-5, &format!("winograd forward {p:?}"));
         }
     }
 
@@ -397,7 +397,7 @@ mod tests {
             let q = transposed(&p);
             let wt: Vec<f32> = (0..p.c_in * p.c_out * 9).map(|j| (j / 9 / p.c_out, j / 9 % p.c_out, j % 9)).map(|(ci, co, k)| w[(co * p.c_in + ci) * 9 + 8 - k]).collect();
             let (want, mag) = reference(&g, &wt, &q);
-            crate::test_close::assert_close(&backward_input(&g, &w, &p), &want, tolerance(&mag), 1e-5, &format!("winograd backward input {p:?}"));
+            crate::testing::assert_close(&backward_input(&g, &w, &p), &want, tolerance(&mag), 1e-5, &format!("winograd backward input {p:?}"));
         }
     }
 }

@@ -12,13 +12,34 @@
 //! (stride 0) stays broadcast, cuBLAS accepts a zero batch stride.
 //!
 //! Plain FP32 math: cuBLAS's default mode does not use TF32 tensor cores, so results
-//! match the CPU reference to FP32 rounding (TF32 would round inputs to 10 bits).
+//! match the CPU reference to FP32 rounding (TF32 would round inputs to 10 bits). The
+//! mode is pinned on every handle (`pin_math_mode`) rather than trusted to be the
+//! default.
 
 use super::device::{CudaBuf, CudaDev};
 use super::launch::Gpu;
 use super::ops;
 use crate::{bail, DType, Error, Layout, Result};
 use cudarc::cublas::{result as blas, sys::cublasOperation_t};
+
+/// Sets the handle's math mode to CUBLAS_DEFAULT_MATH (FP32 FMA, no TF32 tensor ops)
+/// and reads it back.
+pub fn pin_math_mode(blas: &cudarc::cublas::CudaBlas) -> Result<()> {
+    use cudarc::cublas::sys;
+    let h = *blas.handle();
+    // SAFETY: a live handle; the mode is one of cuBLAS's own values.
+    let set = unsafe { sys::cublasSetMathMode(h, sys::cublasMath_t::CUBLAS_DEFAULT_MATH) };
+    if set != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        bail!("cublasSetMathMode(CUBLAS_DEFAULT_MATH) failed: {set:?}");
+    }
+    let mut mode = u32::MAX;
+    // SAFETY: a live handle; the mode is read as its integer, whatever value it has.
+    let got = unsafe { sys::cublasGetMathMode(h, &mut mode as *mut u32 as *mut sys::cublasMath_t) };
+    if got != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS || mode != sys::cublasMath_t::CUBLAS_DEFAULT_MATH as u32 {
+        bail!("cuBLAS math mode is {mode} after setting CUBLAS_DEFAULT_MATH (0) ({got:?}): GEMMs would not be plain FP32");
+    }
+    Ok(())
+}
 
 /// How one row-major operand `[batch, rows, cols]` appears to cuBLAS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -9,8 +9,13 @@
 //! host); `DFKD_CUDA_SYNC=1` synchronises after every launch to name the kernel.
 //! `DFKD_CUDA_NO_CACHE=1` frees every buffer on drop instead of caching it, so that
 //! compute-sanitizer's memcheck sees use-after-free and leaks (slow: it synchronises).
+//! An error in a drop (ours, or one cudarc records for an event or stream) is reported
+//! once, by the next call, naming the operation that failed rather than that call's.
 
 use super::alloc::{size_class, AllocStats, FreeLists};
+use super::cublas;
+use super::kernels::{kernel_module, MODULES};
+use super::libs::{self, CudaLib};
 use super::loader::{self, driver_error};
 use crate::backend::cpu::buffers;
 use crate::backend::{BackendStorage, CpuStorage};
@@ -28,11 +33,16 @@ pub struct CudaDev {
     ctx: Arc<CudaContext>,
     pub(super) stream: Arc<CudaStream>,
     modules: Vec<Arc<CudaModule>>,
+    /// Per module, where its code came from (`loader::load_modules`).
+    module_origins: Vec<String>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     blas: Mutex<CudaBlas>,
     free: Mutex<FreeLists<sys::CUdeviceptr>>,
     pub(super) sync_each_launch: bool,
     no_cache: bool,
+    /// An error in one of our drops (which cannot return it), with the operation that
+    /// failed: reported once, by the next call that binds the context.
+    deferred: Mutex<Option<String>>,
 }
 
 /// Device memory from the caching allocator: `len` elements of `dtype` at `ptr`, in a
@@ -57,13 +67,17 @@ impl Drop for CudaBuf {
             return;
         }
         if self.dev.no_cache {
-            // no error path in drop: a failure here resurfaces at the next sync
-            let _ = self.dev.synchronize();
+            // no error path in drop: a failure is reported by the device's next call
+            if let Err(e) = self.dev.synchronize() {
+                self.dev.defer(format!("synchronisation before freeing a buffer ({e})"));
+            }
             self.dev.lock_free().put(self.class, self.ptr);
             for (_, ptr) in self.dev.lock_free().drain() {
                 // SAFETY: the block came from cuMemAlloc, its buffer is being dropped,
                 // and the stream was synchronised above, so no queued work uses it.
-                let _ = unsafe { drv::free_sync(ptr) };
+                if let Err(e) = unsafe { drv::free_sync(ptr) } {
+                    self.dev.defer(format!("cuMemFree of a dropped buffer ({})", driver_error(e)));
+                }
             }
             return;
         }
@@ -117,15 +131,18 @@ impl CudaDev {
         let (major, minor) = ctx.compute_capability().map_err(|e| fail("reading the compute capability", e))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let describe = format!("{name}, sm_{major}{minor}");
-        let modules = loader::load_modules(&ctx, (major, minor)).map_err(|e| Error::Msg(format!("cuda:{ordinal} ({describe}): {e}")))?;
-        // SAFETY: only tries to dlopen libcublas and reports whether it loaded.
-        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        let (modules, module_origins) =
+            loader::load_modules(&ctx, (major, minor)).map_err(|e| Error::Msg(format!("cuda:{ordinal} ({describe}): {e}")))?.into_iter().unzip();
+        if !libs::ensure(CudaLib::Cublas) {
             bail!(
-                "cuda:{ordinal} ({describe}): libcublas.so.13 not found; install the CUDA 13 runtime libraries (cuBLAS) and put their folder on LD_LIBRARY_PATH"
+                "cuda:{ordinal} ({describe}): libcublas.so.13 not found, neither by the loader nor in pip's nvidia/*/lib folders of {}; install the CUDA 13 runtime libraries (e.g. `pip install nvidia-cublas`) or put their folder on LD_LIBRARY_PATH",
+                libs::searched_sites()
             );
         }
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::Msg(format!("cuda:{ordinal} ({describe}): cannot create a cuBLAS handle: {e}")))?;
+        cublas::pin_math_mode(&blas).map_err(|e| Error::Msg(format!("cuda:{ordinal} ({describe}): {e}")))?;
+        eprintln!("cuda:{ordinal}: {describe}; {}", loaded_libraries().join("; "));
         let flag = |name: &str| std::env::var_os(name).is_some_and(|v| v != "0");
         Ok(CudaDev {
             ordinal,
@@ -133,11 +150,13 @@ impl CudaDev {
             ctx,
             stream,
             modules,
+            module_origins,
             functions: Mutex::new(HashMap::new()),
             blas: Mutex::new(blas),
             free: Mutex::new(FreeLists::default()),
             sync_each_launch: flag("DFKD_CUDA_SYNC"),
             no_cache: flag("DFKD_CUDA_NO_CACHE"),
+            deferred: Mutex::new(None),
         })
     }
 
@@ -153,14 +172,48 @@ impl CudaDev {
         (khz > 0 && bits > 0).then(|| 2.0 * khz as f64 * 1e3 * bits as f64 / 8.0 / 1e9)
     }
 
+    /// What `distill doctor` shows of the card, as (what, value) rows.
+    pub fn properties(&self) -> Vec<(String, String)> {
+        use sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT as SMS;
+        let gib = |b: usize| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64);
+        let mut rows = vec![("card".to_string(), self.describe.clone())];
+        rows.push(("SMs".into(), self.ctx.attribute(SMS).map(|n| n.to_string()).unwrap_or_else(driver_error)));
+        let mem = match (self.ctx.total_mem(), self.ctx.mem_get_info()) {
+            (Ok(total), Ok((free, _))) => format!("{} ({} free)", gib(total), gib(free)),
+            (Err(e), _) | (_, Err(e)) => driver_error(e),
+        };
+        rows.push(("memory".into(), mem));
+        if let Some(gbs) = self.peak_bandwidth_gbs() {
+            rows.push(("peak bandwidth".into(), format!("{gbs:.0} GB/s")));
+        }
+        for (m, origin) in MODULES.iter().zip(&self.module_origins) {
+            rows.push((format!("kernels/{}.cu", m.name), format!("{} kernels, from {origin}", m.kernels.len())));
+        }
+        rows
+    }
+
     /// An error about this device: "cuda:N: what: driver error".
     pub(super) fn error(&self, what: &str, e: impl std::fmt::Display) -> Error {
         Error::Msg(format!("cuda:{}: {what}: {e}", self.ordinal))
     }
 
     /// Makes the context current on the calling thread (the data loader and rayon
-    /// threads may create tensors too); a no-op when it already is.
-    pub(super) fn bind(&self) -> Result<()> { self.ctx.bind_to_thread().map_err(|e| self.error("binding the context to this thread", driver_error(e))) }
+    /// threads may create tensors too); a no-op when it already is. First reports,
+    /// once, an error that a drop could not return.
+    pub(super) fn bind(&self) -> Result<()> {
+        if let Some(what) = self.deferred.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            bail!("cuda:{}: an earlier {what} failed (reported at the next call)", self.ordinal);
+        }
+        self.check_recorded("a call cudarc made while dropping an event, stream or module (reported at the next call)")?;
+        self.ctx.bind_to_thread().map_err(|e| self.error("binding the context to this thread", driver_error(e)))
+    }
+
+    /// An error cudarc recorded in a drop (it keeps the last one and would return it
+    /// from some later, unrelated call), reported once as `what`'s.
+    pub(super) fn check_recorded(&self, what: &str) -> Result<()> { self.ctx.check_err().map_err(|e| self.error(what, driver_error(e))) }
+
+    /// Keeps an error of a drop for the next call to report.
+    fn defer(&self, what: String) { self.deferred.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(what); }
 
     /// A stream of its own on this device (NCCL's), ordered against the device's
     /// stream by events only (a non-blocking stream: no implicit ordering with it).
@@ -283,20 +336,66 @@ impl CudaDev {
         Ok(out)
     }
 
-    /// The kernel `name` from whichever module defines it, looked up once.
+    /// The kernel `name` from the module that defines it (build.rs's map), looked up once.
     pub(super) fn function(&self, name: &str) -> Result<sys::CUfunction> {
         let mut fns = self.functions.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = fns.get(name) {
             return Ok(f.cu_function());
         }
+        let Some(m) = kernel_module(name) else { bail!("cuda:{}: no kernel named `{name}` in kernels/*.cu", self.ordinal) };
         self.bind()?;
-        for m in &self.modules {
-            if let Ok(f) = m.load_function(name) {
-                let raw = f.cu_function();
-                fns.insert(name.to_string(), f);
-                return Ok(raw);
-            }
-        }
-        bail!("cuda:{}: no kernel named `{name}` in kernels/*.cu", self.ordinal)
+        let f = self.modules[m]
+            .load_function(name)
+            .map_err(|e| self.error(&format!("kernel `{name}` from kernels/{}.cu", MODULES[m].name), driver_error(e)))?;
+        let raw = f.cu_function();
+        fns.insert(name.to_string(), f);
+        Ok(raw)
     }
 }
+
+/// Which libcuda, libcublas and libnvrtc this process loaded, from where, e.g.
+/// "libcublas 13.0.2 from /usr/lib/x86_64-linux-gnu/libcublas.so.13.0.2.14" (cudarc
+/// tries several names; the file it got is the one that counts).
+pub fn loaded_libraries() -> Vec<String> {
+    let mut out = vec![];
+    if super::cuda_driver_present() {
+        let mut v = 0;
+        // SAFETY: writes one int.
+        let version = match unsafe { sys::cuDriverGetVersion(&mut v) }.result() {
+            Ok(()) => format!("{}.{}", v / 1000, v % 1000 / 10),
+            Err(e) => format!("version unknown: {}", driver_error(e)),
+        };
+        // SAFETY: the driver loaded (checked above); the symbol is only used as an address.
+        let path = libs::library_file(unsafe { sys::culib() }, "cuInit");
+        out.push(format!("libcuda (CUDA {version}) from {}", shown(path)));
+    } else {
+        out.push("libcuda not found (the NVIDIA driver)".into());
+    }
+    if libs::ensure(CudaLib::Cublas) {
+        use cudarc::cublas::sys as b;
+        let prop = |p| {
+            let mut v = 0;
+            // SAFETY: writes one int.
+            unsafe { b::cublasGetProperty(p, &mut v) };
+            v
+        };
+        let version = format!("{}.{}.{}", prop(b::libraryPropertyType::MAJOR_VERSION), prop(b::libraryPropertyType::MINOR_VERSION), prop(b::libraryPropertyType::PATCH_LEVEL));
+        // SAFETY: cuBLAS loaded (checked above); the symbol is only used as an address.
+        out.push(format!("libcublas {version} from {}", shown(libs::library_file(unsafe { b::culib() }, "cublasCreate_v2"))));
+    } else {
+        out.push("libcublas not found".into());
+    }
+    if libs::ensure(CudaLib::Nvrtc) {
+        use cudarc::nvrtc::sys as n;
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: writes two ints.
+        unsafe { n::nvrtcVersion(&mut major, &mut minor) };
+        // SAFETY: NVRTC loaded (checked above); the symbol is only used as an address.
+        out.push(format!("libnvrtc {major}.{minor} from {}", shown(libs::library_file(unsafe { n::culib() }, "nvrtcVersion"))));
+    } else {
+        out.push("libnvrtc not found".into());
+    }
+    out
+}
+
+fn shown(path: Option<std::path::PathBuf>) -> String { path.map(|p| p.display().to_string()).unwrap_or_else(|| "an unknown file".into()) }

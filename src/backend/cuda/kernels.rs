@@ -27,6 +27,8 @@ pub struct KernelModule {
     pub name: &'static str,
     pub source: &'static str,
     pub fatbin: Option<&'static [u8]>,
+    /// The kernels the file defines, sorted.
+    pub kernels: &'static [&'static str],
 }
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -39,6 +41,13 @@ extern "C" {
 /// The emulator entry of `kernel`, if some kernels/*.cu defines it.
 pub fn emu_entry(kernel: &str) -> Option<EmuLaunch> {
     EMU_KERNELS.binary_search_by_key(&kernel, |(n, _)| n).ok().map(|i| EMU_KERNELS[i].1)
+}
+
+/// The index in `MODULES` of the kernel file that defines `kernel`: a GPU looks a kernel
+/// up in that module only (a lookup in a module without it is a CUDA API error, which
+/// compute-sanitizer reports).
+pub fn kernel_module(kernel: &str) -> Option<usize> {
+    EMU_KERNELS.binary_search_by_key(&kernel, |(n, _)| n).ok().and_then(|i| KERNEL_MODULE[i])
 }
 
 /// The parameter kinds of `kernel` (see `EmuParams`), if some kernels/*.cu defines it.
@@ -66,10 +75,9 @@ pub fn emulator_selftest() -> (i32, f64) {
     (failures, ms)
 }
 
-pub fn nvrtc_present() -> bool {
-    // SAFETY: only tries to dlopen libnvrtc and reports whether it loaded.
-    unsafe { cudarc::nvrtc::sys::is_culib_present() }
-}
+/// Whether libnvrtc loads: by the loader's search, or preloaded from pip's wheels
+/// (`libs::ensure`).
+pub fn nvrtc_present() -> bool { super::libs::ensure(super::libs::CudaLib::Nvrtc) }
 
 /// Compiles one kernel file's embedded source to PTX with NVRTC for `arch` (e.g.
 /// "sm_90"): what the runtime does when no embedded fatbin loads on the user's card.
@@ -87,12 +95,44 @@ pub fn nvrtc_compile(m: &KernelModule, arch: &'static str) -> Result<cudarc::nvr
 /// Compiles every kernel file with NVRTC; returns their names. Needs libnvrtc.
 pub fn nvrtc_compile_all(arch: &'static str) -> Result<Vec<&'static str>> {
     if !nvrtc_present() {
-        return Err(Error::Msg("libnvrtc not found: install the CUDA tools (scripts/install-cuda-tools.sh) and put their lib on LD_LIBRARY_PATH".into()));
+        return Err(Error::Msg(format!(
+            "libnvrtc.so.13 not found, neither by the loader nor in pip's nvidia/*/lib folders of {}: install the CUDA tools (scripts/install-cuda-tools.sh) and set DFKD_PYTHON_SITE=tools/cuda",
+            super::libs::searched_sites()
+        )));
     }
     MODULES.iter().map(|m| nvrtc_compile(m, arch).map(|_| m.name)).collect()
+}
+
+/// Per kernel file: its name, how many kernels it defines, and the code its embedded
+/// fatbin carries (`None`: built without nvcc or nvcc failed on it, so NVRTC compiles it
+/// at run time).
+pub fn fatbin_report() -> Vec<(&'static str, usize, Option<&'static [&'static str]>)> {
+    MODULES.iter().map(|m| (m.name, m.kernels.len(), m.fatbin.map(|_| FATBIN_TARGETS))).collect()
 }
 
 /// How many kernel files carry an nvcc fatbin (built when nvcc was found), of how many.
 pub fn embedded_fatbins() -> (usize, usize) {
     (MODULES.iter().filter(|m| m.fatbin.is_some()).count(), MODULES.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// build.rs's kernel-to-module map agrees with each module's own list, and every
+    /// kernel is in exactly one module: a GPU looks each kernel up there only.
+    #[test]
+    fn every_kernel_maps_to_the_module_that_lists_it() {
+        assert_eq!(KERNEL_MODULE.len(), EMU_KERNELS.len());
+        let mapped: Vec<&str> = EMU_KERNELS.iter().map(|(n, _)| *n).filter(|n| kernel_module(n).is_some()).collect();
+        assert_eq!(MODULES.iter().map(|m| m.kernels.len()).sum::<usize>(), mapped.len());
+        for name in mapped {
+            let m = kernel_module(name).unwrap();
+            assert!(MODULES[m].kernels.contains(&name), "{name} mapped to kernels/{}.cu, which does not list it", MODULES[m].name);
+        }
+        // the emulator's self-test kernels (kernels/emu/selftest.cu) run on the emulator only
+        assert!(emu_entry("st_bad_write_range").is_some());
+        assert_eq!(kernel_module("st_bad_write_range"), None);
+        assert_eq!(kernel_module("no_such_kernel"), None);
+    }
 }

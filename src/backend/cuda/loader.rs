@@ -15,14 +15,15 @@ use std::sync::{Arc, Mutex};
 /// NVRTC output by (kernel file, architecture): devices of one kind share it.
 static COMPILED: Mutex<Vec<(&'static str, &'static str, Ptx)>> = Mutex::new(Vec::new());
 
-/// One module per kernel file, loaded into `ctx` (a device of compute capability `cc`).
-pub fn load_modules(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> Result<Vec<Arc<CudaModule>>> {
+/// One module per kernel file, loaded into `ctx` (a device of compute capability `cc`),
+/// with where its code came from ("the fatbin", or "NVRTC for sm_86 (the fatbin: why not)").
+pub fn load_modules(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> Result<Vec<(Arc<CudaModule>, String)>> {
     let mut out = vec![];
     for m in MODULES {
         let fatbin_error = match m.fatbin {
             Some(image) => match ctx.load_module(Ptx::from_binary(image.to_vec())) {
                 Ok(module) => {
-                    out.push(module);
+                    out.push((module, "the fatbin".to_string()));
                     continue;
                 }
                 Err(e) => driver_error(e),
@@ -38,7 +39,7 @@ pub fn load_modules(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> Result<Vec<Arc<Cu
                 driver_error(e)
             ))
         })?;
-        out.push(module);
+        out.push((module, format!("NVRTC for {} (the fatbin: {fatbin_error})", arch(cc))));
     }
     Ok(out)
 }
@@ -52,7 +53,7 @@ fn compiled(m: &'static KernelModule, cc: (i32, i32), fatbin_error: &str) -> Res
     }
     if !nvrtc_present() {
         return Err(Error::Msg(format!(
-            "kernels/{}.cu has no code for this card in its embedded fatbin ({fatbin_error}), and libnvrtc.so.13 was not found to compile it for {arch}: run scripts/install-cuda-tools.sh and put tools/cuda/nvidia/cu13/lib on LD_LIBRARY_PATH",
+            "kernels/{}.cu has no code for this card in its embedded fatbin ({fatbin_error}), and libnvrtc.so.13 was not found to compile it for {arch} (neither by the loader nor in pip's nvidia/*/lib folders): `pip install nvidia-cuda-nvrtc`, or run scripts/install-cuda-tools.sh and set DFKD_PYTHON_SITE=tools/cuda",
             m.name
         )));
     }

@@ -50,6 +50,8 @@ macro_rules! fallback {
 mod alloc;
 mod launch;
 mod kernels;
+pub mod libs;
+pub mod nccl_lib;
 mod loader;
 mod device;
 mod ops;
@@ -65,7 +67,8 @@ mod signatures;
 pub use alloc::AllocStats;
 pub use attention::{force_version, VERSIONS};
 pub use emu::EmuStorage;
-pub use kernels::{embedded_fatbins, emulator_selftest, nvrtc_compile_all, nvrtc_present};
+pub use device::loaded_libraries;
+pub use kernels::{embedded_fatbins, fatbin_report, emulator_selftest, nvrtc_compile_all, nvrtc_present};
 pub use storage::CudaStorage;
 
 /// Whether libcuda loads. `Device::Cuda` needs it (and a GPU, `cuda_device`).
@@ -77,6 +80,10 @@ pub fn cuda_driver_present() -> bool {
 /// Opens `cuda:ordinal` (context, kernels, cuBLAS) if it is not open yet, and
 /// describes it ("NVIDIA H100 80GB HBM3, sm_90"); the error says why it cannot be used.
 pub fn cuda_device(ordinal: usize) -> crate::Result<String> { device::get(ordinal).map(|d| d.describe().to_string()) }
+
+/// What `distill doctor` shows of `cuda:ordinal` (opened if it is not yet): card, SMs,
+/// memory, bandwidth, and where each kernel module's code came from.
+pub fn cuda_properties(ordinal: usize) -> crate::Result<Vec<(String, String)>> { device::get(ordinal).map(|d| d.properties()) }
 
 /// For code that uses a GPU when there is one: `Ok(None)` without a CUDA driver;
 /// otherwise opens `cuda:ordinal` and describes it, or says why it cannot be used.

@@ -1,5 +1,5 @@
-//! NCCL communicators for the GPUs of this process, through cudarc's `nccl` module
-//! (libnccl loaded at run time like the rest of CUDA). One process drives every GPU,
+//! NCCL communicators for the GPUs of this process, through `nccl_lib.rs` (libnccl
+//! loaded at run time, like the rest of CUDA, but found by us: see there). One process drives every GPU,
 //! one rank thread each (`ncclCommInitAll`): the ranks are the threads that
 //! `parallel::run_ranks` starts, every device is already opened by this process, and
 //! no rendezvous (a unique id passed through a file or the environment) is needed.
@@ -18,28 +18,31 @@
 
 use super::device::{self, CudaBuf, CudaDev};
 use super::loader::driver_error;
+use super::nccl_lib::{self, NcclLib, FLOAT32, SUM};
 use super::storage::CudaStorage;
 use super::launch::Gpu;
 use crate::backend::Storage;
 use crate::{bail, DType, Error, Result};
 use cudarc::driver::{CudaEvent, CudaStream};
-use cudarc::nccl::{result as nccl, sys};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Whether libnccl loads.
-pub fn nccl_present() -> bool {
-    // SAFETY: only tries to dlopen libnccl and reports whether it loaded.
-    unsafe { sys::is_culib_present() }
-}
+pub fn nccl_present() -> bool { nccl_lib::nccl().is_ok() }
+
+/// The NCCL library this process uses: "2.28.5 from /path/libnccl.so.2", or why none loads.
+pub fn nccl_describe() -> std::result::Result<String, String> { nccl_lib::nccl().map(|l| format!("{} from {}", l.version_string(), l.path.display())) }
 
 /// One rank's communicator, on the GPU it was made for.
 pub struct NcclComm {
-    raw: sys::ncclComm_t,
+    raw: nccl_lib::Comm,
     dev: &'static CudaDev,
     /// The stream its calls run on (see the module doc).
     stream: Arc<CudaStream>,
     rank: usize,
     world: usize,
+    /// `ncclCommAbort` frees the communicator: it must not be finalised or destroyed after.
+    aborted: AtomicBool,
 }
 
 // SAFETY: NCCL allows a communicator to be used from any thread as long as calls on it
@@ -49,24 +52,63 @@ pub struct NcclComm {
 unsafe impl Send for NcclComm {}
 unsafe impl Sync for NcclComm {}
 
-fn nccl_error(what: &str, e: nccl::NcclError) -> Error { Error::Msg(format!("NCCL {what}: {e:?}")) }
+fn lib() -> Result<&'static NcclLib> {
+    nccl_lib::nccl().map_err(|e| Error::Msg(format!("data parallelism on GPUs needs NCCL: {e}")))
+}
+
+fn check(what: &str, status: nccl_lib::Status) -> Result<()> { lib()?.check(what, status).map_err(Error::Msg) }
+
+/// The communicators of one `ncclCommInitAll`, in rank order. Dropping them finalises
+/// them together (one NCCL group: a finalise may wait for the other ranks, which this
+/// one thread drives) and destroys each, unless aborted.
+pub struct NcclComms(Vec<NcclComm>);
+
+impl std::ops::Deref for NcclComms {
+    type Target = [NcclComm];
+    fn deref(&self) -> &[NcclComm] { &self.0 }
+}
+
+impl Drop for NcclComms {
+    fn drop(&mut self) {
+        let Ok(nccl) = lib() else { return };
+        let live: Vec<&NcclComm> = self.0.iter().filter(|c| !c.aborted.load(Ordering::SeqCst)).collect();
+        if live.is_empty() {
+            return;
+        }
+        // no error path in drop: a failure is reported on stderr, naming the call
+        let report = |what: &str, status| {
+            if let Err(e) = nccl.check(what, status) {
+                eprintln!("warning: {e}");
+            }
+        };
+        // SAFETY: every communicator is live (not aborted, not destroyed) and no rank
+        // uses it any more (the last owner is being dropped); group calls are NCCL's way
+        // to drive several ranks' finalisations from one thread.
+        unsafe {
+            report("ncclGroupStart", (nccl.group_start)());
+            for c in &live {
+                report("ncclCommFinalize", (nccl.comm_finalize)(c.raw));
+            }
+            report("ncclGroupEnd", (nccl.group_end)());
+            for c in &live {
+                report("ncclCommDestroy", (nccl.comm_destroy)(c.raw));
+            }
+        }
+    }
+}
 
 /// Communicators for `cuda:o` for each ordinal `o`, in rank order.
-pub fn init_all(ordinals: &[usize]) -> Result<Vec<NcclComm>> {
-    if !nccl_present() {
-        bail!("data parallelism on GPUs needs NCCL, and libnccl.so.2 was not found: install it (e.g. `pip install nvidia-nccl-cu13`) and put its lib folder on LD_LIBRARY_PATH");
-    }
+pub fn init_all(ordinals: &[usize]) -> Result<NcclComms> {
+    let nccl = lib()?;
     let devs: Vec<&'static CudaDev> = ordinals.iter().map(|&o| device::get(o)).collect::<Result<_>>()?;
+    let streams: Vec<Arc<CudaStream>> = devs.iter().map(|d| d.new_stream()).collect::<Result<_>>()?;
     let list: Vec<i32> = ordinals.iter().map(|&o| o as i32).collect();
     let mut raw = vec![std::ptr::null_mut(); ordinals.len()];
     // SAFETY: `raw` has room for one communicator per listed device.
-    unsafe { nccl::comm_init_all(raw.as_mut_ptr(), list.len() as i32, list.as_ptr()) }.map_err(|e| nccl_error("ncclCommInitAll", e))?;
+    check("ncclCommInitAll", unsafe { (nccl.comm_init_all)(raw.as_mut_ptr(), list.len() as i32, list.as_ptr()) })?;
     let world = ordinals.len();
-    raw.into_iter()
-        .zip(devs)
-        .enumerate()
-        .map(|(rank, (raw, dev))| Ok(NcclComm { raw, dev, stream: dev.new_stream()?, rank, world }))
-        .collect()
+    let comms = raw.into_iter().zip(devs).zip(streams).enumerate();
+    Ok(NcclComms(comms.map(|(rank, ((raw, dev), stream))| NcclComm { raw, dev, stream, rank, world, aborted: AtomicBool::new(false) }).collect()))
 }
 
 impl NcclComm {
@@ -85,11 +127,14 @@ impl NcclComm {
     /// Queues `call` on the communicator's stream after all work queued so far on the
     /// device's stream, and returns an event for its completion: the device's stream
     /// must `join` it before the call's buffers are read, reused or freed.
-    fn enqueue(&self, what: &str, call: impl FnOnce(sys::cudaStream_t) -> std::result::Result<nccl::NcclStatus, nccl::NcclError>) -> Result<CudaEvent> {
+    fn enqueue(&self, what: &str, call: impl FnOnce(&NcclLib, nccl_lib::Stream) -> nccl_lib::Status) -> Result<CudaEvent> {
+        let nccl = lib()?;
         let fail = |e| self.dev.error(&format!("ordering NCCL's {what}"), driver_error(e));
         let queued = self.dev.stream.record_event(None).map_err(fail)?;
         self.stream.wait(&queued).map_err(fail)?;
-        call(self.stream.cu_stream() as sys::cudaStream_t).map_err(|e| nccl_error(what, e))?;
+        drop(queued);
+        self.dev.check_recorded("releasing the event that orders an NCCL call")?;
+        check(what, call(nccl, self.stream.cu_stream() as nccl_lib::Stream))?;
         self.stream.record_event(None).map_err(fail)
     }
 
@@ -106,9 +151,7 @@ impl NcclComm {
         // SAFETY: both buffers hold at least `len` f32 on this communicator's device;
         // `enqueue` orders the call after the writes of `src` and the last uses of
         // `out`'s block, and the caller joins the event before using or freeing either.
-        let done = self.enqueue("ncclAllReduce", |s| unsafe {
-            nccl::all_reduce(src.ptr as _, out.ptr as _, len, sys::ncclDataType_t::ncclFloat32, sys::ncclRedOp_t::ncclSum, self.raw, s)
-        })?;
+        let done = self.enqueue("ncclAllReduce", |nccl, s| unsafe { (nccl.all_reduce)(src.ptr as _, out.ptr as _, len, FLOAT32, SUM, self.raw, s) })?;
         Ok((Storage::Cuda(CudaStorage::from_buf(out)), done))
     }
 
@@ -124,9 +167,7 @@ impl NcclComm {
         let src = self.buf(x, "broadcast")?;
         let out = self.dev.alloc(len, DType::F32)?;
         // SAFETY: as in `start_all_reduce_sum`, joined before returning.
-        let done = self.enqueue("ncclBroadcast", |s| unsafe {
-            nccl::broadcast(src.ptr as _, out.ptr as _, len, sys::ncclDataType_t::ncclFloat32, root as i32, self.raw, s)
-        })?;
+        let done = self.enqueue("ncclBroadcast", |nccl, s| unsafe { (nccl.broadcast)(src.ptr as _, out.ptr as _, len, FLOAT32, root as i32, self.raw, s) })?;
         self.join(&done)?;
         Ok(Storage::Cuda(CudaStorage::from_buf(out)))
     }
@@ -136,9 +177,7 @@ impl NcclComm {
         let src = self.buf(x, "all-gather")?;
         let out = self.dev.alloc(len * self.world, DType::F32)?;
         // SAFETY: `out` holds `world * len` f32, `src` at least `len`; joined before returning.
-        let done = self.enqueue("ncclAllGather", |s| unsafe {
-            nccl::all_gather(src.ptr as _, out.ptr as _, len, sys::ncclDataType_t::ncclFloat32, self.raw, s)
-        })?;
+        let done = self.enqueue("ncclAllGather", |nccl, s| unsafe { (nccl.all_gather)(src.ptr as _, out.ptr as _, len, FLOAT32, self.raw, s) })?;
         self.join(&done)?;
         Ok(Storage::Cuda(CudaStorage::from_buf(out)))
     }
@@ -146,9 +185,13 @@ impl NcclComm {
     /// Stops this communicator's pending and later collectives (called from the
     /// thread of a rank that failed, so that the others do not wait for it forever).
     pub fn abort(&self) {
-        // SAFETY: ncclCommAbort may be called from another thread; the communicator is
-        // not used for anything but failing after it (its memory stays allocated: no
-        // ncclCommDestroy, so a racing call does not touch freed memory).
-        let _ = unsafe { nccl::comm_abort(self.raw) };
+        let Ok(nccl) = lib() else { return };
+        if self.aborted.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // SAFETY: ncclCommAbort may be called from another thread to stop a hung
+        // collective; it frees the communicator, which `aborted` keeps from being
+        // finalised or destroyed again (and from a second abort).
+        let _ = unsafe { (nccl.comm_abort)(self.raw) };
     }
 }

@@ -1,5 +1,5 @@
-//! The tests' one `assert_close`. It uses nothing of dfkd, so that the library's own
-//! unit tests include this very file (`#[path]` in src/lib.rs) instead of a copy.
+//! The tests' one `assert_close`, for the library's unit tests and the integration
+//! tests (`tests/common`) alike.
 
 /// The tests' one element-wise comparison: `|got - want| <= abs + rel * |want|`, the
 /// tolerance stated at each call. NaN matches only NaN and an infinity only itself, so
