@@ -1,6 +1,6 @@
 // Element-wise y = f(a, b) over two strided operands already broadcast to one shape
-// (broadcast dims have stride 0), into a contiguous output. Names are
-// `BinaryOp::kernel_name()`; expressions mirror `BinaryOp::apply`
+// (broadcast dims have stride 0), into a contiguous output. Each
+// `BinaryOp` maps to its kernel in src/backend/cuda/ops.rs; expressions mirror `BinaryOp::apply`
 // (tests/cuda_parity.rs checks that they agree).
 #include "common.cuh"
 

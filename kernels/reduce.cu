@@ -1,8 +1,8 @@
 // Reductions over any set of axes. The host splits the input view into `kept` (the
 // output's dims) and `red` (the reduced dims, coalesced, offset 0): output o reduces
 // x[at(kept, o) + at(red, j)] over j < n_red. One block per output (grid-stride over
-// outputs), the block's threads stride over j, then a block reduction. Names are
-// `ReduceOp::kernel_name()`.
+// outputs), the block's threads stride over j, then a block reduction. Each
+// `ReduceOp` maps to its kernel in src/backend/cuda/ops.rs.
 #include "common.cuh"
 
 template <class Op>

@@ -1,6 +1,6 @@
 // Element-wise maps y = f(x) over a strided input into a contiguous output, and strided
-// copies. Kernel names are `UnaryOp::kernel_name()`; every unary kernel has the
-// same signature so the host marshals them alike: `p0`, `p1` are the op's parameters
+// copies. Each `UnaryOp` maps to its kernel in src/backend/cuda/ops.rs; every unary kernel
+// has the same signature so the host launches them alike: `p0`, `p1` are the op's parameters
 // (leaky slope, exponent, clamp or range bounds, affine mul and add), unused otherwise.
 // The expressions mirror `UnaryOp::apply` in src/backend/ops.rs; tests/cuda_parity.rs
 // checks that they agree.

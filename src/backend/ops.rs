@@ -64,29 +64,6 @@ impl UnaryOp {
             UnaryOp::Affine(m, a) => x * m + a,
         }
     }
-
-    /// The f32 kernel's full name in kernels/*.cu, so that a launch formats nothing.
-    pub fn kernel_name(self) -> &'static str {
-        match self {
-            UnaryOp::Neg => "uneg_f32",
-            UnaryOp::Recip => "urecip_f32",
-            UnaryOp::Exp => "uexp_f32",
-            UnaryOp::Log => "ulog_f32",
-            UnaryOp::Sqrt => "usqrt_f32",
-            UnaryOp::Sqr => "usqr_f32",
-            UnaryOp::Abs => "uabs_f32",
-            UnaryOp::Sign => "usign_f32",
-            UnaryOp::Relu => "urelu_f32",
-            UnaryOp::Sigmoid => "usigmoid_f32",
-            UnaryOp::Tanh => "utanh_f32",
-            UnaryOp::LeakyRelu(_) => "uleaky_relu_f32",
-            UnaryOp::LeakyStep(_) => "uleaky_step_f32",
-            UnaryOp::Powf(_) => "upowf_f32",
-            UnaryOp::Clamp(..) => "uclamp_f32",
-            UnaryOp::InRange(..) => "uin_range_f32",
-            UnaryOp::Affine(..) => "uaffine_f32",
-        }
-    }
 }
 
 /// Element-wise `(f32, f32) -> f32` over two operands already broadcast to one shape.
@@ -128,22 +105,19 @@ impl BinaryOp {
             BinaryOp::WherePositive => if b > 0.0 { a } else { 0.0 },
         }
     }
-    /// The op's name in errors and in the autograd graph ("badd"): its kernel's name
-    /// without the dtype.
-    pub fn label(self) -> &'static str { self.kernel_name().trim_end_matches("_f32") }
-
-    /// The f32 kernel's full name in kernels/*.cu, so that a launch formats nothing.
-    pub fn kernel_name(self) -> &'static str {
+    /// The op's name in errors and in the autograd graph: its kernel's name
+    /// (`badd_f32` in kernels/binary.cu) without the dtype.
+    pub fn label(self) -> &'static str {
         match self {
-            BinaryOp::Add => "badd_f32",
-            BinaryOp::Sub => "bsub_f32",
-            BinaryOp::Mul => "bmul_f32",
-            BinaryOp::Div => "bdiv_f32",
-            BinaryOp::Max => "bmax_f32",
-            BinaryOp::Min => "bmin_f32",
-            BinaryOp::Eq => "beq_f32",
-            BinaryOp::Gt => "bgt_f32",
-            BinaryOp::WherePositive => "bwhere_positive_f32",
+            BinaryOp::Add => "badd",
+            BinaryOp::Sub => "bsub",
+            BinaryOp::Mul => "bmul",
+            BinaryOp::Div => "bdiv",
+            BinaryOp::Max => "bmax",
+            BinaryOp::Min => "bmin",
+            BinaryOp::Eq => "beq",
+            BinaryOp::Gt => "bgt",
+            BinaryOp::WherePositive => "bwhere_positive",
         }
     }
 }
@@ -172,14 +146,6 @@ impl ReduceOp {
             ReduceOp::Sum => a + b,
             ReduceOp::Max => a.max(b),
             ReduceOp::Min => a.min(b),
-        }
-    }
-    /// The f32 kernel's full name in kernels/*.cu, so that a launch formats nothing.
-    pub fn kernel_name(self) -> &'static str {
-        match self {
-            ReduceOp::Sum => "rsum_f32",
-            ReduceOp::Max => "rmax_f32",
-            ReduceOp::Min => "rmin_f32",
         }
     }
 }

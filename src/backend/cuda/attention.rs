@@ -8,12 +8,11 @@
 //! say what each changes). `VERSIONS` lists them; the host picks a default per shape,
 //! and `force_version` lets the parity tests and the bench run every one.
 
-use super::launch::{check_u32, Arg, Gpu, LaunchCfg};
+use super::launch::{check_u32, Gpu, LaunchCfg};
+use super::launchers::k::family;
 use crate::backend::attention::{check_dtype, contiguous_start, contrastive_rows, distance_rows, HighOrder, Planes};
 use crate::{bail, DType, Layout, Result};
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::sync::LazyLock;
 
 /// Every versioned kernel family and its versions.
 pub const VERSIONS: &[(&str, &[u32])] = &[
@@ -26,30 +25,6 @@ pub const VERSIONS: &[(&str, &[u32])] = &[
     ("contrastive_rows", &[1, 2]),
     ("contrastive_sym", &[1]),
 ];
-
-/// The dtypes each family's kernels come in (the NT-Xent similarity kernels read the
-/// f32 products only).
-fn family_dtypes(family: &str) -> &'static [DType] {
-    if family.starts_with("contrastive_rows") || family.starts_with("contrastive_sym") { &[DType::F32] } else { &[DType::F32, DType::BF16] }
-}
-
-/// Every kernel name this file launches, as (family, version or None, dtype, name): the
-/// versioned families of `VERSIONS` and the unversioned normalisation and distance
-/// kernels.
-pub(crate) fn kernel_names() -> Vec<(&'static str, Option<u32>, DType, String)> {
-    let versioned = VERSIONS.iter().flat_map(|&(f, vs)| vs.iter().flat_map(move |&v| family_dtypes(f).iter().map(move |&d| (f, Some(v), d, format!("{f}_v{v}_{}", suffix(d))))));
-    let plain = ["contrastive_normalize_fwd", "contrastive_normalize_bwd", "normalized_distance_fwd", "normalized_distance_bwd"].into_iter().flat_map(|f| family_dtypes(f).iter().map(move |&d| (f, None, d, format!("{f}_{}", suffix(d)))));
-    versioned.chain(plain).collect()
-}
-
-/// The kernel of `family` at version `v` (None: unversioned) for `dtype`. The names are
-/// formatted once per process; a launch only looks its name up.
-fn kernel(family: &'static str, v: Option<u32>, dtype: DType) -> &'static str {
-    type Key = (&'static str, Option<u32>, DType);
-    static NAMES: LazyLock<HashMap<Key, &'static str>> =
-        LazyLock::new(|| kernel_names().into_iter().map(|(f, v, d, name)| ((f, v, d), &*name.leak())).collect());
-    NAMES.get(&(family, v, dtype)).copied().unwrap_or_else(|| panic!("no kernel {family} v{v:?} for {dtype:?} (see kernel_names)"))
-}
 
 /// Planes (spatial attention) or rows (NT-Xent) up to this long get one warp each
 /// instead of a block: a 256-thread block on a 7x7 plane leaves 207 threads idle.
@@ -80,10 +55,6 @@ fn pick(family: &str, default: u32) -> u32 {
     FORCED.with(|f| f.borrow().iter().find(|(n, _)| *n == family).map_or(default, |&(_, v)| v))
 }
 
-fn suffix(d: DType) -> &'static str {
-    if d == DType::BF16 { "bf16" } else { "f32" }
-}
-
 /// The start of a contiguous view that lies inside its buffer.
 fn start<G: Gpu>(g: &G, b: &G::Buf, l: &Layout, op: &str) -> Result<usize> {
     let s = contiguous_start(l, op)?;
@@ -102,7 +73,7 @@ fn whole_f32<G: Gpu>(g: &G, b: &G::Buf, len: usize, what: &str) -> Result<u64> {
     Ok(g.ptr(b, 0))
 }
 
-fn u(v: usize) -> Arg { Arg::U32(v as u32) }
+fn u(v: usize) -> u32 { v as u32 }
 
 pub fn spatial_attention<G: Gpu>(g: &G, a: &G::Buf, l: &Layout, f: &G::Buf, f_l: &Layout, k: f32) -> Result<(G::Buf, G::Buf)> {
     let op = "spatial_attention";
@@ -115,8 +86,8 @@ pub fn spatial_attention<G: Gpu>(g: &G, a: &G::Buf, l: &Layout, f: &G::Buf, f_l:
     }
     let v = pick("spatial_attention_fwd", if p.hw <= WARP_MAX { 3 } else { 2 });
     let cfg = if v == 3 { LaunchCfg::warp_rows(p.planes as u32) } else { LaunchCfg::rows(p.planes as u32, p.hw as u32) };
-    let args = [u(p.planes), u(p.hw), Arg::F32(k), Arg::Ptr(g.ptr(a, ao)), Arg::Ptr(g.ptr(f, fo)), Arg::Ptr(g.ptr_mut(&mut y, 0)), Arg::Ptr(g.ptr_mut(&mut stats, 0))];
-    g.launch(kernel("spatial_attention_fwd", Some(v), dt), cfg, &args)?;
+    let args = (u(p.planes), u(p.hw), k, g.ptr(a, ao), g.ptr(f, fo), g.ptr_mut(&mut y, 0), g.ptr_mut(&mut stats, 0));
+    family::spatial_attention_fwd.get(Some(v), dt).launch(g, cfg, args)?;
     Ok((y, stats))
 }
 
@@ -133,18 +104,18 @@ pub fn spatial_attention_backward<G: Gpu>(g: &G, a: &G::Buf, l: &Layout, f: &G::
     }
     let v = pick("spatial_attention_bwd", if p.hw <= WARP_MAX { 2 } else { 1 });
     let cfg = if v == 2 { LaunchCfg::warp_rows(p.planes as u32) } else { LaunchCfg::rows(p.planes as u32, p.hw as u32) };
-    let args = [
+    let args = (
         u(p.planes),
         u(p.hw),
-        Arg::F32(k),
-        Arg::Ptr(g.ptr(a, ao)),
-        Arg::Ptr(g.ptr(f, fo)),
-        Arg::Ptr(g.ptr(dy, go)),
-        Arg::Ptr(sp),
-        Arg::Ptr(g.ptr_mut(&mut da, 0)),
-        Arg::Ptr(g.ptr_mut(&mut df, 0)),
-    ];
-    g.launch(kernel("spatial_attention_bwd", Some(v), dt), cfg, &args)?;
+        k,
+        g.ptr(a, ao),
+        g.ptr(f, fo),
+        g.ptr(dy, go),
+        sp,
+        g.ptr_mut(&mut da, 0),
+        g.ptr_mut(&mut df, 0),
+    );
+    family::spatial_attention_bwd.get(Some(v), dt).launch(g, cfg, args)?;
     Ok((da, df))
 }
 
@@ -161,8 +132,8 @@ pub fn hoa_products<G: Gpu>(g: &G, z: &G::Buf, l: &Layout, order: usize) -> Resu
     let mut out = g.alloc(h.n * order * h.chw, dt)?;
     if h.out_len() > 0 {
         let v = pick("hoa_products_fwd", 2);
-        let args = [u(order), u(h.n), u(h.chw), Arg::Ptr(g.ptr(z, zo)), Arg::Ptr(g.ptr_mut(&mut out, 0))];
-        g.launch(kernel("hoa_products_fwd", Some(v), dt), per_position(v, h.out_len()), &args)?;
+        let args = (u(order), u(h.n), u(h.chw), g.ptr(z, zo), g.ptr_mut(&mut out, 0));
+        family::hoa_products_fwd.get(Some(v), dt).launch(g, per_position(v, h.out_len()), args)?;
     }
     Ok(out)
 }
@@ -178,8 +149,8 @@ pub fn hoa_products_backward<G: Gpu>(g: &G, z: &G::Buf, l: &Layout, dh: &G::Buf,
     let mut dz = g.alloc(l.elem_count(), dt)?;
     if h.out_len() > 0 {
         let v = pick("hoa_products_bwd", 1);
-        let args = [u(order), u(h.n), u(h.chw), Arg::Ptr(g.ptr(z, zo)), Arg::Ptr(g.ptr(dh, go)), Arg::Ptr(g.ptr_mut(&mut dz, 0))];
-        g.launch(kernel("hoa_products_bwd", Some(v), dt), per_position(v, h.out_len()), &args)?;
+        let args = (u(order), u(h.n), u(h.chw), g.ptr(z, zo), g.ptr(dh, go), g.ptr_mut(&mut dz, 0));
+        family::hoa_products_bwd.get(Some(v), dt).launch(g, per_position(v, h.out_len()), args)?;
     }
     Ok(dz)
 }
@@ -192,8 +163,8 @@ pub fn hoa_combine<G: Gpu>(g: &G, uu: &G::Buf, l: &Layout, f: &G::Buf, f_l: &Lay
     let mut y = g.alloc(h.out_len(), dt)?;
     if h.out_len() > 0 {
         let v = pick("hoa_combine_fwd", 2);
-        let args = [u(order), u(h.n), u(h.chw), Arg::Ptr(g.ptr(uu, uo)), Arg::Ptr(g.ptr(f, fo)), Arg::Ptr(g.ptr_mut(&mut y, 0))];
-        g.launch(kernel("hoa_combine_fwd", Some(v), dt), per_position(v, h.out_len()), &args)?;
+        let args = (u(order), u(h.n), u(h.chw), g.ptr(uu, uo), g.ptr(f, fo), g.ptr_mut(&mut y, 0));
+        family::hoa_combine_fwd.get(Some(v), dt).launch(g, per_position(v, h.out_len()), args)?;
     }
     Ok(y)
 }
@@ -210,17 +181,17 @@ pub fn hoa_combine_backward<G: Gpu>(g: &G, uu: &G::Buf, l: &Layout, f: &G::Buf, 
     let (mut du, mut df) = (g.alloc(l.elem_count(), dt)?, g.alloc(h.out_len(), dt)?);
     if h.out_len() > 0 {
         let v = pick("hoa_combine_bwd", 1);
-        let args = [
+        let args = (
             u(order),
             u(h.n),
             u(h.chw),
-            Arg::Ptr(g.ptr(uu, uo)),
-            Arg::Ptr(g.ptr(f, fo)),
-            Arg::Ptr(g.ptr(dy, go)),
-            Arg::Ptr(g.ptr_mut(&mut du, 0)),
-            Arg::Ptr(g.ptr_mut(&mut df, 0)),
-        ];
-        g.launch(kernel("hoa_combine_bwd", Some(v), dt), per_position(v, h.out_len()), &args)?;
+            g.ptr(uu, uo),
+            g.ptr(f, fo),
+            g.ptr(dy, go),
+            g.ptr_mut(&mut du, 0),
+            g.ptr_mut(&mut df, 0),
+        );
+        family::hoa_combine_bwd.get(Some(v), dt).launch(g, per_position(v, h.out_len()), args)?;
     }
     Ok((du, df))
 }
@@ -232,8 +203,8 @@ pub fn contrastive_normalize<G: Gpu>(g: &G, t: &G::Buf, l: &Layout, s: &G::Buf, 
     let (to, so) = (start(g, t, l, op)?, start(g, s, s_l, op)?);
     let (mut z, mut norms) = (g.alloc(2 * n * d, DType::F32)?, g.alloc(2 * n, DType::F32)?);
     check_u32(2 * n * d)?;
-    let args = [u(n), u(d), Arg::F32(eps), Arg::Ptr(g.ptr(t, to)), Arg::Ptr(g.ptr(s, so)), Arg::Ptr(g.ptr_mut(&mut z, 0)), Arg::Ptr(g.ptr_mut(&mut norms, 0))];
-    g.launch(kernel("contrastive_normalize_fwd", None, dt), LaunchCfg::warp_rows(2 * n as u32), &args)?;
+    let args = (u(n), u(d), eps, g.ptr(t, to), g.ptr(s, so), g.ptr_mut(&mut z, 0), g.ptr_mut(&mut norms, 0));
+    family::contrastive_normalize_fwd.get(None, dt).launch(g, LaunchCfg::warp_rows(2 * n as u32), args)?;
     Ok((z, norms))
 }
 
@@ -251,8 +222,8 @@ pub fn contrastive_normalize_backward<G: Gpu>(g: &G, z: &G::Buf, l: &Layout, nor
     let np = whole_f32(g, norms, m, "contrastive_normalize_backward norms")?;
     let n = m / 2;
     let (mut dtb, mut dsb) = (g.alloc(n * d, dt)?, g.alloc(n * d, dt)?);
-    let args = [u(n), u(d), Arg::F32(eps), Arg::Ptr(g.ptr(z, zo)), Arg::Ptr(np), Arg::Ptr(g.ptr(dz, go)), Arg::Ptr(g.ptr_mut(&mut dtb, 0)), Arg::Ptr(g.ptr_mut(&mut dsb, 0))];
-    g.launch(kernel("contrastive_normalize_bwd", None, dt), LaunchCfg::warp_rows(m as u32), &args)?;
+    let args = (u(n), u(d), eps, g.ptr(z, zo), np, g.ptr(dz, go), g.ptr_mut(&mut dtb, 0), g.ptr_mut(&mut dsb, 0));
+    family::contrastive_normalize_bwd.get(None, dt).launch(g, LaunchCfg::warp_rows(m as u32), args)?;
     Ok((dtb, dsb))
 }
 
@@ -263,8 +234,8 @@ pub fn normalized_distance<G: Gpu>(g: &G, a: &G::Buf, l: &Layout, b: &G::Buf, b_
     let (ao, bo) = (start(g, a, l, op)?, start(g, b, b_l, op)?);
     let (mut dist, mut stats) = (g.alloc(n, dt)?, g.alloc(3 * n, DType::F32)?);
     if n > 0 {
-        let args = [u(n), u(d), Arg::F32(eps), Arg::Ptr(g.ptr(a, ao)), Arg::Ptr(g.ptr(b, bo)), Arg::Ptr(g.ptr_mut(&mut dist, 0)), Arg::Ptr(g.ptr_mut(&mut stats, 0))];
-        g.launch(kernel("normalized_distance_fwd", None, dt), LaunchCfg::rows(check_u32(n)?, check_u32(d)?), &args)?;
+        let args = (u(n), u(d), eps, g.ptr(a, ao), g.ptr(b, bo), g.ptr_mut(&mut dist, 0), g.ptr_mut(&mut stats, 0));
+        family::normalized_distance_fwd.get(None, dt).launch(g, LaunchCfg::rows(check_u32(n)?, check_u32(d)?), args)?;
     }
     Ok((dist, stats))
 }
@@ -281,8 +252,8 @@ pub fn normalized_distance_backward<G: Gpu>(g: &G, a: &G::Buf, l: &Layout, b: &G
     let st = whole_f32(g, stats, 3 * n, "normalized_distance_backward stats")?;
     let (mut da, mut db) = (g.alloc(n * d, dt)?, g.alloc(n * d, dt)?);
     if n * d > 0 {
-        let args = [u(n), u(d), Arg::F32(eps), Arg::Ptr(g.ptr(a, ao)), Arg::Ptr(g.ptr(b, bo)), Arg::Ptr(st), Arg::Ptr(g.ptr(dd, go)), Arg::Ptr(g.ptr_mut(&mut da, 0)), Arg::Ptr(g.ptr_mut(&mut db, 0))];
-        g.launch(kernel("normalized_distance_bwd", None, dt), LaunchCfg::elementwise(check_u32(n * d)?), &args)?;
+        let args = (u(n), u(d), eps, g.ptr(a, ao), g.ptr(b, bo), st, g.ptr(dd, go), g.ptr_mut(&mut da, 0), g.ptr_mut(&mut db, 0));
+        family::normalized_distance_bwd.get(None, dt).launch(g, LaunchCfg::elementwise(check_u32(n * d)?), args)?;
     }
     Ok((da, db))
 }
@@ -301,8 +272,8 @@ pub fn contrastive_rows_fwd<G: Gpu>(g: &G, sim: &G::Buf, l: &Layout, tau: f32) -
     let (mut loss, mut lse) = (g.alloc(n, DType::F32)?, g.alloc(n, DType::F32)?);
     let v = pick("contrastive_rows", if 2 * n <= 4 * WARP_MAX { 2 } else { 1 });
     let cfg = if v == 2 { LaunchCfg::warp_rows(n as u32) } else { LaunchCfg::rows(n as u32, 2 * n as u32) };
-    let args = [u(n), Arg::F32(1.0 / tau), Arg::Ptr(g.ptr(sim, so)), Arg::Ptr(g.ptr_mut(&mut loss, 0)), Arg::Ptr(g.ptr_mut(&mut lse, 0))];
-    g.launch(kernel("contrastive_rows", Some(v), DType::F32), cfg, &args)?;
+    let args = (u(n), 1.0 / tau, g.ptr(sim, so), g.ptr_mut(&mut loss, 0), g.ptr_mut(&mut lse, 0));
+    family::contrastive_rows.get(Some(v), DType::F32).launch(g, cfg, args)?;
     Ok((loss, lse))
 }
 
@@ -316,7 +287,7 @@ pub fn contrastive_sym<G: Gpu>(g: &G, sim: &G::Buf, l: &Layout, lse: &G::Buf, dl
     let go = start(g, dloss, dloss_l, op)?;
     let m = 2 * n;
     let mut sym = g.alloc(check_u32(m * m)? as usize, DType::F32)?;
-    let args = [u(n), Arg::F32(1.0 / tau), Arg::Ptr(g.ptr(sim, so)), Arg::Ptr(lp), Arg::Ptr(g.ptr(dloss, go)), Arg::Ptr(g.ptr_mut(&mut sym, 0))];
-    g.launch(kernel("contrastive_sym", Some(pick("contrastive_sym", 1)), DType::F32), LaunchCfg::elementwise((m * m) as u32), &args)?;
+    let args = (u(n), 1.0 / tau, g.ptr(sim, so), lp, g.ptr(dloss, go), g.ptr_mut(&mut sym, 0));
+    family::contrastive_sym.get(Some(pick("contrastive_sym", 1)), DType::F32).launch(g, LaunchCfg::elementwise((m * m) as u32), args)?;
     Ok(sym)
 }

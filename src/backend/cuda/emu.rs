@@ -12,6 +12,7 @@
 
 use super::kernels::{emu_entry, emu_error, emu_params, EmuConfig};
 use super::launch::{check_signature, marshal, Arg, Gpu, LaunchCfg};
+use super::launchers::KernelName;
 use super::storage::GpuStorage;
 use crate::backend::{BackendStorage, CpuStorage};
 use crate::{bail, DType, Device, Layout, Result};
@@ -91,7 +92,8 @@ impl Gpu for Emu {
         addr
     }
 
-    fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[Arg]) -> Result<()> {
+    fn launch(&self, kernel: KernelName, cfg: LaunchCfg, args: &[Arg]) -> Result<()> {
+        let kernel = kernel.as_str();
         let (Some(entry), Some(params)) = (emu_entry(kernel), emu_params(kernel)) else { bail!("cuda-emu: no kernel named `{kernel}` in kernels/*.cu") };
         // the argument list against the kernel's parameters, which the GPU cannot check
         check_signature(kernel, params, args)?;
@@ -270,6 +272,7 @@ mod tests {
     //! child process of this test binary.
     use super::*;
     use crate::backend::cuda::launch::LaunchCfg;
+    use crate::backend::cuda::launchers::k;
 
     const CASE: &str = "DFKD_EMU_TEST_CASE";
 
@@ -309,21 +312,21 @@ mod tests {
                     "write_before_start" => (-1, 61),
                     _ => (0, 61),
                 };
-                g.launch("st_bad_write_range", one_block(32, 0), &[Arg::Ptr(g.ptr_mut(&mut y, 0)), Arg::I32(first), Arg::I32(last)])
+                k::st_bad_write_range.launch(&g, one_block(32, 0), (g.ptr_mut(&mut y, 0), first, last))
             }
             "read_guard" => {
                 let x = filled(64);
                 let mut y = g.alloc(64, DType::F32).unwrap();
-                g.launch("st_bad_read_past_end", one_block(32, 0), &[Arg::Ptr(g.ptr(&x, 0)), Arg::Ptr(g.ptr_mut(&mut y, 0)), Arg::U32(64)])
+                k::st_bad_read_past_end.launch(&g, one_block(32, 0), (g.ptr(&x, 0), g.ptr_mut(&mut y, 0), 64))
             }
             "write_input" => {
                 let x = filled(8);
                 let mut y = g.alloc(8, DType::F32).unwrap();
-                g.launch("st_bad_write_input", one_block(32, 0), &[Arg::Ptr(g.ptr(&x, 0)), Arg::Ptr(g.ptr_mut(&mut y, 0))])
+                k::st_bad_write_input.launch(&g, one_block(32, 0), (g.ptr(&x, 0), g.ptr_mut(&mut y, 0)))
             }
             "divergent_barrier" => {
                 let mut y = g.alloc(64, DType::F32).unwrap();
-                g.launch("st_bad_divergent_barrier", one_block(64, 0), &[Arg::Ptr(g.ptr_mut(&mut y, 0))])
+                k::st_bad_divergent_barrier.launch(&g, one_block(64, 0), (g.ptr_mut(&mut y, 0),))
             }
             other => panic!("unknown case {other}"),
         };
@@ -384,8 +387,8 @@ mod tests {
             // kernels give the same results under either schedule.
             let old = unsafe { emu_set_schedule(reverse as c_int) };
             let mut y = g.alloc(n, DType::F32).unwrap();
-            let args = [Arg::Ptr(g.ptr(&x, 0)), Arg::Ptr(g.ptr_mut(&mut y, 0))];
-            g.launch("st_bad_missing_barrier", one_block(n as u32, 4 * n as u32), &args).unwrap();
+            let args = (g.ptr(&x, 0), g.ptr_mut(&mut y, 0));
+            k::st_bad_missing_barrier.launch(&g, one_block(n as u32, 4 * n as u32), args).unwrap();
             // SAFETY: as above.
             unsafe { emu_set_schedule(old) };
             y.f32("test").unwrap().to_vec()

@@ -5,6 +5,7 @@
 use super::cublas;
 use super::device::{CudaBuf, CudaDev};
 use super::launch::{marshal, Arg, Gpu, LaunchCfg};
+use super::launchers::KernelName;
 use super::loader::driver_error;
 use crate::backend::CpuStorage;
 use crate::{DType, Device, Layout, Result};
@@ -24,15 +25,16 @@ impl Gpu for &'static CudaDev {
     }
     fn ptr_mut(&self, b: &mut CudaBuf, offset: usize) -> u64 { self.ptr(b, offset) }
 
-    fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[Arg]) -> Result<()> {
+    fn launch(&self, kernel: KernelName, cfg: LaunchCfg, args: &[Arg]) -> Result<()> {
+        let kernel = kernel.as_str();
         let f = self.function(kernel)?;
         let mut params = marshal(args);
         self.bind()?;
         // SAFETY: `f` is a kernel of a module this device keeps loaded; `params` points
-        // at `args`' values, in the kernel's parameter order and types (ops.rs builds
-        // them from the signatures in kernels/*.cu; every emulated launch of the same
-        // lists checks them, `check_signature`), and cuLaunchKernel copies them
-        // before returning. Buffer addresses come from live buffers of this device that
+        // at `args`' values, in the kernel's parameter order and types (the typed
+        // launchers build them from the kernel's compiled signature; every emulated
+        // launch of the same lists checks them again, `check_signature`), and
+        // cuLaunchKernel copies them before returning. Buffer addresses come from live buffers of this device that
         // the caller borrows across the launch; since all work is on one stream, a
         // buffer dropped afterwards is reused only by work queued after this kernel.
         unsafe { drv::launch_kernel(f, (cfg.grid, 1, 1), (cfg.block, 1, 1), cfg.shared_bytes, self.stream.cu_stream(), &mut params) }

@@ -2,6 +2,7 @@
 //! strided-view argument, launch geometry, argument marshalling, and the `Gpu` trait the
 //! op implementations (`ops.rs`) are written against.
 
+use super::launchers::KernelName;
 use crate::backend::cpu::coalesce;
 use crate::{bail, DType, Layout, Result};
 use std::ffi::c_void;
@@ -263,8 +264,9 @@ pub trait Gpu {
     /// The address of element `offset` for a kernel that writes it.
     fn ptr_mut(&self, b: &mut Self::Buf, offset: usize) -> u64;
     /// Runs `kernel` over `args` (in the kernel's parameter order) and returns when the
-    /// launch is queued (GPU) or done (emulator).
-    fn launch(&self, kernel: &str, cfg: LaunchCfg, args: &[Arg]) -> Result<()>;
+    /// launch is queued (GPU) or done (emulator). Called through the typed launchers
+    /// (`launchers::k`), which build `args` from the kernel's parameter types.
+    fn launch(&self, kernel: KernelName, cfg: LaunchCfg, args: &[Arg]) -> Result<()>;
     /// Batched GEMM `[b, m, k] x [b, k, n] -> [b, m, n]` on strided views (stride 0 on b
     /// broadcasts): cuBLAS on a GPU, the CPU GEMM on the emulator.
     fn matmul(&self, a: &Self::Buf, la: &Layout, b: &Self::Buf, lb: &Layout) -> Result<Self::Buf>;

@@ -49,6 +49,7 @@ macro_rules! fallback {
 // Bottom-up: each module uses only those above it.
 mod alloc;
 mod launch;
+mod launchers;
 mod kernels;
 pub mod libs;
 pub mod nccl_lib;

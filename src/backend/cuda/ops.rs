@@ -1,8 +1,9 @@
 //! The backend ops that have kernels, written once against `Gpu`: the emulator and a
 //! real GPU run exactly this host code. Each checks dtypes, picks the kernel and the
-//! launch geometry, and marshals the arguments in the kernel's parameter order.
+//! launch geometry, and launches it through its typed launcher (`launchers::k`).
 
-use super::launch::{check_u32, Arg, ConvGeom, Gpu, KernelLayout, LaunchCfg, PoolGeom};
+use super::launch::{check_u32, ConvGeom, Gpu, KernelLayout, LaunchCfg, PoolGeom};
+use super::launchers::{k, Kernel};
 use crate::backend::{BinaryOp, Conv2dParams, Pool2dParams, ReduceOp, UnaryOp, UpdateRule};
 use crate::{bail, DType, Error, Layout, Result};
 
@@ -22,14 +23,61 @@ fn unary_params(op: UnaryOp) -> (f32, f32) {
     }
 }
 
+/// The unary kernel of `op`: `(n, lx, x, y, p0, p1)`.
+fn unary_kernel(op: UnaryOp) -> Kernel<(u32, KernelLayout, u64, u64, f32, f32)> {
+    match op {
+        UnaryOp::Neg => k::uneg_f32,
+        UnaryOp::Recip => k::urecip_f32,
+        UnaryOp::Exp => k::uexp_f32,
+        UnaryOp::Log => k::ulog_f32,
+        UnaryOp::Sqrt => k::usqrt_f32,
+        UnaryOp::Sqr => k::usqr_f32,
+        UnaryOp::Abs => k::uabs_f32,
+        UnaryOp::Sign => k::usign_f32,
+        UnaryOp::Relu => k::urelu_f32,
+        UnaryOp::Sigmoid => k::usigmoid_f32,
+        UnaryOp::Tanh => k::utanh_f32,
+        UnaryOp::LeakyRelu(_) => k::uleaky_relu_f32,
+        UnaryOp::LeakyStep(_) => k::uleaky_step_f32,
+        UnaryOp::Powf(_) => k::upowf_f32,
+        UnaryOp::Clamp(..) => k::uclamp_f32,
+        UnaryOp::InRange(..) => k::uin_range_f32,
+        UnaryOp::Affine(..) => k::uaffine_f32,
+    }
+}
+
+/// The binary kernel of `op`: `(n, la, a, lb, b, y)`.
+fn binary_kernel(op: BinaryOp) -> Kernel<(u32, KernelLayout, u64, KernelLayout, u64, u64)> {
+    match op {
+        BinaryOp::Add => k::badd_f32,
+        BinaryOp::Sub => k::bsub_f32,
+        BinaryOp::Mul => k::bmul_f32,
+        BinaryOp::Div => k::bdiv_f32,
+        BinaryOp::Max => k::bmax_f32,
+        BinaryOp::Min => k::bmin_f32,
+        BinaryOp::Eq => k::beq_f32,
+        BinaryOp::Gt => k::bgt_f32,
+        BinaryOp::WherePositive => k::bwhere_positive_f32,
+    }
+}
+
+/// The reduction kernel of `op`: `(n_out, n_red, kept, red, x, y)`.
+fn reduce_kernel(op: ReduceOp) -> Kernel<(u32, u32, KernelLayout, KernelLayout, u64, u64)> {
+    match op {
+        ReduceOp::Sum => k::rsum_f32,
+        ReduceOp::Max => k::rmax_f32,
+        ReduceOp::Min => k::rmin_f32,
+    }
+}
+
 pub fn unary<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, op: UnaryOp) -> Result<G::Buf> {
     want_f32(g, x, "unary")?;
     let n = check_u32(l.elem_count())?;
     let mut y = g.alloc(n as usize, DType::F32)?;
     if n > 0 {
         let (p0, p1) = unary_params(op);
-        let args = [Arg::U32(n), Arg::Layout(KernelLayout::new(l)?), Arg::Ptr(g.ptr(x, 0)), Arg::Ptr(g.ptr_mut(&mut y, 0)), Arg::F32(p0), Arg::F32(p1)];
-        g.launch(op.kernel_name(), LaunchCfg::elementwise(n), &args)?;
+        let args = (n, KernelLayout::new(l)?, g.ptr(x, 0), g.ptr_mut(&mut y, 0), p0, p1);
+        unary_kernel(op).launch(g, LaunchCfg::elementwise(n), args)?;
     }
     Ok(y)
 }
@@ -44,24 +92,24 @@ pub fn binary<G: Gpu>(g: &G, a: &G::Buf, la: &Layout, b: &G::Buf, lb: &Layout, o
     let mut y = g.alloc(n as usize, DType::F32)?;
     if n > 0 {
         let kl = KernelLayout::joint(&[la, lb])?;
-        let args = [Arg::U32(n), Arg::Layout(kl[0]), Arg::Ptr(g.ptr(a, 0)), Arg::Layout(kl[1]), Arg::Ptr(g.ptr(b, 0)), Arg::Ptr(g.ptr_mut(&mut y, 0))];
-        g.launch(op.kernel_name(), LaunchCfg::elementwise(n), &args)?;
+        let args = (n, kl[0], g.ptr(a, 0), kl[1], g.ptr(b, 0), g.ptr_mut(&mut y, 0));
+        binary_kernel(op).launch(g, LaunchCfg::elementwise(n), args)?;
     }
     Ok(y)
 }
 
 /// Strided copies move bits: 32-bit words for f32/u32, 16-bit for f16/bf16.
-fn copy_kernel(dtype: DType) -> &'static str {
+fn copy_kernel(dtype: DType) -> Kernel<(u32, KernelLayout, u64, u64)> {
     match dtype {
-        DType::F32 | DType::U32 => "copy32",
-        DType::F16 | DType::BF16 => "copy16",
+        DType::F32 | DType::U32 => k::copy32,
+        DType::F16 | DType::BF16 => k::copy16,
     }
 }
 
-fn copy_into_kernel(dtype: DType) -> &'static str {
+fn copy_into_kernel(dtype: DType) -> Kernel<(u32, KernelLayout, u64, KernelLayout, u64)> {
     match dtype {
-        DType::F32 | DType::U32 => "copy32_into",
-        DType::F16 | DType::BF16 => "copy16_into",
+        DType::F32 | DType::U32 => k::copy32_into,
+        DType::F16 | DType::BF16 => k::copy16_into,
     }
 }
 
@@ -70,8 +118,8 @@ pub fn copy_strided<G: Gpu>(g: &G, x: &G::Buf, l: &Layout) -> Result<G::Buf> {
     let n = check_u32(l.elem_count())?;
     let mut y = g.alloc(n as usize, dtype)?;
     if n > 0 {
-        let args = [Arg::U32(n), Arg::Layout(KernelLayout::new(l)?), Arg::Ptr(g.ptr(x, 0)), Arg::Ptr(g.ptr_mut(&mut y, 0))];
-        g.launch(copy_kernel(dtype), LaunchCfg::elementwise(n), &args)?;
+        let args = (n, KernelLayout::new(l)?, g.ptr(x, 0), g.ptr_mut(&mut y, 0));
+        copy_kernel(dtype).launch(g, LaunchCfg::elementwise(n), args)?;
     }
     Ok(y)
 }
@@ -86,8 +134,8 @@ pub fn copy_into<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, dst: &mut G::Buf, dst_l:
     let n = check_u32(l.elem_count())?;
     if n > 0 {
         let kl = KernelLayout::joint(&[l, dst_l])?;
-        let args = [Arg::U32(n), Arg::Layout(kl[0]), Arg::Ptr(g.ptr(x, 0)), Arg::Layout(kl[1]), Arg::Ptr(g.ptr_mut(dst, 0))];
-        g.launch(copy_into_kernel(g.dtype(x)), LaunchCfg::elementwise(n), &args)?;
+        let args = (n, kl[0], g.ptr(x, 0), kl[1], g.ptr_mut(dst, 0));
+        copy_into_kernel(g.dtype(x)).launch(g, LaunchCfg::elementwise(n), args)?;
     }
     Ok(())
 }
@@ -110,15 +158,8 @@ pub fn reduce<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, op: ReduceOp, dims: &[usize
     check_u32(l.offset() + l.elem_count())?;
     let mut y = g.alloc(n_out as usize, DType::F32)?;
     if n_out > 0 {
-        let args = [
-            Arg::U32(n_out),
-            Arg::U32(n_red),
-            Arg::Layout(KernelLayout::new(&kept)?),
-            Arg::Layout(KernelLayout::new(&red)?),
-            Arg::Ptr(g.ptr(x, 0)),
-            Arg::Ptr(g.ptr_mut(&mut y, 0)),
-        ];
-        g.launch(op.kernel_name(), LaunchCfg::rows(n_out, n_red), &args)?;
+        let args = (n_out, n_red, KernelLayout::new(&kept)?, KernelLayout::new(&red)?, g.ptr(x, 0), g.ptr_mut(&mut y, 0));
+        reduce_kernel(op).launch(g, LaunchCfg::rows(n_out, n_red), args)?;
     }
     Ok(y)
 }
@@ -134,8 +175,9 @@ pub fn softmax_last<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, log: bool) -> Result<
     if l.elem_count() > 0 && d > 0 {
         let rows = (l.elem_count() / d as usize) as u32;
         debug_assert!(rows <= n);
-        let args = [Arg::U32(rows), Arg::U32(d), Arg::Ptr(g.ptr(x, range.start)), Arg::Ptr(g.ptr_mut(&mut y, 0))];
-        g.launch(if log { "log_softmax_f32" } else { "softmax_f32" }, LaunchCfg::rows(rows, d), &args)?;
+        let args = (rows, d, g.ptr(x, range.start), g.ptr_mut(&mut y, 0));
+        let kernel = if log { k::log_softmax_f32 } else { k::softmax_f32 };
+        kernel.launch(g, LaunchCfg::rows(rows, d), args)?;
     }
     Ok(y)
 }
@@ -151,27 +193,15 @@ pub fn optimizer_update<G: Gpu>(g: &G, p: &mut G::Buf, grad: &G::Buf, state: &mu
     let (pp, gp) = (g.ptr_mut(p, 0), g.ptr(grad, 0));
     match (rule, state) {
         (UpdateRule::Sgd { lr, momentum, weight_decay, nesterov }, [buf]) => {
-            let args = [Arg::U32(n), Arg::Ptr(pp), Arg::Ptr(gp), Arg::Ptr(g.ptr_mut(buf, 0)), Arg::F32(lr), Arg::F32(momentum), Arg::F32(weight_decay), Arg::I32(nesterov as i32)];
-            g.launch("sgd_f32", LaunchCfg::elementwise(n), &args)
+            let args = (n, pp, gp, g.ptr_mut(buf, 0), lr, momentum, weight_decay, nesterov as i32);
+            k::sgd_f32.launch(g, LaunchCfg::elementwise(n), args)
         }
         (UpdateRule::Adam { lr, beta1, beta2, eps, weight_decay, step }, [m, v]) => {
             // the CPU reference's f32 arithmetic for the bias corrections
             let bc1 = 1.0 - beta1.powi(step as i32);
             let bc2 = 1.0 - beta2.powi(step as i32);
-            let args = [
-                Arg::U32(n),
-                Arg::Ptr(pp),
-                Arg::Ptr(gp),
-                Arg::Ptr(g.ptr_mut(m, 0)),
-                Arg::Ptr(g.ptr_mut(v, 0)),
-                Arg::F32(beta1),
-                Arg::F32(beta2),
-                Arg::F32(eps),
-                Arg::F32(weight_decay),
-                Arg::F32(lr / bc1),
-                Arg::F32(bc2.sqrt()),
-            ];
-            g.launch("adam_f32", LaunchCfg::elementwise(n), &args)
+            let args = (n, pp, gp, g.ptr_mut(m, 0), g.ptr_mut(v, 0), beta1, beta2, eps, weight_decay, lr / bc1, bc2.sqrt());
+            k::adam_f32.launch(g, LaunchCfg::elementwise(n), args)
         }
         (rule, s) => bail!("optimizer update {rule:?}: wrong number of state buffers ({})", s.len()),
     }
@@ -197,8 +227,8 @@ pub fn max_pool2d<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, p: &Pool2dParams) -> Re
     assert_pool_operand(l, p.input_shape());
     let n = check_u32(p.output_shape().iter().product())?;
     let (mut y, mut idx) = (g.alloc(n as usize, DType::F32)?, g.alloc(n as usize, DType::U32)?);
-    let args = [Arg::U32(n), Arg::Pool(PoolGeom::new(p)), Arg::Ptr(g.ptr(x, off)), Arg::Ptr(g.ptr_mut(&mut y, 0)), Arg::Ptr(g.ptr_mut(&mut idx, 0))];
-    g.launch("max_pool2d_f32", LaunchCfg::elementwise(n), &args)?;
+    let args = (n, PoolGeom::new(p), g.ptr(x, off), g.ptr_mut(&mut y, 0), g.ptr_mut(&mut idx, 0));
+    k::max_pool2d_f32.launch(g, LaunchCfg::elementwise(n), args)?;
     Ok((y, idx))
 }
 
@@ -207,8 +237,8 @@ pub fn avg_pool2d<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, p: &Pool2dParams) -> Re
     assert_pool_operand(l, p.input_shape());
     let n = check_u32(p.output_shape().iter().product())?;
     let mut y = g.alloc(n as usize, DType::F32)?;
-    let args = [Arg::U32(n), Arg::Pool(PoolGeom::new(p)), Arg::Ptr(g.ptr(x, off)), Arg::Ptr(g.ptr_mut(&mut y, 0))];
-    g.launch("avg_pool2d_f32", LaunchCfg::elementwise(n), &args)?;
+    let args = (n, PoolGeom::new(p), g.ptr(x, off), g.ptr_mut(&mut y, 0));
+    k::avg_pool2d_f32.launch(g, LaunchCfg::elementwise(n), args)?;
     Ok(y)
 }
 
@@ -218,8 +248,8 @@ pub fn avg_pool2d_backward<G: Gpu>(g: &G, grad: &G::Buf, l: &Layout, p: &Pool2dP
     assert_pool_operand(l, p.output_shape());
     let n = check_u32(p.input_shape().iter().product())?;
     let mut dx = g.alloc(n as usize, DType::F32)?;
-    let args = [Arg::U32(n), Arg::Pool(PoolGeom::new(p)), Arg::Ptr(g.ptr(grad, off)), Arg::Ptr(g.ptr_mut(&mut dx, 0))];
-    g.launch("avg_pool2d_backward_f32", LaunchCfg::elementwise(n), &args)?;
+    let args = (n, PoolGeom::new(p), g.ptr(grad, off), g.ptr_mut(&mut dx, 0));
+    k::avg_pool2d_backward_f32.launch(g, LaunchCfg::elementwise(n), args)?;
     Ok(dx)
 }
 
@@ -251,8 +281,8 @@ pub fn gather_planes<G: Gpu>(g: &G, src: &G::Buf, l: &Layout, idx: &G::Buf, idx_
     }
     let n = check_u32(idx_l.elem_count())?;
     let mut out = g.alloc(n as usize, DType::F32)?;
-    let args = [Arg::U32(n), Arg::U32(len as u32), Arg::U32(plane as u32), Arg::Ptr(g.ptr(src, off)), Arg::Ptr(g.ptr(idx, ioff)), Arg::Ptr(g.ptr_mut(&mut out, 0))];
-    g.launch("gather_planes_f32", LaunchCfg::elementwise(n), &args)?;
+    let args = (n, len as u32, plane as u32, g.ptr(src, off), g.ptr(idx, ioff), g.ptr_mut(&mut out, 0));
+    k::gather_planes_f32.launch(g, LaunchCfg::elementwise(n), args)?;
     Ok(out)
 }
 
@@ -267,8 +297,8 @@ pub fn scatter_add_planes<G: Gpu>(g: &G, src: &G::Buf, l: &Layout, idx: &G::Buf,
     }
     let n = check_u32(l.elem_count())?;
     let mut out = g.zeros(check_u32(planes * out_plane)? as usize, DType::F32)?;
-    let args = [Arg::U32(n), Arg::U32(len as u32), Arg::U32(out_plane as u32), Arg::Ptr(g.ptr(src, off)), Arg::Ptr(g.ptr(idx, ioff)), Arg::Ptr(g.ptr_mut(&mut out, 0))];
-    g.launch("scatter_add_planes_f32", LaunchCfg::elementwise(n), &args)?;
+    let args = (n, len as u32, out_plane as u32, g.ptr(src, off), g.ptr(idx, ioff), g.ptr_mut(&mut out, 0));
+    k::scatter_add_planes_f32.launch(g, LaunchCfg::elementwise(n), args)?;
     Ok(out)
 }
 
@@ -284,9 +314,9 @@ pub fn upsample_nearest2d<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, (sh, sw): (usiz
     let [b, c, h, w] = nchw(l, "upsample_nearest2d")?;
     let n = check_u32(b * c * h * sh * w * sw)?;
     let mut y = g.alloc(n as usize, DType::F32)?;
-    let u = |v: usize| Arg::U32(v as u32);
-    let args = [Arg::U32(n), u(h), u(w), u(sh), u(sw), Arg::Ptr(g.ptr(x, off)), Arg::Ptr(g.ptr_mut(&mut y, 0))];
-    g.launch("upsample_nearest2d_f32", LaunchCfg::elementwise(n), &args)?;
+    let u = |v: usize| v as u32;
+    let args = (n, u(h), u(w), u(sh), u(sw), g.ptr(x, off), g.ptr_mut(&mut y, 0));
+    k::upsample_nearest2d_f32.launch(g, LaunchCfg::elementwise(n), args)?;
     Ok(y)
 }
 
@@ -300,9 +330,9 @@ pub fn upsample_nearest2d_backward<G: Gpu>(g: &G, grad: &G::Buf, l: &Layout, (sh
     let (h, w) = (ho / sh, wo / sw);
     let n = check_u32(b * c * h * w)?;
     let mut dx = g.alloc(n as usize, DType::F32)?;
-    let u = |v: usize| Arg::U32(v as u32);
-    let args = [Arg::U32(n), u(h), u(w), u(sh), u(sw), Arg::Ptr(g.ptr(grad, off)), Arg::Ptr(g.ptr_mut(&mut dx, 0))];
-    g.launch("upsample_nearest2d_backward_f32", LaunchCfg::elementwise(n), &args)?;
+    let u = |v: usize| v as u32;
+    let args = (n, u(h), u(w), u(sh), u(sw), g.ptr(grad, off), g.ptr_mut(&mut dx, 0));
+    k::upsample_nearest2d_backward_f32.launch(g, LaunchCfg::elementwise(n), args)?;
     Ok(dx)
 }
 
@@ -330,10 +360,9 @@ pub fn batch_norm_train<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, gamma: &G::Buf, b
     let total = n * c * s;
     let (mut y, mut mean, mut invstd) = (g.alloc(total as usize, DType::F32)?, g.alloc(c as usize, DType::F32)?, g.alloc(c as usize, DType::F32)?);
     let (xp, mp, ip) = (g.ptr(x, off), g.ptr_mut(&mut mean, 0), g.ptr_mut(&mut invstd, 0));
-    let stats = [Arg::U32(n), Arg::U32(c), Arg::U32(s), Arg::F32(eps), Arg::Ptr(xp), Arg::Ptr(mp), Arg::Ptr(ip)];
-    g.launch("bn_stats_f32", LaunchCfg::rows(c, n * s), &stats)?;
-    let apply = [Arg::U32(total), Arg::U32(c), Arg::U32(s), Arg::Ptr(xp), Arg::Ptr(mp), Arg::Ptr(ip), Arg::Ptr(g.ptr(gamma, 0)), Arg::Ptr(g.ptr(beta, 0)), Arg::Ptr(g.ptr_mut(&mut y, 0))];
-    g.launch("bn_apply_f32", LaunchCfg::elementwise(total), &apply)?;
+    k::bn_stats_f32.launch(g, LaunchCfg::rows(c, n * s), (n, c, s, eps, xp, mp, ip))?;
+    let apply = (total, c, s, xp, mp, ip, g.ptr(gamma, 0), g.ptr(beta, 0), g.ptr_mut(&mut y, 0));
+    k::bn_apply_f32.launch(g, LaunchCfg::elementwise(total), apply)?;
     Ok((y, mean, invstd))
 }
 
@@ -344,8 +373,8 @@ pub fn channel_affine<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, scale: &G::Buf, shi
     per_channel(g, shift, c, "shift")?;
     let total = n * c * s;
     let mut y = g.alloc(total as usize, DType::F32)?;
-    let args = [Arg::U32(total), Arg::U32(c), Arg::U32(s), Arg::Ptr(g.ptr(x, off)), Arg::Ptr(g.ptr(scale, 0)), Arg::Ptr(g.ptr(shift, 0)), Arg::Ptr(g.ptr_mut(&mut y, 0))];
-    g.launch("channel_affine_f32", LaunchCfg::elementwise(total), &args)?;
+    let args = (total, c, s, g.ptr(x, off), g.ptr(scale, 0), g.ptr(shift, 0), g.ptr_mut(&mut y, 0));
+    k::channel_affine_f32.launch(g, LaunchCfg::elementwise(total), args)?;
     Ok(y)
 }
 
@@ -353,8 +382,8 @@ pub fn channel_affine<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, scale: &G::Buf, shi
 pub fn channel_stats<G: Gpu>(g: &G, x: &G::Buf, l: &Layout) -> Result<G::Buf> {
     let (off, [n, c, s]) = bn_dims(g, x, l, "channel_stats")?;
     let mut stats = g.alloc(2 * c as usize, DType::F32)?;
-    let args = [Arg::U32(n), Arg::U32(c), Arg::U32(s), Arg::Ptr(g.ptr(x, off)), Arg::Ptr(g.ptr_mut(&mut stats, 0))];
-    g.launch("channel_stats_f32", LaunchCfg::rows(c, n * s), &args)?;
+    let args = (n, c, s, g.ptr(x, off), g.ptr_mut(&mut stats, 0));
+    k::channel_stats_f32.launch(g, LaunchCfg::rows(c, n * s), args)?;
     Ok(stats)
 }
 
@@ -366,17 +395,8 @@ pub fn channel_stats_backward<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, stats: &G::
     per_channel(g, dstats, 2 * c, "channel statistics' gradient")?;
     let total = n * c * s;
     let mut dx = g.alloc(total as usize, DType::F32)?;
-    let args = [
-        Arg::U32(total),
-        Arg::U32(c),
-        Arg::U32(s),
-        Arg::U32(n * s),
-        Arg::Ptr(g.ptr(x, off)),
-        Arg::Ptr(g.ptr(stats, 0)),
-        Arg::Ptr(g.ptr(dstats, 0)),
-        Arg::Ptr(g.ptr_mut(&mut dx, 0)),
-    ];
-    g.launch("channel_stats_bwd_f32", LaunchCfg::elementwise(total), &args)?;
+    let args = (total, c, s, n * s, g.ptr(x, off), g.ptr(stats, 0), g.ptr(dstats, 0), g.ptr_mut(&mut dx, 0));
+    k::channel_stats_bwd_f32.launch(g, LaunchCfg::elementwise(total), args)?;
     Ok(dx)
 }
 
@@ -391,23 +411,9 @@ pub fn batch_norm_backward<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, dy: &G::Buf, m
     let (mut dx, mut dgamma, mut dbeta) = (g.alloc(total as usize, DType::F32)?, g.alloc(c as usize, DType::F32)?, g.alloc(c as usize, DType::F32)?);
     let (xp, dyp, mp, ip) = (g.ptr(x, off), g.ptr(dy, dy_off), g.ptr(mean, 0), g.ptr(invstd, 0));
     let (dgp, dbp) = (g.ptr_mut(&mut dgamma, 0), g.ptr_mut(&mut dbeta, 0));
-    let sums = [Arg::U32(n), Arg::U32(c), Arg::U32(s), Arg::Ptr(xp), Arg::Ptr(dyp), Arg::Ptr(mp), Arg::Ptr(ip), Arg::Ptr(dgp), Arg::Ptr(dbp)];
-    g.launch("bn_backward_reduce_f32", LaunchCfg::rows(c, n * s), &sums)?;
-    let args = [
-        Arg::U32(total),
-        Arg::U32(c),
-        Arg::U32(s),
-        Arg::U32(n * s),
-        Arg::Ptr(xp),
-        Arg::Ptr(dyp),
-        Arg::Ptr(mp),
-        Arg::Ptr(ip),
-        Arg::Ptr(g.ptr(gamma, 0)),
-        Arg::Ptr(dgp),
-        Arg::Ptr(dbp),
-        Arg::Ptr(g.ptr_mut(&mut dx, 0)),
-    ];
-    g.launch("bn_backward_dx_f32", LaunchCfg::elementwise(total), &args)?;
+    k::bn_backward_reduce_f32.launch(g, LaunchCfg::rows(c, n * s), (n, c, s, xp, dyp, mp, ip, dgp, dbp))?;
+    let args = (total, c, s, n * s, xp, dyp, mp, ip, g.ptr(gamma, 0), dgp, dbp, g.ptr_mut(&mut dx, 0));
+    k::bn_backward_dx_f32.launch(g, LaunchCfg::elementwise(total), args)?;
     Ok((dx, dgamma, dbeta))
 }
 
@@ -452,8 +458,8 @@ pub fn im2col_of<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, p: &Conv2dParams) -> Res
 fn im2col<G: Gpu>(g: &G, x: &G::Buf, off: usize, p: &Conv2dParams) -> Result<G::Buf> {
     let n = check_u32(p.batch * p.c_in * p.kh * p.kw * p.h_out() * p.w_out())?;
     let mut col = g.alloc(n as usize, DType::F32)?;
-    let args = [Arg::U32(n), Arg::Conv(ConvGeom::new(p)), Arg::Ptr(g.ptr(x, off)), Arg::Ptr(g.ptr_mut(&mut col, 0))];
-    g.launch("im2col_f32", LaunchCfg::elementwise(n), &args)?;
+    let args = (n, ConvGeom::new(p), g.ptr(x, off), g.ptr_mut(&mut col, 0));
+    k::im2col_f32.launch(g, LaunchCfg::elementwise(n), args)?;
     Ok(col)
 }
 
@@ -502,8 +508,8 @@ pub fn conv2d_backward_input<G: Gpu>(g: &G, grad: &G::Buf, lg: &Layout, w: &G::B
     let col = col.expect("groups >= 1");
     let n = check_u32(p.input_shape().iter().product())?;
     let mut dx = g.alloc(n as usize, DType::F32)?;
-    let args = [Arg::U32(n), Arg::Conv(ConvGeom::new(p)), Arg::Ptr(g.ptr(&col, 0)), Arg::Ptr(g.ptr_mut(&mut dx, 0))];
-    g.launch("col2im_f32", LaunchCfg::elementwise(n), &args)?;
+    let args = (n, ConvGeom::new(p), g.ptr(&col, 0), g.ptr_mut(&mut dx, 0));
+    k::col2im_f32.launch(g, LaunchCfg::elementwise(n), args)?;
     Ok(dx)
 }
 
