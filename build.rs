@@ -26,11 +26,8 @@ fn main() {
     println!("cargo:rerun-if-env-changed=DFKD_NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_PATH");
 
-    let mut cus: Vec<PathBuf> = fs::read_dir(root.join("kernels"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
-        .collect();
+    let mut cus: Vec<PathBuf> =
+        fs::read_dir(root.join("kernels")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "cu")).collect();
     cus.sort();
 
     let (emulator_only, per_file, emu) = build_emulator(&root, &cus);
@@ -90,7 +87,9 @@ fn main() {
     fs::write(out.join("kernels.rs"), rs).unwrap();
 }
 
-fn stem(p: &Path) -> &str { p.file_stem().unwrap().to_str().unwrap() }
+fn stem(p: &Path) -> &str {
+    p.file_stem().unwrap().to_str().unwrap()
+}
 /// The emulator library and the C++ compiler that built it.
 struct EmuLib {
     lib: PathBuf,

@@ -151,7 +151,9 @@ fn fwd_bwd(y: &Tensor, dy: &Tensor, inputs: &[Tensor]) -> Vec<Tensor> {
 
 /// The output gradient backward starts from: made once per case, outside the timed
 /// region (a fresh activation-sized buffer per iteration costs page faults).
-fn output_grad(y: &Tensor) -> Tensor { Tensor::full(0.5, y.dims(), y.device()).unwrap() }
+fn output_grad(y: &Tensor) -> Tensor {
+    Tensor::full(0.5, y.dims(), y.device()).unwrap()
+}
 
 /// Minimal bytes of (forward, backward) in f32, as the header defines them.
 fn min_bytes(case: &Case, n: usize) -> (u64, u64) {
@@ -300,10 +302,12 @@ fn bench(c: &mut Criterion) {
     dfkd::allocator::keep_freed_pages();
     let gpu = match std::env::var("DFKD_BENCH_DEVICE") {
         Ok(d) => Some(d.parse::<Device>().unwrap_or_else(|e| panic!("DFKD_BENCH_DEVICE={d}: {e}"))),
-        Err(_) => cuda::probe(0).unwrap_or_else(|e| {
-            eprintln!("{e}");
-            None
-        }).map(|_| Device::Cuda(0)),
+        Err(_) => cuda::probe(0)
+            .unwrap_or_else(|e| {
+                eprintln!("{e}");
+                None
+            })
+            .map(|_| Device::Cuda(0)),
     };
     let target = gpu.map(|dev| {
         let g = measured_ceiling(dev);

@@ -43,10 +43,7 @@ fn bench(c: &mut Criterion) {
         let x = Tensor::randn(&[batch, ci, hw, hw], 0.0, 1.0, &mut rng, Device::Cpu).unwrap();
         let w = Tensor::randn(&[co, ci / groups, k, k], 0.0, 0.1, &mut rng, Device::Cpu).unwrap();
         let opts = ConvOpts::default().stride(s).padding(p).groups(groups);
-        let params = Conv2dParams {
-            batch, c_in: ci, h_in: hw, w_in: hw, c_out: co, kh: k, kw: k,
-            stride: (s, s), padding: (p, p), dilation: (1, 1), groups,
-        };
+        let params = Conv2dParams { batch, c_in: ci, h_in: hw, w_in: hw, c_out: co, kh: k, kw: k, stride: (s, s), padding: (p, p), dilation: (1, 1), groups };
         let flops = 2 * params.macs() as u64;
         group.throughput(Throughput::Elements(flops));
         group.bench_function(format!("forward/{name}"), |b| b.iter(|| dfkd::no_grad(|| x.conv2d(&w, None, opts).unwrap())));

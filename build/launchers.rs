@@ -8,9 +8,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::fs;
 use std::path::Path;
 use std::process::Command;
-use std::fs;
 
 /// `(kernel, parameter kinds)` of every kernel in `lib` (the emulator's archive), by
 /// running `emu_params_<k>` for each of `kernels`.

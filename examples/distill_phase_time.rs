@@ -43,21 +43,30 @@ fn main() -> dfkd::Result<()> {
     let gen = Generator::new(&cfg.generator, s, k, true, &mut rng)?;
     let x = dfkd::Tensor::randn(&[n, 3, s, s], 0.0, 1.0, &mut rng, Device::Cpu)?;
     let mut rows = vec![];
-    rows.push(("generator forward, no graph", time_ms(repeats, || {
-        let z = gen.sample_z(n, &mut Rng::new(4), Device::Cpu)?;
-        no_grad(|| gen.forward(&z.z, &mut Ctx::train()))?;
-        Ok(())
-    })?));
-    rows.push(("teacher forward, no graph (eval)", time_ms(repeats, || {
-        no_grad(|| teacher.forward(&x, false))?;
-        Ok(())
-    })?));
+    rows.push((
+        "generator forward, no graph",
+        time_ms(repeats, || {
+            let z = gen.sample_z(n, &mut Rng::new(4), Device::Cpu)?;
+            no_grad(|| gen.forward(&z.z, &mut Ctx::train()))?;
+            Ok(())
+        })?,
+    ));
+    rows.push((
+        "teacher forward, no graph (eval)",
+        time_ms(repeats, || {
+            no_grad(|| teacher.forward(&x, false))?;
+            Ok(())
+        })?,
+    ));
     let t = no_grad(|| teacher.forward(&x, false))?;
-    rows.push(("student forward + backward, KD only", time_ms(repeats, || {
-        let f = student.forward_ctx(&x, &mut Ctx::train())?;
-        f.logits.kd_loss(&t.logits, 4.0)?.backward()?;
-        Ok(())
-    })?));
+    rows.push((
+        "student forward + backward, KD only",
+        time_ms(repeats, || {
+            let f = student.forward_ctx(&x, &mut Ctx::train())?;
+            f.logits.kd_loss(&t.logits, 4.0)?.backward()?;
+            Ok(())
+        })?,
+    ));
     let steps = [
         ("5 generator steps", 5, 0, true, true),
         ("15 student steps, KD only", 0, 15, false, false),

@@ -17,7 +17,11 @@ fn features(rng: &mut Rng, grad: bool) -> dfkd::Result<Features> {
         .iter()
         .map(|&(c, s)| {
             let t = Tensor::randn(&[64, c, s, s], 0.0, 1.0, rng, Device::Cpu)?.relu()?;
-            if grad { t.to_var() } else { Ok(t) }
+            if grad {
+                t.to_var()
+            } else {
+                Ok(t)
+            }
         })
         .collect::<dfkd::Result<_>>()?;
     let penultimate = Tensor::randn(&[64, 64], 0.0, 1.0, rng, Device::Cpu)?;

@@ -25,11 +25,15 @@ impl Node {
     pub fn new(name: &'static str, inputs: Vec<Tensor>, f: BackwardFn) -> Node {
         Node { name, saved: Mutex::new(Some((inputs, f))) }
     }
-    pub fn name(&self) -> &'static str { self.name }
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
     fn inputs(&self) -> Option<Vec<Tensor>> {
         self.saved.lock().unwrap().as_ref().map(|(i, _)| i.clone())
     }
-    fn take(&self) -> Option<(Vec<Tensor>, BackwardFn)> { self.saved.lock().unwrap().take() }
+    fn take(&self) -> Option<(Vec<Tensor>, BackwardFn)> {
+        self.saved.lock().unwrap().take()
+    }
 }
 
 thread_local! {
@@ -37,7 +41,9 @@ thread_local! {
 }
 
 /// Whether ops on this thread record the graph.
-pub fn is_grad_enabled() -> bool { GRAD_ENABLED.with(|g| g.get()) }
+pub fn is_grad_enabled() -> bool {
+    GRAD_ENABLED.with(|g| g.get())
+}
 
 /// Runs `f` without recording the graph (evaluation, optimiser updates, statistics).
 pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
@@ -48,13 +54,19 @@ pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
 /// Disables graph recording until dropped.
 pub struct NoGradGuard(bool);
 impl NoGradGuard {
-    pub fn new() -> Self { NoGradGuard(GRAD_ENABLED.with(|g| g.replace(false))) }
+    pub fn new() -> Self {
+        NoGradGuard(GRAD_ENABLED.with(|g| g.replace(false)))
+    }
 }
 impl Default for NoGradGuard {
-    fn default() -> Self { Self::new() }
+    fn default() -> Self {
+        Self::new()
+    }
 }
 impl Drop for NoGradGuard {
-    fn drop(&mut self) { GRAD_ENABLED.with(|g| g.set(self.0)) }
+    fn drop(&mut self) {
+        GRAD_ENABLED.with(|g| g.set(self.0))
+    }
 }
 
 /// The gradients of the leaves that required them, by tensor id.
@@ -62,11 +74,21 @@ impl Drop for NoGradGuard {
 pub struct Gradients(HashMap<TensorId, Tensor>);
 
 impl Gradients {
-    pub fn get(&self, t: &Tensor) -> Option<&Tensor> { self.0.get(&t.id()) }
-    pub fn remove(&mut self, t: &Tensor) -> Option<Tensor> { self.0.remove(&t.id()) }
-    pub fn insert(&mut self, t: &Tensor, g: Tensor) { self.0.insert(t.id(), g); }
-    pub fn len(&self) -> usize { self.0.len() }
-    pub fn is_empty(&self) -> bool { self.0.is_empty() }
+    pub fn get(&self, t: &Tensor) -> Option<&Tensor> {
+        self.0.get(&t.id())
+    }
+    pub fn remove(&mut self, t: &Tensor) -> Option<Tensor> {
+        self.0.remove(&t.id())
+    }
+    pub fn insert(&mut self, t: &Tensor, g: Tensor) {
+        self.0.insert(t.id(), g);
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// Tensors reachable from `root` through tracked inputs, inputs before their users,
@@ -103,7 +125,9 @@ fn topological_order(root: &Tensor) -> (Vec<Tensor>, HashMap<TensorId, usize>) {
     (order, leaf_uses)
 }
 
-pub fn backward(root: &Tensor) -> Result<Gradients> { backward_with(root, seed(root)?) }
+pub fn backward(root: &Tensor) -> Result<Gradients> {
+    backward_with(root, seed(root)?)
+}
 
 /// The gradient a backward from the scalar `root` starts from (1); an error for a root
 /// that is not a scalar.
@@ -115,7 +139,9 @@ pub fn seed(root: &Tensor) -> Result<Tensor> {
 }
 
 /// Backward from `root` seeded with `grad` (same shape as root).
-pub fn backward_with(root: &Tensor, grad: Tensor) -> Result<Gradients> { backward_hooked(root, grad, &mut |_, g| Ok(Some(g))) }
+pub fn backward_with(root: &Tensor, grad: Tensor) -> Result<Gradients> {
+    backward_hooked(root, grad, &mut |_, g| Ok(Some(g)))
+}
 
 /// Backward from `root` seeded with `grad`, handing each leaf's gradient to `on_leaf`
 /// the moment it is final: right after the last backward step that uses the leaf, while

@@ -24,10 +24,18 @@ struct Entry {
 }
 
 impl View for &Entry {
-    fn dtype(&self) -> Dtype { self.dtype }
-    fn shape(&self) -> &[usize] { &self.shape }
-    fn data(&self) -> Cow<'_, [u8]> { Cow::Borrowed(&self.bytes) }
-    fn data_len(&self) -> usize { self.bytes.len() }
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
 }
 
 fn tensor_entry(t: &Tensor) -> Result<Entry> {
@@ -97,11 +105,12 @@ pub fn save_tensors<S: AsRef<str>>(path: impl AsRef<Path>, tensors: &[(S, &Tenso
     write_atomic(path, &entries)
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>> { std::fs::read(path).map_err(|e| Error::io(path, e)) }
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
 
 fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
-    SafeTensors::deserialize(bytes)
-        .map_err(|e| Error::Msg(format!("{}: not a valid safetensors file (truncated or corrupt?): {e}", path.display())))
+    SafeTensors::deserialize(bytes).map_err(|e| Error::Msg(format!("{}: not a valid safetensors file (truncated or corrupt?): {e}", path.display())))
 }
 
 /// A float tensor's values as f32, or an error naming the key.
@@ -138,7 +147,10 @@ pub fn load_model<M: Module + ?Sized>(model: &M, path: impl AsRef<Path>) -> Resu
     let shown = path.display();
 
     // Pass 1: check every key and decode its values, touching nothing.
-    enum Value { Floats(Vec<f32>), Count(u64) }
+    enum Value {
+        Floats(Vec<f32>),
+        Count(u64),
+    }
     let mut decoded: Vec<(String, Value)> = vec![];
     let mut seen = HashSet::new();
     let mut missing = vec![];
@@ -155,11 +167,7 @@ pub fn load_model<M: Module + ?Sized>(model: &M, path: impl AsRef<Path>) -> Resu
         let value = match slot {
             Slot::Parameter(t) | Slot::Buffer(t) => {
                 if view.shape() != t.dims() {
-                    first_error = Some(Error::Msg(format!(
-                        "{shown}: `{name}` has shape {:?} in the file but {:?} in the model",
-                        view.shape(),
-                        t.dims()
-                    )));
+                    first_error = Some(Error::Msg(format!("{shown}: `{name}` has shape {:?} in the file but {:?} in the model", view.shape(), t.dims())));
                     return;
                 }
                 floats(path, name, &view).map(Value::Floats)
@@ -192,9 +200,7 @@ pub fn load_model<M: Module + ?Sized>(model: &M, path: impl AsRef<Path>) -> Resu
         }
         let value = values.remove(name);
         result = match (slot, value) {
-            (Slot::Parameter(t) | Slot::Buffer(t), Some(Value::Floats(v))) => {
-                Tensor::from_vec(v, t.dims(), t.device()).and_then(|src| t.assign(&src))
-            }
+            (Slot::Parameter(t) | Slot::Buffer(t), Some(Value::Floats(v))) => Tensor::from_vec(v, t.dims(), t.device()).and_then(|src| t.assign(&src)),
             (Slot::Counter(c), Some(Value::Count(v))) => {
                 c.set(v);
                 Ok(())

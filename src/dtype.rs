@@ -37,21 +37,37 @@ pub trait WithDType: Copy + Send + Sync + 'static + bytemuck::Pod {
 
 impl WithDType for f32 {
     const DTYPE: DType = DType::F32;
-    fn to_f32(self) -> f32 { self }
-    fn from_f32(v: f32) -> Self { v }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(v: f32) -> Self {
+        v
+    }
 }
 impl WithDType for f16 {
     const DTYPE: DType = DType::F16;
-    fn to_f32(self) -> f32 { f16::to_f32(self) }
-    fn from_f32(v: f32) -> Self { f16::from_f32(v) }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
 }
 impl WithDType for bf16 {
     const DTYPE: DType = DType::BF16;
-    fn to_f32(self) -> f32 { bf16::to_f32(self) }
-    fn from_f32(v: f32) -> Self { bf16::from_f32(v) }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
 }
 impl WithDType for u32 {
     const DTYPE: DType = DType::U32;
-    fn to_f32(self) -> f32 { self as f32 }
-    fn from_f32(v: f32) -> Self { v as u32 }
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    fn from_f32(v: f32) -> Self {
+        v as u32
+    }
 }

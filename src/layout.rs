@@ -29,11 +29,21 @@ impl Layout {
         debug_assert_eq!(shape.len(), strides.len());
         Layout { shape, strides, offset }
     }
-    pub fn shape(&self) -> &[usize] { &self.shape }
-    pub fn strides(&self) -> &[usize] { &self.strides }
-    pub fn offset(&self) -> usize { self.offset }
-    pub fn rank(&self) -> usize { self.shape.len() }
-    pub fn elem_count(&self) -> usize { self.shape.iter().product() }
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn strides(&self) -> &[usize] {
+        &self.strides
+    }
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+    pub fn elem_count(&self) -> usize {
+        self.shape.iter().product()
+    }
 
     pub fn is_contiguous(&self) -> bool {
         let mut acc = 1;
@@ -56,11 +66,7 @@ impl Layout {
         if dims.len() != self.rank() || dims.iter().any(|&d| d >= self.rank() || std::mem::replace(&mut seen[d], true)) {
             return Err(Error::Msg(format!("permute: {dims:?} is not a permutation of {} dims", self.rank())));
         }
-        Ok(Layout {
-            shape: dims.iter().map(|&d| self.shape[d]).collect(),
-            strides: dims.iter().map(|&d| self.strides[d]).collect(),
-            offset: self.offset,
-        })
+        Ok(Layout { shape: dims.iter().map(|&d| self.shape[d]).collect(), strides: dims.iter().map(|&d| self.strides[d]).collect(), offset: self.offset })
     }
 
     pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Layout> {

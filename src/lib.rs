@@ -8,13 +8,13 @@
 
 pub mod allocator;
 pub mod backend;
-pub mod failpoint;
-pub mod profile;
+pub mod data;
 mod device;
 mod dtype;
 mod error;
+pub mod failpoint;
 mod layout;
-pub mod data;
+pub mod profile;
 pub mod rng;
 
 pub use device::Device;
@@ -31,12 +31,12 @@ pub use ndarray;
 pub use autograd::{no_grad, Gradients};
 pub use ops::{ConvOpts, Reduction};
 pub use tensor::{Tensor, TensorId};
+pub mod checkpoint;
+pub mod commands;
+pub mod models;
+pub mod nn;
 pub mod optim;
 pub mod parallel;
 pub mod pipeline;
-pub mod nn;
-pub mod models;
-pub mod checkpoint;
-pub mod commands;
 
 pub mod testing;

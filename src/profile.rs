@@ -43,10 +43,14 @@ pub fn enabled() -> bool {
 }
 
 /// Starts timing every op from now on, whatever the environment says.
-pub fn enable() { STATE.store(2, Ordering::Relaxed) }
+pub fn enable() {
+    STATE.store(2, Ordering::Relaxed)
+}
 
 /// Forgets every time recorded so far (after a warm-up, say).
-pub fn reset() { *lock() = None }
+pub fn reset() {
+    *lock() = None
+}
 
 fn lock() -> std::sync::MutexGuard<'static, Option<Times>> {
     TIMES.lock().unwrap_or_else(|e| e.into_inner())
@@ -109,8 +113,7 @@ pub struct Report {
 /// The times recorded so far.
 pub fn report() -> Report {
     let times = lock();
-    let mut by_shape: Vec<Row> =
-        times.iter().flatten().map(|((op, shape), &(calls, total))| Row { op, shape: shape.clone(), calls, total }).collect();
+    let mut by_shape: Vec<Row> = times.iter().flatten().map(|((op, shape), &(calls, total))| Row { op, shape: shape.clone(), calls, total }).collect();
     by_shape.sort_by(|a, b| b.total.cmp(&a.total).then_with(|| (a.op, &a.shape).cmp(&(b.op, &b.shape))));
     Report { by_shape }
 }
@@ -130,7 +133,9 @@ impl Report {
     }
 
     /// Time in all ops.
-    pub fn total(&self) -> Duration { self.by_shape.iter().map(|r| r.total).sum() }
+    pub fn total(&self) -> Duration {
+        self.by_shape.iter().map(|r| r.total).sum()
+    }
 
     /// Two tables: every op, then the `top` slowest (op, shape) pairs; shares are of
     /// `wall` (the time the profiled work took, so the ops' sum shows what was spent

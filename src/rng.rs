@@ -20,8 +20,12 @@ impl Rng {
     }
 
     /// The full generator state, to checkpoint a run and resume it exactly.
-    pub fn state(&self) -> [u64; 4] { self.s }
-    pub fn from_state(s: [u64; 4]) -> Rng { Rng { s } }
+    pub fn state(&self) -> [u64; 4] {
+        self.s
+    }
+    pub fn from_state(s: [u64; 4]) -> Rng {
+        Rng { s }
+    }
 
     /// An independent stream derived from this seed and a label (e.g. a class index).
     pub fn fork(&self, label: u64) -> Rng {

@@ -46,14 +46,7 @@ impl Tensor {
 
     pub(crate) fn from_parts(storage: Arc<RwLock<Storage>>, layout: Layout, node: Option<Node>) -> Tensor {
         let dtype = storage.read().unwrap().dtype();
-        Tensor(Arc::new(TensorInner {
-            id: TensorId::new(),
-            storage,
-            layout,
-            dtype,
-            node,
-            requires_grad: AtomicBool::new(false),
-        }))
+        Tensor(Arc::new(TensorInner { id: TensorId::new(), storage, layout, dtype, node, requires_grad: AtomicBool::new(false) }))
     }
 
     /// A fresh contiguous tensor owning `storage`.
@@ -87,10 +80,18 @@ impl Tensor {
     pub fn zeros(shape: &[usize], device: Device) -> Result<Tensor> {
         Ok(Tensor::from_storage(Storage::zeros(shape.iter().product(), DType::F32, device)?, shape))
     }
-    pub fn ones(shape: &[usize], device: Device) -> Result<Tensor> { Tensor::full(1.0, shape, device) }
-    pub fn scalar(value: f32, device: Device) -> Result<Tensor> { Tensor::full(value, &[], device) }
-    pub fn zeros_like(&self) -> Result<Tensor> { Tensor::zeros(self.dims(), self.device()) }
-    pub fn ones_like(&self) -> Result<Tensor> { Tensor::ones(self.dims(), self.device()) }
+    pub fn ones(shape: &[usize], device: Device) -> Result<Tensor> {
+        Tensor::full(1.0, shape, device)
+    }
+    pub fn scalar(value: f32, device: Device) -> Result<Tensor> {
+        Tensor::full(value, &[], device)
+    }
+    pub fn zeros_like(&self) -> Result<Tensor> {
+        Tensor::zeros(self.dims(), self.device())
+    }
+    pub fn ones_like(&self) -> Result<Tensor> {
+        Tensor::ones(self.dims(), self.device())
+    }
 
     /// Normal(mean, std) samples from `rng`.
     pub fn randn(shape: &[usize], mean: f32, std: f32, rng: &mut Rng, device: Device) -> Result<Tensor> {
@@ -105,25 +106,51 @@ impl Tensor {
 
     // ---- accessors -------------------------------------------------------------
 
-    pub fn id(&self) -> TensorId { self.0.id }
-    pub fn dims(&self) -> &[usize] { self.0.layout.shape() }
-    pub fn rank(&self) -> usize { self.0.layout.rank() }
-    pub fn elem_count(&self) -> usize { self.0.layout.elem_count() }
-    pub fn layout(&self) -> &Layout { &self.0.layout }
-    pub fn dtype(&self) -> DType { self.0.dtype }
+    pub fn id(&self) -> TensorId {
+        self.0.id
+    }
+    pub fn dims(&self) -> &[usize] {
+        self.0.layout.shape()
+    }
+    pub fn rank(&self) -> usize {
+        self.0.layout.rank()
+    }
+    pub fn elem_count(&self) -> usize {
+        self.0.layout.elem_count()
+    }
+    pub fn layout(&self) -> &Layout {
+        &self.0.layout
+    }
+    pub fn dtype(&self) -> DType {
+        self.0.dtype
+    }
     /// Read from the storage rather than cached: `move_to` swaps the storage of every
     /// tensor sharing it at once.
-    pub fn device(&self) -> Device { self.storage().device() }
-    pub fn is_contiguous(&self) -> bool { self.0.layout.is_contiguous() }
-    pub(crate) fn node(&self) -> Option<&Node> { self.0.node.as_ref() }
-    pub(crate) fn storage_arc(&self) -> &Arc<RwLock<Storage>> { &self.0.storage }
+    pub fn device(&self) -> Device {
+        self.storage().device()
+    }
+    pub fn is_contiguous(&self) -> bool {
+        self.0.layout.is_contiguous()
+    }
+    pub(crate) fn node(&self) -> Option<&Node> {
+        self.0.node.as_ref()
+    }
+    pub(crate) fn storage_arc(&self) -> &Arc<RwLock<Storage>> {
+        &self.0.storage
+    }
 
-    pub fn storage(&self) -> RwLockReadGuard<'_, Storage> { self.0.storage.read().unwrap() }
+    pub fn storage(&self) -> RwLockReadGuard<'_, Storage> {
+        self.0.storage.read().unwrap()
+    }
     /// Write access for in-place updates (optimisers, running statistics, loading).
-    pub fn storage_mut(&self) -> RwLockWriteGuard<'_, Storage> { self.0.storage.write().unwrap() }
+    pub fn storage_mut(&self) -> RwLockWriteGuard<'_, Storage> {
+        self.0.storage.write().unwrap()
+    }
 
     /// Size of dim `d`; negative counts from the end.
-    pub fn dim(&self, d: isize) -> Result<usize> { Ok(self.dims()[self.axis(d)?]) }
+    pub fn dim(&self, d: isize) -> Result<usize> {
+        Ok(self.dims()[self.axis(d)?])
+    }
 
     /// Resolves a possibly negative axis.
     pub fn axis(&self, d: isize) -> Result<usize> {
@@ -152,8 +179,12 @@ impl Tensor {
     // ---- autograd flags ---------------------------------------------------------
 
     /// Whether gradients flow to or through this tensor.
-    pub fn tracks_grad(&self) -> bool { self.0.node.is_some() || self.requires_grad() }
-    pub fn requires_grad(&self) -> bool { self.0.requires_grad.load(Ordering::Relaxed) }
+    pub fn tracks_grad(&self) -> bool {
+        self.0.node.is_some() || self.requires_grad()
+    }
+    pub fn requires_grad(&self) -> bool {
+        self.0.requires_grad.load(Ordering::Relaxed)
+    }
     /// Marks a leaf as a trainable variable (or freezes it). Only leaves carry the flag.
     pub fn set_requires_grad(&self, on: bool) -> Result<()> {
         if self.0.node.is_some() {
@@ -163,7 +194,9 @@ impl Tensor {
         Ok(())
     }
     /// A leaf sharing this storage, cut from the graph.
-    pub fn detach(&self) -> Tensor { Tensor::from_parts(self.0.storage.clone(), self.0.layout.clone(), None) }
+    pub fn detach(&self) -> Tensor {
+        Tensor::from_parts(self.0.storage.clone(), self.0.layout.clone(), None)
+    }
     /// A new leaf variable with its own copy of the data.
     pub fn to_var(&self) -> Result<Tensor> {
         let t = self.deep_copy()?;
@@ -172,7 +205,9 @@ impl Tensor {
     }
 
     /// Runs backward from this scalar; returns the gradients of every leaf that requires them.
-    pub fn backward(&self) -> Result<autograd::Gradients> { autograd::backward(self) }
+    pub fn backward(&self) -> Result<autograd::Gradients> {
+        autograd::backward(self)
+    }
 
     // ---- data movement -----------------------------------------------------------
 

@@ -75,10 +75,8 @@ fn high_order_products_and_combine_match_their_compositions() {
             let z = randn(&[n, order * (order + 1) / 2 * c, h, w], 3, dev);
             let fused = run(std::slice::from_ref(&z), |v| v[0].hoa_products(order));
             let reference = run(&[z], |v| {
-                let prods: Vec<Tensor> = split_orders(&v[0], order)
-                    .into_iter()
-                    .map(|zr| zr[1..].iter().try_fold(zr[0].clone(), |p, z| p.mul(z))?.relu())
-                    .collect::<Result<_>>()?;
+                let prods: Vec<Tensor> =
+                    split_orders(&v[0], order).into_iter().map(|zr| zr[1..].iter().try_fold(zr[0].clone(), |p, z| p.mul(z))?.relu()).collect::<Result<_>>()?;
                 Tensor::cat(&prods.iter().collect::<Vec<_>>(), 1)
             });
             compare(&format!("{what} products"), fused, reference);

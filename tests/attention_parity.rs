@@ -31,7 +31,9 @@ thread_local! {
 }
 
 /// The emulator, and `cuda:0` when one opens (or the one `DFKD_TEST_DEVICE` names).
-fn devices() -> Vec<Device> { common::cuda_devices() }
+fn devices() -> Vec<Device> {
+    common::cuda_devices()
+}
 
 fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut r = Rng::new(seed);
@@ -57,8 +59,20 @@ fn values(s: &Storage) -> Vec<f32> {
 }
 
 /// Tolerance `abs + rel * |want|` of results in `dtype` (bf16 keeps 8 bits).
-fn abs_tol(dtype: DType) -> f32 { if dtype == DType::BF16 { 1e-5 } else { 1e-6 } }
-fn rel_tol(dtype: DType) -> f32 { if dtype == DType::BF16 { 1e-2 } else { 1e-5 } }
+fn abs_tol(dtype: DType) -> f32 {
+    if dtype == DType::BF16 {
+        1e-5
+    } else {
+        1e-6
+    }
+}
+fn rel_tol(dtype: DType) -> f32 {
+    if dtype == DType::BF16 {
+        1e-2
+    } else {
+        1e-5
+    }
+}
 
 /// Runs `f` once per version of `family` (and once with the default), comparing the
 /// device's outputs with the CPU's.

@@ -45,12 +45,15 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).unwrap() {
             let p = e.unwrap().path();
-            if p.is_dir() { stack.push(p) } else { out.insert(p.clone(), std::fs::read(&p).unwrap()); }
+            if p.is_dir() {
+                stack.push(p)
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
         }
     }
     out
 }
-
 
 /// The tiny synthetic set as a data set folder of its own (CUB layout).
 fn data_set(dir: &Path) -> PathBuf {
@@ -115,10 +118,14 @@ fn a_run_is_never_replaced_or_rewritten_without_being_told() {
     assert!(snapshot(&tmp.0) == before, "a refused resume changed files");
 
     // a resume after a crash that cut a record: the cut line goes, nothing is logged twice
-    std::fs::OpenOptions::new().append(true).open(run.join("metrics.jsonl")).and_then(|mut f| {
-        use std::io::Write;
-        f.write_all(b"{\"phase\": \"distill\", \"iter")
-    }).unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(run.join("metrics.jsonl"))
+        .and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(b"{\"phase\": \"distill\", \"iter")
+        })
+        .unwrap();
     job::run_job(&cfg, Device::Cpu, &opts(&run, true, false)).unwrap();
     assert_eq!(records(&run), first);
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
@@ -214,8 +221,14 @@ fn truncated_jpegs_are_refused_in_evaluation_and_prediction_and_skipped_in_train
     let weights = tmp.0.join("m.safetensors");
     save_model(build("resnet8", 10, true, &mut Rng::new(0)).unwrap().as_ref(), &weights).unwrap();
     let args = predict::PredictArgs {
-        arch: "resnet8".into(), num_classes: 10, weights, image_size: 16, small_stem: true, json: true,
-        images: vec![whole, cut], device: Device::Cpu,
+        arch: "resnet8".into(),
+        num_classes: 10,
+        weights,
+        image_size: 16,
+        small_stem: true,
+        json: true,
+        images: vec![whole, cut],
+        device: Device::Cpu,
     };
     assert_eq!(predict::run(&args).unwrap(), 1, "the truncated image must count as failed");
 }
@@ -301,9 +314,21 @@ fn the_bare_demo_command_twice_keeps_both_runs() {
     let tmp = TempDir::new("demo");
     let w = tmp.0.to_str().unwrap();
     let sets = [
-        "data.image_size=16", "data.train_per_class=8", "data.test_per_class=4", "teacher.arch=resnet8", "teacher.epochs=1",
-        "teacher.batch_size=16", "generator.channels=[16,16,8,8,8]", "distill.batch_size=8", "distill.g_steps=1", "distill.s_steps=1",
-        "distill.iterations_per_epoch=1", "distill.epochs=1", "distill.checkpoint_every=1", "distill.proj_hidden=16", "distill.proj_dim=8",
+        "data.image_size=16",
+        "data.train_per_class=8",
+        "data.test_per_class=4",
+        "teacher.arch=resnet8",
+        "teacher.epochs=1",
+        "teacher.batch_size=16",
+        "generator.channels=[16,16,8,8,8]",
+        "distill.batch_size=8",
+        "distill.g_steps=1",
+        "distill.s_steps=1",
+        "distill.iterations_per_epoch=1",
+        "distill.epochs=1",
+        "distill.checkpoint_every=1",
+        "distill.proj_hidden=16",
+        "distill.proj_dim=8",
     ];
     let mut args = vec!["--workdir", w, "--device", "cpu"];
     for s in &sets {

@@ -27,9 +27,13 @@ fn input(n: usize, size: usize, seed: u64) -> Tensor {
     Tensor::randn(&[n, 3, size, size], 0.0, 1.0, &mut Rng::new(seed), Device::Cpu).unwrap()
 }
 
-fn linear(seed: u64) -> Linear { Linear::new(5, 4, true, &mut Rng::new(seed)).unwrap() }
+fn linear(seed: u64) -> Linear {
+    Linear::new(5, 4, true, &mut Rng::new(seed)).unwrap()
+}
 
-fn t(shape: &[usize], seed: u64) -> Tensor { Tensor::randn(shape, 0.0, 1.0, &mut Rng::new(seed), Device::Cpu).unwrap() }
+fn t(shape: &[usize], seed: u64) -> Tensor {
+    Tensor::randn(shape, 0.0, 1.0, &mut Rng::new(seed), Device::Cpu).unwrap()
+}
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
@@ -57,7 +61,11 @@ fn round_trip_gives_identical_logits_and_counters() {
     assert_eq!(a.logits(&x, false).unwrap().to_vec_f32().unwrap(), b.logits(&x, false).unwrap().to_vec_f32().unwrap());
     let counters = |m: &dyn Classifier| {
         let mut v = vec![];
-        m.visit("", &mut |_, s| if let Slot::Counter(c) = s { v.push(c.get()) });
+        m.visit("", &mut |_, s| {
+            if let Slot::Counter(c) = s {
+                v.push(c.get())
+            }
+        });
         v
     };
     assert_eq!(counters(&*b), vec![1; 9]);

@@ -7,9 +7,13 @@ mod common;
 use dfkd::pipeline::methods::Method;
 use std::process::{Command, Output};
 
-fn distill(args: &[&str]) -> Output { Command::new(env!("CARGO_BIN_EXE_distill")).args(args).output().unwrap() }
+fn distill(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_distill")).args(args).output().unwrap()
+}
 
-fn text(o: &Output) -> String { format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)) }
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
 
 #[test]
 fn options_before_distill_run_what_they_say() {

@@ -9,10 +9,24 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 const SETS: [&str; 18] = [
-    "data.image_size=16", "data.train_per_class=8", "data.test_per_class=4", "teacher.arch=resnet8", "teacher.epochs=2",
-    "teacher.batch_size=16", "generator.channels=[16,16,8,8,8]", "distill.batch_size=8", "distill.g_steps=1", "distill.s_steps=2",
-    "distill.iterations_per_epoch=2", "distill.epochs=4", "distill.checkpoint_every=2", "distill.eval_every=1", "distill.proj_hidden=16",
-    "distill.proj_dim=8", "student.arch=resnet8", "seed=3",
+    "data.image_size=16",
+    "data.train_per_class=8",
+    "data.test_per_class=4",
+    "teacher.arch=resnet8",
+    "teacher.epochs=2",
+    "teacher.batch_size=16",
+    "generator.channels=[16,16,8,8,8]",
+    "distill.batch_size=8",
+    "distill.g_steps=1",
+    "distill.s_steps=2",
+    "distill.iterations_per_epoch=2",
+    "distill.epochs=4",
+    "distill.checkpoint_every=2",
+    "distill.eval_every=1",
+    "distill.proj_hidden=16",
+    "distill.proj_dim=8",
+    "student.arch=resnet8",
+    "seed=3",
 ];
 
 fn start(work: &Path, flag: Option<&str>, failpoint: Option<&str>) -> Child {
@@ -64,7 +78,13 @@ fn a_run_killed_at_any_point_and_resumed_ends_as_an_uninterrupted_one() {
     let run: PathBuf = crashed.join("run");
     let flag = || {
         let has_checkpoint = ["checkpoint", "checkpoint.old"].iter().any(|d| run.join(d).join("state.json").exists());
-        if has_checkpoint { Some("--resume") } else if run.exists() { Some("--overwrite") } else { None }
+        if has_checkpoint {
+            Some("--resume")
+        } else if run.exists() {
+            Some("--overwrite")
+        } else {
+            None
+        }
     };
     // chosen points: the second checkpoint's files written but not its state; the
     // record of a later iteration half written; a checkpoint between its two renames

@@ -20,14 +20,18 @@ use dfkd::rng::Rng;
 use dfkd::{DType, Device, Layout, Tensor};
 
 /// The CUDA devices to compare with the CPU.
-fn devices() -> Vec<Device> { common::cuda_devices() }
+fn devices() -> Vec<Device> {
+    common::cuda_devices()
+}
 
 fn randn(n: usize, seed: u64) -> Vec<f32> {
     let mut r = Rng::new(seed);
     (0..n).map(|_| r.normal()).collect()
 }
 
-fn on(dev: Device, v: &[f32]) -> Storage { Storage::from_cpu(CpuStorage::F32(v.to_vec()), dev).unwrap() }
+fn on(dev: Device, v: &[f32]) -> Storage {
+    Storage::from_cpu(CpuStorage::F32(v.to_vec()), dev).unwrap()
+}
 
 /// The elements of a contiguous result as f32.
 fn values(s: &Storage) -> Vec<f32> {
@@ -95,7 +99,8 @@ fn binary_kernels() {
     let row = Layout::new(vec![37, 29], vec![0, 1], 29); // row 1 broadcast down
     let col = Layout::new(vec![37, 29], vec![29, 0], 3); // column 3 broadcast across
     let t = Layout::contiguous(&[29, 37]).permute(&[1, 0]).unwrap();
-    let pairs = [("contiguous", &base, &base), ("row-broadcast", &base, &row), ("col-broadcast", &col, &base), ("transposed", &t, &base), ("both-strided", &t, &row)];
+    let pairs =
+        [("contiguous", &base, &base), ("row-broadcast", &base, &row), ("col-broadcast", &col, &base), ("transposed", &t, &base), ("both-strided", &t, &row)];
     for dev in devices() {
         let (ca, cb, ga, gb) = (on(Device::Cpu, &a), on(Device::Cpu, &b), on(dev, &a), on(dev, &b));
         for op in ops {

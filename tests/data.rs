@@ -105,9 +105,8 @@ fn synthetic_classes_are_not_separable_by_mean_colour() {
 
 /// A two-class CUB layout with `n` PNGs, the first `n/2` for training.
 fn write_cub(root: &Path, n: usize) -> Vec<cub::Entry> {
-    let entries: Vec<cub::Entry> = (0..n)
-        .map(|i| cub::Entry { rel: PathBuf::from(format!("{:03}.C/{i}.png", i % 2 + 1)), label: i % 2, train: i < n / 2 })
-        .collect();
+    let entries: Vec<cub::Entry> =
+        (0..n).map(|i| cub::Entry { rel: PathBuf::from(format!("{:03}.C/{i}.png", i % 2 + 1)), label: i % 2, train: i < n / 2 }).collect();
     for (i, e) in entries.iter().enumerate() {
         write_image(&root.join("images").join(&e.rel), &small_image(8, 8, i as u32));
     }
@@ -226,9 +225,7 @@ fn cars_devkit_from_committed_mat_files() {
 
 /// The 37x53 image of scripts/make_transform_fixture.py.
 fn fixture_image() -> RgbImage {
-    RgbImage::from_fn(37, 53, |x, y| {
-        image::Rgb([((x * x + 3 * y) % 256) as u8, ((5 * x + 2 * y * y) % 256) as u8, ((x * y + 7) % 256) as u8])
-    })
+    RgbImage::from_fn(37, 53, |x, y| image::Rgb([((x * x + 3 * y) % 256) as u8, ((5 * x + 2 * y * y) % 256) as u8, ((x * y + 7) % 256) as u8]))
 }
 
 #[test]

@@ -60,7 +60,9 @@ fn generator_grads(cfg: &Config, z: &Tensor) -> Named {
     to_host(d.generator_step_gradients(z).unwrap())
 }
 
-fn largest(named: &Named) -> f32 { named.iter().flat_map(|(_, g)| g.iter()).fold(0f32, |m, v| m.max(v.abs())) }
+fn largest(named: &Named) -> f32 {
+    named.iter().flat_map(|(_, g)| g.iter()).fold(0f32, |m, v| m.max(v.abs()))
+}
 
 /// The largest violation of the tolerance over every gradient, as a multiple of it
 /// (<= 1 passes), and where.
@@ -285,7 +287,13 @@ fn pooled_ranks_agree(cfg: &Config, iterations: usize, capacity: usize) {
         assert_eq!(a, b, "{what}: {name} differs between the ranks after {iterations} iterations");
     }
     assert_eq!(changed, &ranks[1].0, "{what}: the ranks replaced different pooled batches");
-    let replaced: Vec<usize> = changed[capacity..].iter().map(|c| { assert_eq!(c.len(), 1, "{what}: one batch a step"); c[0] }).collect();
+    let replaced: Vec<usize> = changed[capacity..]
+        .iter()
+        .map(|c| {
+            assert_eq!(c.len(), 1, "{what}: one batch a step");
+            c[0]
+        })
+        .collect();
     assert!(replaced.len() >= 4 && replaced.iter().any(|&i| i != replaced[0]), "{what}: replacements exercised: {replaced:?}");
     assert_eq!(last.pool.len(), capacity);
     for (slot, ((dims, a), (_, b))) in last.pool.iter().zip(&ranks[1].1.pool).enumerate() {
@@ -423,7 +431,11 @@ fn pooled_fingerprint(method: &str) -> Vec<f32> {
         let (g, s) = d.iterate().unwrap();
         out.extend(g.iter().chain(&s).map(|p| p.1));
     }
-    let moved: f64 = before.iter().zip(to_host(d.named_state())).flat_map(|((_, a), (_, b))| a.iter().zip(b).map(|(x, y)| (*x as f64 - y as f64).powi(2)).collect::<Vec<_>>()).sum();
+    let moved: f64 = before
+        .iter()
+        .zip(to_host(d.named_state()))
+        .flat_map(|((_, a), (_, b))| a.iter().zip(b).map(|(x, y)| (*x as f64 - y as f64).powi(2)).collect::<Vec<_>>())
+        .sum();
     out.push(moved as f32);
     out
 }
@@ -439,10 +451,48 @@ fn pooled_fingerprint(method: &str) -> Vec<f32> {
 #[test]
 fn one_process_pooled_runs_are_unchanged() {
     let want: [(&str, &[f32]); 2] = [
-        ("dfkd-fgvc", &[66.11742, 0.10216025, 2.2756748, 0.10333829, 0.13537471, 3.569577, 65.87516, 0.094910815, 2.274797, 0.09476352,
-                        0.13618171, 2.4501677, 64.85203, 0.08654008, 2.2770472, 0.08366348, 0.13488635, 2.0591128, 4095.2905]),
-        ("deepinversion", &[65.444626, 2.4623694, 0.01073098, 0.09089278, 65.25956, 2.3020196, 0.010944549, 0.08169904, 65.43257, 2.0829563,
-                            0.010873445, 0.072747566, 32.187923]),
+        (
+            "dfkd-fgvc",
+            &[
+                66.11742,
+                0.10216025,
+                2.2756748,
+                0.10333829,
+                0.13537471,
+                3.569577,
+                65.87516,
+                0.094910815,
+                2.274797,
+                0.09476352,
+                0.13618171,
+                2.4501677,
+                64.85203,
+                0.08654008,
+                2.2770472,
+                0.08366348,
+                0.13488635,
+                2.0591128,
+                4095.2905,
+            ],
+        ),
+        (
+            "deepinversion",
+            &[
+                65.444626,
+                2.4623694,
+                0.01073098,
+                0.09089278,
+                65.25956,
+                2.3020196,
+                0.010944549,
+                0.08169904,
+                65.43257,
+                2.0829563,
+                0.010873445,
+                0.072747566,
+                32.187923,
+            ],
+        ),
     ];
     for (method, want) in want {
         let got = pooled_fingerprint(method);

@@ -7,9 +7,21 @@ use std::path::Path;
 use std::process::Command;
 
 const SETS: [&str; 16] = [
-    "data.image_size=16", "data.train_per_class=8", "data.test_per_class=4", "teacher.arch=resnet8", "teacher.epochs=1",
-    "teacher.batch_size=16", "generator.channels=[16,16,8,8,8]", "distill.batch_size=8", "distill.g_steps=1", "distill.s_steps=2",
-    "distill.iterations_per_epoch=2", "distill.epochs=2", "distill.checkpoint_every=2", "distill.proj_hidden=16", "distill.proj_dim=8",
+    "data.image_size=16",
+    "data.train_per_class=8",
+    "data.test_per_class=4",
+    "teacher.arch=resnet8",
+    "teacher.epochs=1",
+    "teacher.batch_size=16",
+    "generator.channels=[16,16,8,8,8]",
+    "distill.batch_size=8",
+    "distill.g_steps=1",
+    "distill.s_steps=2",
+    "distill.iterations_per_epoch=2",
+    "distill.epochs=2",
+    "distill.checkpoint_every=2",
+    "distill.proj_hidden=16",
+    "distill.proj_dim=8",
     "seed=11",
 ];
 
@@ -23,7 +35,9 @@ fn run(work: &Path, threads: usize) -> (Vec<u8>, String) {
     }
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let metrics: String = std::fs::read_to_string(work.join("run/metrics.jsonl")).unwrap().lines()
+    let metrics: String = std::fs::read_to_string(work.join("run/metrics.jsonl"))
+        .unwrap()
+        .lines()
         .map(|l| {
             let mut r: serde_json::Value = serde_json::from_str(l).unwrap();
             r.as_object_mut().unwrap().remove("seconds");

@@ -24,11 +24,21 @@ struct Capped;
 
 unsafe impl GlobalAlloc for Capped {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.size() > ALLOC_LIMIT { std::ptr::null_mut() } else { unsafe { System.alloc(layout) } }
+        if layout.size() > ALLOC_LIMIT {
+            std::ptr::null_mut()
+        } else {
+            unsafe { System.alloc(layout) }
+        }
     }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) { unsafe { System.dealloc(ptr, layout) } }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
-        if new > ALLOC_LIMIT { std::ptr::null_mut() } else { unsafe { System.realloc(ptr, layout, new) } }
+        if new > ALLOC_LIMIT {
+            std::ptr::null_mut()
+        } else {
+            unsafe { System.realloc(ptr, layout, new) }
+        }
     }
 }
 
@@ -51,7 +61,9 @@ impl Mix {
         z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
         z ^ (z >> 31)
     }
-    fn below(&mut self, n: usize) -> usize { (self.next() % n.max(1) as u64) as usize }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
 }
 
 /// Values that break size and offset arithmetic.
@@ -100,7 +112,11 @@ fn mutate(b: &[u8], rng: &mut Mix, focus: usize, text: bool) -> Vec<u8> {
                 let lines: Vec<&[u8]> = b.split(|&c| c == b'\n').collect();
                 let k = rng.below(lines.len());
                 let mut out: Vec<Vec<u8>> = lines.iter().map(|l| l.to_vec()).collect();
-                if rng.below(2) == 0 { out.insert(k, out[k].clone()) } else { out.remove(k); }
+                if rng.below(2) == 0 {
+                    out.insert(k, out[k].clone())
+                } else {
+                    out.remove(k);
+                }
                 b = out.join(&b'\n');
             }
         }
@@ -148,7 +164,9 @@ fn tmp(tag: &str) -> PathBuf {
 }
 
 /// The 8-byte length and the JSON header of a safetensors file.
-fn safetensors_header_len(b: &[u8]) -> usize { 8 + u64::from_le_bytes(b[..8].try_into().unwrap()) as usize }
+fn safetensors_header_len(b: &[u8]) -> usize {
+    8 + u64::from_le_bytes(b[..8].try_into().unwrap()) as usize
+}
 
 #[test]
 fn safetensors_files() {

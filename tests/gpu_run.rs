@@ -16,7 +16,9 @@ const PROGRAMS: &[&str] = &["distill", "cuda_parity", "attention_fused", "attent
 /// can hand a child the still-open file, and executing it then fails ("text file busy").
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn serial() -> std::sync::MutexGuard<'static, ()> { SERIAL.lock().unwrap_or_else(|e| e.into_inner()) }
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// A fresh folder with `bin/` holding a fake of each program: each prints its name and
 /// arguments and exits 0, except those given in `special` (name, shell body).
@@ -40,7 +42,9 @@ fn gpu_run(dir: &Path, args: &[&str]) -> Command {
     c
 }
 
-fn summary(dir: &Path) -> String { std::fs::read_to_string(dir.join("out/summary.txt")).unwrap_or_default() }
+fn summary(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("out/summary.txt")).unwrap_or_default()
+}
 
 /// The summary's result for `step` ("PASS", "CUT", ...), if it has a line for it.
 fn result<'a>(summary: &'a str, step: &str) -> Option<&'a str> {
@@ -61,7 +65,13 @@ fn a_step_cut_by_the_deadline_leaves_every_earlier_result_in_the_summary() {
     // reserve) and is cut; nothing else has the 10 s a step needs to start
     let (out, took) = run(&mut gpu_run(&dir, &["--budget", "16"]));
     let s = summary(&dir);
-    assert_eq!(out.status.code(), Some(1), "a cut step fails the run; summary:\n{s}\nstdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a cut step fails the run; summary:\n{s}\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(took < Duration::from_secs(30), "the run took {took:?}, past its 16 s budget (summary:\n{s})");
     assert_eq!(result(&s, "doctor"), Some("PASS"), "summary:\n{s}");
     assert_eq!(result(&s, "test-parity"), Some("CUT"), "summary:\n{s}");

@@ -106,12 +106,8 @@ fn views_and_copies() {
 
 #[test]
 fn convolutions() {
-    let opts = [
-        ConvOpts::default(),
-        ConvOpts::default().stride(2).padding(1),
-        ConvOpts::default().padding(2).dilation(2),
-        ConvOpts::default().padding(1).groups(2),
-    ];
+    let opts =
+        [ConvOpts::default(), ConvOpts::default().stride(2).padding(1), ConvOpts::default().padding(2).dilation(2), ConvOpts::default().padding(1).groups(2)];
     for o in opts {
         check_grads(&[randn(&[2, 4, 7, 6], 27), randn(&[6, 4 / o.groups, 3, 3], 28), randn(&[6], 29)], |v| v[0].conv2d(&v[1], Some(&v[2]), o), EPS, ABS, REL);
     }
@@ -158,7 +154,10 @@ fn batch_norm_train_and_eval() {
     check_grads(&[x.clone(), randn(&[3], 47), randn(&[3], 48)], bn(true), EPS, ABS, REL);
     check_grads(&[x.clone(), randn(&[3], 47), randn(&[3], 48)], bn(false), EPS, ABS, REL);
     check_grads(&[randn(&[5, 3], 49), randn(&[3], 50), randn(&[3], 51)], bn(true), EPS, ABS, REL);
-    check1(x, |x| { let (m, v) = x.channel_stats()?; m.add(&v) });
+    check1(x, |x| {
+        let (m, v) = x.channel_stats()?;
+        m.add(&v)
+    });
     // evaluation-mode batch norm's per-channel affine map, gradients of all three
     check_grads(&[randn(&[3, 4, 2, 5], 52), randn(&[4], 53), randn(&[4], 54)], |v| v[0].channel_affine(&v[1], &v[2]), EPS, ABS, REL);
 }

@@ -12,7 +12,7 @@ use dfkd::pipeline::checkpoint_dir::CheckpointDir;
 use dfkd::pipeline::config::Config;
 use dfkd::pipeline::distill::Distiller;
 use dfkd::pipeline::generator::Generator;
-use dfkd::pipeline::loop_state::{Losses, Loop, SynthBatch};
+use dfkd::pipeline::loop_state::{Loop, Losses, SynthBatch};
 use dfkd::pipeline::losses;
 use dfkd::pipeline::methods::{DistillMethod, Setup, Synthesis};
 use dfkd::rng::Rng;
@@ -43,11 +43,17 @@ impl Momentum {
 }
 
 impl DistillMethod for Momentum {
-    fn generator_side(&self) -> &dyn Module { &self.head }
+    fn generator_side(&self) -> &dyn Module {
+        &self.head
+    }
 
-    fn own_modules(&self) -> Vec<(&'static str, &dyn Module)> { vec![("generator_ema", &self.ema)] }
+    fn own_modules(&self) -> Vec<(&'static str, &dyn Module)> {
+        vec![("generator_ema", &self.ema)]
+    }
 
-    fn save(&self, dir: &Path) -> Result<()> { std::fs::write(dir.join("momentum.txt"), self.steps.to_string()).map_err(|e| dfkd::Error::io(dir, e)) }
+    fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::write(dir.join("momentum.txt"), self.steps.to_string()).map_err(|e| dfkd::Error::io(dir, e))
+    }
 
     fn restore(&mut self, dir: &Path, _lp: &Loop) -> Result<()> {
         let text = std::fs::read_to_string(dir.join("momentum.txt")).map_err(|e| dfkd::Error::io(dir, e))?;
@@ -83,12 +89,16 @@ impl DistillMethod for Momentum {
         Tensor::cat(&[&live.narrow(0, half, live.dims()[0] - half)?, &past], 0)
     }
 
-    fn student_loss(&self, lp: &Loop, t: &Features, s: &Features) -> Result<(Tensor, Losses)> { lp.student_kd(t, s) }
+    fn student_loss(&self, lp: &Loop, t: &Features, s: &Features) -> Result<(Tensor, Losses)> {
+        lp.student_kd(t, s)
+    }
 }
 
 type Named = Vec<(String, Vec<f32>)>;
 
-fn named(d: &Distiller) -> Named { d.named_state().into_iter().map(|(n, t)| (n, t.to_vec_f32().unwrap())).collect() }
+fn named(d: &Distiller) -> Named {
+    d.named_state().into_iter().map(|(n, t)| (n, t.to_vec_f32().unwrap())).collect()
+}
 
 /// The tensors under `prefix`, named without it.
 fn under(state: &Named, prefix: &str) -> Named {

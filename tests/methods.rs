@@ -60,7 +60,9 @@ fn mad_students_learn_from_the_moving_average() {
     assert_eq!(live0.iter().map(|x| &x.1).collect::<Vec<_>>(), ema0.iter().map(|x| &x.1).collect::<Vec<_>>(), "the average starts as the generator");
     d.iterate().unwrap();
     let (live1, ema1) = (state(&d, "generator."), state(&d, "generator_ema."));
-    let moved = |a: &Named, b: &Named| a.iter().zip(b).filter(|(x, _)| x.0.ends_with("weight")).map(|(x, y)| x.1.iter().zip(&y.1).map(|(p, q)| (p - q).abs() as f64).sum::<f64>()).sum::<f64>();
+    let moved = |a: &Named, b: &Named| {
+        a.iter().zip(b).filter(|(x, _)| x.0.ends_with("weight")).map(|(x, y)| x.1.iter().zip(&y.1).map(|(p, q)| (p - q).abs() as f64).sum::<f64>()).sum::<f64>()
+    };
     let (live_moved, ema_moved) = (moved(&live0, &live1), moved(&ema0, &ema1));
     assert!(ema_moved > 0.0 && ema_moved < live_moved, "the average moved {ema_moved}, the generator {live_moved}");
     // the student's images come from the average: with momentum 0 the average is the

@@ -113,12 +113,20 @@ fn train_mode_updates_bn_statistics_and_eval_does_not() {
     let m = model("resnet8", 10, true);
     let buffers = |m: &dyn Classifier| -> Vec<Vec<f32>> {
         let mut v = vec![];
-        m.visit("", &mut |_, s| if let Slot::Buffer(t) = s { v.push(t.to_vec_f32().unwrap()) });
+        m.visit("", &mut |_, s| {
+            if let Slot::Buffer(t) = s {
+                v.push(t.to_vec_f32().unwrap())
+            }
+        });
         v
     };
     let counters = |m: &dyn Classifier| -> Vec<u64> {
         let mut v = vec![];
-        m.visit("", &mut |_, s| if let Slot::Counter(c) = s { v.push(c.get()) });
+        m.visit("", &mut |_, s| {
+            if let Slot::Counter(c) = s {
+                v.push(c.get())
+            }
+        });
         v
     };
     let x = input(4, 32, 3);

@@ -21,8 +21,17 @@ fn zeros(shape: &[usize], device: Device) -> Tensor {
 #[allow(clippy::too_many_arguments)]
 fn conv(batch: usize, c: usize, hw: (usize, usize), c_out: usize, k: (usize, usize), stride: usize, pad: usize, dil: usize, groups: usize) -> Conv2dParams {
     Conv2dParams {
-        batch, c_in: c, h_in: hw.0, w_in: hw.1, c_out, kh: k.0, kw: k.1,
-        stride: (stride, stride), padding: (pad, pad), dilation: (dil, dil), groups,
+        batch,
+        c_in: c,
+        h_in: hw.0,
+        w_in: hw.1,
+        c_out,
+        kh: k.0,
+        kw: k.1,
+        stride: (stride, stride),
+        padding: (pad, pad),
+        dilation: (dil, dil),
+        groups,
     }
 }
 
@@ -111,7 +120,5 @@ fn pool_geometry_is_refused_alike() {
             r
         });
     }
-    refused_alike("Tensor::max_pool2d, padding over half the kernel", "at most half the kernel", |d| {
-        zeros(&[1, 2, 3, 3], d).max_pool2d(2, 2, 2).map(drop)
-    });
+    refused_alike("Tensor::max_pool2d, padding over half the kernel", "at most half the kernel", |d| zeros(&[1, 2, 3, 3], d).max_pool2d(2, 2, 2).map(drop));
 }

@@ -23,7 +23,6 @@ fn workdir(name: &str) -> PathBuf {
     d
 }
 
-
 fn distill_records(run: &std::path::Path) -> Vec<String> {
     std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().filter(|l| l.contains("\"distill\"")).map(String::from).collect()
 }
@@ -37,8 +36,17 @@ fn the_job_writes_its_outputs_and_is_deterministic() {
         let s = job::run_job(&cfg, Device::Cpu, &RunOptions { run_dir: run.clone(), resume: false, overwrite: false }).unwrap();
         assert!((0.0..=100.0).contains(&s.student_top1) && (0.0..=100.0).contains(&s.teacher_top1));
         assert_eq!(s.eval.models[1].per_class.len(), 10);
-        for f in ["config.toml", "metrics.jsonl", "losses_student.png", "losses_generator.png", "accuracy.png", "student.safetensors", "checkpoint/state.json",
-                  "checkpoint/generator.safetensors", "images/iter000004.png"] {
+        for f in [
+            "config.toml",
+            "metrics.jsonl",
+            "losses_student.png",
+            "losses_generator.png",
+            "accuracy.png",
+            "student.safetensors",
+            "checkpoint/state.json",
+            "checkpoint/generator.safetensors",
+            "images/iter000004.png",
+        ] {
             assert!(run.join(f).exists(), "{f} missing");
         }
     }

@@ -35,8 +35,14 @@ fn unreadable_images_are_reported_by_name_and_the_rest_processed() {
     assert!(err.contains(&bad.display().to_string()), "{err}");
     assert!(predict_one(model.as_ref(), &dir.join("image0.png"), 32, Device::Cpu).is_ok());
     let args = dfkd::commands::predict::PredictArgs {
-        arch: "resnet8".into(), num_classes: 10, weights: dir.join("resnet8.safetensors"), image_size: 32,
-        small_stem: true, json: true, images: vec![bad.clone(), dir.join("image1.png")], device: Device::Cpu,
+        arch: "resnet8".into(),
+        num_classes: 10,
+        weights: dir.join("resnet8.safetensors"),
+        image_size: 32,
+        small_stem: true,
+        json: true,
+        images: vec![bad.clone(), dir.join("image1.png")],
+        device: Device::Cpu,
     };
     assert_eq!(dfkd::commands::predict::run(&args).unwrap(), 1);
     std::fs::remove_file(bad).unwrap();

@@ -46,8 +46,12 @@ impl Planes {
         }
         Ok(Planes { planes: shape[0] * shape[1], hw: shape[2..].iter().product() })
     }
-    pub fn len(&self) -> usize { self.planes * self.hw }
-    pub fn is_empty(&self) -> bool { self.len() == 0 }
+    pub fn len(&self) -> usize {
+        self.planes * self.hw
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// High-order attention of order R over `n` samples; `chw` is the size of one slice of
@@ -61,7 +65,9 @@ pub struct HighOrder {
 
 impl HighOrder {
     /// Slices of the products' input: one per `W_{r,k}`, R(R+1)/2.
-    pub fn slices(order: usize) -> usize { order * (order + 1) / 2 }
+    pub fn slices(order: usize) -> usize {
+        order * (order + 1) / 2
+    }
 
     /// `z` is `[n, R(R+1)/2 * cq, ...]` (the stacked 1x1-conv output).
     pub fn products(op: &str, z: &Layout, order: usize) -> Result<HighOrder> {
@@ -91,7 +97,9 @@ impl HighOrder {
         Ok(HighOrder { order, n: sf[0], chw: f.elem_count() / sf[0].max(1) })
     }
     /// Elements of the output: one slice per sample.
-    pub fn out_len(&self) -> usize { self.n * self.chw }
+    pub fn out_len(&self) -> usize {
+        self.n * self.chw
+    }
 }
 
 /// `t` and `s` are `[n, d]` feature rows, contiguous.

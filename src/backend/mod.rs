@@ -27,7 +27,9 @@ pub trait BackendStorage: Sized + Send + Sync {
     fn dtype(&self) -> DType;
     /// Number of elements in the buffer (not of any view on it).
     fn len(&self) -> usize;
-    fn is_empty(&self) -> bool { self.len() == 0 }
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     fn to_cpu(&self) -> Result<CpuStorage>;
 
     fn to_dtype(&self, l: &Layout, dtype: DType) -> Result<Self>;
@@ -138,13 +140,19 @@ pub enum Storage {
 }
 
 impl From<CpuStorage> for Storage {
-    fn from(s: CpuStorage) -> Storage { Storage::Cpu(s) }
+    fn from(s: CpuStorage) -> Storage {
+        Storage::Cpu(s)
+    }
 }
 impl From<EmuStorage> for Storage {
-    fn from(s: EmuStorage) -> Storage { Storage::CudaEmu(s) }
+    fn from(s: EmuStorage) -> Storage {
+        Storage::CudaEmu(s)
+    }
 }
 impl From<CudaStorage> for Storage {
-    fn from(s: CudaStorage) -> Storage { Storage::Cuda(s) }
+    fn from(s: CudaStorage) -> Storage {
+        Storage::Cuda(s)
+    }
 }
 
 /// `$body` runs with `$s` bound to the device's storage; results go back into a
@@ -174,11 +182,21 @@ macro_rules! same_device {
 }
 
 impl Storage {
-    pub fn device(&self) -> Device { dispatch!(self, s => s.device()) }
-    pub fn dtype(&self) -> DType { dispatch!(self, s => s.dtype()) }
-    pub fn len(&self) -> usize { dispatch!(self, s => s.len()) }
-    pub fn is_empty(&self) -> bool { self.len() == 0 }
-    pub fn to_cpu(&self) -> Result<CpuStorage> { dispatch!(self, s => s.to_cpu()) }
+    pub fn device(&self) -> Device {
+        dispatch!(self, s => s.device())
+    }
+    pub fn dtype(&self) -> DType {
+        dispatch!(self, s => s.dtype())
+    }
+    pub fn len(&self) -> usize {
+        dispatch!(self, s => s.len())
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn to_cpu(&self) -> Result<CpuStorage> {
+        dispatch!(self, s => s.to_cpu())
+    }
     /// Moves a host buffer onto `device`.
     pub fn from_cpu(cpu: CpuStorage, device: Device) -> Result<Storage> {
         match device {
@@ -316,7 +334,16 @@ impl Storage {
         same_device!("spatial_attention", self, f => |a, f| { let (y, s) = a.spatial_attention(l, f, f_l, k)?; Ok((y.into(), s.into())) })
     }
     #[allow(clippy::too_many_arguments)]
-    pub fn spatial_attention_backward(&self, l: &Layout, f: &Storage, f_l: &Layout, dy: &Storage, dy_l: &Layout, stats: &Storage, k: f32) -> Result<(Storage, Storage)> {
+    pub fn spatial_attention_backward(
+        &self,
+        l: &Layout,
+        f: &Storage,
+        f_l: &Layout,
+        dy: &Storage,
+        dy_l: &Layout,
+        stats: &Storage,
+        k: f32,
+    ) -> Result<(Storage, Storage)> {
         let _timer = crate::profile::scope("spatial_attention_backward", self.device(), || format!("{:?}", l.shape()));
         same_device!("spatial_attention_backward", self, f, dy, stats => |a, f, dy, st| {
             let (da, df) = a.spatial_attention_backward(l, f, f_l, dy, dy_l, st, k)?;
@@ -347,7 +374,16 @@ impl Storage {
         same_device!("normalized_distance", self, b => |a, b| { let (d, s) = a.normalized_distance(l, b, b_l, eps)?; Ok((d.into(), s.into())) })
     }
     #[allow(clippy::too_many_arguments)]
-    pub fn normalized_distance_backward(&self, l: &Layout, b: &Storage, b_l: &Layout, stats: &Storage, g: &Storage, g_l: &Layout, eps: f32) -> Result<(Storage, Storage)> {
+    pub fn normalized_distance_backward(
+        &self,
+        l: &Layout,
+        b: &Storage,
+        b_l: &Layout,
+        stats: &Storage,
+        g: &Storage,
+        g_l: &Layout,
+        eps: f32,
+    ) -> Result<(Storage, Storage)> {
         let _timer = crate::profile::scope("normalized_distance_backward", self.device(), || format!("{:?}", l.shape()));
         same_device!("normalized_distance_backward", self, b, stats, g => |a, b, st, g| {
             let (da, db) = a.normalized_distance_backward(l, b, b_l, st, g, g_l, eps)?;
@@ -381,7 +417,13 @@ impl Storage {
         }
         macro_rules! unwrap_state {
             ($v:ident) => {
-                state.iter_mut().map(|s| match &mut **s { Storage::$v(c) => c, _ => unreachable!("devices checked above") }).collect::<Vec<_>>()
+                state
+                    .iter_mut()
+                    .map(|s| match &mut **s {
+                        Storage::$v(c) => c,
+                        _ => unreachable!("devices checked above"),
+                    })
+                    .collect::<Vec<_>>()
             };
         }
         match (self, grad) {

@@ -37,7 +37,25 @@ impl UnaryOp {
     /// op go through this list, so a new variant is tested once it is listed here.
     pub const ALL: [UnaryOp; 17] = {
         use UnaryOp::*;
-        [Neg, Recip, Exp, Log, Sqrt, Sqr, Abs, Sign, Relu, Sigmoid, Tanh, LeakyRelu(0.1), LeakyStep(0.1), Powf(1.7), Clamp(-0.5, 0.7), InRange(-0.5, 0.7), Affine(1.3, -0.2)]
+        [
+            Neg,
+            Recip,
+            Exp,
+            Log,
+            Sqrt,
+            Sqr,
+            Abs,
+            Sign,
+            Relu,
+            Sigmoid,
+            Tanh,
+            LeakyRelu(0.1),
+            LeakyStep(0.1),
+            Powf(1.7),
+            Clamp(-0.5, 0.7),
+            InRange(-0.5, 0.7),
+            Affine(1.3, -0.2),
+        ]
     };
 
     #[inline(always)]
@@ -51,16 +69,40 @@ impl UnaryOp {
             UnaryOp::Sqr => x * x,
             UnaryOp::Abs => x.abs(),
             UnaryOp::Sign => {
-                if x > 0.0 { 1.0 } else if x < 0.0 { -1.0 } else { 0.0 }
+                if x > 0.0 {
+                    1.0
+                } else if x < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                }
             }
             UnaryOp::Relu => x.max(0.0),
             UnaryOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
             UnaryOp::Tanh => x.tanh(),
-            UnaryOp::LeakyRelu(s) => if x > 0.0 { x } else { s * x },
-            UnaryOp::LeakyStep(s) => if x > 0.0 { 1.0 } else { s },
+            UnaryOp::LeakyRelu(s) => {
+                if x > 0.0 {
+                    x
+                } else {
+                    s * x
+                }
+            }
+            UnaryOp::LeakyStep(s) => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    s
+                }
+            }
             UnaryOp::Powf(e) => x.powf(e),
             UnaryOp::Clamp(lo, hi) => x.max(lo).min(hi),
-            UnaryOp::InRange(lo, hi) => if x > lo && x < hi { 1.0 } else { 0.0 },
+            UnaryOp::InRange(lo, hi) => {
+                if x > lo && x < hi {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
             UnaryOp::Affine(m, a) => x * m + a,
         }
     }
@@ -102,7 +144,13 @@ impl BinaryOp {
             BinaryOp::Min => a.min(b),
             BinaryOp::Eq => (a == b) as u8 as f32,
             BinaryOp::Gt => (a > b) as u8 as f32,
-            BinaryOp::WherePositive => if b > 0.0 { a } else { 0.0 },
+            BinaryOp::WherePositive => {
+                if b > 0.0 {
+                    a
+                } else {
+                    0.0
+                }
+            }
         }
     }
     /// The op's name in errors and in the autograd graph: its kernel's name
@@ -193,7 +241,9 @@ impl Conv2dParams {
     pub fn w_out(&self) -> usize {
         (self.w_in + 2 * self.padding.1 - self.dilation.1 * (self.kw - 1) - 1) / self.stride.1 + 1
     }
-    pub fn input_shape(&self) -> [usize; 4] { [self.batch, self.c_in, self.h_in, self.w_in] }
+    pub fn input_shape(&self) -> [usize; 4] {
+        [self.batch, self.c_in, self.h_in, self.w_in]
+    }
     /// A dense 3x3 convolution (one group, no dilation) with padding 1 and this stride
     /// in both axes, over non-empty operands: what the CPU's direct and Winograd 3x3
     /// kernels take, each within its own further bounds.
@@ -219,8 +269,12 @@ impl Conv2dParams {
         }
         s
     }
-    pub fn weight_shape(&self) -> [usize; 4] { [self.c_out, self.c_in / self.groups, self.kh, self.kw] }
-    pub fn output_shape(&self) -> [usize; 4] { [self.batch, self.c_out, self.h_out(), self.w_out()] }
+    pub fn weight_shape(&self) -> [usize; 4] {
+        [self.c_out, self.c_in / self.groups, self.kh, self.kw]
+    }
+    pub fn output_shape(&self) -> [usize; 4] {
+        [self.batch, self.c_out, self.h_out(), self.w_out()]
+    }
     /// Multiply-adds of the forward pass.
     pub fn macs(&self) -> usize {
         self.batch * self.c_out * self.h_out() * self.w_out() * (self.c_in / self.groups) * self.kh * self.kw
@@ -259,10 +313,18 @@ impl Pool2dParams {
         }
         check_operands(op, self, operands)
     }
-    pub fn h_out(&self) -> usize { (self.h_in + 2 * self.padding.0 - self.kh) / self.stride.0 + 1 }
-    pub fn w_out(&self) -> usize { (self.w_in + 2 * self.padding.1 - self.kw) / self.stride.1 + 1 }
-    pub fn input_shape(&self) -> [usize; 4] { [self.batch, self.channels, self.h_in, self.w_in] }
-    pub fn output_shape(&self) -> [usize; 4] { [self.batch, self.channels, self.h_out(), self.w_out()] }
+    pub fn h_out(&self) -> usize {
+        (self.h_in + 2 * self.padding.0 - self.kh) / self.stride.0 + 1
+    }
+    pub fn w_out(&self) -> usize {
+        (self.w_in + 2 * self.padding.1 - self.kw) / self.stride.1 + 1
+    }
+    pub fn input_shape(&self) -> [usize; 4] {
+        [self.batch, self.channels, self.h_in, self.w_in]
+    }
+    pub fn output_shape(&self) -> [usize; 4] {
+        [self.batch, self.channels, self.h_out(), self.w_out()]
+    }
 }
 
 /// An operand of an op with params `P`: its name, its layout, and the method of `P`
@@ -283,7 +345,19 @@ fn check_operands<P>(op: &str, p: &P, operands: &[Operand<P>]) -> Result<()> {
 /// Hyper-parameters of one fused optimiser update.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum UpdateRule {
-    Sgd { lr: f32, momentum: f32, weight_decay: f32, nesterov: bool },
+    Sgd {
+        lr: f32,
+        momentum: f32,
+        weight_decay: f32,
+        nesterov: bool,
+    },
     /// `step` counts from 1; weight decay is PyTorch Adam's (L2, added to the gradient).
-    Adam { lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, step: u32 },
+    Adam {
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        step: u32,
+    },
 }

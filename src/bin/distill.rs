@@ -142,8 +142,12 @@ impl DistillArgs {
     /// The flags written.
     fn given(&self) -> Vec<&'static str> {
         let flags = [
-            ("--method", self.method.is_some()), ("--gpus", self.gpus.is_some()), ("--run", self.run.is_some()),
-            ("--resume", self.resume), ("--overwrite", self.overwrite), ("--seeds", self.seeds.is_some()),
+            ("--method", self.method.is_some()),
+            ("--gpus", self.gpus.is_some()),
+            ("--run", self.run.is_some()),
+            ("--resume", self.resume),
+            ("--overwrite", self.overwrite),
+            ("--seeds", self.seeds.is_some()),
         ];
         flags.into_iter().filter(|f| f.1).map(|f| f.0).collect()
     }
@@ -292,7 +296,13 @@ fn run(cli: Cli, args: &DistillArgs) -> Result<()> {
             let (teacher, path) = job::prepare_teacher(&cfg, &ds, device, &mut log)?;
             let seconds = t0.elapsed().as_secs_f32();
             let ev = dfkd::pipeline::eval::evaluate(&[teacher.as_ref()], &ds, cfg.data.image_size, 128, device)?;
-            println!("teacher {} at {}: test top-1 {:.2}%, top-5 {:.2}% ({seconds:.1}s)", cfg.teacher.arch, path.display(), ev.models[0].top1, ev.models[0].top5);
+            println!(
+                "teacher {} at {}: test top-1 {:.2}%, top-5 {:.2}% ({seconds:.1}s)",
+                cfg.teacher.arch,
+                path.display(),
+                ev.models[0].top1,
+                ev.models[0].top5
+            );
             // a teacher averaged over its training (`teacher.ema_decay`): its last weights too
             let last = job::last_weights_path(&path);
             if cfg.teacher.ema_decay > 0.0 && last.exists() {
@@ -315,8 +325,14 @@ fn run(cli: Cli, args: &DistillArgs) -> Result<()> {
         }
         Some(Command::Predict(a)) => {
             let args = predict::PredictArgs {
-                arch: a.arch, num_classes: a.num_classes, weights: a.weights, image_size: a.image_size,
-                small_stem: a.small_stem, json: a.json, images: a.images, device,
+                arch: a.arch,
+                num_classes: a.num_classes,
+                weights: a.weights,
+                image_size: a.image_size,
+                small_stem: a.small_stem,
+                json: a.json,
+                images: a.images,
+                device,
             };
             let failed = predict::run(&args)?;
             if failed > 0 {
@@ -326,13 +342,27 @@ fn run(cli: Cli, args: &DistillArgs) -> Result<()> {
         }
         Some(Command::Bench(a)) => {
             let args = bench::BenchArgs {
-                arch: a.arch.clone(), batch: a.batch, image_size: a.image_size, num_classes: a.num_classes,
-                small_stem: a.small_stem, steps: a.steps, warmup: a.warmup, device,
+                arch: a.arch.clone(),
+                batch: a.batch,
+                image_size: a.image_size,
+                num_classes: a.num_classes,
+                small_stem: a.small_stem,
+                steps: a.steps,
+                warmup: a.warmup,
+                device,
             };
             let r = bench::run(&args)?;
             let ms: Vec<String> = r.step_ms.iter().map(|t| format!("{t:.1}")).collect();
-            println!("{} batch {} {}px {} classes on {device}: {:.1} images/s (median step {:.1} ms; steps: {} ms)",
-                a.arch, a.batch, a.image_size, a.num_classes, r.images_per_sec, a.batch as f64 * 1e3 / r.images_per_sec, ms.join(", "));
+            println!(
+                "{} batch {} {}px {} classes on {device}: {:.1} images/s (median step {:.1} ms; steps: {} ms)",
+                a.arch,
+                a.batch,
+                a.image_size,
+                a.num_classes,
+                r.images_per_sec,
+                a.batch as f64 * 1e3 / r.images_per_sec,
+                ms.join(", ")
+            );
             Ok(())
         }
         Some(Command::Summarize(a)) => {

@@ -110,7 +110,11 @@ pub fn run(args: &DoctorArgs) -> Verdict {
         Ok(lines) => lines.iter().for_each(|l| row("", l)),
         Err(e) => return Verdict::Unusable(format!("a computation on {device} failed: {e}")),
     }
-    if missing.is_empty() { Verdict::Ready } else { Verdict::Missing(missing) }
+    if missing.is_empty() {
+        Verdict::Ready
+    } else {
+        Verdict::Missing(missing)
+    }
 }
 
 /// Element-wise kernels and a GEMM on `device`, against the CPU: what passed, or why not.

@@ -7,10 +7,10 @@ use crate::data::synthetic::{self, SyntheticSpec};
 use crate::data::Dataset;
 use crate::models::{build, Classifier};
 use crate::parallel::{Collective, NcclGroup, ThreadGroup};
+use crate::pipeline::checkpoint_dir::CheckpointDir;
 use crate::pipeline::config::Config;
 use crate::pipeline::distill::{self, Distiller};
 use crate::pipeline::eval::{evaluate, Evaluation};
-use crate::pipeline::checkpoint_dir::CheckpointDir;
 use crate::pipeline::report::{plot_panels, print_table, MetricsLog, Panel};
 use crate::pipeline::run_dir::{Mode, RunDir};
 use crate::pipeline::teacher::train_classifier;
@@ -41,7 +41,15 @@ pub fn prepare_data(cfg: &Config) -> Result<Dataset> {
     let dir = cfg.workdir.join("data").join(format!("synthetic-birds-{}c-{}px-seed{}", d.num_classes, d.image_size, cfg.seed));
     let t0 = Instant::now();
     let ds = synthetic::ensure(&spec, &dir)?;
-    eprintln!("{:>14} {} ({} classes, {} train / {} test images) in {:.1}s", "data", dir.display(), ds.num_classes(), ds.train.len(), ds.test.len(), t0.elapsed().as_secs_f32());
+    eprintln!(
+        "{:>14} {} ({} classes, {} train / {} test images) in {:.1}s",
+        "data",
+        dir.display(),
+        ds.num_classes(),
+        ds.train.len(),
+        ds.test.len(),
+        t0.elapsed().as_secs_f32()
+    );
     Ok(ds)
 }
 
@@ -58,7 +66,14 @@ pub fn teacher_training_set(cfg: &Config, ds: &Dataset) -> Result<Dataset> {
     if d.dataset != "synthetic" {
         bail!("teacher.extra_train_per_class = {extra}: extra training images exist for the synthetic set only (data.dataset = {:?})", d.dataset);
     }
-    let spec = SyntheticSpec { num_classes: d.num_classes, train_per_class: extra, test_per_class: 0, image_size: d.image_size as u32, seed: cfg.seed, image_stream: 2 };
+    let spec = SyntheticSpec {
+        num_classes: d.num_classes,
+        train_per_class: extra,
+        test_per_class: 0,
+        image_size: d.image_size as u32,
+        seed: cfg.seed,
+        image_stream: 2,
+    };
     let dir = cfg.workdir.join("data").join(format!("synthetic-birds-{}c-{}px-seed{}-extra{extra}", d.num_classes, d.image_size, cfg.seed));
     let more = synthetic::ensure(&spec, &dir)?;
     if more.classes != ds.classes {
@@ -119,7 +134,9 @@ pub fn prepare_teacher(cfg: &Config, ds: &Dataset, device: Device, log: &mut Met
 
 /// Where a teacher trained with `teacher.ema_decay` keeps its last (not averaged)
 /// weights: `<key>.last.safetensors` beside `<key>.safetensors`.
-pub fn last_weights_path(teacher: &Path) -> PathBuf { teacher.with_extension("last.safetensors") }
+pub fn last_weights_path(teacher: &Path) -> PathBuf {
+    teacher.with_extension("last.safetensors")
+}
 
 /// Options of a distillation run.
 #[derive(Clone, Debug, Default)]
@@ -332,5 +349,9 @@ pub fn print_summary(s: &JobSummary, num_classes: usize) {
     if let Some(a) = s.eval.agreement {
         println!("teacher-student agreement on the test split: {a:.2}%");
     }
-    println!("time: {:.1}s; outputs in {} (metrics.jsonl, config.toml, losses_*.png, accuracy.png, images/, checkpoint/, student.safetensors)", s.seconds, s.run_dir.display());
+    println!(
+        "time: {:.1}s; outputs in {} (metrics.jsonl, config.toml, losses_*.png, accuracy.png, images/, checkpoint/, student.safetensors)",
+        s.seconds,
+        s.run_dir.display()
+    );
 }

@@ -2,8 +2,8 @@
 //! evaluation transform, as text or JSON lines.
 
 use crate::checkpoint::load_model;
-use crate::data::transforms::eval_transform;
 use crate::data::load_rgb;
+use crate::data::transforms::eval_transform;
 use crate::models::{build, Classifier};
 use crate::rng::Rng;
 use crate::{no_grad, Device, Result, Tensor};
@@ -55,7 +55,8 @@ pub fn run(args: &PredictArgs) -> Result<usize> {
     for path in &args.images {
         match predict_one(model.as_ref(), path, args.image_size, args.device) {
             Ok(p) if args.json => {
-                let v = serde_json::json!({"image": path, "logits": p.logits, "top5": p.top5.iter().map(|(c, q)| serde_json::json!([c, q])).collect::<Vec<_>>()});
+                let v =
+                    serde_json::json!({"image": path, "logits": p.logits, "top5": p.top5.iter().map(|(c, q)| serde_json::json!([c, q])).collect::<Vec<_>>()});
                 println!("{v}");
             }
             Ok(p) => {

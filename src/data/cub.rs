@@ -54,7 +54,11 @@ pub fn open(root: &Path) -> Result<Dataset> {
             return Err(line_error(&images_txt, *line, format!("image id {id} has no line in train_test_split.txt")));
         };
         let sample = Sample { path: root.join("images").join(rel), label: class - 1 };
-        if is_train { train.push(sample) } else { test.push(sample) }
+        if is_train {
+            train.push(sample)
+        } else {
+            test.push(sample)
+        }
     }
     check_exist(&train)?;
     check_exist(&test)?;
@@ -78,17 +82,11 @@ fn parse_classes(path: &Path) -> Result<Vec<String>> {
 }
 
 /// Parses "<id> <value>" lines into (line number, id, value), rejecting duplicate ids.
-fn parse_pairs<T>(
-    path: &Path,
-    form: &str,
-    value: impl Fn(&str) -> Option<T>,
-) -> Result<Vec<(usize, usize, T)>> {
+fn parse_pairs<T>(path: &Path, form: &str, value: impl Fn(&str) -> Option<T>) -> Result<Vec<(usize, usize, T)>> {
     let mut seen = HashMap::new();
     let mut out = Vec::new();
     for (line, text) in read_lines(path)? {
-        let parsed = text
-            .split_once(char::is_whitespace)
-            .and_then(|(id, rest)| Some((id.parse::<usize>().ok()?, value(rest.trim())?)));
+        let parsed = text.split_once(char::is_whitespace).and_then(|(id, rest)| Some((id.parse::<usize>().ok()?, value(rest.trim())?)));
         let Some((id, v)) = parsed else {
             return Err(line_error(path, line, format!("expected `{form}`, got `{text}`")));
         };

@@ -76,7 +76,11 @@ impl Loader {
     /// Batches per epoch (before any lenient skipping).
     pub fn len(&self) -> usize {
         let (n, b) = (self.samples.len(), self.cfg.batch_size);
-        if self.cfg.drop_last { n / b } else { n.div_ceil(b) }
+        if self.cfg.drop_last {
+            n / b
+        } else {
+            n.div_ceil(b)
+        }
     }
 
     pub fn is_empty(&self) -> bool {

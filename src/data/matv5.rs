@@ -37,7 +37,10 @@ pub enum Value {
     /// Elements in column-major order.
     Cell(Vec<Value>),
     /// `elems[i][f]` is field `fields[f]` of element i (column-major).
-    Struct { fields: Vec<String>, elems: Vec<Vec<Value>> },
+    Struct {
+        fields: Vec<String>,
+        elems: Vec<Vec<Value>>,
+    },
 }
 
 impl Value {
@@ -134,7 +137,11 @@ impl<'a> Reader<'a> {
 
     /// Like `element`, but an array with no data may also omit the element entirely.
     fn element_or_empty(&mut self) -> Res<(u32, &'a [u8])> {
-        if self.pos >= self.b.len() { Ok((MI_UINT8, &[])) } else { self.element() }
+        if self.pos >= self.b.len() {
+            Ok((MI_UINT8, &[]))
+        } else {
+            self.element()
+        }
     }
 
     /// Next data element as (type, payload). Handles the 4-byte "small element" form
@@ -201,13 +208,8 @@ fn matrix(d: &[u8], big: bool) -> Res<Option<(String, Value)>> {
             let (_, len) = r.element()?;
             let len = *numbers(MI_INT32, len, big)?.first().ok_or("missing field name length")? as usize;
             let (_, names) = r.element()?;
-            let fields: Vec<String> = names
-                .chunks(len.max(1))
-                .map(|c| String::from_utf8_lossy(c).trim_end_matches('\0').to_string())
-                .collect();
-            let elems = (0..count)
-                .map(|_| fields.iter().map(|_| sub_matrix(&mut r)).collect::<Res<Vec<_>>>())
-                .collect::<Res<_>>()?;
+            let fields: Vec<String> = names.chunks(len.max(1)).map(|c| String::from_utf8_lossy(c).trim_end_matches('\0').to_string()).collect();
+            let elems = (0..count).map(|_| fields.iter().map(|_| sub_matrix(&mut r)).collect::<Res<Vec<_>>>()).collect::<Res<_>>()?;
             Value::Struct { fields, elems }
         }
         MX_CHAR => {

@@ -107,12 +107,7 @@ fn jpeg_complete(b: &[u8]) -> bool {
 /// Reads a text file as (1-based line number, trimmed line) pairs, skipping blank lines.
 fn read_lines(path: &Path) -> Result<Vec<(usize, String)>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    Ok(text
-        .lines()
-        .enumerate()
-        .map(|(i, l)| (i + 1, l.trim().to_string()))
-        .filter(|(_, l)| !l.is_empty())
-        .collect())
+    Ok(text.lines().enumerate().map(|(i, l)| (i + 1, l.trim().to_string())).filter(|(_, l)| !l.is_empty()).collect())
 }
 
 /// An error for `line` of `path`, in the "file line N: what" form users grep for.

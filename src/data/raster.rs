@@ -77,9 +77,9 @@ impl Shape {
                 ((c.0 - r, c.1 - r), (c.0 + r, c.1 + r))
             }
             Shape::Cap { c, r, .. } => ((c.0 - r, c.1 - r), (c.0 + r, c.1 + r)),
-            Shape::Polygon(pts) => pts.iter().fold(((f32::MAX, f32::MAX), (f32::MIN, f32::MIN)), |(lo, hi), &(x, y)| {
-                ((lo.0.min(x), lo.1.min(y)), (hi.0.max(x), hi.1.max(y)))
-            }),
+            Shape::Polygon(pts) => {
+                pts.iter().fold(((f32::MAX, f32::MAX), (f32::MIN, f32::MIN)), |(lo, hi), &(x, y)| ((lo.0.min(x), lo.1.min(y)), (hi.0.max(x), hi.1.max(y))))
+            }
         }
     }
 }
@@ -109,7 +109,10 @@ impl Canvas {
         let clampx = |v: f32| (v.max(0.0) as usize).min(self.w);
         let clampy = |v: f32| (v.max(0.0) as usize).min(self.h);
         let lo = (clampx(corners.iter().map(|p| p.0).fold(f32::MAX, f32::min).floor()), clampy(corners.iter().map(|p| p.1).fold(f32::MAX, f32::min).floor()));
-        let hi = (clampx(corners.iter().map(|p| p.0).fold(f32::MIN, f32::max).ceil() + 1.0), clampy(corners.iter().map(|p| p.1).fold(f32::MIN, f32::max).ceil() + 1.0));
+        let hi = (
+            clampx(corners.iter().map(|p| p.0).fold(f32::MIN, f32::max).ceil() + 1.0),
+            clampy(corners.iter().map(|p| p.1).fold(f32::MIN, f32::max).ceil() + 1.0),
+        );
         let to_local = to_canvas.inverse();
         for y in lo.1..hi.1 {
             for x in lo.0..hi.0 {

@@ -36,7 +36,9 @@ pub struct SyntheticSpec {
     pub image_stream: u64,
 }
 
-fn own_images() -> u64 { 1 }
+fn own_images() -> u64 {
+    1
+}
 
 impl Default for SyntheticSpec {
     fn default() -> Self {
@@ -101,11 +103,21 @@ fn choose_classes(n: usize, rng: &mut Rng) -> Vec<Parts> {
 fn class_name(p: &Parts) -> String {
     let (len, colour) = (if p[0] >= 3 { "Long" } else { "Short" }, BILL[p[0] as usize % 3].1);
     let mut words = vec![format!("{len}_{colour}_bill")];
-    if p[1] > 0 { words.push(format!("{}_bar", BAR[p[1] as usize - 1].1)) }
-    if p[2] > 0 { words.push(format!("{}_eyering", RING[p[2] as usize - 1].1)) }
-    if p[3] > 0 { words.push(format!("{}_crown", CROWN[p[3] as usize - 1].1)) }
-    if p[4] > 0 { words.push(["Spotted_breast", "Yellow_breast"][p[4] as usize - 1].to_string()) }
-    if p[5] > 0 { words.push("White_tail".to_string()) }
+    if p[1] > 0 {
+        words.push(format!("{}_bar", BAR[p[1] as usize - 1].1))
+    }
+    if p[2] > 0 {
+        words.push(format!("{}_eyering", RING[p[2] as usize - 1].1))
+    }
+    if p[3] > 0 {
+        words.push(format!("{}_crown", CROWN[p[3] as usize - 1].1))
+    }
+    if p[4] > 0 {
+        words.push(["Spotted_breast", "Yellow_breast"][p[4] as usize - 1].to_string())
+    }
+    if p[5] > 0 {
+        words.push("White_tail".to_string())
+    }
     words.join("_")
 }
 

@@ -13,8 +13,7 @@ use crate::rng::Rng;
 use crate::{ConvOpts, Device, Result, Tensor};
 
 /// (expansion t, output channels c, blocks n, first stride s), torchvision's table.
-const SETTINGS: [(usize, usize, usize, usize); 7] =
-    [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)];
+const SETTINGS: [(usize, usize, usize, usize); 7] = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)];
 const LAST_CHANNELS: usize = 1280;
 /// Indices in `features` whose outputs are the stages.
 const STAGE_ENDS: [usize; 4] = [3, 6, 13, 18];
@@ -36,7 +35,11 @@ impl ConvBn {
 
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let y = self.bn.forward(&self.conv.forward(x)?, ctx)?;
-        if self.relu6 { y.clamp(0.0, 6.0) } else { Ok(y) }
+        if self.relu6 {
+            y.clamp(0.0, 6.0)
+        } else {
+            Ok(y)
+        }
     }
 }
 
@@ -64,7 +67,11 @@ impl InvertedResidual {
         for layer in &self.layers {
             y = layer.forward(&y, ctx)?;
         }
-        if self.residual { x.add(&y) } else { Ok(y) }
+        if self.residual {
+            x.add(&y)
+        } else {
+            Ok(y)
+        }
     }
 }
 
@@ -126,10 +133,18 @@ impl Module for MobileNetV2 {
 }
 
 impl Classifier for MobileNetV2 {
-    fn arch(&self) -> &'static str { "mobilenet_v2" }
-    fn num_classes(&self) -> usize { self.classifier.weight.dims()[0] }
-    fn stage_channels(&self) -> Vec<usize> { vec![24, 32, 96, LAST_CHANNELS] }
-    fn feature_dim(&self) -> usize { LAST_CHANNELS }
+    fn arch(&self) -> &'static str {
+        "mobilenet_v2"
+    }
+    fn num_classes(&self) -> usize {
+        self.classifier.weight.dims()[0]
+    }
+    fn stage_channels(&self) -> Vec<usize> {
+        vec![24, 32, 96, LAST_CHANNELS]
+    }
+    fn feature_dim(&self) -> usize {
+        LAST_CHANNELS
+    }
 
     fn forward_ctx(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Features> {
         let mut x = self.first.forward(x, ctx)?;

@@ -53,10 +53,14 @@ pub trait Classifier: Module + Send + Sync {
     fn forward_ctx(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Features>;
 
     /// Forward with BatchNorm inputs recorded: what distillation needs.
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Features> { self.forward_ctx(x, &mut Ctx::recording(train)) }
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Features> {
+        self.forward_ctx(x, &mut Ctx::recording(train))
+    }
 
     /// Logits only, nothing recorded: for evaluation.
-    fn logits(&self, x: &Tensor, train: bool) -> Result<Tensor> { Ok(self.forward_ctx(x, &mut Ctx::new(train))?.logits) }
+    fn logits(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.forward_ctx(x, &mut Ctx::new(train))?.logits)
+    }
 }
 
 /// Builds an architecture by name with freshly initialised weights (on the CPU).

@@ -84,7 +84,15 @@ impl ResNet {
     /// A BasicBlock ResNet: a stem of `stem_width` channels, then stage `s` with
     /// `depths[s]` blocks of `widths[s]` channels (stride 2 at the start of every stage
     /// but the first), global average pooling and a linear classifier.
-    pub fn new(arch: &'static str, stem_width: usize, widths: &[usize], depths: &[usize], num_classes: usize, small_stem: bool, rng: &mut Rng) -> Result<ResNet> {
+    pub fn new(
+        arch: &'static str,
+        stem_width: usize,
+        widths: &[usize],
+        depths: &[usize],
+        num_classes: usize,
+        small_stem: bool,
+        rng: &mut Rng,
+    ) -> Result<ResNet> {
         let conv1 = stem_conv(stem_width, small_stem, rng)?;
         let bn1 = BatchNorm2d::new(stem_width)?;
         let mut c_in = stem_width;
@@ -131,10 +139,18 @@ impl Module for ResNet {
 }
 
 impl Classifier for ResNet {
-    fn arch(&self) -> &'static str { self.arch }
-    fn num_classes(&self) -> usize { self.fc.weight.dims()[0] }
-    fn stage_channels(&self) -> Vec<usize> { self.widths.clone() }
-    fn feature_dim(&self) -> usize { *self.widths.last().unwrap() }
+    fn arch(&self) -> &'static str {
+        self.arch
+    }
+    fn num_classes(&self) -> usize {
+        self.fc.weight.dims()[0]
+    }
+    fn stage_channels(&self) -> Vec<usize> {
+        self.widths.clone()
+    }
+    fn feature_dim(&self) -> usize {
+        *self.widths.last().unwrap()
+    }
 
     fn forward_ctx(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Features> {
         let mut x = self.bn1.forward(&self.conv1.forward(x)?, ctx)?.relu()?;

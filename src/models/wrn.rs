@@ -110,10 +110,18 @@ impl Module for WideResNet {
 }
 
 impl Classifier for WideResNet {
-    fn arch(&self) -> &'static str { self.arch }
-    fn num_classes(&self) -> usize { self.fc.weight.dims()[0] }
-    fn stage_channels(&self) -> Vec<usize> { self.widths.to_vec() }
-    fn feature_dim(&self) -> usize { self.widths[2] }
+    fn arch(&self) -> &'static str {
+        self.arch
+    }
+    fn num_classes(&self) -> usize {
+        self.fc.weight.dims()[0]
+    }
+    fn stage_channels(&self) -> Vec<usize> {
+        self.widths.to_vec()
+    }
+    fn feature_dim(&self) -> usize {
+        self.widths[2]
+    }
 
     fn forward_ctx(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Features> {
         let mut x = self.conv1.forward(x)?;

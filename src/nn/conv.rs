@@ -34,7 +34,9 @@ impl Conv2d {
         Ok(Conv2d { weight: param(weight)?, bias: bias.map(param).transpose()?, opts })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> { self.forward_with_weight(x, &self.weight) }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with_weight(x, &self.weight)
+    }
 
     /// The same convolution with another weight (spectral norm substitutes `W / sigma`).
     pub fn forward_with_weight(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -69,7 +71,9 @@ impl ConvTranspose2d {
         Ok(ConvTranspose2d { weight: param(weight)?, bias, opts, output_padding: (output_padding, output_padding) })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> { self.forward_with_weight(x, &self.weight) }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with_weight(x, &self.weight)
+    }
 
     pub fn forward_with_weight(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         x.conv_transpose2d(w, self.bias.as_ref(), self.opts, self.output_padding)

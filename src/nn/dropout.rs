@@ -13,7 +13,9 @@ pub struct Dropout {
 }
 
 impl Dropout {
-    pub fn new(p: f32, rng: &mut Rng) -> Dropout { Dropout { p, rng: Mutex::new(Rng::new(rng.next_u64())) } }
+    pub fn new(p: f32, rng: &mut Rng) -> Dropout {
+        Dropout { p, rng: Mutex::new(Rng::new(rng.next_u64())) }
+    }
 
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         if !ctx.train || self.p == 0.0 {

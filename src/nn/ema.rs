@@ -32,7 +32,9 @@ pub fn ema_update(avg: &dyn Module, live: &dyn Module, momentum: f32) -> Result<
 }
 
 /// Makes `dst` an exact copy of `src` (same architecture): weights, buffers, counters.
-pub fn copy_state(dst: &dyn Module, src: &dyn Module) -> Result<()> { ema_update(dst, src, 0.0) }
+pub fn copy_state(dst: &dyn Module, src: &dyn Module) -> Result<()> {
+    ema_update(dst, src, 0.0)
+}
 
 fn copy_counters(dst: &dyn Module, src: &dyn Module) {
     let mut values = vec![];

@@ -7,10 +7,14 @@ use crate::{Device, Result, Tensor};
 /// `fan_in` as PyTorch computes it: `shape[1] * prod(shape[2..])`. For conv weights
 /// `[c_out, c_in/g, k, k]` that is `c_in/g * k * k`; for a transposed conv's
 /// `[c_in, c_out/g, k, k]` PyTorch also reads dim 1, i.e. `c_out/g * k * k`.
-pub fn fan_in(shape: &[usize]) -> usize { shape[1] * shape[2..].iter().product::<usize>() }
+pub fn fan_in(shape: &[usize]) -> usize {
+    shape[1] * shape[2..].iter().product::<usize>()
+}
 
 /// `fan_out` as PyTorch computes it: `shape[0] * prod(shape[2..])` (no division by groups).
-pub fn fan_out(shape: &[usize]) -> usize { shape[0] * shape[2..].iter().product::<usize>() }
+pub fn fan_out(shape: &[usize]) -> usize {
+    shape[0] * shape[2..].iter().product::<usize>()
+}
 
 /// A leaf that requires grad.
 pub fn param(t: Tensor) -> Result<Tensor> {

@@ -23,9 +23,13 @@ impl Linear {
         Ok(Linear { weight: param(weight)?, bias: bias.map(param).transpose()? })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> { self.forward_with_weight(x, &self.weight) }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with_weight(x, &self.weight)
+    }
 
-    pub fn forward_with_weight(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> { x.linear(w, self.bias.as_ref()) }
+    pub fn forward_with_weight(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        x.linear(w, self.bias.as_ref())
+    }
 }
 
 impl Module for Linear {

@@ -49,14 +49,24 @@ pub enum Slot<'a> {
 pub struct Counter(AtomicU64);
 
 impl Counter {
-    pub fn get(&self) -> u64 { self.0.load(Ordering::Relaxed) }
-    pub fn set(&self, v: u64) { self.0.store(v, Ordering::Relaxed) }
-    pub fn increment(&self) { self.0.fetch_add(1, Ordering::Relaxed); }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed)
+    }
+    pub fn increment(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// `prefix.name`, or `name` at the root: how PyTorch builds state_dict keys.
 pub fn join(prefix: &str, name: &str) -> String {
-    if prefix.is_empty() { name.to_string() } else { format!("{prefix}.{name}") }
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
 }
 
 /// Anything that owns named tensors. Implementations only list their state in
@@ -135,11 +145,19 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    pub fn new(train: bool) -> Ctx { Ctx { train, ..Ctx::default() } }
-    pub fn train() -> Ctx { Ctx::new(true) }
-    pub fn eval() -> Ctx { Ctx::new(false) }
+    pub fn new(train: bool) -> Ctx {
+        Ctx { train, ..Ctx::default() }
+    }
+    pub fn train() -> Ctx {
+        Ctx::new(true)
+    }
+    pub fn eval() -> Ctx {
+        Ctx::new(false)
+    }
     /// A context that also records BatchNorm inputs.
-    pub fn recording(train: bool) -> Ctx { Ctx { train, recording: true, ..Ctx::default() } }
+    pub fn recording(train: bool) -> Ctx {
+        Ctx { train, recording: true, ..Ctx::default() }
+    }
 
     /// Called by `BatchNorm2d::forward` with its input and its running statistics.
     pub fn record_bn(&mut self, input: &Tensor, running_mean: &Tensor, running_var: &Tensor) {

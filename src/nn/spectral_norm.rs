@@ -27,23 +27,41 @@ pub trait Weighted: Module {
 
 impl Weighted for Conv2d {
     const DIM: usize = 0;
-    fn weight(&self) -> &Tensor { &self.weight }
-    fn bias(&self) -> Option<&Tensor> { self.bias.as_ref() }
-    fn forward_with_weight(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> { Conv2d::forward_with_weight(self, x, w) }
+    fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+    fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+    fn forward_with_weight(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        Conv2d::forward_with_weight(self, x, w)
+    }
 }
 
 impl Weighted for ConvTranspose2d {
     const DIM: usize = 1;
-    fn weight(&self) -> &Tensor { &self.weight }
-    fn bias(&self) -> Option<&Tensor> { self.bias.as_ref() }
-    fn forward_with_weight(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> { ConvTranspose2d::forward_with_weight(self, x, w) }
+    fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+    fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+    fn forward_with_weight(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        ConvTranspose2d::forward_with_weight(self, x, w)
+    }
 }
 
 impl Weighted for Linear {
     const DIM: usize = 0;
-    fn weight(&self) -> &Tensor { &self.weight }
-    fn bias(&self) -> Option<&Tensor> { self.bias.as_ref() }
-    fn forward_with_weight(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> { Linear::forward_with_weight(self, x, w) }
+    fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+    fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+    fn forward_with_weight(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        Linear::forward_with_weight(self, x, w)
+    }
 }
 
 pub struct SpectralNorm<L: Weighted> {

@@ -14,14 +14,28 @@ pub struct ConvOpts {
 }
 
 impl Default for ConvOpts {
-    fn default() -> Self { ConvOpts { stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1 } }
+    fn default() -> Self {
+        ConvOpts { stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1 }
+    }
 }
 
 impl ConvOpts {
-    pub fn stride(mut self, s: usize) -> Self { self.stride = (s, s); self }
-    pub fn padding(mut self, p: usize) -> Self { self.padding = (p, p); self }
-    pub fn dilation(mut self, d: usize) -> Self { self.dilation = (d, d); self }
-    pub fn groups(mut self, g: usize) -> Self { self.groups = g; self }
+    pub fn stride(mut self, s: usize) -> Self {
+        self.stride = (s, s);
+        self
+    }
+    pub fn padding(mut self, p: usize) -> Self {
+        self.padding = (p, p);
+        self
+    }
+    pub fn dilation(mut self, d: usize) -> Self {
+        self.dilation = (d, d);
+        self
+    }
+    pub fn groups(mut self, g: usize) -> Self {
+        self.groups = g;
+        self
+    }
 }
 
 /// The params of a convolution of `x` by a weight `w`. Only the channel counts are
@@ -30,8 +44,17 @@ impl ConvOpts {
 fn conv_params(x: [usize; 4], w: [usize; 4], c_out: usize, c_in_w: usize, o: &ConvOpts) -> Result<Conv2dParams> {
     let [n, c, h, wi] = x;
     let p = Conv2dParams {
-        batch: n, c_in: c, h_in: h, w_in: wi, c_out, kh: w[2], kw: w[3],
-        stride: o.stride, padding: o.padding, dilation: o.dilation, groups: o.groups,
+        batch: n,
+        c_in: c,
+        h_in: h,
+        w_in: wi,
+        c_out,
+        kh: w[2],
+        kw: w[3],
+        stride: o.stride,
+        padding: o.padding,
+        dilation: o.dilation,
+        groups: o.groups,
     };
     if o.groups == 0 || !c.is_multiple_of(o.groups) || !c_out.is_multiple_of(o.groups) || c / o.groups != c_in_w {
         bail!("conv2d: input channels {c}, weight {w:?} and groups {} do not fit", o.groups);
@@ -51,10 +74,14 @@ impl Tensor {
             let g = g.contiguous()?;
             let gx = if need[0] {
                 Some(Tensor::from_storage(g.storage().conv2d_backward_input(g.layout(), &ws.storage(), ws.layout(), &p)?, &p.input_shape()))
-            } else { None };
+            } else {
+                None
+            };
             let gw = if need[1] {
                 Some(Tensor::from_storage(xs.storage().conv2d_backward_weight(xs.layout(), &g.storage(), g.layout(), &p)?, &p.weight_shape()))
-            } else { None };
+            } else {
+                None
+            };
             Ok(vec![gx, gw])
         });
         match bias {
@@ -89,12 +116,13 @@ impl Tensor {
         let (xs, ws) = (x.clone(), w.clone());
         let y = from_op(s, &p.input_shape(), "conv_transpose2d", &[&x, &w], move |g, need| {
             let g = g.contiguous()?;
-            let gx = if need[0] {
-                Some(Tensor::from_storage(g.storage().conv2d(g.layout(), &ws.storage(), ws.layout(), &p)?, &p.output_shape()))
-            } else { None };
+            let gx =
+                if need[0] { Some(Tensor::from_storage(g.storage().conv2d(g.layout(), &ws.storage(), ws.layout(), &p)?, &p.output_shape())) } else { None };
             let gw = if need[1] {
                 Some(Tensor::from_storage(g.storage().conv2d_backward_weight(g.layout(), &xs.storage(), xs.layout(), &p)?, &p.weight_shape()))
-            } else { None };
+            } else {
+                None
+            };
             Ok(vec![gx, gw])
         });
         match bias {

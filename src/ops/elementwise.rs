@@ -14,18 +14,36 @@ impl Tensor {
         Ok(from_op_saving_output(s, self.dims(), name, &[self], move |y| move |g, _| Ok(vec![Some(grad(&x, &y, g)?)])))
     }
 
-    pub fn neg(&self) -> Result<Tensor> { self.unary(UnaryOp::Neg, "neg", |_, _, g| g.neg()) }
-    pub fn recip(&self) -> Result<Tensor> { self.unary(UnaryOp::Recip, "recip", |_, y, g| g.mul(&y.sqr()?)?.neg()) }
-    pub fn exp(&self) -> Result<Tensor> { self.unary(UnaryOp::Exp, "exp", |_, y, g| g.mul(y)) }
-    pub fn log(&self) -> Result<Tensor> { self.unary(UnaryOp::Log, "log", |x, _, g| g.div(x)) }
-    pub fn sqrt(&self) -> Result<Tensor> { self.unary(UnaryOp::Sqrt, "sqrt", |_, y, g| g.div(&y.affine(2.0, 0.0)?)) }
-    pub fn sqr(&self) -> Result<Tensor> { self.unary(UnaryOp::Sqr, "sqr", |x, _, g| g.mul(&x.affine(2.0, 0.0)?)) }
-    pub fn abs(&self) -> Result<Tensor> { self.unary(UnaryOp::Abs, "abs", |x, _, g| g.mul(&x.map(UnaryOp::Sign)?)) }
-    pub fn relu(&self) -> Result<Tensor> { self.unary(UnaryOp::Relu, "relu", |x, _, g| g.binary(x, BinaryOp::WherePositive)) }
+    pub fn neg(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Neg, "neg", |_, _, g| g.neg())
+    }
+    pub fn recip(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Recip, "recip", |_, y, g| g.mul(&y.sqr()?)?.neg())
+    }
+    pub fn exp(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Exp, "exp", |_, y, g| g.mul(y))
+    }
+    pub fn log(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Log, "log", |x, _, g| g.div(x))
+    }
+    pub fn sqrt(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Sqrt, "sqrt", |_, y, g| g.div(&y.affine(2.0, 0.0)?))
+    }
+    pub fn sqr(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Sqr, "sqr", |x, _, g| g.mul(&x.affine(2.0, 0.0)?))
+    }
+    pub fn abs(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Abs, "abs", |x, _, g| g.mul(&x.map(UnaryOp::Sign)?))
+    }
+    pub fn relu(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Relu, "relu", |x, _, g| g.binary(x, BinaryOp::WherePositive))
+    }
     pub fn sigmoid(&self) -> Result<Tensor> {
         self.unary(UnaryOp::Sigmoid, "sigmoid", |_, y, g| g.mul(&y.mul(&y.affine(-1.0, 1.0)?)?))
     }
-    pub fn tanh(&self) -> Result<Tensor> { self.unary(UnaryOp::Tanh, "tanh", |_, y, g| g.mul(&y.sqr()?.affine(-1.0, 1.0)?)) }
+    pub fn tanh(&self) -> Result<Tensor> {
+        self.unary(UnaryOp::Tanh, "tanh", |_, y, g| g.mul(&y.sqr()?.affine(-1.0, 1.0)?))
+    }
 
     pub fn leaky_relu(&self, slope: f32) -> Result<Tensor> {
         let s = self.storage().unary(self.layout(), UnaryOp::LeakyRelu(slope))?;
@@ -47,8 +65,12 @@ impl Tensor {
         let s = self.storage().unary(self.layout(), UnaryOp::Affine(mul, add))?;
         Ok(from_op(s, self.dims(), "affine", &[self], move |g, _| Ok(vec![Some(g.affine(mul, 0.0)?)])))
     }
-    pub fn scale(&self, s: f32) -> Result<Tensor> { self.affine(s, 0.0) }
-    pub fn add_scalar(&self, a: f32) -> Result<Tensor> { self.affine(1.0, a) }
+    pub fn scale(&self, s: f32) -> Result<Tensor> {
+        self.affine(s, 0.0)
+    }
+    pub fn add_scalar(&self, a: f32) -> Result<Tensor> {
+        self.affine(1.0, a)
+    }
 
     /// A unary map with no gradient (masks and signs used by backward rules).
     pub fn map(&self, op: UnaryOp) -> Result<Tensor> {
@@ -90,12 +112,24 @@ impl Tensor {
         }))
     }
 
-    pub fn add(&self, rhs: &Tensor) -> Result<Tensor> { self.binary(rhs, BinaryOp::Add) }
-    pub fn sub(&self, rhs: &Tensor) -> Result<Tensor> { self.binary(rhs, BinaryOp::Sub) }
-    pub fn mul(&self, rhs: &Tensor) -> Result<Tensor> { self.binary(rhs, BinaryOp::Mul) }
-    pub fn div(&self, rhs: &Tensor) -> Result<Tensor> { self.binary(rhs, BinaryOp::Div) }
-    pub fn maximum(&self, rhs: &Tensor) -> Result<Tensor> { self.binary(rhs, BinaryOp::Max) }
-    pub fn minimum(&self, rhs: &Tensor) -> Result<Tensor> { self.binary(rhs, BinaryOp::Min) }
+    pub fn add(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary(rhs, BinaryOp::Add)
+    }
+    pub fn sub(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary(rhs, BinaryOp::Sub)
+    }
+    pub fn mul(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary(rhs, BinaryOp::Mul)
+    }
+    pub fn div(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary(rhs, BinaryOp::Div)
+    }
+    pub fn maximum(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary(rhs, BinaryOp::Max)
+    }
+    pub fn minimum(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary(rhs, BinaryOp::Min)
+    }
     /// 0/1 comparison (`Eq` or `Gt`), with no gradient.
     pub fn cmp(&self, rhs: &Tensor, op: BinaryOp) -> Result<Tensor> {
         let t = crate::autograd::no_grad(|| self.binary(rhs, op))?;

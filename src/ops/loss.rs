@@ -43,8 +43,12 @@ impl Tensor {
         kl.scale(tau * tau / n)
     }
 
-    pub fn mse(&self, target: &Tensor) -> Result<Tensor> { self.sub(target)?.sqr()?.mean_all() }
-    pub fn l1(&self, target: &Tensor) -> Result<Tensor> { self.sub(target)?.abs()?.mean_all() }
+    pub fn mse(&self, target: &Tensor) -> Result<Tensor> {
+        self.sub(target)?.sqr()?.mean_all()
+    }
+    pub fn l1(&self, target: &Tensor) -> Result<Tensor> {
+        self.sub(target)?.abs()?.mean_all()
+    }
 
     /// `x / max(||x||_2, eps)` along `dim` (PyTorch's `F.normalize`).
     pub fn l2_normalize(&self, dim: usize, eps: f32) -> Result<Tensor> {

@@ -36,13 +36,7 @@ pub(crate) fn from_op(
 /// Like `from_op`, for backward rules that need the result `y` itself (exp, sigmoid...):
 /// `make(y)` builds the closure from a node-less handle on the result's storage, so the
 /// graph holds no cycle.
-pub(crate) fn from_op_saving_output<F>(
-    storage: Storage,
-    shape: &[usize],
-    name: &'static str,
-    inputs: &[&Tensor],
-    make: impl FnOnce(Tensor) -> F,
-) -> Tensor
+pub(crate) fn from_op_saving_output<F>(storage: Storage, shape: &[usize], name: &'static str, inputs: &[&Tensor], make: impl FnOnce(Tensor) -> F) -> Tensor
 where
     F: FnOnce(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
 {
@@ -78,6 +72,5 @@ fn node(
     inputs: &[&Tensor],
     backward: impl FnOnce(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
 ) -> Option<Node> {
-    (is_grad_enabled() && inputs.iter().any(|t| t.tracks_grad()))
-        .then(|| Node::new(name, inputs.iter().map(|t| (*t).clone()).collect(), Box::new(backward)))
+    (is_grad_enabled() && inputs.iter().any(|t| t.tracks_grad())).then(|| Node::new(name, inputs.iter().map(|t| (*t).clone()).collect(), Box::new(backward)))
 }

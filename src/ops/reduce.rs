@@ -14,11 +14,14 @@ impl Tensor {
             kept[d] = 1;
         }
         let s = self.storage().reduce(self.layout(), op, dims)?;
-        let out_shape: Vec<usize> =
-            if keepdim { kept.clone() } else { (0..self.rank()).filter(|d| !dims.contains(d)).map(|d| self.dims()[d]).collect() };
+        let out_shape: Vec<usize> = if keepdim { kept.clone() } else { (0..self.rank()).filter(|d| !dims.contains(d)).map(|d| self.dims()[d]).collect() };
         let x = self.clone();
         let (kept_c, rdims) = (kept.clone(), dims.to_vec());
-        let name = match op { ReduceOp::Sum => "sum", ReduceOp::Max => "max", ReduceOp::Min => "min" };
+        let name = match op {
+            ReduceOp::Sum => "sum",
+            ReduceOp::Max => "max",
+            ReduceOp::Min => "min",
+        };
         let t = from_op(s, &out_shape, name, &[self], move |g, _| {
             let g = g.reshape(&kept_c)?;
             match op {
@@ -36,12 +39,24 @@ impl Tensor {
     }
 
     /// Sum over `dims`; with `keepdim` they stay with size 1.
-    pub fn sum(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> { Ok(self.reduce_op(ReduceOp::Sum, dims, keepdim)?.0) }
-    pub fn max(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> { Ok(self.reduce_op(ReduceOp::Max, dims, keepdim)?.0) }
-    pub fn min(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> { Ok(self.reduce_op(ReduceOp::Min, dims, keepdim)?.0) }
-    pub fn sum_all(&self) -> Result<Tensor> { self.sum(&(0..self.rank()).collect::<Vec<_>>(), false) }
-    pub fn mean_all(&self) -> Result<Tensor> { self.sum_all()?.scale(1.0 / self.elem_count().max(1) as f32) }
-    pub fn max_all(&self) -> Result<Tensor> { self.max(&(0..self.rank()).collect::<Vec<_>>(), false) }
+    pub fn sum(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
+        Ok(self.reduce_op(ReduceOp::Sum, dims, keepdim)?.0)
+    }
+    pub fn max(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
+        Ok(self.reduce_op(ReduceOp::Max, dims, keepdim)?.0)
+    }
+    pub fn min(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
+        Ok(self.reduce_op(ReduceOp::Min, dims, keepdim)?.0)
+    }
+    pub fn sum_all(&self) -> Result<Tensor> {
+        self.sum(&(0..self.rank()).collect::<Vec<_>>(), false)
+    }
+    pub fn mean_all(&self) -> Result<Tensor> {
+        self.sum_all()?.scale(1.0 / self.elem_count().max(1) as f32)
+    }
+    pub fn max_all(&self) -> Result<Tensor> {
+        self.max(&(0..self.rank()).collect::<Vec<_>>(), false)
+    }
 
     pub fn mean(&self, dims: &[usize], keepdim: bool) -> Result<Tensor> {
         let n: usize = dims.iter().map(|&d| self.dims()[d]).product();
@@ -60,8 +75,6 @@ impl Tensor {
     pub fn argmax_last(&self) -> Result<Vec<usize>> {
         let d = *self.dims().last().unwrap_or(&1);
         let v = self.to_vec_f32()?;
-        Ok(v.chunks(d.max(1))
-            .map(|r| r.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0)
-            .collect())
+        Ok(v.chunks(d.max(1)).map(|r| r.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0).collect())
     }
 }

@@ -26,6 +26,10 @@ impl Tensor {
         }))
     }
 
-    pub fn softmax(&self, dim: usize) -> Result<Tensor> { self.softmax_impl(dim, false) }
-    pub fn log_softmax(&self, dim: usize) -> Result<Tensor> { self.softmax_impl(dim, true) }
+    pub fn softmax(&self, dim: usize) -> Result<Tensor> {
+        self.softmax_impl(dim, false)
+    }
+    pub fn log_softmax(&self, dim: usize) -> Result<Tensor> {
+        self.softmax_impl(dim, true)
+    }
 }

@@ -93,7 +93,14 @@ impl Tensor {
     /// Splits dim `dim` into pieces of the given sizes (views).
     pub fn split(&self, dim: usize, sizes: &[usize]) -> Result<Vec<Tensor>> {
         let mut start = 0;
-        sizes.iter().map(|&n| { let t = self.narrow(dim, start, n); start += n; t }).collect()
+        sizes
+            .iter()
+            .map(|&n| {
+                let t = self.narrow(dim, start, n);
+                start += n;
+                t
+            })
+            .collect()
     }
 
     pub fn contiguous(&self) -> Result<Tensor> {

@@ -21,11 +21,7 @@ impl WeightAverage {
         if !(0.0..1.0).contains(&decay) {
             bail!("the weight average's decay must lie in [0, 1), not {decay}");
         }
-        let slots = module
-            .named_tensors()
-            .into_iter()
-            .map(|(name, t, _)| Ok((t.clone(), name, t.to_vec_f32()?)))
-            .collect::<Result<Vec<_>>>()?;
+        let slots = module.named_tensors().into_iter().map(|(name, t, _)| Ok((t.clone(), name, t.to_vec_f32()?))).collect::<Result<Vec<_>>>()?;
         Ok(WeightAverage { decay, updates: 0, slots })
     }
 
@@ -39,7 +35,9 @@ impl WeightAverage {
     }
 
     /// Updates made so far.
-    pub fn updates(&self) -> u64 { self.updates }
+    pub fn updates(&self) -> u64 {
+        self.updates
+    }
 
     /// `average = d * average + (1 - d) * live` for every tensor, `d` = `next_decay()`.
     pub fn update(&mut self) -> Result<()> {
@@ -66,7 +64,9 @@ impl WeightAverage {
     }
 
     /// The held values by state_dict name, in the module's order.
-    pub fn values(&self) -> impl Iterator<Item = (&str, &[f32])> { self.slots.iter().map(|(_, n, v)| (n.as_str(), v.as_slice())) }
+    pub fn values(&self) -> impl Iterator<Item = (&str, &[f32])> {
+        self.slots.iter().map(|(_, n, v)| (n.as_str(), v.as_slice()))
+    }
 }
 
 #[cfg(test)]
@@ -75,7 +75,9 @@ mod tests {
     use crate::nn::BatchNorm2d;
     use crate::Device;
 
-    fn values(m: &dyn Module) -> Vec<Vec<f32>> { m.named_tensors().iter().map(|(_, t, _)| t.to_vec_f32().unwrap()).collect() }
+    fn values(m: &dyn Module) -> Vec<Vec<f32>> {
+        m.named_tensors().iter().map(|(_, t, _)| t.to_vec_f32().unwrap()).collect()
+    }
 
     fn set(bn: &BatchNorm2d, w: [f32; 2], b: [f32; 2], mean: [f32; 2], var: [f32; 2]) {
         for (t, v) in [(&bn.weight, w), (&bn.bias, b), (&bn.running_mean, mean), (&bn.running_var, var)] {

@@ -20,7 +20,9 @@ pub struct ParamGroup {
 }
 
 impl ParamGroup {
-    pub fn new(params: Vec<Tensor>, weight_decay: f32) -> Self { ParamGroup { params, lr_scale: 1.0, weight_decay } }
+    pub fn new(params: Vec<Tensor>, weight_decay: f32) -> Self {
+        ParamGroup { params, lr_scale: 1.0, weight_decay }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -47,10 +49,18 @@ impl Optimizer {
         Optimizer { kind: Kind::Adam { beta1, beta2, eps: 1e-8 }, lr, groups, state: HashMap::new(), steps: 0 }
     }
 
-    pub fn lr(&self) -> f32 { self.lr }
-    pub fn set_lr(&mut self, lr: f32) { self.lr = lr }
-    pub fn steps(&self) -> u32 { self.steps }
-    pub fn params(&self) -> impl Iterator<Item = &Tensor> { self.groups.iter().flat_map(|g| g.params.iter()) }
+    pub fn lr(&self) -> f32 {
+        self.lr
+    }
+    pub fn set_lr(&mut self, lr: f32) {
+        self.lr = lr
+    }
+    pub fn steps(&self) -> u32 {
+        self.steps
+    }
+    pub fn params(&self) -> impl Iterator<Item = &Tensor> {
+        self.groups.iter().flat_map(|g| g.params.iter())
+    }
 
     /// Applies one update to every parameter that has a gradient in `grads`.
     pub fn step(&mut self, grads: &Gradients) -> Result<()> {
@@ -59,11 +69,12 @@ impl Optimizer {
             let lr = self.lr * group.lr_scale;
             let rule = match self.kind {
                 Kind::Sgd { momentum, nesterov } => UpdateRule::Sgd { lr, momentum, weight_decay: group.weight_decay, nesterov },
-                Kind::Adam { beta1, beta2, eps } => {
-                    UpdateRule::Adam { lr, beta1, beta2, eps, weight_decay: group.weight_decay, step: self.steps }
-                }
+                Kind::Adam { beta1, beta2, eps } => UpdateRule::Adam { lr, beta1, beta2, eps, weight_decay: group.weight_decay, step: self.steps },
             };
-            let n_state = match self.kind { Kind::Sgd { .. } => 1, Kind::Adam { .. } => 2 };
+            let n_state = match self.kind {
+                Kind::Sgd { .. } => 1,
+                Kind::Adam { .. } => 2,
+            };
             for p in &group.params {
                 let Some(g) = grads.get(p) else { continue };
                 if g.dims() != p.dims() {
@@ -106,7 +117,10 @@ impl Optimizer {
         if let Some(step) = saved.get("step") {
             self.steps = step.to_scalar()? as u32;
         }
-        let n_state = match self.kind { Kind::Sgd { .. } => 1, Kind::Adam { .. } => 2 };
+        let n_state = match self.kind {
+            Kind::Sgd { .. } => 1,
+            Kind::Adam { .. } => 2,
+        };
         let params: Vec<Tensor> = self.params().cloned().collect();
         for p in params {
             let Some(name) = names.get(&p.id()) else { continue };

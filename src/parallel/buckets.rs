@@ -106,7 +106,9 @@ impl<'g> GradientBuckets<'g> {
     }
 
     /// Buckets started so far: before `finish`, those the backward pass started.
-    pub fn started_during_backward(&self) -> usize { self.started }
+    pub fn started_during_backward(&self) -> usize {
+        self.started
+    }
 
     /// Starts the buckets still waiting (a parameter without a gradient in this pass
     /// leaves its bucket incomplete until here; it must have none on every rank), waits
@@ -133,7 +135,12 @@ impl<'g> GradientBuckets<'g> {
 
 /// The gradients of the scalar `loss`, with each of `params`' averaged over the ranks
 /// in buckets of about `bucket_elems` started during the backward pass.
-pub fn backward_averaged<'a>(loss: &Tensor, params: impl IntoIterator<Item = &'a Tensor>, group: &Arc<dyn Collective>, bucket_elems: usize) -> Result<Gradients> {
+pub fn backward_averaged<'a>(
+    loss: &Tensor,
+    params: impl IntoIterator<Item = &'a Tensor>,
+    group: &Arc<dyn Collective>,
+    bucket_elems: usize,
+) -> Result<Gradients> {
     let mut buckets = GradientBuckets::new(params, group, bucket_elems);
     let mut grads = backward_hooked(loss, seed(loss)?, &mut |leaf, g| buckets.add(leaf, g))?;
     buckets.finish(&mut grads)?;
@@ -143,7 +150,12 @@ pub fn backward_averaged<'a>(loss: &Tensor, params: impl IntoIterator<Item = &'a
 /// Replaces each gradient of `params` in `grads` by its mean over the ranks, after the
 /// backward pass (the parameters' order decides the buckets, so it must be the same on
 /// every rank; a parameter without a gradient is skipped, and must be on every rank).
-pub fn average_gradients<'a>(grads: &mut Gradients, params: impl IntoIterator<Item = &'a Tensor>, group: &Arc<dyn Collective>, bucket_elems: usize) -> Result<()> {
+pub fn average_gradients<'a>(
+    grads: &mut Gradients,
+    params: impl IntoIterator<Item = &'a Tensor>,
+    group: &Arc<dyn Collective>,
+    bucket_elems: usize,
+) -> Result<()> {
     let params: Vec<&Tensor> = params.into_iter().collect();
     let mut buckets = GradientBuckets::new(params.iter().copied(), group, bucket_elems);
     for p in params {
@@ -199,7 +211,9 @@ mod tests {
         }
     }
 
-    fn host(grads: &Gradients, params: &[Tensor]) -> Vec<Vec<f32>> { params.iter().map(|p| grads.get(p).unwrap().to_vec_f32().unwrap()).collect() }
+    fn host(grads: &Gradients, params: &[Tensor]) -> Vec<Vec<f32>> {
+        params.iter().map(|p| grads.get(p).unwrap().to_vec_f32().unwrap()).collect()
+    }
 
     #[test]
     fn buckets_started_during_the_backward_give_the_bits_of_averaging_after_it() {

@@ -49,7 +49,9 @@ pub trait Collective: Send + Sync {
     /// A started call keeps its place in the rank's sequence of calls: the rule above
     /// counts it where it was started. The default makes the call at once (correct,
     /// overlapping nothing).
-    fn start_all_reduce_sum(&self, t: &Tensor) -> Pending { Pending::ready(self.all_reduce_sum(t)) }
+    fn start_all_reduce_sum(&self, t: &Tensor) -> Pending {
+        Pending::ready(self.all_reduce_sum(t))
+    }
     /// Rank `root`'s `t` on every rank.
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor>;
     /// Every rank's `t` concatenated along dim 0 in rank order, on every rank.
@@ -65,13 +67,19 @@ pub struct Pending(Box<dyn FnOnce() -> Result<Tensor> + Send>);
 
 impl Pending {
     /// A call that is already over.
-    pub fn ready(result: Result<Tensor>) -> Pending { Pending(Box::new(move || result)) }
+    pub fn ready(result: Result<Tensor>) -> Pending {
+        Pending(Box::new(move || result))
+    }
 
     /// A call whose result `wait` gets from `f`.
-    pub fn later(f: impl FnOnce() -> Result<Tensor> + Send + 'static) -> Pending { Pending(Box::new(f)) }
+    pub fn later(f: impl FnOnce() -> Result<Tensor> + Send + 'static) -> Pending {
+        Pending(Box::new(f))
+    }
 
     /// The call's result, once every rank has joined it.
-    pub fn wait(self) -> Result<Tensor> { (self.0)() }
+    pub fn wait(self) -> Result<Tensor> {
+        (self.0)()
+    }
 }
 
 thread_local! {
@@ -83,10 +91,14 @@ thread_local! {
 /// global batch's statistics (the default: a step equals one process's), or with the
 /// rank's own share only (`parallel.sync_batch_norm = false`, DDP's default: no
 /// collective per BN layer, but the result depends on the number of ranks).
-pub fn sync_batch_norm() -> bool { SYNC_BATCH_NORM.with(|s| s.get()) }
+pub fn sync_batch_norm() -> bool {
+    SYNC_BATCH_NORM.with(|s| s.get())
+}
 
 /// Sets `sync_batch_norm` for this thread (a rank's distiller does, from its config).
-pub fn set_sync_batch_norm(on: bool) { SYNC_BATCH_NORM.with(|s| s.set(on)) }
+pub fn set_sync_batch_norm(on: bool) {
+    SYNC_BATCH_NORM.with(|s| s.set(on))
+}
 
 /// The group of the rank running on this thread, when it has more than one rank.
 pub fn current() -> Option<Arc<dyn Collective>> {
@@ -101,5 +113,7 @@ pub fn enter(group: Arc<dyn Collective>) -> GroupGuard {
 /// Restores the thread's previous group when dropped.
 pub struct GroupGuard(Option<Arc<dyn Collective>>);
 impl Drop for GroupGuard {
-    fn drop(&mut self) { CURRENT.with(|c| *c.borrow_mut() = self.0.take()) }
+    fn drop(&mut self) {
+        CURRENT.with(|c| *c.borrow_mut() = self.0.take())
+    }
 }

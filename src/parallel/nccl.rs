@@ -25,20 +25,30 @@ impl NcclGroup {
         Ok((0..ordinals.len()).map(|rank| NcclGroup { rank, comms: comms.clone() }).collect())
     }
 
-    fn comm(&self) -> &NcclComm { &self.comms[self.rank] }
+    fn comm(&self) -> &NcclComm {
+        &self.comms[self.rank]
+    }
 
     /// `t` as a contiguous tensor from the start of its own buffer, on this rank's GPU.
     fn packed(&self, t: &Tensor) -> Result<Tensor> {
         if t.device() != Device::Cuda(self.comm().ordinal()) {
             bail!("NCCL rank {} works on cuda:{}, got a tensor on {}", self.rank, self.comm().ordinal(), t.device());
         }
-        if t.is_contiguous() && t.layout().offset() == 0 { Ok(t.clone()) } else { t.deep_copy() }
+        if t.is_contiguous() && t.layout().offset() == 0 {
+            Ok(t.clone())
+        } else {
+            t.deep_copy()
+        }
     }
 }
 
 impl Collective for NcclGroup {
-    fn rank(&self) -> usize { self.rank }
-    fn world(&self) -> usize { self.comms.len() }
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.comms.len()
+    }
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
         let t = self.packed(t)?;
         let s = self.comm().all_reduce_sum(&t.storage(), t.elem_count())?;

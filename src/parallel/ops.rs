@@ -54,7 +54,9 @@ fn global_sums(xs: &[Tensor], dims: impl Fn(&Tensor) -> Vec<usize>, group: &Arc<
 }
 
 /// The axes of `[n, c, ...]` a per-channel statistic reduces.
-fn all_but_channels(x: &Tensor) -> Vec<usize> { (0..x.rank()).filter(|&d| d != 1).collect() }
+fn all_but_channels(x: &Tensor) -> Vec<usize> {
+    (0..x.rank()).filter(|&d| d != 1).collect()
+}
 
 /// Per-channel mean and biased variance of `[n, c, ...]` over the whole global batch
 /// (two passes: the variance is of the centred input, as in `channel_stats`).
@@ -71,8 +73,7 @@ pub fn global_channel_stats_many(xs: &[Tensor], group: &Arc<dyn Collective>) -> 
 
 fn global_channel_stats_counts(xs: &[Tensor], group: &Arc<dyn Collective>) -> Result<Vec<(Tensor, Tensor, f32)>> {
     let bshape = |x: &Tensor| -> Vec<usize> { (0..x.rank()).map(|d| if d == 1 { x.dims()[1] } else { 1 }).collect() };
-    let means: Vec<(Tensor, f32)> =
-        global_sums(xs, all_but_channels, group)?.into_iter().map(|(s, m)| Ok((s.scale(1.0 / m)?, m))).collect::<Result<_>>()?;
+    let means: Vec<(Tensor, f32)> = global_sums(xs, all_but_channels, group)?.into_iter().map(|(s, m)| Ok((s.scale(1.0 / m)?, m))).collect::<Result<_>>()?;
     let squares: Vec<Tensor> = xs.iter().zip(&means).map(|(x, (mean, _))| x.sub(&mean.reshape(&bshape(x))?)?.sqr()).collect::<Result<_>>()?;
     let sq = global_sums(&squares, all_but_channels, group)?;
     means.into_iter().zip(sq).map(|((mean, m), (s, _))| Ok((mean, s.scale(1.0 / m)?, m))).collect()

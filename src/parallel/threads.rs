@@ -117,7 +117,9 @@ impl ThreadGroup {
         self.enqueue(op, t)?.recv().map_err(|_| self.worker_stopped())?
     }
 
-    fn worker_stopped(&self) -> Error { Error::Msg(format!("rank {}: the collectives thread stopped", self.endpoint.rank)) }
+    fn worker_stopped(&self) -> Error {
+        Error::Msg(format!("rank {}: the collectives thread stopped", self.endpoint.rank))
+    }
 
     /// Hands the call to the rank's worker, starting it on first use.
     fn enqueue(&self, op: Op, t: &Tensor) -> Result<mpsc::Receiver<Result<Tensor>>> {
@@ -171,7 +173,8 @@ impl Endpoint {
         let generation = st.generation;
         let round = st.round.get_or_insert_with(|| Round { op, shape: t.dims().to_vec(), parts: vec![None; sh.world], arrived: 0 });
         if round.op != op || round.shape != t.dims() {
-            let why = format!(
+            let why =
+                format!(
                 "collective mismatch: rank {} called {op:?} on shape {:?} while another rank called {:?} on shape {:?} (the ranks must make the same calls)",
                 self.rank, t.dims(), round.op, round.shape
             );
@@ -227,9 +230,15 @@ fn complete(round: Round) -> (Vec<f32>, Vec<usize>) {
 }
 
 impl Collective for ThreadGroup {
-    fn rank(&self) -> usize { self.endpoint.rank }
-    fn world(&self) -> usize { self.endpoint.shared.world }
-    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> { self.call(Op::AllReduceSum, t) }
+    fn rank(&self) -> usize {
+        self.endpoint.rank
+    }
+    fn world(&self) -> usize {
+        self.endpoint.shared.world
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        self.call(Op::AllReduceSum, t)
+    }
     fn start_all_reduce_sum(&self, t: &Tensor) -> Pending {
         match self.enqueue(Op::AllReduceSum, t) {
             Ok(result) => {
@@ -245,7 +254,9 @@ impl Collective for ThreadGroup {
         }
         self.call(Op::Broadcast(root), t)
     }
-    fn all_gather(&self, t: &Tensor) -> Result<Tensor> { self.call(Op::AllGather, t) }
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+        self.call(Op::AllGather, t)
+    }
     fn abort(&self, why: &str) {
         let shared = &self.endpoint.shared;
         let mut st = shared.lock();
@@ -306,7 +317,9 @@ mod tests {
     use super::*;
     use crate::Device;
 
-    fn t(v: &[f32]) -> Tensor { Tensor::from_slice(v, &[v.len()], Device::Cpu).unwrap() }
+    fn t(v: &[f32]) -> Tensor {
+        Tensor::from_slice(v, &[v.len()], Device::Cpu).unwrap()
+    }
 
     #[test]
     fn all_reduce_broadcast_and_gather_agree_on_every_rank() {

@@ -107,7 +107,10 @@ pub fn high_order_attention(f: &Tensor, z: &[Vec<Tensor>], v: &[Conv2d]) -> Resu
             prod = prod.mul(zk)?;
         }
         let a = v[r].forward(&prod.relu()?)?.sigmoid()?;
-        sum = Some(match sum { Some(s) => s.add(&a)?, None => a });
+        sum = Some(match sum {
+            Some(s) => s.add(&a)?,
+            None => a,
+        });
     }
     let Some(sum) = sum else { bail!("high_order_attention: order must be at least 1") };
     sum.scale(1.0 / order as f32)?.mul(f)
@@ -172,7 +175,7 @@ pub fn contrastive_loss(t: &Tensor, s: &Tensor, tau: f32) -> Result<Tensor> {
     let t = t.l2_normalize(1, 1e-12)?;
     let z = Tensor::cat(&[&t, &s.l2_normalize(1, 1e-12)?], 0)?;
     let sim = t.matmul(&z.t()?)?.scale(1.0 / tau)?; // [n, 2n]
-    // mask the anchor's similarity with itself out of the softmax
+                                                    // mask the anchor's similarity with itself out of the softmax
     let mut mask = vec![0f32; n * 2 * n];
     let mut pick = vec![0f32; n * 2 * n];
     for i in 0..n {

@@ -11,7 +11,9 @@ pub struct CheckpointDir {
 }
 
 impl CheckpointDir {
-    pub fn new(run_dir: &Path) -> CheckpointDir { CheckpointDir { dir: run_dir.join("checkpoint") } }
+    pub fn new(run_dir: &Path) -> CheckpointDir {
+        CheckpointDir { dir: run_dir.join("checkpoint") }
+    }
 
     /// The folder of the complete checkpoint, if any. A crash between the two renames
     /// of `save` leaves the previous one at `checkpoint.old`, which is then used.

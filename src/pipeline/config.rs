@@ -50,12 +50,16 @@ pub struct ParallelConfig {
 }
 
 impl Default for ParallelConfig {
-    fn default() -> Self { ParallelConfig { ranks: 1, global_negatives: true, sync_batch_norm: true, bucket_mb: 25.0 } }
+    fn default() -> Self {
+        ParallelConfig { ranks: 1, global_negatives: true, sync_batch_norm: true, bucket_mb: 25.0 }
+    }
 }
 
 impl ParallelConfig {
     /// `bucket_mb` in f32 elements (at least one).
-    pub fn bucket_elems(&self) -> usize { ((self.bucket_mb as f64 * 1024.0 * 1024.0 / 4.0) as usize).max(1) }
+    pub fn bucket_elems(&self) -> usize {
+        ((self.bucket_mb as f64 * 1024.0 * 1024.0 / 4.0) as usize).max(1)
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -228,23 +232,35 @@ pub struct DistillConfig {
 }
 
 impl Default for Config {
-    fn default() -> Self { Config::cpu_demo() }
+    fn default() -> Self {
+        Config::cpu_demo()
+    }
 }
 
 impl Default for DataConfig {
-    fn default() -> Self { Config::cpu_demo().data }
+    fn default() -> Self {
+        Config::cpu_demo().data
+    }
 }
 impl Default for TeacherConfig {
-    fn default() -> Self { Config::cpu_demo().teacher }
+    fn default() -> Self {
+        Config::cpu_demo().teacher
+    }
 }
 impl Default for StudentConfig {
-    fn default() -> Self { Config::cpu_demo().student }
+    fn default() -> Self {
+        Config::cpu_demo().student
+    }
 }
 impl Default for GeneratorConfig {
-    fn default() -> Self { Config::cpu_demo().generator }
+    fn default() -> Self {
+        Config::cpu_demo().generator
+    }
 }
 impl Default for DistillConfig {
-    fn default() -> Self { Config::cpu_demo().distill }
+    fn default() -> Self {
+        Config::cpu_demo().distill
+    }
 }
 
 impl Config {
@@ -255,13 +271,7 @@ impl Config {
             workdir: PathBuf::from("runs"),
             device: "auto".into(),
             seed: 0,
-            data: DataConfig {
-                dataset: "synthetic".into(),
-                num_classes: 10,
-                image_size: 32,
-                train_per_class: 100,
-                test_per_class: 50,
-            },
+            data: DataConfig { dataset: "synthetic".into(), num_classes: 10, image_size: 32, train_per_class: 100, test_per_class: 50 },
             teacher: TeacherConfig {
                 arch: "resnet20".into(),
                 small_stem: true,
@@ -407,9 +417,8 @@ impl Config {
         let mut doc: toml::Value = toml::Value::try_from(&*self).map_err(|e| Error::Msg(e.to_string()))?;
         for s in sets {
             let Some((key, value)) = s.split_once('=') else { bail!("--set `{s}`: expected key=value") };
-            let parsed: toml::Value = toml::from_str(&format!("v = {value}"))
-                .map(|t: toml::Table| t["v"].clone())
-                .unwrap_or_else(|_| toml::Value::String(value.to_string()));
+            let parsed: toml::Value =
+                toml::from_str(&format!("v = {value}")).map(|t: toml::Table| t["v"].clone()).unwrap_or_else(|_| toml::Value::String(value.to_string()));
             let mut node = &mut doc;
             let parts: Vec<&str> = key.trim().split('.').collect();
             for (i, p) in parts.iter().enumerate() {

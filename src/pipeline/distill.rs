@@ -8,7 +8,7 @@
 use super::checkpoint_dir::CheckpointDir;
 use super::config::Config;
 use super::generator::Generator;
-use super::loop_state::{Losses, Loop};
+use super::loop_state::{Loop, Losses};
 use super::methods::{DistillMethod, Setup, Synthesis};
 use super::progress::Progress;
 use super::report::{save_image_grid, MetricsLog};
@@ -111,15 +111,22 @@ impl<'a> Distiller<'a> {
             }
         }
         let local_batch = d.batch_size / world;
-        let lp = Loop { cfg, teacher, student, generator, opt_s, opt_g, schedule, rng, shared_rng: None, iteration: 0, pool: vec![], device, group, local_batch };
+        let lp =
+            Loop { cfg, teacher, student, generator, opt_s, opt_g, schedule, rng, shared_rng: None, iteration: 0, pool: vec![], device, group, local_batch };
         Ok(Distiller { lp, method })
     }
 
     /// This rank in a data-parallel run (0 alone): rank 0 writes logs and checkpoints.
-    pub fn rank(&self) -> usize { self.lp.group.as_ref().map_or(0, |g| g.rank()) }
+    pub fn rank(&self) -> usize {
+        self.lp.group.as_ref().map_or(0, |g| g.rank())
+    }
 
-    pub fn total_iterations(&self) -> usize { self.lp.cfg.distill.epochs * self.lp.cfg.distill.iterations_per_epoch }
-    pub fn iteration(&self) -> usize { self.lp.iteration }
+    pub fn total_iterations(&self) -> usize {
+        self.lp.cfg.distill.epochs * self.lp.cfg.distill.iterations_per_epoch
+    }
+    pub fn iteration(&self) -> usize {
+        self.lp.iteration
+    }
 
     /// One iteration: the synthesis phase, then the student phase. Returns the mean of
     /// each loss over the iteration's steps.
@@ -157,7 +164,8 @@ impl<'a> Distiller<'a> {
         let (Some(g), Some(_)) = (&lp.generator, &lp.opt_g) else { bail!("{} optimises pixels: it has no generator step", lp.cfg.distill.method) };
         let names = generator_side_names(g, self.method.as_ref());
         lp.student.freeze(true)?;
-        let grads = lp.generator_loss(self.method.as_mut(), z, None).and_then(|(loss, _, _)| lp.backward_synced(&loss, lp.opt_g.as_ref().expect("checked above")));
+        let grads =
+            lp.generator_loss(self.method.as_mut(), z, None).and_then(|(loss, _, _)| lp.backward_synced(&loss, lp.opt_g.as_ref().expect("checked above")));
         lp.student.freeze(false)?;
         let grads = grads?;
         let opt_g = lp.opt_g.as_ref().expect("checked above");
@@ -177,7 +185,8 @@ impl<'a> Distiller<'a> {
     /// Every trained weight and buffer by name: the student, the method's modules and
     /// the generator (for checking that data-parallel ranks agree).
     pub fn named_state(&self) -> Vec<(String, Tensor)> {
-        let prefixed = |prefix: &str, m: &dyn Module| -> Vec<(String, Tensor)> { m.named_tensors().into_iter().map(|(n, t, _)| (format!("{prefix}.{n}"), t)).collect() };
+        let prefixed =
+            |prefix: &str, m: &dyn Module| -> Vec<(String, Tensor)> { m.named_tensors().into_iter().map(|(n, t, _)| (format!("{prefix}.{n}"), t)).collect() };
         let mut out = prefixed("student", self.lp.student);
         for (name, m) in own_modules(self.method.as_ref()) {
             out.extend(prefixed(name, m));
@@ -189,7 +198,9 @@ impl<'a> Distiller<'a> {
     }
 
     /// This rank's rows of each pooled batch (alone, the batches), in pool order.
-    pub fn pool_shard(&self) -> &[Tensor] { &self.lp.pool }
+    pub fn pool_shard(&self) -> &[Tensor] {
+        &self.lp.pool
+    }
 
     /// A grid of freshly synthesised images (or the method's latest batch): on a rank,
     /// its own share (rank 0 writes the grids).

@@ -58,7 +58,9 @@ pub struct Loop<'a> {
 
 impl Loop<'_> {
     /// Ranks in the data-parallel group (1 alone).
-    pub fn world(&self) -> usize { self.group.as_ref().map_or(1, |g| g.world()) }
+    pub fn world(&self) -> usize {
+        self.group.as_ref().map_or(1, |g| g.world())
+    }
 
     /// The gradients of `loss` the optimiser applies: this rank's, averaged over the
     /// ranks in buckets overlapped with the backward pass.
@@ -96,7 +98,9 @@ impl Loop<'_> {
 
     /// A student batch of fresh generator output (its BatchNorm in training mode),
     /// detached.
-    pub fn fresh_student_batch(&mut self) -> Result<Tensor> { Ok(no_grad(|| self.fresh_images(true))?.0.detach()) }
+    pub fn fresh_student_batch(&mut self) -> Result<Tensor> {
+        Ok(no_grad(|| self.fresh_images(true))?.0.detach())
+    }
 
     /// Adds a synthesised batch (this rank's share) to the pool, replacing a random one
     /// when it is full: the same one on every rank.
@@ -110,7 +114,9 @@ impl Loop<'_> {
     }
 
     /// The batch pooled last, if any.
-    pub fn last_pooled(&self) -> Option<&Tensor> { self.pool.last() }
+    pub fn last_pooled(&self) -> Option<&Tensor> {
+        self.pool.last()
+    }
 
     /// A student batch of images drawn at random from the whole pool, so that one batch
     /// mixes several generator states. On a rank, its share of the batch, drawn with its
@@ -233,5 +239,7 @@ impl Accumulator {
         }
         self.count += 1;
     }
-    pub fn mean(&self) -> Losses { self.sums.iter().map(|&(n, s)| (n, (s / self.count.max(1) as f64) as f32)).collect() }
+    pub fn mean(&self) -> Losses {
+        self.sums.iter().map(|&(n, s)| (n, (s / self.count.max(1) as f64) as f32)).collect()
+    }
 }

@@ -23,7 +23,10 @@ pub fn bn_loss(t: &Features) -> Result<Tensor> {
     let mut total: Option<Tensor> = None;
     for ((mean, var), (rm, rv)) in stats.iter().zip(&t.bn_running) {
         let l = mean.sub(rm)?.sqr()?.sum_all()?.sqrt()?.add(&var.sub(rv)?.sqr()?.sum_all()?.sqrt()?)?;
-        total = Some(match total { Some(a) => a.add(&l)?, None => l });
+        total = Some(match total {
+            Some(a) => a.add(&l)?,
+            None => l,
+        });
     }
     Ok(total.unwrap())
 }
@@ -119,8 +122,7 @@ impl Mhad {
     /// `t` and `s` are a forward of each network on the same small batch: they decide
     /// whether stages match.
     pub fn new(t: &Features, s: &Features, order: usize, identity_init: bool, normalize: bool, fused: bool, rng: &mut Rng) -> Result<Mhad> {
-        let stages_match = t.stages.len() == s.stages.len()
-            && t.stages.iter().zip(&s.stages).all(|(a, b)| a.dims()[2..] == b.dims()[2..]);
+        let stages_match = t.stages.len() == s.stages.len() && t.stages.iter().zip(&s.stages).all(|(a, b)| a.dims()[2..] == b.dims()[2..]);
         if stages_match {
             let mut adapters = vec![];
             let mut mha = vec![];
@@ -165,7 +167,10 @@ impl Mhad {
                 (false, _) => at.sub(&as_)?.sqr()?.sum_all()?,
             };
             let l = sq_dist.scale(1.0 / (n * c) as f32)?;
-            total = Some(match total { Some(a) => a.add(&l)?, None => l });
+            total = Some(match total {
+                Some(a) => a.add(&l)?,
+                None => l,
+            });
         }
         Ok(total.unwrap())
     }
@@ -231,7 +236,16 @@ impl ProjectionHead {
     pub fn new(d_teacher: usize, d_student: usize, hidden: usize, out: usize, bn: bool, tau: f32, fused: bool, rng: &mut Rng) -> Result<Self> {
         let teacher_in = if d_teacher != d_student { Some(Linear::new(d_teacher, hidden, true, rng)?) } else { None };
         let bn = if bn { Some(BatchNorm2d::new(hidden)?) } else { None };
-        Ok(ProjectionHead { teacher_in, fc1: Linear::new(d_student, hidden, true, rng)?, bn, fc2: Linear::new(hidden, out, true, rng)?, tau, fused, detach_projection: false, global_negatives: true })
+        Ok(ProjectionHead {
+            teacher_in,
+            fc1: Linear::new(d_student, hidden, true, rng)?,
+            bn,
+            fc2: Linear::new(hidden, out, true, rng)?,
+            tau,
+            fused,
+            detach_projection: false,
+            global_negatives: true,
+        })
     }
 
     /// `true` brings back the superseded SFCL that stops the gradient at the teacher's

@@ -118,8 +118,14 @@ pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
 }
 
 const PALETTE: [RGBColor; 8] = [
-    RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40),
-    RGBColor(148, 103, 189), RGBColor(140, 86, 75), RGBColor(227, 119, 194), RGBColor(127, 127, 127),
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
 ];
 /// Every label is set in this font: DejaVu Sans cut down to printable ASCII (10 KB;
 /// licence in assets/fonts/LICENSE), so no system font is looked up.
@@ -204,9 +210,10 @@ fn draw_panel(panel: &Panel, x_label: &str, area: &Area) -> std::result::Result<
     for (k, (name, points)) in panel.series.iter().enumerate() {
         let color = PALETTE[k % PALETTE.len()];
         let line = points.iter().filter(|p| p.1.is_finite()).map(|&(x, y)| (x.round() as i64, y));
-        chart.draw_series(LineSeries::new(line, color.stroke_width(2)))?.label(name.as_str()).legend(move |(x, y)| {
-            PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
-        });
+        chart
+            .draw_series(LineSeries::new(line, color.stroke_width(2)))?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
     }
     for (k, (name, y)) in panel.references.iter().enumerate() {
         let color = if k == 0 { BLACK } else { RGBColor(150, 150, 150) };
@@ -296,7 +303,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("panels.png");
         let loss: Vec<(f32, f32)> = (0..50).map(|i| (i as f32, 1000.0 / (1.0 + i as f32))).collect();
-        let acc = Panel { title: "top-1".into(), series: vec![("student".into(), (1..=7).map(|e| (e as f32, 10.0 * e as f32)).collect())], references: vec![("teacher".into(), 85.0), ("chance".into(), 1.0)] };
+        let acc = Panel {
+            title: "top-1".into(),
+            series: vec![("student".into(), (1..=7).map(|e| (e as f32, 10.0 * e as f32)).collect())],
+            references: vec![("teacher".into(), 85.0), ("chance".into(), 1.0)],
+        };
         plot_panels("a figure", "iteration", &[Panel::single("g_bn", loss), acc], &path).unwrap();
         let img = image::open(&path).unwrap().to_rgb8();
         assert_eq!(img.dimensions(), (800, 640));

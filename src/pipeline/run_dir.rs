@@ -16,10 +16,8 @@ pub const MARKER: &str = ".dfkd-run";
 pub const LOCK: &str = ".dfkd-lock";
 /// What a run writes, and so all that `--overwrite` may remove.
 const OUTPUTS: [&str; 4] = ["checkpoint", "checkpoint.old", "checkpoint.tmp", "images"];
-const OUTPUT_FILES: [&str; 8] = [
-    "metrics.jsonl", "config.toml", "student.safetensors", "losses_student.png", "losses_generator.png", "accuracy.png",
-    "teacher.png", "metrics.jsonl.tmp",
-];
+const OUTPUT_FILES: [&str; 8] =
+    ["metrics.jsonl", "config.toml", "student.safetensors", "losses_student.png", "losses_generator.png", "accuracy.png", "teacher.png", "metrics.jsonl.tmp"];
 
 /// How a run treats an existing folder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,14 +71,17 @@ impl RunDir {
         let lock = lock(path)?;
         let marker = path.join(MARKER);
         if !marker.exists() {
-            std::fs::write(&marker, "a dfkd run folder: dfkd may replace its outputs here (--overwrite)\n")
-                .map_err(|e| Error::io(&marker, e))?;
+            std::fs::write(&marker, "a dfkd run folder: dfkd may replace its outputs here (--overwrite)\n").map_err(|e| Error::io(&marker, e))?;
         }
         Ok(RunDir { path: path.to_path_buf(), mode, _lock: lock })
     }
 
-    pub fn path(&self) -> &Path { &self.path }
-    pub fn mode(&self) -> Mode { self.mode }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
 
     /// For `Overwrite`: removes the previous run's outputs (only the names a run
     /// writes; anything else the user put there stays). Nothing for the other modes.

@@ -34,7 +34,9 @@ pub fn parse_seeds(s: &str) -> Result<Vec<u64>> {
 }
 
 /// The run folder of one seed in a sweep folder.
-pub fn seed_dir(sweep: &Path, seed: u64) -> PathBuf { sweep.join(format!("seed-{seed}")) }
+pub fn seed_dir(sweep: &Path, seed: u64) -> PathBuf {
+    sweep.join(format!("seed-{seed}"))
+}
 
 /// What one finished run scored (its `"phase": "final"` metrics record).
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -51,9 +53,7 @@ pub struct SeedResult {
 pub fn read_result(run_dir: &Path, seed: u64) -> Result<Option<SeedResult>> {
     let records = MetricsLog::read_all(&run_dir.join("metrics.jsonl"))?;
     let Some(r) = records.iter().rev().find(|r| r["phase"] == "final") else { return Ok(None) };
-    let get = |k: &str| {
-        r[k].as_f64().ok_or_else(|| Error::Msg(format!("{}: the final record has no number `{k}`", run_dir.join("metrics.jsonl").display())))
-    };
+    let get = |k: &str| r[k].as_f64().ok_or_else(|| Error::Msg(format!("{}: the final record has no number `{k}`", run_dir.join("metrics.jsonl").display())));
     Ok(Some(SeedResult {
         seed,
         student_top1: get("student_top1")?,
@@ -106,14 +106,13 @@ impl Summary {
 
     /// The mean student top-1 over the teacher's: the paper's measure of how much of
     /// its teacher a data-free student recovers (DFKD-FGVC: 0.74-0.94).
-    pub fn ratio(&self) -> f64 { self.student_top1.mean / self.teacher_top1 }
+    pub fn ratio(&self) -> f64 {
+        self.student_top1.mean / self.teacher_top1
+    }
 
     /// Per-seed rows, then the mean with its 95% interval, as a Markdown table.
     pub fn markdown(&self) -> String {
-        let mut s = format!(
-            "{}: {} seeds, teacher top-1 {:.2}%, student / teacher {:.2}\n\n",
-            self.name, self.seeds.len(), self.teacher_top1, self.ratio()
-        );
+        let mut s = format!("{}: {} seeds, teacher top-1 {:.2}%, student / teacher {:.2}\n\n", self.name, self.seeds.len(), self.teacher_top1, self.ratio());
         s += "| seed | student top-1 % | top-5 % | agreement % | seconds |\n|---|---|---|---|---|\n";
         for r in &self.seeds {
             s += &format!("| {} | {:.2} | {:.2} | {:.2} | {:.0} |\n", r.seed, r.student_top1, r.student_top5, r.agreement, r.seconds);
@@ -146,8 +145,7 @@ pub struct Paired {
 }
 
 pub fn paired(a: &Summary, b: &Summary) -> Option<Paired> {
-    let pairs: Vec<(&SeedResult, &SeedResult)> =
-        a.seeds.iter().filter_map(|ra| b.seeds.iter().find(|rb| rb.seed == ra.seed).map(|rb| (ra, rb))).collect();
+    let pairs: Vec<(&SeedResult, &SeedResult)> = a.seeds.iter().filter_map(|ra| b.seeds.iter().find(|rb| rb.seed == ra.seed).map(|rb| (ra, rb))).collect();
     let diff = |f: fn(&SeedResult) -> f64| Interval::of(&pairs.iter().map(|(x, y)| f(y) - f(x)).collect::<Vec<_>>());
     Some(Paired {
         a: a.name.clone(),
@@ -164,11 +162,18 @@ pub fn paired(a: &Summary, b: &Summary) -> Option<Paired> {
 /// Several variants side by side (mean ± 95% CI), then each one's paired difference
 /// from the first, as Markdown.
 pub fn comparison_markdown(variants: &[Summary]) -> String {
-    let mut s = String::from("| variant | seeds | teacher top-1 % | student top-1 % | student / teacher | top-5 % | agreement % |\n|---|---|---|---|---|---|---|\n");
+    let mut s =
+        String::from("| variant | seeds | teacher top-1 % | student top-1 % | student / teacher | top-5 % | agreement % |\n|---|---|---|---|---|---|---|\n");
     for v in variants {
         s += &format!(
             "| {} | {} | {:.1} | {} | {:.2} | {} | {} |\n",
-            v.name, v.seeds.len(), v.teacher_top1, v.student_top1.show(1), v.ratio(), v.student_top5.show(1), v.agreement.show(1)
+            v.name,
+            v.seeds.len(),
+            v.teacher_top1,
+            v.student_top1.show(1),
+            v.ratio(),
+            v.student_top5.show(1),
+            v.agreement.show(1)
         );
     }
     if variants.len() > 1 {
@@ -180,8 +185,16 @@ pub fn comparison_markdown(variants: &[Summary]) -> String {
                     let star = |i: &Interval| if i.sign() != 0 { " *" } else { "" };
                     s += &format!(
                         "| {} | {} | {}{} | {}{} | {}{} | {} / {} |\n",
-                        v.name, p.seeds.len(), p.student_top1.show(1), star(&p.student_top1), p.student_top5.show(1), star(&p.student_top5),
-                        p.agreement.show(1), star(&p.agreement), p.wins, p.losses
+                        v.name,
+                        p.seeds.len(),
+                        p.student_top1.show(1),
+                        star(&p.student_top1),
+                        p.student_top5.show(1),
+                        star(&p.student_top5),
+                        p.agreement.show(1),
+                        star(&p.agreement),
+                        p.wins,
+                        p.losses
                     );
                 }
                 None => s += &format!("| {} | 0 | no common seed | | | |\n", v.name),

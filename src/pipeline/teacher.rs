@@ -20,9 +20,9 @@ pub struct Trained {
     pub last: Option<WeightAverage>,
 }
 
-/// Trains `model` in place on `device` (moving it there first). With `cfg.ema_decay`
-/// > 0 the model ends holding the moving average of its weights (and BatchNorm
-/// statistics), which is then the trained model.
+/// Trains `model` in place on `device` (moving it there first). With a positive
+/// `cfg.ema_decay` the model ends holding the moving average of its weights (and
+/// BatchNorm statistics), which is then the trained model.
 pub fn train_classifier(
     model: &dyn Classifier,
     ds: &Dataset,

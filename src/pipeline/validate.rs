@@ -19,12 +19,24 @@ impl Checks {
             self.0 = Some(Error::Msg(format!("config: {key} = {value:?} is not allowed: expected {allowed}")));
         }
     }
-    fn positive(&mut self, key: &str, v: usize) { self.check(v > 0, key, v, "at least 1") }
-    fn finite_positive(&mut self, key: &str, v: f32) { self.check(v.is_finite() && v > 0.0, key, v, "a finite number above 0") }
-    fn finite_non_negative(&mut self, key: &str, v: f32) { self.check(v.is_finite() && v >= 0.0, key, v, "a finite number, 0 or more") }
-    fn unit(&mut self, key: &str, v: f32) { self.check((0.0..1.0).contains(&v), key, v, "a number in [0, 1)") }
-    fn arch(&mut self, key: &str, v: &str) { self.check(ARCHS.contains(&v), key, v, &format!("one of {}", ARCHS.join(", "))) }
-    fn done(self) -> Result<()> { self.0.map_or(Ok(()), Err) }
+    fn positive(&mut self, key: &str, v: usize) {
+        self.check(v > 0, key, v, "at least 1")
+    }
+    fn finite_positive(&mut self, key: &str, v: f32) {
+        self.check(v.is_finite() && v > 0.0, key, v, "a finite number above 0")
+    }
+    fn finite_non_negative(&mut self, key: &str, v: f32) {
+        self.check(v.is_finite() && v >= 0.0, key, v, "a finite number, 0 or more")
+    }
+    fn unit(&mut self, key: &str, v: f32) {
+        self.check((0.0..1.0).contains(&v), key, v, "a number in [0, 1)")
+    }
+    fn arch(&mut self, key: &str, v: &str) {
+        self.check(ARCHS.contains(&v), key, v, &format!("one of {}", ARCHS.join(", ")))
+    }
+    fn done(self) -> Result<()> {
+        self.0.map_or(Ok(()), Err)
+    }
 }
 
 /// Whether `s` spells a device (`--device`); opening it is left to the commands that
@@ -40,8 +52,12 @@ impl Config {
         c.check(is_device_name(&self.device), "device", &self.device, "cpu, cuda, cuda:N, cuda-emu or auto");
         let d = &self.data;
         c.check(!d.dataset.trim().is_empty(), "data.dataset", &d.dataset, "\"synthetic\" or a data set folder");
-        c.check(d.image_size >= IMAGE_SIZE_MULTIPLE && d.image_size.is_multiple_of(IMAGE_SIZE_MULTIPLE), "data.image_size", d.image_size,
-                "a multiple of 16 (the generator doubles the size in 4 blocks), at least 16");
+        c.check(
+            d.image_size >= IMAGE_SIZE_MULTIPLE && d.image_size.is_multiple_of(IMAGE_SIZE_MULTIPLE),
+            "data.image_size",
+            d.image_size,
+            "a multiple of 16 (the generator doubles the size in 4 blocks), at least 16",
+        );
         c.check(d.num_classes >= 2, "data.num_classes", d.num_classes, "at least 2");
         if d.dataset == "synthetic" {
             c.check((10..=200).contains(&d.num_classes), "data.num_classes", d.num_classes, "10 to 200 for the synthetic set");
@@ -59,8 +75,12 @@ impl Config {
         c.finite_non_negative("teacher.weight_decay", t.weight_decay);
         c.unit("teacher.label_smoothing", t.label_smoothing);
         c.unit("teacher.ema_decay", t.ema_decay);
-        c.check(t.extra_train_per_class == 0 || d.dataset == "synthetic" || t.weights.is_some(), "teacher.extra_train_per_class",
-                t.extra_train_per_class, "0 unless data.dataset = \"synthetic\" (extra images are drawn for the synthetic set only)");
+        c.check(
+            t.extra_train_per_class == 0 || d.dataset == "synthetic" || t.weights.is_some(),
+            "teacher.extra_train_per_class",
+            t.extra_train_per_class,
+            "0 unless data.dataset = \"synthetic\" (extra images are drawn for the synthetic set only)",
+        );
         let s = &self.student;
         c.arch("student.arch", &s.arch);
         c.finite_positive("student.lr", s.lr);
@@ -68,10 +88,18 @@ impl Config {
         c.finite_non_negative("student.weight_decay", s.weight_decay);
         let g = &self.generator;
         c.positive("generator.z_dim", g.z_dim);
-        c.check(g.channels.len() == 5 && g.channels.iter().all(|&n| n > 0), "generator.channels", &g.channels,
-                "5 channel counts above 0 (the first feature map and each of the 4 blocks)");
-        c.check(g.sam_reduction > 0 && g.channels.iter().skip(1).all(|&n| n >= g.sam_reduction), "generator.sam_reduction", g.sam_reduction,
-                "at least 1 and at most the smallest block's channel count");
+        c.check(
+            g.channels.len() == 5 && g.channels.iter().all(|&n| n > 0),
+            "generator.channels",
+            &g.channels,
+            "5 channel counts above 0 (the first feature map and each of the 4 blocks)",
+        );
+        c.check(
+            g.sam_reduction > 0 && g.channels.iter().skip(1).all(|&n| n >= g.sam_reduction),
+            "generator.sam_reduction",
+            g.sam_reduction,
+            "at least 1 and at most the smallest block's channel count",
+        );
         c.finite_non_negative("generator.sam_lambda", g.sam_lambda);
         c.finite_positive("generator.lr", g.lr);
         c.unit("generator.beta1", g.beta1);
@@ -96,8 +124,12 @@ impl Config {
         for (key, v) in [("distill.gen_target_ce", k.gen_target_ce), ("distill.gen_onehot", k.gen_onehot), ("distill.gen_balance", k.gen_balance)] {
             c.finite_non_negative(key, v);
         }
-        c.check(k.gen_target_ce == 0.0 || g.conditional, "distill.gen_target_ce", k.gen_target_ce,
-                "0 unless generator.conditional = true (an unconditional generator cannot be asked for a class)");
+        c.check(
+            k.gen_target_ce == 0.0 || g.conditional,
+            "distill.gen_target_ce",
+            k.gen_target_ce,
+            "0 unless generator.conditional = true (an unconditional generator cannot be asked for a class)",
+        );
         let (z, m, cm) = (&k.zskd, &k.mad, &k.cmi);
         c.finite_positive("distill.zskd.temperature", z.temperature);
         c.check(!z.betas.is_empty() && z.betas.iter().all(|b| b.is_finite() && *b > 0.0), "distill.zskd.betas", &z.betas, "one or more finite numbers above 0");
@@ -113,8 +145,12 @@ impl Config {
         c.positive("parallel.ranks", p.ranks);
         c.finite_positive("parallel.bucket_mb", p.bucket_mb);
         if p.ranks > 1 {
-            c.check(k.batch_size.is_multiple_of(p.ranks) && k.batch_size / p.ranks >= 2, "parallel.ranks", p.ranks,
-                    &format!("a divisor of distill.batch_size = {} leaving each rank at least 2 samples", k.batch_size));
+            c.check(
+                k.batch_size.is_multiple_of(p.ranks) && k.batch_size / p.ranks >= 2,
+                "parallel.ranks",
+                p.ranks,
+                &format!("a divisor of distill.batch_size = {} leaving each rank at least 2 samples", k.batch_size),
+            );
         }
         c.done()
     }
@@ -124,14 +160,22 @@ impl Config {
     /// would pass for results).
     pub fn validate_dataset(&self, ds: &Dataset) -> Result<()> {
         let mut c = Checks(None);
-        c.check(ds.num_classes() == self.data.num_classes, "data.num_classes", self.data.num_classes,
-                &format!("{}, the class count of the data set at {}", ds.num_classes(), ds.root.display()));
+        c.check(
+            ds.num_classes() == self.data.num_classes,
+            "data.num_classes",
+            self.data.num_classes,
+            &format!("{}, the class count of the data set at {}", ds.num_classes(), ds.root.display()),
+        );
         if ds.test.is_empty() {
             return Err(Error::Msg(format!("data set {}: the test split is empty, so nothing could be evaluated", ds.root.display())));
         }
         if self.teacher.weights.is_none() {
-            c.check(ds.train.len() >= self.teacher.batch_size, "teacher.batch_size", self.teacher.batch_size,
-                    &format!("at most the {} training images of {}", ds.train.len(), ds.root.display()));
+            c.check(
+                ds.train.len() >= self.teacher.batch_size,
+                "teacher.batch_size",
+                self.teacher.batch_size,
+                &format!("at most the {} training images of {}", ds.train.len(), ds.root.display()),
+            );
         }
         c.done()
     }

@@ -91,10 +91,7 @@ pub fn backward(x: &[f32], shape: &[usize], dy: &[f32], mean: &[f32], invstd: &[
     let sums: Vec<(f32, f32)> = per_channel(c, x.len(), |ch| {
         let dbeta: f64 = planes(dy, c, s, ch).map(sum_f64).sum();
         let mean = mean[ch] as f64;
-        let dot: f64 = planes(x, c, s, ch)
-            .zip(planes(dy, c, s, ch))
-            .map(|(x, dy)| sum_dev_dot(x, dy, mean))
-            .sum();
+        let dot: f64 = planes(x, c, s, ch).zip(planes(dy, c, s, ch)).map(|(x, dy)| sum_dev_dot(x, dy, mean)).sum();
         (dbeta as f32, (dot * invstd[ch] as f64) as f32)
     });
     let dx = buffers::filled(x.len(), |dx| {
@@ -204,10 +201,14 @@ mod tests {
         (y, mean, invstd)
     }
 
-    fn f64s(v: &[f32]) -> Vec<f64> { v.iter().map(|&v| v as f64).collect() }
+    fn f64s(v: &[f32]) -> Vec<f64> {
+        v.iter().map(|&v| v as f64).collect()
+    }
 
     /// The f64 reference rounded to f32, for `assert_close`.
-    fn f32s(v: &[f64]) -> Vec<f32> { v.iter().map(|&v| v as f32).collect() }
+    fn f32s(v: &[f64]) -> Vec<f32> {
+        v.iter().map(|&v| v as f32).collect()
+    }
 
     const SHAPES: [&[usize]; 4] = [&[4, 3, 5, 6], &[8, 5], &[2, 3, 7], &[16, 32, 16, 16]];
 
@@ -296,9 +297,8 @@ mod tests {
             wdb[ch(i)] += dy[i] as f64;
             wdg[ch(i)] += dy[i] as f64 * xhat(i);
         }
-        let wdx: Vec<f64> = (0..x.len())
-            .map(|i| gamma[ch(i)] as f64 * invstd[ch(i)] as f64 / m * (m * dy[i] as f64 - wdb[ch(i)] - xhat(i) * wdg[ch(i)]))
-            .collect();
+        let wdx: Vec<f64> =
+            (0..x.len()).map(|i| gamma[ch(i)] as f64 * invstd[ch(i)] as f64 / m * (m * dy[i] as f64 - wdb[ch(i)] - xhat(i) * wdg[ch(i)])).collect();
         assert_close(&dbeta, &f32s(&wdb), 1e-5, 1e-5, "dbeta");
         assert_close(&dgamma, &f32s(&wdg), 1e-5, 1e-5, "dgamma");
         assert_close(&dx, &f32s(&wdx), 1e-4, 1e-4, "dx");

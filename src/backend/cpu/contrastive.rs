@@ -94,7 +94,14 @@ pub fn normalize_storage(t: &CpuStorage, l: &Layout, s: &CpuStorage, s_l: &Layou
     Ok((CpuStorage::F32(z), CpuStorage::F32(norms)))
 }
 
-pub fn normalize_backward_storage(zhat: &CpuStorage, l: &Layout, norms: &CpuStorage, dzhat: &CpuStorage, eps: f32, dtype: DType) -> Result<(CpuStorage, CpuStorage)> {
+pub fn normalize_backward_storage(
+    zhat: &CpuStorage,
+    l: &Layout,
+    norms: &CpuStorage,
+    dzhat: &CpuStorage,
+    eps: f32,
+    dtype: DType,
+) -> Result<(CpuStorage, CpuStorage)> {
     let op = "contrastive_normalize_backward";
     let &[m, d] = l.shape() else { bail!("{op}: expected [2n, d], got {:?}", l.shape()) };
     check_dtype(op, &[dtype])?;

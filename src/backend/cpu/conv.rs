@@ -162,7 +162,9 @@ struct Tile {
 }
 
 impl Tile {
-    fn cols(&self, g: &Geom) -> usize { self.nb * self.nr * g.wo }
+    fn cols(&self, g: &Geom) -> usize {
+        self.nb * self.nr * g.wo
+    }
 }
 
 impl Geom {
@@ -175,11 +177,21 @@ impl Geom {
         Geom { p: *p, ho, wo, hw: ho * wo, plane: p.h_in * p.w_in, cin_g, cout_g, ckk: cin_g * kh * kw, pointwise }
     }
 
-    fn in_sample(&self) -> usize { self.p.c_in * self.plane }
-    fn out_sample(&self) -> usize { self.p.c_out * self.hw }
-    fn in_len(&self) -> usize { self.p.batch * self.in_sample() }
-    fn out_len(&self) -> usize { self.p.batch * self.out_sample() }
-    fn w_len(&self) -> usize { self.p.c_out * self.ckk }
+    fn in_sample(&self) -> usize {
+        self.p.c_in * self.plane
+    }
+    fn out_sample(&self) -> usize {
+        self.p.c_out * self.hw
+    }
+    fn in_len(&self) -> usize {
+        self.p.batch * self.in_sample()
+    }
+    fn out_len(&self) -> usize {
+        self.p.batch * self.out_sample()
+    }
+    fn w_len(&self) -> usize {
+        self.p.c_out * self.ckk
+    }
 
     /// How the batch is split: (tasks, samples per task, GEMM parallelism inside a task).
     fn split(&self) -> (usize, usize, Parallelism) {
@@ -441,11 +453,25 @@ fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, dst_cs: 
     // and `dst` is a unique borrow, so it cannot alias `lhs` or `rhs`.
     unsafe {
         gemm::gemm(
-            m, n, k,
-            dst.as_mut_ptr(), dst_cs as isize, dst_rs as isize, accumulate,
-            lhs.data.as_ptr(), lhs.cs as isize, lhs.rs as isize,
-            rhs.data.as_ptr(), rhs.cs as isize, rhs.rs as isize,
-            1.0, 1.0, false, false, false, par,
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_cs as isize,
+            dst_rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
         )
     }
 }
@@ -509,10 +535,29 @@ mod tests {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn params(batch: usize, c_in: usize, hw: (usize, usize), c_out: usize, k: (usize, usize), stride: usize, pad: usize, dil: usize, groups: usize) -> Conv2dParams {
+    fn params(
+        batch: usize,
+        c_in: usize,
+        hw: (usize, usize),
+        c_out: usize,
+        k: (usize, usize),
+        stride: usize,
+        pad: usize,
+        dil: usize,
+        groups: usize,
+    ) -> Conv2dParams {
         Conv2dParams {
-            batch, c_in, h_in: hw.0, w_in: hw.1, c_out, kh: k.0, kw: k.1,
-            stride: (stride, stride), padding: (pad, pad), dilation: (dil, dil), groups,
+            batch,
+            c_in,
+            h_in: hw.0,
+            w_in: hw.1,
+            c_out,
+            kh: k.0,
+            kw: k.1,
+            stride: (stride, stride),
+            padding: (pad, pad),
+            dilation: (dil, dil),
+            groups,
         }
     }
 
@@ -521,10 +566,10 @@ mod tests {
             params(2, 3, (7, 9), 4, (3, 3), 1, 1, 1, 1),
             params(3, 4, (9, 8), 6, (3, 2), 2, 0, 1, 2),
             params(1, 5, (11, 10), 3, (3, 3), 2, 2, 2, 1),
-            params(2, 6, (8, 7), 6, (3, 3), 1, 1, 1, 6), // depthwise
-            params(2, 4, (5, 6), 8, (3, 3), 2, 1, 1, 4), // depthwise, channel multiplier 2
-            params(3, 6, (5, 7), 4, (1, 1), 1, 0, 1, 2), // pointwise fast path
-            params(2, 5, (6, 5), 3, (1, 1), 2, 0, 1, 1), // 1x1, strided
+            params(2, 6, (8, 7), 6, (3, 3), 1, 1, 1, 6),   // depthwise
+            params(2, 4, (5, 6), 8, (3, 3), 2, 1, 1, 4),   // depthwise, channel multiplier 2
+            params(3, 6, (5, 7), 4, (1, 1), 1, 0, 1, 2),   // pointwise fast path
+            params(2, 5, (6, 5), 3, (1, 1), 2, 0, 1, 1),   // 1x1, strided
             params(1, 2, (13, 12), 3, (2, 5), 3, 2, 1, 1), // stride leaves a remainder
             params(2, 3, (6, 6), 2, (2, 2), 1, 1, 2, 1),
             params(4, 8, (3, 3), 5, (3, 3), 1, 1, 1, 1),
@@ -567,7 +612,9 @@ mod tests {
         }
     }
 
-    fn dot(a: &[f32], b: &[f32]) -> f64 { a.iter().zip(b).map(|(a, b)| *a as f64 * *b as f64).sum() }
+    fn dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(a, b)| *a as f64 * *b as f64).sum()
+    }
 
     /// <conv(x, w), g> = <x, backward_input(g, w)> = <w, backward_weight(x, g)>.
     #[test]

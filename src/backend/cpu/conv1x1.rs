@@ -51,11 +51,22 @@ const CHUNK_FLOATS: usize = 6 * 1024;
 const L2_FLOATS: usize = 48 * 1024;
 
 /// Whether `conv2d`, `conv2d_backward_input` and `conv2d_backward_weight` run here.
-pub fn applies(p: &Conv2dParams) -> bool { shape_fits(p) && conv3x3::runs_avx2() }
+pub fn applies(p: &Conv2dParams) -> bool {
+    shape_fits(p) && conv3x3::runs_avx2()
+}
 
 /// The shapes this module computes, on any CPU with AVX2 and FMA.
 fn shape_fits(p: &Conv2dParams) -> bool {
-    p.kh == 1 && p.kw == 1 && p.h_in > 0 && p.w_in > 0 && p.padding == (0, 0) && p.dilation == (1, 1) && p.stride == (1, 1) && p.groups > 0 && p.c_in.is_multiple_of(p.groups) && p.c_out.is_multiple_of(p.groups)
+    p.kh == 1
+        && p.kw == 1
+        && p.h_in > 0
+        && p.w_in > 0
+        && p.padding == (0, 0)
+        && p.dilation == (1, 1)
+        && p.stride == (1, 1)
+        && p.groups > 0
+        && p.c_in.is_multiple_of(p.groups)
+        && p.c_out.is_multiple_of(p.groups)
 }
 
 /// Sizes of one product: `groups` blocks of `[c_dst] = [c_dst x c_src] · [c_src]` over `hw` pixels.
@@ -70,16 +81,24 @@ struct Product {
 }
 
 impl Product {
-    fn src_sample(&self) -> usize { self.groups * self.c_src * self.hw }
-    fn dst_sample(&self) -> usize { self.groups * self.c_dst * self.hw }
+    fn src_sample(&self) -> usize {
+        self.groups * self.c_src * self.hw
+    }
+    fn dst_sample(&self) -> usize {
+        self.groups * self.c_dst * self.hw
+    }
 }
 
 /// `conv2d(x, w)` for a `p` that `applies`.
-pub fn conv2d(x: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> { products(x, w, p, false) }
+pub fn conv2d(x: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> {
+    products(x, w, p, false)
+}
 
 /// The input gradient of `conv2d(x, w)` for a `p` that `applies`: the product with the
 /// transposed weights.
-pub fn conv2d_backward_input(grad: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> { products(grad, w, p, true) }
+pub fn conv2d_backward_input(grad: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> {
+    products(grad, w, p, true)
+}
 
 /// Every sample's product of `src` with the weights, or with their transpose.
 fn products(src: &[f32], w: &[f32], p: &Conv2dParams, transposed: bool) -> Vec<f32> {
@@ -272,7 +291,11 @@ unsafe fn block<const CO: usize, const PV: usize>(_: *const f32, _: *const f32, 
 /// `sums[co*c_in + ci]`, the pixels past the last whole vector straight into `dw`.
 fn accumulate(xs: &[&[f32]], gs: &[&[f32]], c_in: usize, c_out: usize, hw: usize, sums: &mut [[f32; LANES]], dw: &mut [f32]) {
     assert!(
-        xs.len() == gs.len() && xs.iter().all(|x| x.len() == c_in * hw) && gs.iter().all(|g| g.len() == c_out * hw) && sums.len() == c_out * c_in && dw.len() == c_out * c_in,
+        xs.len() == gs.len()
+            && xs.iter().all(|x| x.len() == c_in * hw)
+            && gs.iter().all(|g| g.len() == c_out * hw)
+            && sums.len() == c_out * c_in
+            && dw.len() == c_out * c_in,
         "conv1x1: weight gradient sizes"
     );
     let whole = hw / LANES * LANES;
@@ -339,7 +362,13 @@ fn accumulate(xs: &[&[f32]], gs: &[&[f32]], c_in: usize, c_out: usize, hw: usize
 /// The CPU has AVX2 and FMA; the reads above lie inside the caller's slices.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_block<const CO: usize, const CI: usize>(gs: &[*const f32], xs: &[*const f32], hw: usize, nvec: usize, acc: &mut [[f32; LANES]; CO_BLOCK * CI_BLOCK]) {
+unsafe fn dot_block<const CO: usize, const CI: usize>(
+    gs: &[*const f32],
+    xs: &[*const f32],
+    hw: usize,
+    nvec: usize,
+    acc: &mut [[f32; LANES]; CO_BLOCK * CI_BLOCK],
+) {
     use std::arch::x86_64::*;
     let mut a: [[__m256; CI]; CO] = std::array::from_fn(|q| std::array::from_fn(|r| _mm256_loadu_ps(acc[q * CI_BLOCK + r].as_ptr())));
     for (&g, &x) in gs.iter().zip(xs) {

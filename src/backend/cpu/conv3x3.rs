@@ -87,13 +87,19 @@ pub fn applies(p: &Conv2dParams) -> bool {
 }
 
 /// Whether `conv2d_backward_input` computes this convolution's input gradient.
-pub fn applies_backward_input(p: &Conv2dParams) -> bool { applies(&transposed(p)) }
+pub fn applies_backward_input(p: &Conv2dParams) -> bool {
+    applies(&transposed(p))
+}
 
 /// Whether this CPU runs the AVX2 kernel (it has AVX2 and FMA but not AVX-512F).
-pub fn runs_avx2() -> bool { best_isa() == Some(Isa::Avx2) }
+pub fn runs_avx2() -> bool {
+    best_isa() == Some(Isa::Avx2)
+}
 
 /// Whether this CPU can run the AVX2 kernel (AVX-512 CPUs can, though they run theirs).
-pub(super) fn supports_avx2() -> bool { supported_isas().contains(&Isa::Avx2) }
+pub(super) fn supports_avx2() -> bool {
+    supported_isas().contains(&Isa::Avx2)
+}
 
 /// The widest kernel this CPU can run, if any, unless `simd_kernels_enabled` is false.
 fn best_isa() -> Option<Isa> {
@@ -131,7 +137,9 @@ fn supported_isas() -> Vec<Isa> {
 
 /// The convolution whose forward is `p`'s input gradient: channels swapped (same planes,
 /// as stride 1 and padding 1 keep the size).
-pub(super) fn transposed(p: &Conv2dParams) -> Conv2dParams { Conv2dParams { c_in: p.c_out, c_out: p.c_in, ..*p } }
+pub(super) fn transposed(p: &Conv2dParams) -> Conv2dParams {
+    Conv2dParams { c_in: p.c_out, c_out: p.c_in, ..*p }
+}
 
 /// `conv2d(x, w)` for a `p` that `applies`.
 pub fn conv2d(x: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> {
@@ -354,17 +362,26 @@ pub(super) struct Walk<'a> {
 impl Walk<'_> {
     /// Floats the input must hold for `c_in` channels: the last block reads up to 5
     /// pixels past the plane's last one.
-    pub fn input_len(&self, c_in: usize) -> usize { (c_in - 1) * self.channel + self.taps.iter().max().map_or(0, |t| t + 1) + self.end() + 5 }
+    pub fn input_len(&self, c_in: usize) -> usize {
+        (c_in - 1) * self.channel + self.taps.iter().max().map_or(0, |t| t + 1) + self.end() + 5
+    }
 
     /// Positions below this hold every output pixel.
-    fn end(&self) -> usize { (self.rows - 1) * self.row + self.cols }
+    fn end(&self) -> usize {
+        (self.rows - 1) * self.row + self.cols
+    }
 
     /// The 16 output channels whose weights are `wblock` (`[ci][tap][16]`), in blocks of
     /// 6 consecutive positions; `store(c, oh, pixels)` takes each output row.
     pub fn channels_avx2(&self, xp: &[f32], c_in: usize, wblock: &[f32], mut store: impl FnMut(usize, usize, &[f32])) {
         // the kernel's reads past a row end rely on these lengths (see the SAFETY note)
         assert!(
-            self.rows > 0 && self.cols > 0 && self.cols <= self.row && c_in > 0 && xp.len() >= self.input_len(c_in) && wblock.len() == LANES * c_in * self.taps.len(),
+            self.rows > 0
+                && self.cols > 0
+                && self.cols <= self.row
+                && c_in > 0
+                && xp.len() >= self.input_len(c_in)
+                && wblock.len() == LANES * c_in * self.taps.len(),
             "conv3x3: AVX2 walk over a short input or weight block"
         );
         let end = self.end();
@@ -448,13 +465,21 @@ unsafe fn block_avx2<const T: usize>(xs: &[f32], channel: usize, c_in: usize, ta
         let r = [acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], z, z];
         let t: [__m256; 8] = std::array::from_fn(|i| {
             let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
-            if i % 2 == 0 { _mm256_unpacklo_ps(a, b) } else { _mm256_unpackhi_ps(a, b) }
+            if i % 2 == 0 {
+                _mm256_unpacklo_ps(a, b)
+            } else {
+                _mm256_unpackhi_ps(a, b)
+            }
         });
         // u[4h + i]: lanes (4h..4h+4 of pixels) in each 128-bit half
         let u: [__m256; 8] = std::array::from_fn(|i| {
             let (h, k) = (i / 4, i % 4);
             let (a, b) = (t[4 * h + k % 2], t[4 * h + 2 + k % 2]);
-            if k < 2 { _mm256_shuffle_ps::<0x44>(a, b) } else { _mm256_shuffle_ps::<0xEE>(a, b) }
+            if k < 2 {
+                _mm256_shuffle_ps::<0x44>(a, b)
+            } else {
+                _mm256_shuffle_ps::<0xEE>(a, b)
+            }
         });
         for c in 0..8 {
             // channel c: pixels 0-3 from u[k], pixels 4-7 from u[4 + k], the half c / 4
@@ -509,12 +534,22 @@ mod tests {
     /// of the 8-pixel block, a one-row plane, and single samples (with 2+ threads those
     /// split by channel blocks instead of by sample).
     fn cases() -> Vec<Conv2dParams> {
-        vec![params(2, 3, 7, 9, 16), params(3, 16, 8, 8, 32), params(2, 5, 5, 13, 48), params(1, 32, 1, 8, 16), params(2, 16, 4, 17, 64), params(1, 16, 9, 10, 48), params(2, 128, 8, 8, 32)]
+        vec![
+            params(2, 3, 7, 9, 16),
+            params(3, 16, 8, 8, 32),
+            params(2, 5, 5, 13, 48),
+            params(1, 32, 1, 8, 16),
+            params(2, 16, 4, 17, 64),
+            params(1, 16, 9, 10, 48),
+            params(2, 128, 8, 8, 32),
+        ]
     }
 
     /// 1e-5, or two f32 roundings of the largest sum of |products| (f32 sums of 1,152
     /// terms, 128 channels x 9 taps, drift further than 1e-5 from the f64 reference).
-    fn abs_tolerance(mag: &[f64]) -> f32 { 1e-5f32.max(2.0 * f32::EPSILON * mag.iter().cloned().fold(0.0, f64::max) as f32) }
+    fn abs_tolerance(mag: &[f64]) -> f32 {
+        1e-5f32.max(2.0 * f32::EPSILON * mag.iter().cloned().fold(0.0, f64::max) as f32)
+    }
 
     const SKIP: &str = "skipped: this CPU has neither AVX-512F nor AVX2 + FMA, so the im2col path runs instead";
 

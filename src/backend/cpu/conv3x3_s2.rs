@@ -34,10 +34,14 @@ const LANES: usize = 16;
 const MAX_C_IN: usize = 64;
 
 /// Whether `conv2d` computes this forward convolution.
-pub fn applies(p: &Conv2dParams) -> bool { shape_fits(p) && small_enough(p) && p.c_out.is_multiple_of(LANES) && p.c_in <= MAX_C_IN && conv3x3::runs_avx2() }
+pub fn applies(p: &Conv2dParams) -> bool {
+    shape_fits(p) && small_enough(p) && p.c_out.is_multiple_of(LANES) && p.c_in <= MAX_C_IN && conv3x3::runs_avx2()
+}
 
 /// Whether `conv2d_backward_input` computes this convolution's input gradient.
-pub fn applies_backward_input(p: &Conv2dParams) -> bool { shape_fits(p) && small_enough(p) && p.c_in.is_multiple_of(LANES) && p.c_out <= MAX_C_IN && conv3x3::runs_avx2() }
+pub fn applies_backward_input(p: &Conv2dParams) -> bool {
+    shape_fits(p) && small_enough(p) && p.c_in.is_multiple_of(LANES) && p.c_out <= MAX_C_IN && conv3x3::runs_avx2()
+}
 
 /// Floats of one sample's input above which its phase planes leave L2 and the GEMM is
 /// faster: ResNet-18's 64 channels of 56x56 (batch-1 inference at 224 px) took 10-25%
@@ -45,17 +49,19 @@ pub fn applies_backward_input(p: &Conv2dParams) -> bool { shape_fits(p) && small
 const MAX_INPUT: usize = 32 * 1024;
 
 /// Whether the direct path is faster for this size of sample (see `MAX_INPUT`).
-fn small_enough(p: &Conv2dParams) -> bool { p.c_in * p.h_in * p.w_in <= MAX_INPUT }
+fn small_enough(p: &Conv2dParams) -> bool {
+    p.c_in * p.h_in * p.w_in <= MAX_INPUT
+}
 
 /// Stride-2 3x3 convolutions with padding 1, on planes of 8 or more pixels a side (on
 /// smaller ones the 6-pixel blocks are mostly empty, as for stride 1).
 pub(super) fn shape_fits(p: &Conv2dParams) -> bool {
-    p.is_dense_3x3(2)
-        && p.h_in >= 8
-        && p.w_in >= 8
+    p.is_dense_3x3(2) && p.h_in >= 8 && p.w_in >= 8
 }
 
-pub(super) fn out_hw(p: &Conv2dParams) -> (usize, usize) { ((p.h_in - 1) / 2 + 1, (p.w_in - 1) / 2 + 1) }
+pub(super) fn out_hw(p: &Conv2dParams) -> (usize, usize) {
+    ((p.h_in - 1) / 2 + 1, (p.w_in - 1) / 2 + 1)
+}
 
 /// `conv2d(x, w)` for a `p` that `applies` (or any stride-2 shape of `shape_fits` with
 /// 16-channel output blocks, on a CPU with AVX2 and FMA).
@@ -71,10 +77,18 @@ pub fn conv2d(x: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> {
     assert_eq!(x.len(), p.batch * in_sample, "conv3x3_s2: input size");
     // every output element is written by one row store of its block's walk
     buffers::filled(p.batch * p.c_out * ohw, |out| {
-        for_each_block(x, in_sample, out, p.c_out * ohw, LANES * ohw, |x, xp| phases(x, p, r, c, walk.input_len(p.c_in), xp), |xp, i, out| {
-            let wblock = &packed[i * LANES * p.c_in * 9..][..LANES * p.c_in * 9];
-            walk.channels_avx2(xp, p.c_in, wblock, |ch, oh, row| out[ch * ohw + oh * wo..][..wo].copy_from_slice(row));
-        })
+        for_each_block(
+            x,
+            in_sample,
+            out,
+            p.c_out * ohw,
+            LANES * ohw,
+            |x, xp| phases(x, p, r, c, walk.input_len(p.c_in), xp),
+            |xp, i, out| {
+                let wblock = &packed[i * LANES * p.c_in * 9..][..LANES * p.c_in * 9];
+                walk.channels_avx2(xp, p.c_in, wblock, |ch, oh, row| out[ch * ohw + oh * wo..][..wo].copy_from_slice(row));
+            },
+        )
     })
 }
 
@@ -135,7 +149,8 @@ pub fn conv2d_backward_input(grad: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f
     let parts: Vec<(usize, usize, Vec<usize>, Vec<usize>)> = (0..4)
         .map(|ab| {
             let (a, b) = (ab / 2, ab % 2);
-            let taps: Vec<(usize, usize)> = rows(a).into_iter().flat_map(|(ki, di)| rows(b).into_iter().map(move |(kj, dj)| (ki * 3 + kj, di * c + dj))).collect();
+            let taps: Vec<(usize, usize)> =
+                rows(a).into_iter().flat_map(|(ki, di)| rows(b).into_iter().map(move |(kj, dj)| (ki * 3 + kj, di * c + dj))).collect();
             (a, b, taps.iter().map(|t| t.0).collect(), taps.iter().map(|t| t.1).collect())
         })
         .collect();
@@ -154,7 +169,8 @@ pub fn conv2d_backward_input(grad: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f
             v
         })
         .collect();
-    let walks: Vec<Walk> = parts.iter().map(|(a, b, _, offsets)| Walk { rows: (h - a).div_ceil(2), cols: (wd - b).div_ceil(2), row: c, channel: r * c, taps: offsets }).collect();
+    let walks: Vec<Walk> =
+        parts.iter().map(|(a, b, _, offsets)| Walk { rows: (h - a).div_ceil(2), cols: (wd - b).div_ceil(2), row: c, channel: r * c, taps: offsets }).collect();
     let len = walks.iter().map(|walk| walk.input_len(p.c_out)).max().unwrap_or(0);
     let (g_sample, hw) = (p.c_out * ho * wo, h * wd);
     assert_eq!(grad.len(), p.batch * g_sample, "conv3x3_s2: gradient size");
@@ -163,30 +179,38 @@ pub fn conv2d_backward_input(grad: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f
     // compiler vectorises: stores with a stride of 2 took as long as the products)
     let (c0, c1) = (wd.div_ceil(2), wd / 2);
     buffers::filled(p.batch * p.c_in * hw, |dx| {
-        for_each_block(grad, g_sample, dx, p.c_in * hw, LANES * hw, |g, gp| pad_far(g, p.c_out, (ho, wo), len, gp), |gp, i, dx| {
-            let mut cols = [vec![0f32; LANES * h.div_ceil(2) * c0], vec![0f32; LANES * h.div_ceil(2) * c1]];
-            for a in 0..2 {
-                let rows = walks[2 * a].rows;
-                for (b, cols) in cols.iter_mut().enumerate() {
-                    let (walk, ks, packed) = (&walks[2 * a + b], parts[2 * a + b].2.len(), &packed[2 * a + b]);
-                    let wblock = &packed[i * LANES * p.c_out * ks..][..LANES * p.c_out * ks];
-                    walk.channels_avx2(gp, p.c_out, wblock, |ch, ri, row| cols[(ch * rows + ri) * walk.cols..][..walk.cols].copy_from_slice(row));
-                }
-                for ch in 0..LANES {
-                    for ri in 0..rows {
-                        let dst = &mut dx[ch * hw + (2 * ri + a) * wd..][..wd];
-                        let (even, odd) = (&cols[0][(ch * rows + ri) * c0..][..c0], &cols[1][(ch * rows + ri) * c1..][..c1]);
-                        for (pair, (e, o)) in dst.chunks_exact_mut(2).zip(even.iter().zip(odd)) {
-                            pair[0] = *e;
-                            pair[1] = *o;
-                        }
-                        if wd % 2 == 1 {
-                            dst[wd - 1] = even[c0 - 1];
+        for_each_block(
+            grad,
+            g_sample,
+            dx,
+            p.c_in * hw,
+            LANES * hw,
+            |g, gp| pad_far(g, p.c_out, (ho, wo), len, gp),
+            |gp, i, dx| {
+                let mut cols = [vec![0f32; LANES * h.div_ceil(2) * c0], vec![0f32; LANES * h.div_ceil(2) * c1]];
+                for a in 0..2 {
+                    let rows = walks[2 * a].rows;
+                    for (b, cols) in cols.iter_mut().enumerate() {
+                        let (walk, ks, packed) = (&walks[2 * a + b], parts[2 * a + b].2.len(), &packed[2 * a + b]);
+                        let wblock = &packed[i * LANES * p.c_out * ks..][..LANES * p.c_out * ks];
+                        walk.channels_avx2(gp, p.c_out, wblock, |ch, ri, row| cols[(ch * rows + ri) * walk.cols..][..walk.cols].copy_from_slice(row));
+                    }
+                    for ch in 0..LANES {
+                        for ri in 0..rows {
+                            let dst = &mut dx[ch * hw + (2 * ri + a) * wd..][..wd];
+                            let (even, odd) = (&cols[0][(ch * rows + ri) * c0..][..c0], &cols[1][(ch * rows + ri) * c1..][..c1]);
+                            for (pair, (e, o)) in dst.chunks_exact_mut(2).zip(even.iter().zip(odd)) {
+                                pair[0] = *e;
+                                pair[1] = *o;
+                            }
+                            if wd % 2 == 1 {
+                                dst[wd - 1] = even[c0 - 1];
+                            }
                         }
                     }
                 }
-            }
-        })
+            },
+        )
     })
 }
 

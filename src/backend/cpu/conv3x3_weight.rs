@@ -37,11 +37,15 @@ const LANES: usize = 8;
 /// Stride 2 only where the output rows have 16 or more pixels: with 8x8 outputs the
 /// direct path was even with the GEMM at 32 -> 64 channels and slower at 64 -> 128
 /// (4.6 against 3.9 ms, ResNet-18's layer2 at batch 32), and 2.5x slower on 4x4 outputs.
-pub fn applies(p: &Conv2dParams) -> bool { conv3x3::runs_avx2() && (conv3x3::applies(p) || (conv3x3_s2::applies(p) && conv3x3_s2::out_hw(p).1 >= 16)) }
+pub fn applies(p: &Conv2dParams) -> bool {
+    conv3x3::runs_avx2() && (conv3x3::applies(p) || (conv3x3_s2::applies(p) && conv3x3_s2::out_hw(p).1 >= 16))
+}
 
 /// The shapes this module can compute, on any CPU with AVX2 and FMA (tests run them on
 /// AVX-512 CPUs too).
-fn shape_fits(p: &Conv2dParams) -> bool { conv3x3::applies(p) || (conv3x3_s2::shape_fits(p) && p.c_out.is_multiple_of(CO_BLOCK)) }
+fn shape_fits(p: &Conv2dParams) -> bool {
+    conv3x3::applies(p) || (conv3x3_s2::shape_fits(p) && p.c_out.is_multiple_of(CO_BLOCK))
+}
 
 /// Where the dot products read, stride 1 or 2: the output gradient in rows of `row`
 /// floats (zeros past `cols`), input channel `ci` at `ci * channel` of the prepared
@@ -69,7 +73,9 @@ impl Geometry {
     }
 
     /// Vectors of the dot products along a plane: they cover every output pixel.
-    fn vectors(&self) -> usize { ((self.rows - 1) * self.row + self.cols).div_ceil(LANES) }
+    fn vectors(&self) -> usize {
+        ((self.rows - 1) * self.row + self.cols).div_ceil(LANES)
+    }
 
     /// One sample's input as the dot products read it, `c_in * channel + 7` floats or more.
     fn prepare(&self, x: &[f32], p: &Conv2dParams, xp: &mut Vec<f32>) {

@@ -16,8 +16,7 @@ pub(crate) fn coalesce(layouts: &[&Layout]) -> Vec<Layout> {
         if shape[d] == 1 {
             continue;
         }
-        let merge = !dims.is_empty()
-            && layouts.iter().enumerate().all(|(i, l)| *strides[i].last().unwrap() == l.strides()[d] * shape[d]);
+        let merge = !dims.is_empty() && layouts.iter().enumerate().all(|(i, l)| *strides[i].last().unwrap() == l.strides()[d] * shape[d]);
         if merge {
             *dims.last_mut().unwrap() *= shape[d];
             for (i, l) in layouts.iter().enumerate() {
@@ -86,9 +85,9 @@ fn map2_into(a: &[f32], la: &Layout, b: &[f32], lb: &Layout, f: impl Fn(f32, f32
     if let (Some(ra), Some(rb)) = (la.contiguous_range(), lb.contiguous_range()) {
         let (a, b) = (&a[ra], &b[rb]);
         if n >= PAR_THRESHOLD {
-            out.par_chunks_mut(4096).zip(a.par_chunks(4096).zip(b.par_chunks(4096))).for_each(|(o, (a, b))| {
-                o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| *o = f(a, b))
-            });
+            out.par_chunks_mut(4096)
+                .zip(a.par_chunks(4096).zip(b.par_chunks(4096)))
+                .for_each(|(o, (a, b))| o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| *o = f(a, b)));
         } else {
             out.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| *o = f(a, b));
         }
@@ -102,8 +101,14 @@ fn map2_into(a: &[f32], la: &Layout, b: &[f32], lb: &Layout, f: impl Fn(f32, f32
         let (oa, ob) = (la.row_offset(r), lb.row_offset(r));
         match (sa, sb) {
             // the common broadcast shapes get loops the compiler can vectorise
-            (1, 0) => { let bv = b[ob]; o.iter_mut().zip(&a[oa..oa + row_len]).for_each(|(o, &a)| *o = f(a, bv)) }
-            (0, 1) => { let av = a[oa]; o.iter_mut().zip(&b[ob..ob + row_len]).for_each(|(o, &b)| *o = f(av, b)) }
+            (1, 0) => {
+                let bv = b[ob];
+                o.iter_mut().zip(&a[oa..oa + row_len]).for_each(|(o, &a)| *o = f(a, bv))
+            }
+            (0, 1) => {
+                let av = a[oa];
+                o.iter_mut().zip(&b[ob..ob + row_len]).for_each(|(o, &b)| *o = f(av, b))
+            }
             (1, 1) => o.iter_mut().zip(a[oa..oa + row_len].iter().zip(&b[ob..ob + row_len])).for_each(|(o, (&a, &b))| *o = f(a, b)),
             _ => o.iter_mut().enumerate().for_each(|(i, o)| *o = f(a[oa + i * sa], b[ob + i * sb])),
         }
@@ -119,10 +124,7 @@ pub fn unary(x: &[f32], l: &Layout, op: UnaryOp) -> Result<Vec<f32>> {
             match op { $(UnaryOp::$v $(($($p),+))? => map1(x, l, move |x| UnaryOp::$v $(($($p),+))?.apply(x))),* }
         };
     }
-    Ok(go!(
-        Neg, Recip, Exp, Log, Sqrt, Sqr, Abs, Sign, Relu, Sigmoid, Tanh,
-        LeakyRelu(s), LeakyStep(s), Powf(e), Clamp(lo, hi), InRange(lo, hi), Affine(m, a),
-    ))
+    Ok(go!(Neg, Recip, Exp, Log, Sqrt, Sqr, Abs, Sign, Relu, Sigmoid, Tanh, LeakyRelu(s), LeakyStep(s), Powf(e), Clamp(lo, hi), InRange(lo, hi), Affine(m, a),))
 }
 
 pub fn binary(a: &[f32], la: &Layout, b: &[f32], lb: &Layout, op: BinaryOp) -> Result<Vec<f32>> {

@@ -122,9 +122,7 @@ pub fn products(z: &[f32], g: HighOrder) -> Vec<f32> {
 
 pub fn products_backward(z: &[f32], dh: &[f32], g: HighOrder) -> Vec<f32> {
     let (p, r) = (HighOrder::slices(g.order) * g.chw, g.order * g.chw);
-    buffers::filled(g.n * p, |dz| {
-        per_sample(dz, g.n, |s, dz| products_backward_sample(g.order, g.chw, &z[s * p..(s + 1) * p], &dh[s * r..(s + 1) * r], dz))
-    })
+    buffers::filled(g.n * p, |dz| per_sample(dz, g.n, |s, dz| products_backward_sample(g.order, g.chw, &z[s * p..(s + 1) * p], &dh[s * r..(s + 1) * r], dz)))
 }
 
 pub fn combine(u: &[f32], f: &[f32], g: HighOrder) -> Vec<f32> {
@@ -174,7 +172,15 @@ pub fn combine_storage(u: &CpuStorage, l: &Layout, f: &CpuStorage, f_l: &Layout,
     Ok(CpuStorage::from_f32_as(combine(&u.f32_view(l, op)?, &f.f32_view(f_l, op)?, g), dtype))
 }
 
-pub fn combine_backward_storage(u: &CpuStorage, l: &Layout, f: &CpuStorage, f_l: &Layout, dy: &CpuStorage, dy_l: &Layout, order: usize) -> Result<(CpuStorage, CpuStorage)> {
+pub fn combine_backward_storage(
+    u: &CpuStorage,
+    l: &Layout,
+    f: &CpuStorage,
+    f_l: &Layout,
+    dy: &CpuStorage,
+    dy_l: &Layout,
+    order: usize,
+) -> Result<(CpuStorage, CpuStorage)> {
     let op = "hoa_combine_backward";
     let g = HighOrder::combine(op, l, f_l, order)?;
     if dy_l.shape() != f_l.shape() {

@@ -22,11 +22,25 @@ pub fn matmul(a: &[f32], la: &Layout, b: &[f32], lb: &Layout) -> Result<Vec<f32>
         // are the views' own, so every address gemm forms is in bounds.
         unsafe {
             gemm::gemm(
-                m, n, k,
-                dst.as_mut_ptr(), 1, n as isize, false,
-                a.as_ptr().add(la.offset() + bi * ta[0]), ta[2] as isize, ta[1] as isize,
-                b.as_ptr().add(lb.offset() + bi * tb[0]), tb[2] as isize, tb[1] as isize,
-                0.0, 1.0, false, false, false, par,
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr().add(la.offset() + bi * ta[0]),
+                ta[2] as isize,
+                ta[1] as isize,
+                b.as_ptr().add(lb.offset() + bi * tb[0]),
+                tb[2] as isize,
+                tb[1] as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
             )
         }
     };

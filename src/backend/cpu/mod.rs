@@ -132,7 +132,9 @@ impl CpuStorage {
 }
 
 impl BackendStorage for CpuStorage {
-    fn device(&self) -> Device { Device::Cpu }
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
     fn dtype(&self) -> DType {
         match self {
             CpuStorage::F32(_) => DType::F32,
@@ -149,7 +151,9 @@ impl BackendStorage for CpuStorage {
             CpuStorage::U32(v) => v.len(),
         }
     }
-    fn to_cpu(&self) -> Result<CpuStorage> { Ok(self.clone()) }
+    fn to_cpu(&self) -> Result<CpuStorage> {
+        Ok(self.clone())
+    }
 
     fn to_dtype(&self, l: &Layout, dtype: DType) -> Result<Self> {
         let v = self.to_f32_vec(l);
@@ -160,9 +164,15 @@ impl BackendStorage for CpuStorage {
             DType::U32 => CpuStorage::U32(v.into_iter().map(|x| x as u32).collect()),
         })
     }
-    fn copy_strided(&self, l: &Layout) -> Result<Self> { elementwise::copy_strided(self, l) }
-    fn copy_into(&self, l: &Layout, dst: &mut Self, dst_l: &Layout) -> Result<()> { elementwise::copy_into(self, l, dst, dst_l) }
-    fn unary(&self, l: &Layout, op: UnaryOp) -> Result<Self> { elementwise::unary(self.f32("unary")?, l, op).map(CpuStorage::F32) }
+    fn copy_strided(&self, l: &Layout) -> Result<Self> {
+        elementwise::copy_strided(self, l)
+    }
+    fn copy_into(&self, l: &Layout, dst: &mut Self, dst_l: &Layout) -> Result<()> {
+        elementwise::copy_into(self, l, dst, dst_l)
+    }
+    fn unary(&self, l: &Layout, op: UnaryOp) -> Result<Self> {
+        elementwise::unary(self.f32("unary")?, l, op).map(CpuStorage::F32)
+    }
     fn binary(&self, l: &Layout, rhs: &Self, rhs_l: &Layout, op: BinaryOp) -> Result<Self> {
         elementwise::binary(self.f32("binary")?, l, rhs.f32("binary")?, rhs_l, op).map(CpuStorage::F32)
     }
@@ -239,7 +249,9 @@ impl BackendStorage for CpuStorage {
     fn spatial_attention_backward(&self, l: &Layout, f: &Self, f_l: &Layout, dy: &Self, dy_l: &Layout, stats: &Self, k: f32) -> Result<(Self, Self)> {
         spatial_attention::backward_storage(self, l, f, f_l, dy, dy_l, stats, k)
     }
-    fn hoa_products(&self, l: &Layout, order: usize) -> Result<Self> { high_order_attention::products_storage(self, l, order) }
+    fn hoa_products(&self, l: &Layout, order: usize) -> Result<Self> {
+        high_order_attention::products_storage(self, l, order)
+    }
     fn hoa_products_backward(&self, l: &Layout, dh: &Self, dh_l: &Layout, order: usize) -> Result<Self> {
         high_order_attention::products_backward_storage(self, l, dh, dh_l, order)
     }
@@ -261,7 +273,9 @@ impl BackendStorage for CpuStorage {
     fn contrastive_normalize_backward(&self, l: &Layout, norms: &Self, dzhat: &Self, eps: f32, dtype: DType) -> Result<(Self, Self)> {
         contrastive::normalize_backward_storage(self, l, norms, dzhat, eps, dtype)
     }
-    fn contrastive_rows(&self, l: &Layout, tau: f32) -> Result<(Self, Self)> { contrastive::rows_storage(self, l, tau) }
+    fn contrastive_rows(&self, l: &Layout, tau: f32) -> Result<(Self, Self)> {
+        contrastive::rows_storage(self, l, tau)
+    }
     fn contrastive_sym(&self, l: &Layout, lse: &Self, dloss: &Self, dloss_l: &Layout, tau: f32) -> Result<Self> {
         contrastive::sym_storage(self, l, lse, dloss, dloss_l, tau)
     }

@@ -47,7 +47,9 @@ multiversion! {
 }
 
 /// `alpha = 1 / max(|a|, eps)` and `beta` likewise.
-fn scales(na: f64, nb: f64, eps: f64) -> (f64, f64) { (1.0 / na.max(eps), 1.0 / nb.max(eps)) }
+fn scales(na: f64, nb: f64, eps: f64) -> (f64, f64) {
+    (1.0 / na.max(eps), 1.0 / nb.max(eps))
+}
 
 /// A row's distance from its sums.
 fn distance(s: [f64; 3], eps: f64) -> f64 {
@@ -104,7 +106,16 @@ pub fn forward_storage(a: &CpuStorage, l: &Layout, b: &CpuStorage, b_l: &Layout,
 
 /// `BackendStorage::normalized_distance_backward` for CPU storages.
 #[allow(clippy::too_many_arguments)]
-pub fn backward_storage(a: &CpuStorage, l: &Layout, b: &CpuStorage, b_l: &Layout, stats: &CpuStorage, g: &CpuStorage, g_l: &Layout, eps: f32) -> Result<(CpuStorage, CpuStorage)> {
+pub fn backward_storage(
+    a: &CpuStorage,
+    l: &Layout,
+    b: &CpuStorage,
+    b_l: &Layout,
+    stats: &CpuStorage,
+    g: &CpuStorage,
+    g_l: &Layout,
+    eps: f32,
+) -> Result<(CpuStorage, CpuStorage)> {
     let op = "normalized_distance_backward";
     let (n, d) = distance_rows(op, l, b_l)?;
     if g_l.shape() != [n] {

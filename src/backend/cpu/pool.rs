@@ -245,7 +245,14 @@ mod tests {
 
     use crate::backend::cpu::test_rand as rand;
 
-    fn params(batch: usize, channels: usize, (h_in, w_in): (usize, usize), (kh, kw): (usize, usize), stride: (usize, usize), padding: (usize, usize)) -> Pool2dParams {
+    fn params(
+        batch: usize,
+        channels: usize,
+        (h_in, w_in): (usize, usize),
+        (kh, kw): (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+    ) -> Pool2dParams {
         Pool2dParams { batch, channels, h_in, w_in, kh, kw, stride, padding }
     }
 

@@ -14,7 +14,11 @@ pub fn reduce(x: &[f32], l: &Layout, op: ReduceOp, dims: &[usize]) -> Result<Vec
     }
     let (mut kept, mut red) = (vec![], vec![]);
     for d in 0..rank {
-        if dims.contains(&d) { red.push(d) } else { kept.push(d) }
+        if dims.contains(&d) {
+            red.push(d)
+        } else {
+            kept.push(d)
+        }
     }
     let pick = |ds: &[usize], offset| {
         let shape: Vec<usize> = ds.iter().map(|&d| l.shape()[d]).collect();
@@ -36,9 +40,7 @@ pub fn reduce(x: &[f32], l: &Layout, op: ReduceOp, dims: &[usize]) -> Result<Vec
             let s = base + start;
             let run = if stride == 1 { &x[s..s + n] } else { &[] };
             match op {
-                ReduceOp::Sum => {
-                    acc64 += if stride == 1 { simd::sum(run) } else { (0..n).map(|i| x[s + i * stride]).sum::<f32>() } as f64
-                }
+                ReduceOp::Sum => acc64 += if stride == 1 { simd::sum(run) } else { (0..n).map(|i| x[s + i * stride]).sum::<f32>() } as f64,
                 _ => {
                     if stride == 1 {
                         acc = run.iter().fold(acc, |a, &v| max_nan(op, a, v))
@@ -48,7 +50,11 @@ pub fn reduce(x: &[f32], l: &Layout, op: ReduceOp, dims: &[usize]) -> Result<Vec
                 }
             }
         });
-        if op == ReduceOp::Sum { acc64 as f32 } else { acc }
+        if op == ReduceOp::Sum {
+            acc64 as f32
+        } else {
+            acc
+        }
     };
     let mut out = vec![0f32; n_out];
     if n_out * n_red >= PAR_THRESHOLD && n_out > 1 {
@@ -72,5 +78,9 @@ pub fn reduce(x: &[f32], l: &Layout, op: ReduceOp, dims: &[usize]) -> Result<Vec
 /// max/min that propagate NaN, as PyTorch does.
 #[inline(always)]
 fn max_nan(op: ReduceOp, a: f32, b: f32) -> f32 {
-    if a.is_nan() || b.is_nan() { f32::NAN } else { op.combine(a, b) }
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else {
+        op.combine(a, b)
+    }
 }

@@ -26,12 +26,18 @@ pub fn exp(x: f32) -> f32 {
     let e = p * (r * r) + r + 1.0;
     // 2^n: t's bits are 0x4b40_0000 + n
     let scale = f32::from_bits(t.to_bits().wrapping_sub(0x4b40_0000 - 127) << 23);
-    if x < LO { 0.0 } else { e * scale }
+    if x < LO {
+        0.0
+    } else {
+        e * scale
+    }
 }
 
 /// `1 / (1 + e^-x)`, as `UnaryOp::Sigmoid`.
 #[inline(always)]
-pub fn sigmoid(x: f32) -> f32 { 1.0 / (1.0 + exp(-x)) }
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
 
 /// Defines a function whose body is compiled for baseline x86-64, for AVX2+FMA and
 /// for AVX-512 (F, BW, VL), the widest the CPU has being used. The body must be safe
@@ -133,7 +139,10 @@ mod tests {
         }
         assert!(worst < 2e-7, "relative error {worst}");
         // flushed to 0 where libm gives denormals
-        assert!((-1040..-874).all(|i| { let x = i as f32 * 0.1; super::exp(x) == 0.0 && x.exp() < 1.2e-38 }));
+        assert!((-1040..-874).all(|i| {
+            let x = i as f32 * 0.1;
+            super::exp(x) == 0.0 && x.exp() < 1.2e-38
+        }));
         assert_eq!(super::exp(-100.0), 0.0);
         assert_eq!(super::exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(super::exp(100.0), f32::INFINITY);

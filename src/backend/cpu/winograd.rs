@@ -44,7 +44,9 @@ static ENABLED: AtomicBool = AtomicBool::new(true);
 /// Lets `conv2d` take this path where it applies (the default), or runs the direct
 /// kernels and the GEMM instead: to compare the two (`examples/winograd_ab`), or to rule
 /// the transforms' rounding out when chasing a numerical difference.
-pub fn set_enabled(on: bool) { ENABLED.store(on, Ordering::Relaxed) }
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed)
+}
 
 /// Whether `conv2d` computes this forward convolution here.
 pub fn applies(p: &Conv2dParams) -> bool {
@@ -67,13 +69,13 @@ pub fn applies(p: &Conv2dParams) -> bool {
 
 /// The convolutions this module computes, given AVX2 and enough samples.
 fn shape_fits(p: &Conv2dParams) -> bool {
-    p.is_dense_3x3(1)
-        && p.h_in >= 2
-        && p.w_in >= 2
+    p.is_dense_3x3(1) && p.h_in >= 2 && p.w_in >= 2
 }
 
 /// Whether `conv2d_backward_input` computes this convolution's input gradient here.
-pub fn applies_backward_input(p: &Conv2dParams) -> bool { applies(&transposed(p)) }
+pub fn applies_backward_input(p: &Conv2dParams) -> bool {
+    applies(&transposed(p))
+}
 
 /// `conv2d(x, w)` for a `p` that `applies`.
 pub fn conv2d(x: &[f32], w: &[f32], p: &Conv2dParams) -> Vec<f32> {
@@ -138,11 +140,15 @@ impl Tiles {
     }
 
     /// Floats of one input channel's four phase planes.
-    fn phase_channel(&self) -> usize { 4 * self.r * self.c }
+    fn phase_channel(&self) -> usize {
+        4 * self.r * self.c
+    }
 
     /// Floats the phase planes of `c_in` channels take, with the slack the last
     /// transform step reads past them (up to tw + 7 floats).
-    fn phases_len(&self, c_in: usize) -> usize { c_in * self.phase_channel() + self.tw + LANES }
+    fn phases_len(&self, c_in: usize) -> usize {
+        c_in * self.phase_channel() + self.tw + LANES
+    }
 }
 
 /// Per-thread scratch, reused across calls.
@@ -167,9 +173,7 @@ fn run(x: &[f32], u: &[f32], p: &Conv2dParams) -> Vec<f32> {
     assert!(x.len() == p.batch * in_sample && u.len() == 16 * p.c_in * p.c_out, "winograd: operand sizes");
     // every output element is written by `output_transform`
     buffers::filled(p.batch * out_sample, |out| {
-        out.par_chunks_mut(out_sample).zip(x.par_chunks(in_sample)).for_each(|(out, x)| {
-            SCRATCH.with(|s| sample(x, u, p, &t, out, &mut s.borrow_mut()))
-        })
+        out.par_chunks_mut(out_sample).zip(x.par_chunks(in_sample)).for_each(|(out, x)| SCRATCH.with(|s| sample(x, u, p, &t, out, &mut s.borrow_mut())))
     })
 }
 
@@ -263,7 +267,10 @@ unsafe fn input_transform(xp: &[f32], c_in: usize, t: &Tiles, ty0: usize, nrows:
 unsafe fn output_transform(m: &[f32], c_out: usize, t: &Tiles, ty0: usize, nrows: usize, s: usize, h: usize, w: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     // loads read m[.. + k + 8] for k < nrows*tw <= s - 8; stores stay inside row 2ty + a
-    assert!(m.len() >= 16 * c_out * s && s >= nrows * t.tw + LANES && out.len() == c_out * h * w && 2 * (ty0 + nrows) <= h + 1, "winograd: output transform bounds");
+    assert!(
+        m.len() >= 16 * c_out * s && s >= nrows * t.tw + LANES && out.len() == c_out * h * w && 2 * (ty0 + nrows) <= h + 1,
+        "winograd: output transform bounds"
+    );
     let (mp, o) = (m.as_ptr(), out.as_mut_ptr());
     for co in 0..c_out {
         for ty in ty0..ty0 + nrows {
@@ -356,12 +363,23 @@ mod tests {
 
     /// 16 f32 roundings of the largest sum of |products| (each input is the sum of 4
     /// and each output of 9 transformed terms before and after the products), or 1e-5.
-    fn tolerance(mag: &[f64]) -> f32 { 1e-5f32.max(16.0 * f32::EPSILON * mag.iter().cloned().fold(0.0, f64::max) as f32) }
+    fn tolerance(mag: &[f64]) -> f32 {
+        1e-5f32.max(16.0 * f32::EPSILON * mag.iter().cloned().fold(0.0, f64::max) as f32)
+    }
 
     /// Even and odd planes (a last half tile), planes narrower than 8 tiles and wider
     /// (a tail step), blocks of one tile row (64 channels), and 3-channel ends.
     fn cases() -> Vec<Conv2dParams> {
-        vec![params(2, 16, 8, 8, 16), params(2, 3, 7, 9, 16), params(3, 16, 32, 32, 3), params(2, 64, 8, 8, 64), params(2, 5, 5, 13, 7), params(2, 32, 16, 18, 32), params(2, 8, 2, 3, 4), params(2, 96, 20, 20, 80)]
+        vec![
+            params(2, 16, 8, 8, 16),
+            params(2, 3, 7, 9, 16),
+            params(3, 16, 32, 32, 3),
+            params(2, 64, 8, 8, 64),
+            params(2, 5, 5, 13, 7),
+            params(2, 32, 16, 18, 32),
+            params(2, 8, 2, 3, 4),
+            params(2, 96, 20, 20, 80),
+        ]
     }
 
     fn skip() -> bool {
@@ -395,7 +413,8 @@ mod tests {
             // the input gradient is the transposed convolution: its definition is the
             // forward one with the flipped, transposed filters
             let q = transposed(&p);
-            let wt: Vec<f32> = (0..p.c_in * p.c_out * 9).map(|j| (j / 9 / p.c_out, j / 9 % p.c_out, j % 9)).map(|(ci, co, k)| w[(co * p.c_in + ci) * 9 + 8 - k]).collect();
+            let wt: Vec<f32> =
+                (0..p.c_in * p.c_out * 9).map(|j| (j / 9 / p.c_out, j / 9 % p.c_out, j % 9)).map(|(ci, co, k)| w[(co * p.c_in + ci) * 9 + 8 - k]).collect();
             let (want, mag) = reference(&g, &wt, &q);
             crate::testing::assert_close(&backward_input(&g, &w, &p), &want, tolerance(&mag), 1e-5, &format!("winograd backward input {p:?}"));
         }

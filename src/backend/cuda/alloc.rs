@@ -54,7 +54,9 @@ pub struct FreeLists<B> {
 }
 
 impl<B> Default for FreeLists<B> {
-    fn default() -> Self { FreeLists { lists: HashMap::new(), stats: AllocStats::default() } }
+    fn default() -> Self {
+        FreeLists { lists: HashMap::new(), stats: AllocStats::default() }
+    }
 }
 
 impl<B> FreeLists<B> {
@@ -94,7 +96,9 @@ impl<B> FreeLists<B> {
         out
     }
 
-    pub fn stats(&self) -> AllocStats { self.stats }
+    pub fn stats(&self) -> AllocStats {
+        self.stats
+    }
 }
 
 #[cfg(test)]

@@ -73,7 +73,9 @@ fn whole_f32<G: Gpu>(g: &G, b: &G::Buf, len: usize, what: &str) -> Result<u64> {
     Ok(g.ptr(b, 0))
 }
 
-fn u(v: usize) -> u32 { v as u32 }
+fn u(v: usize) -> u32 {
+    v as u32
+}
 
 pub fn spatial_attention<G: Gpu>(g: &G, a: &G::Buf, l: &Layout, f: &G::Buf, f_l: &Layout, k: f32) -> Result<(G::Buf, G::Buf)> {
     let op = "spatial_attention";
@@ -92,7 +94,17 @@ pub fn spatial_attention<G: Gpu>(g: &G, a: &G::Buf, l: &Layout, f: &G::Buf, f_l:
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn spatial_attention_backward<G: Gpu>(g: &G, a: &G::Buf, l: &Layout, f: &G::Buf, f_l: &Layout, dy: &G::Buf, dy_l: &Layout, stats: &G::Buf, k: f32) -> Result<(G::Buf, G::Buf)> {
+pub fn spatial_attention_backward<G: Gpu>(
+    g: &G,
+    a: &G::Buf,
+    l: &Layout,
+    f: &G::Buf,
+    f_l: &Layout,
+    dy: &G::Buf,
+    dy_l: &Layout,
+    stats: &G::Buf,
+    k: f32,
+) -> Result<(G::Buf, G::Buf)> {
     let op = "spatial_attention_backward";
     let p = Planes::new(op, &[l, f_l, dy_l])?;
     let dt = check_dtype(op, &[g.dtype(a), g.dtype(f), g.dtype(dy)])?;
@@ -104,17 +116,7 @@ pub fn spatial_attention_backward<G: Gpu>(g: &G, a: &G::Buf, l: &Layout, f: &G::
     }
     let v = pick("spatial_attention_bwd", if p.hw <= WARP_MAX { 2 } else { 1 });
     let cfg = if v == 2 { LaunchCfg::warp_rows(p.planes as u32) } else { LaunchCfg::rows(p.planes as u32, p.hw as u32) };
-    let args = (
-        u(p.planes),
-        u(p.hw),
-        k,
-        g.ptr(a, ao),
-        g.ptr(f, fo),
-        g.ptr(dy, go),
-        sp,
-        g.ptr_mut(&mut da, 0),
-        g.ptr_mut(&mut df, 0),
-    );
+    let args = (u(p.planes), u(p.hw), k, g.ptr(a, ao), g.ptr(f, fo), g.ptr(dy, go), sp, g.ptr_mut(&mut da, 0), g.ptr_mut(&mut df, 0));
     family::spatial_attention_bwd.get(Some(v), dt).launch(g, cfg, args)?;
     Ok((da, df))
 }
@@ -170,7 +172,16 @@ pub fn hoa_combine<G: Gpu>(g: &G, uu: &G::Buf, l: &Layout, f: &G::Buf, f_l: &Lay
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn hoa_combine_backward<G: Gpu>(g: &G, uu: &G::Buf, l: &Layout, f: &G::Buf, f_l: &Layout, dy: &G::Buf, dy_l: &Layout, order: usize) -> Result<(G::Buf, G::Buf)> {
+pub fn hoa_combine_backward<G: Gpu>(
+    g: &G,
+    uu: &G::Buf,
+    l: &Layout,
+    f: &G::Buf,
+    f_l: &Layout,
+    dy: &G::Buf,
+    dy_l: &Layout,
+    order: usize,
+) -> Result<(G::Buf, G::Buf)> {
     let op = "hoa_combine_backward";
     let h = HighOrder::combine(op, l, f_l, order)?;
     if dy_l.shape() != f_l.shape() {
@@ -181,16 +192,7 @@ pub fn hoa_combine_backward<G: Gpu>(g: &G, uu: &G::Buf, l: &Layout, f: &G::Buf, 
     let (mut du, mut df) = (g.alloc(l.elem_count(), dt)?, g.alloc(h.out_len(), dt)?);
     if h.out_len() > 0 {
         let v = pick("hoa_combine_bwd", 1);
-        let args = (
-            u(order),
-            u(h.n),
-            u(h.chw),
-            g.ptr(uu, uo),
-            g.ptr(f, fo),
-            g.ptr(dy, go),
-            g.ptr_mut(&mut du, 0),
-            g.ptr_mut(&mut df, 0),
-        );
+        let args = (u(order), u(h.n), u(h.chw), g.ptr(uu, uo), g.ptr(f, fo), g.ptr(dy, go), g.ptr_mut(&mut du, 0), g.ptr_mut(&mut df, 0));
         family::hoa_combine_bwd.get(Some(v), dt).launch(g, per_position(v, h.out_len()), args)?;
     }
     Ok((du, df))
@@ -241,7 +243,17 @@ pub fn normalized_distance<G: Gpu>(g: &G, a: &G::Buf, l: &Layout, b: &G::Buf, b_
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn normalized_distance_backward<G: Gpu>(g: &G, a: &G::Buf, l: &Layout, b: &G::Buf, b_l: &Layout, stats: &G::Buf, dd: &G::Buf, dd_l: &Layout, eps: f32) -> Result<(G::Buf, G::Buf)> {
+pub fn normalized_distance_backward<G: Gpu>(
+    g: &G,
+    a: &G::Buf,
+    l: &Layout,
+    b: &G::Buf,
+    b_l: &Layout,
+    stats: &G::Buf,
+    dd: &G::Buf,
+    dd_l: &Layout,
+    eps: f32,
+) -> Result<(G::Buf, G::Buf)> {
     let op = "normalized_distance_backward";
     let (n, d) = distance_rows(op, l, b_l)?;
     if dd_l.shape() != [n] {

@@ -86,7 +86,9 @@ impl Drop for CudaBuf {
 }
 
 impl CudaBuf {
-    pub fn device(&self) -> &'static CudaDev { self.dev }
+    pub fn device(&self) -> &'static CudaDev {
+        self.dev
+    }
 }
 
 /// The devices opened so far. Opening compiles kernels (when NVRTC is needed) and is
@@ -160,9 +162,15 @@ impl CudaDev {
         })
     }
 
-    pub fn ordinal(&self) -> usize { self.ordinal }
-    pub fn describe(&self) -> &str { &self.describe }
-    pub fn alloc_stats(&self) -> AllocStats { self.lock_free().stats() }
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+    pub fn alloc_stats(&self) -> AllocStats {
+        self.lock_free().stats()
+    }
 
     /// Peak memory bandwidth in GB/s from the driver's memory clock and bus width
     /// (double data rate); `None` when the driver does not report them.
@@ -210,10 +218,14 @@ impl CudaDev {
 
     /// An error cudarc recorded in a drop (it keeps the last one and would return it
     /// from some later, unrelated call), reported once as `what`'s.
-    pub(super) fn check_recorded(&self, what: &str) -> Result<()> { self.ctx.check_err().map_err(|e| self.error(what, driver_error(e))) }
+    pub(super) fn check_recorded(&self, what: &str) -> Result<()> {
+        self.ctx.check_err().map_err(|e| self.error(what, driver_error(e)))
+    }
 
     /// Keeps an error of a drop for the next call to report.
-    fn defer(&self, what: String) { self.deferred.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(what); }
+    fn defer(&self, what: String) {
+        self.deferred.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(what);
+    }
 
     /// A stream of its own on this device (NCCL's), ordered against the device's
     /// stream by events only (a non-blocking stream: no implicit ordering with it).
@@ -222,9 +234,13 @@ impl CudaDev {
         self.ctx.new_stream().map_err(|e| self.error("creating a stream", driver_error(e)))
     }
 
-    fn lock_free(&self) -> MutexGuard<'_, FreeLists<sys::CUdeviceptr>> { self.free.lock().unwrap_or_else(|e| e.into_inner()) }
+    fn lock_free(&self) -> MutexGuard<'_, FreeLists<sys::CUdeviceptr>> {
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
 
-    pub(super) fn blas(&self) -> MutexGuard<'_, CudaBlas> { self.blas.lock().unwrap_or_else(|e| e.into_inner()) }
+    pub(super) fn blas(&self) -> MutexGuard<'_, CudaBlas> {
+        self.blas.lock().unwrap_or_else(|e| e.into_inner())
+    }
 
     /// Waits for all queued work; reports a kernel fault as this device's error.
     pub fn synchronize(&self) -> Result<()> {
@@ -344,9 +360,8 @@ impl CudaDev {
         }
         let Some(m) = kernel_module(name) else { bail!("cuda:{}: no kernel named `{name}` in kernels/*.cu", self.ordinal) };
         self.bind()?;
-        let f = self.modules[m]
-            .load_function(name)
-            .map_err(|e| self.error(&format!("kernel `{name}` from kernels/{}.cu", MODULES[m].name), driver_error(e)))?;
+        let f =
+            self.modules[m].load_function(name).map_err(|e| self.error(&format!("kernel `{name}` from kernels/{}.cu", MODULES[m].name), driver_error(e)))?;
         let raw = f.cu_function();
         fns.insert(name.to_string(), f);
         Ok(raw)
@@ -379,7 +394,12 @@ pub fn loaded_libraries() -> Vec<String> {
             unsafe { b::cublasGetProperty(p, &mut v) };
             v
         };
-        let version = format!("{}.{}.{}", prop(b::libraryPropertyType::MAJOR_VERSION), prop(b::libraryPropertyType::MINOR_VERSION), prop(b::libraryPropertyType::PATCH_LEVEL));
+        let version = format!(
+            "{}.{}.{}",
+            prop(b::libraryPropertyType::MAJOR_VERSION),
+            prop(b::libraryPropertyType::MINOR_VERSION),
+            prop(b::libraryPropertyType::PATCH_LEVEL)
+        );
         // SAFETY: cuBLAS loaded (checked above); the symbol is only used as an address.
         out.push(format!("libcublas {version} from {}", shown(libs::library_file(unsafe { b::culib() }, "cublasCreate_v2"))));
     } else {
@@ -398,4 +418,6 @@ pub fn loaded_libraries() -> Vec<String> {
     out
 }
 
-fn shown(path: Option<std::path::PathBuf>) -> String { path.map(|p| p.display().to_string()).unwrap_or_else(|| "an unknown file".into()) }
+fn shown(path: Option<std::path::PathBuf>) -> String {
+    path.map(|p| p.display().to_string()).unwrap_or_else(|| "an unknown file".into())
+}

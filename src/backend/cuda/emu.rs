@@ -31,21 +31,33 @@ pub struct Emu;
 pub struct EmuStorage(CpuStorage);
 
 impl EmuStorage {
-    pub fn from_cpu(cpu: CpuStorage) -> EmuStorage { EmuStorage(cpu) }
+    pub fn from_cpu(cpu: CpuStorage) -> EmuStorage {
+        EmuStorage(cpu)
+    }
 }
 
 impl GpuStorage for EmuStorage {
     type G = Emu;
-    fn gpu(&self) -> Emu { Emu }
-    fn buf(&self) -> &CpuStorage { &self.0 }
-    fn buf_mut(&mut self) -> &mut CpuStorage { &mut self.0 }
-    fn wrap(b: CpuStorage) -> Self { EmuStorage(b) }
+    fn gpu(&self) -> Emu {
+        Emu
+    }
+    fn buf(&self) -> &CpuStorage {
+        &self.0
+    }
+    fn buf_mut(&mut self) -> &mut CpuStorage {
+        &mut self.0
+    }
+    fn wrap(b: CpuStorage) -> Self {
+        EmuStorage(b)
+    }
 }
 
 impl Gpu for Emu {
     type Buf = CpuStorage;
 
-    fn device(&self) -> Device { Device::CudaEmu }
+    fn device(&self) -> Device {
+        Device::CudaEmu
+    }
 
     fn alloc(&self, len: usize, dtype: DType) -> Result<CpuStorage> {
         // what a GPU's uninitialised memory may hold: NaN, so unwritten elements show
@@ -64,8 +76,12 @@ impl Gpu for Emu {
             DType::U32 => CpuStorage::U32(vec![0; len]),
         })
     }
-    fn dtype(&self, b: &CpuStorage) -> DType { b.dtype() }
-    fn len(&self, b: &CpuStorage) -> usize { b.len() }
+    fn dtype(&self, b: &CpuStorage) -> DType {
+        b.dtype()
+    }
+    fn len(&self, b: &CpuStorage) -> usize {
+        b.len()
+    }
     fn ptr(&self, b: &CpuStorage, offset: usize) -> u64 {
         assert!(offset <= b.len(), "offset {offset} past a buffer of {}", b.len());
         let base = match b {
@@ -126,8 +142,12 @@ impl Gpu for Emu {
         })
     }
 
-    fn download(&self, b: &CpuStorage) -> Result<CpuStorage> { Ok(b.clone()) }
-    fn upload(&self, cpu: CpuStorage) -> Result<CpuStorage> { Ok(cpu) }
+    fn download(&self, b: &CpuStorage) -> Result<CpuStorage> {
+        Ok(b.clone())
+    }
+    fn upload(&self, cpu: CpuStorage) -> Result<CpuStorage> {
+        Ok(cpu)
+    }
 }
 
 /// The memcheck mode (`DFKD_EMU_MEMCHECK=1`): the host side of the guarded copies.
@@ -157,7 +177,9 @@ mod memcheck {
         })
     }
 
-    pub fn enabled() -> bool { mode() != Mode::Off }
+    pub fn enabled() -> bool {
+        mode() != Mode::Off
+    }
 
     /// The buffer an address handed to a kernel points into.
     #[derive(Clone, Copy)]
@@ -240,9 +262,8 @@ mod memcheck {
                 if !c.extent.writable {
                     // SAFETY: both ranges hold `bytes` live bytes: the host buffer (kept
                     // alive by the caller across the launch) and the guarded copy.
-                    let (orig, copy) = unsafe {
-                        (std::slice::from_raw_parts(c.extent.base as *const u8, bytes), std::slice::from_raw_parts(c.data as *const u8, bytes))
-                    };
+                    let (orig, copy) =
+                        unsafe { (std::slice::from_raw_parts(c.extent.base as *const u8, bytes), std::slice::from_raw_parts(c.data as *const u8, bytes)) };
                     if orig != copy {
                         problems.push(format!("wrote to argument #{}, which the host passed read-only", c.arg));
                     }
@@ -276,13 +297,19 @@ mod tests {
 
     const CASE: &str = "DFKD_EMU_TEST_CASE";
 
-    fn one_block(threads: u32, shared_bytes: u32) -> LaunchCfg { LaunchCfg { grid: 1, block: threads, shared_bytes } }
+    fn one_block(threads: u32, shared_bytes: u32) -> LaunchCfg {
+        LaunchCfg { grid: 1, block: threads, shared_bytes }
+    }
 
-    fn filled(n: usize) -> CpuStorage { CpuStorage::F32((0..n).map(|i| i as f32 + 0.5).collect()) }
+    fn filled(n: usize) -> CpuStorage {
+        CpuStorage::F32((0..n).map(|i| i as f32 + 0.5).collect())
+    }
 
     /// Runs `case` of `check_child` under memcheck (`DFKD_EMU_MEMCHECK=end`);
     /// returns (exit success, stderr).
-    fn run_child(case: &str) -> (bool, String) { run_child_in(case, "end") }
+    fn run_child(case: &str) -> (bool, String) {
+        run_child_in(case, "end")
+    }
 
     fn run_child_in(case: &str, mode: &str) -> (bool, String) {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
@@ -340,10 +367,7 @@ mod tests {
 
         let (ok, err) = run_child("write_past_end");
         assert!(!ok, "the process must stop:\n{err}");
-        assert!(
-            err.contains("kernel `st_bad_write_range` touched argument #0 (a buffer of 248 bytes) 0 bytes past its end, in thread (30,0,0)"),
-            "{err}"
-        );
+        assert!(err.contains("kernel `st_bad_write_range` touched argument #0 (a buffer of 248 bytes) 0 bytes past its end, in thread (30,0,0)"), "{err}");
 
         let (ok, err) = run_child("read_guard");
         assert!(!ok, "the process must stop:\n{err}");

@@ -14,16 +14,28 @@ use cudarc::driver::result as drv;
 impl Gpu for &'static CudaDev {
     type Buf = CudaBuf;
 
-    fn device(&self) -> Device { Device::Cuda(self.ordinal()) }
-    fn alloc(&self, len: usize, dtype: DType) -> Result<CudaBuf> { self.alloc_uninit(len, dtype) }
-    fn zeros(&self, len: usize, dtype: DType) -> Result<CudaBuf> { CudaDev::zeros(self, len, dtype) }
-    fn dtype(&self, b: &CudaBuf) -> DType { b.dtype }
-    fn len(&self, b: &CudaBuf) -> usize { b.len }
+    fn device(&self) -> Device {
+        Device::Cuda(self.ordinal())
+    }
+    fn alloc(&self, len: usize, dtype: DType) -> Result<CudaBuf> {
+        self.alloc_uninit(len, dtype)
+    }
+    fn zeros(&self, len: usize, dtype: DType) -> Result<CudaBuf> {
+        CudaDev::zeros(self, len, dtype)
+    }
+    fn dtype(&self, b: &CudaBuf) -> DType {
+        b.dtype
+    }
+    fn len(&self, b: &CudaBuf) -> usize {
+        b.len
+    }
     fn ptr(&self, b: &CudaBuf, offset: usize) -> u64 {
         assert!(offset <= b.len, "offset {offset} past a buffer of {}", b.len);
         b.ptr + (offset * b.dtype.size_in_bytes()) as u64
     }
-    fn ptr_mut(&self, b: &mut CudaBuf, offset: usize) -> u64 { self.ptr(b, offset) }
+    fn ptr_mut(&self, b: &mut CudaBuf, offset: usize) -> u64 {
+        self.ptr(b, offset)
+    }
 
     fn launch(&self, kernel: KernelName, cfg: LaunchCfg, args: &[Arg]) -> Result<()> {
         let kernel = kernel.as_str();
@@ -45,9 +57,17 @@ impl Gpu for &'static CudaDev {
         Ok(())
     }
 
-    fn matmul(&self, a: &CudaBuf, la: &Layout, b: &CudaBuf, lb: &Layout) -> Result<CudaBuf> { cublas::matmul(self, a, la, b, lb, false) }
-    fn matmul_sum(&self, a: &CudaBuf, la: &Layout, b: &CudaBuf, lb: &Layout) -> Result<CudaBuf> { cublas::matmul(self, a, la, b, lb, true) }
+    fn matmul(&self, a: &CudaBuf, la: &Layout, b: &CudaBuf, lb: &Layout) -> Result<CudaBuf> {
+        cublas::matmul(self, a, la, b, lb, false)
+    }
+    fn matmul_sum(&self, a: &CudaBuf, la: &Layout, b: &CudaBuf, lb: &Layout) -> Result<CudaBuf> {
+        cublas::matmul(self, a, la, b, lb, true)
+    }
 
-    fn download(&self, b: &CudaBuf) -> Result<CpuStorage> { CudaDev::download(self, b) }
-    fn upload(&self, cpu: CpuStorage) -> Result<CudaBuf> { CudaDev::upload(self, &cpu) }
+    fn download(&self, b: &CudaBuf) -> Result<CpuStorage> {
+        CudaDev::download(self, b)
+    }
+    fn upload(&self, cpu: CpuStorage) -> Result<CudaBuf> {
+        CudaDev::upload(self, &cpu)
+    }
 }

@@ -77,7 +77,9 @@ pub fn emulator_selftest() -> (i32, f64) {
 
 /// Whether libnvrtc loads: by the loader's search, or preloaded from pip's wheels
 /// (`libs::ensure`).
-pub fn nvrtc_present() -> bool { super::libs::ensure(super::libs::CudaLib::Nvrtc) }
+pub fn nvrtc_present() -> bool {
+    super::libs::ensure(super::libs::CudaLib::Nvrtc)
+}
 
 /// Compiles one kernel file's embedded source to PTX with NVRTC for `arch` (e.g.
 /// "sm_90"): what the runtime does when no embedded fatbin loads on the user's card.

@@ -69,7 +69,9 @@ impl KernelLayout {
             })
             .collect()
     }
-    pub fn new(l: &Layout) -> Result<KernelLayout> { Ok(KernelLayout::joint(&[l])?[0]) }
+    pub fn new(l: &Layout) -> Result<KernelLayout> {
+        Ok(KernelLayout::joint(&[l])?[0])
+    }
     pub fn contiguous(offset: usize) -> KernelLayout {
         KernelLayout { rank: 0, offset: offset as u32, dims: [1; MAX_DIMS], strides: [0; MAX_DIMS] }
     }
@@ -193,7 +195,9 @@ impl Arg {
     }
 }
 
-fn struct_of_size(code: &str, size: usize) -> bool { code.strip_prefix('s').and_then(|n| n.parse().ok()) == Some(size) }
+fn struct_of_size(code: &str, size: usize) -> bool {
+    code.strip_prefix('s').and_then(|n| n.parse().ok()) == Some(size)
+}
 
 /// Checks `args` against a kernel's parameter kinds (`EmuParams`): same count, and each
 /// argument of its parameter's kind. The GPU would take any list and read garbage.

@@ -16,7 +16,9 @@ use std::marker::PhantomData;
 pub struct KernelName(&'static str);
 
 impl KernelName {
-    pub fn as_str(self) -> &'static str { self.0 }
+    pub fn as_str(self) -> &'static str {
+        self.0
+    }
 }
 
 /// A Rust value a kernel parameter takes (device addresses are `u64`).
@@ -72,14 +74,20 @@ pub struct Kernel<P> {
 }
 
 impl<P> Clone for Kernel<P> {
-    fn clone(&self) -> Self { *self }
+    fn clone(&self) -> Self {
+        *self
+    }
 }
 impl<P> Copy for Kernel<P> {}
 
 impl<P: Params> Kernel<P> {
-    const fn new(name: KernelName) -> Self { Kernel { name, params: PhantomData } }
+    const fn new(name: KernelName) -> Self {
+        Kernel { name, params: PhantomData }
+    }
     /// Runs the kernel on `g` (see `Gpu::launch`).
-    pub fn launch<G: Gpu>(self, g: &G, cfg: LaunchCfg, params: P) -> Result<()> { params.with_args(|args| g.launch(self.name, cfg, args)) }
+    pub fn launch<G: Gpu>(self, g: &G, cfg: LaunchCfg, params: P) -> Result<()> {
+        params.with_args(|args| g.launch(self.name, cfg, args))
+    }
 }
 
 /// The kernels of one family (`<family>[_v<N>]_<dtype>`), all taking `P`: for launches
@@ -89,12 +97,16 @@ pub struct Family<P: 'static> {
 }
 
 impl<P: Params + 'static> Family<P> {
-    const fn new(kernels: &'static [(Option<u32>, DType, Kernel<P>)]) -> Self { Family { kernels } }
+    const fn new(kernels: &'static [(Option<u32>, DType, Kernel<P>)]) -> Self {
+        Family { kernels }
+    }
     /// Version `v` (`None`: the family is unversioned) for `dtype`. The callers pick
     /// versions from `attention::VERSIONS` and dtypes the family has, so a miss is a bug.
     pub fn get(&self, v: Option<u32>, dtype: DType) -> Kernel<P> {
         let found = self.kernels.iter().find(|(kv, kd, _)| *kv == v && *kd == dtype);
-        found.map(|e| e.2).unwrap_or_else(|| panic!("no kernel of version {v:?} for {dtype:?} among {:?}", self.kernels.iter().map(|e| e.2.name.0).collect::<Vec<_>>()))
+        found
+            .map(|e| e.2)
+            .unwrap_or_else(|| panic!("no kernel of version {v:?} for {dtype:?} among {:?}", self.kernels.iter().map(|e| e.2.name.0).collect::<Vec<_>>()))
     }
 }
 

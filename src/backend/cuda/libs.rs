@@ -67,7 +67,9 @@ pub fn nvidia_lib_dirs(sites: &[PathBuf]) -> Vec<PathBuf> {
 }
 
 /// The first of `dirs` that holds a file named `file`, as its path.
-pub fn find(file: &str, dirs: &[PathBuf]) -> Option<PathBuf> { dirs.iter().map(|d| d.join(file)).find(|p| p.is_file()) }
+pub fn find(file: &str, dirs: &[PathBuf]) -> Option<PathBuf> {
+    dirs.iter().map(|d| d.join(file)).find(|p| p.is_file())
+}
 
 /// A CUDA library that cudarc loads by name, and the files that make it up when
 /// loaded from a folder: dependencies first (so that the last one's dlopen finds them
@@ -144,4 +146,3 @@ pub fn library_file(lib: &libloading::Library, symbol: &str) -> Option<PathBuf> 
     let sym = unsafe { lib.get::<*const c_void>(symbol.as_bytes()) }.ok()?;
     loaded_from(*sym)
 }
-

@@ -48,28 +48,28 @@ macro_rules! fallback {
 
 // Bottom-up: each module uses only those above it.
 mod alloc;
-mod launch;
-mod launchers;
-mod kernels;
-pub mod libs;
-pub mod nccl_lib;
-mod loader;
-mod device;
-mod ops;
 pub mod attention;
 mod cublas;
-mod gpu;
-mod storage;
+mod device;
 mod emu;
+mod gpu;
+mod kernels;
+mod launch;
+mod launchers;
+pub mod libs;
+mod loader;
 pub mod nccl;
+pub mod nccl_lib;
+mod ops;
 #[cfg(test)]
 mod signatures;
+mod storage;
 
 pub use alloc::AllocStats;
 pub use attention::{force_version, VERSIONS};
-pub use emu::EmuStorage;
 pub use device::loaded_libraries;
-pub use kernels::{embedded_fatbins, fatbin_report, emulator_selftest, nvrtc_compile_all, nvrtc_present};
+pub use emu::EmuStorage;
+pub use kernels::{embedded_fatbins, emulator_selftest, fatbin_report, nvrtc_compile_all, nvrtc_present};
 pub use storage::CudaStorage;
 
 /// Whether libcuda loads. `Device::Cuda` needs it (and a GPU, `cuda_device`).
@@ -80,11 +80,15 @@ pub fn cuda_driver_present() -> bool {
 
 /// Opens `cuda:ordinal` (context, kernels, cuBLAS) if it is not open yet, and
 /// describes it ("NVIDIA H100 80GB HBM3, sm_90"); the error says why it cannot be used.
-pub fn cuda_device(ordinal: usize) -> crate::Result<String> { device::get(ordinal).map(|d| d.describe().to_string()) }
+pub fn cuda_device(ordinal: usize) -> crate::Result<String> {
+    device::get(ordinal).map(|d| d.describe().to_string())
+}
 
 /// What `distill doctor` shows of `cuda:ordinal` (opened if it is not yet): card, SMs,
 /// memory, bandwidth, and where each kernel module's code came from.
-pub fn cuda_properties(ordinal: usize) -> crate::Result<Vec<(String, String)>> { device::get(ordinal).map(|d| d.properties()) }
+pub fn cuda_properties(ordinal: usize) -> crate::Result<Vec<(String, String)>> {
+    device::get(ordinal).map(|d| d.properties())
+}
 
 /// For code that uses a GPU when there is one: `Ok(None)` without a CUDA driver;
 /// otherwise opens `cuda:ordinal` and describes it, or says why it cannot be used.
@@ -127,7 +131,9 @@ pub fn median_queued(ordinal: usize, f: &dyn Fn()) -> f64 {
 }
 
 /// The peak memory bandwidth of `cuda:ordinal` in GB/s, if the driver reports it.
-pub fn cuda_peak_bandwidth_gbs(ordinal: usize) -> crate::Result<Option<f64>> { device::get(ordinal).map(|d| d.peak_bandwidth_gbs()) }
+pub fn cuda_peak_bandwidth_gbs(ordinal: usize) -> crate::Result<Option<f64>> {
+    device::get(ordinal).map(|d| d.peak_bandwidth_gbs())
+}
 
 /// kernels/conv.cu's im2col alone on a CUDA device's contiguous NCHW input: the column
 /// buffer `[b, c_in * kh * kw, h_out * w_out]`. For the benches.
@@ -141,4 +147,6 @@ pub fn im2col(x: &crate::backend::Storage, l: &crate::Layout, p: &crate::backend
 }
 
 /// The caching allocator's counters of `cuda:ordinal`, once it is open.
-pub fn cuda_alloc_stats(ordinal: usize) -> Option<AllocStats> { device::is_open(ordinal).map(|d| d.alloc_stats()) }
+pub fn cuda_alloc_stats(ordinal: usize) -> Option<AllocStats> {
+    device::is_open(ordinal).map(|d| d.alloc_stats())
+}

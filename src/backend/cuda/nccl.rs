@@ -17,10 +17,10 @@
 //! different GPUs and deadlock).
 
 use super::device::{self, CudaBuf, CudaDev};
+use super::launch::Gpu;
 use super::loader::driver_error;
 use super::nccl_lib::{self, NcclLib, FLOAT32, SUM};
 use super::storage::CudaStorage;
-use super::launch::Gpu;
 use crate::backend::Storage;
 use crate::{bail, DType, Error, Result};
 use cudarc::driver::{CudaEvent, CudaStream};
@@ -28,10 +28,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Whether libnccl loads.
-pub fn nccl_present() -> bool { nccl_lib::nccl().is_ok() }
+pub fn nccl_present() -> bool {
+    nccl_lib::nccl().is_ok()
+}
 
 /// The NCCL library this process uses: "2.28.5 from /path/libnccl.so.2", or why none loads.
-pub fn nccl_describe() -> std::result::Result<String, String> { nccl_lib::nccl().map(|l| format!("{} from {}", l.version_string(), l.path.display())) }
+pub fn nccl_describe() -> std::result::Result<String, String> {
+    nccl_lib::nccl().map(|l| format!("{} from {}", l.version_string(), l.path.display()))
+}
 
 /// One rank's communicator, on the GPU it was made for.
 pub struct NcclComm {
@@ -56,7 +60,9 @@ fn lib() -> Result<&'static NcclLib> {
     nccl_lib::nccl().map_err(|e| Error::Msg(format!("data parallelism on GPUs needs NCCL: {e}")))
 }
 
-fn check(what: &str, status: nccl_lib::Status) -> Result<()> { lib()?.check(what, status).map_err(Error::Msg) }
+fn check(what: &str, status: nccl_lib::Status) -> Result<()> {
+    lib()?.check(what, status).map_err(Error::Msg)
+}
 
 /// The communicators of one `ncclCommInitAll`, in rank order. Dropping them finalises
 /// them together (one NCCL group: a finalise may wait for the other ranks, which this
@@ -65,7 +71,9 @@ pub struct NcclComms(Vec<NcclComm>);
 
 impl std::ops::Deref for NcclComms {
     type Target = [NcclComm];
-    fn deref(&self) -> &[NcclComm] { &self.0 }
+    fn deref(&self) -> &[NcclComm] {
+        &self.0
+    }
 }
 
 impl Drop for NcclComms {
@@ -112,9 +120,15 @@ pub fn init_all(ordinals: &[usize]) -> Result<NcclComms> {
 }
 
 impl NcclComm {
-    pub fn rank(&self) -> usize { self.rank }
-    pub fn world(&self) -> usize { self.world }
-    pub fn ordinal(&self) -> usize { self.dev.ordinal() }
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    pub fn world(&self) -> usize {
+        self.world
+    }
+    pub fn ordinal(&self) -> usize {
+        self.dev.ordinal()
+    }
 
     /// The f32 buffer of a storage on this communicator's GPU.
     fn buf<'a>(&self, s: &'a Storage, what: &str) -> Result<&'a CudaBuf> {

@@ -96,14 +96,21 @@ impl NcclLib {
             }
         }
         let folders = if dirs.is_empty() { "none".to_string() } else { dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ") };
-        Err(format!("libnccl.so.2 not found (tried: {}; pip wheel folders searched: {folders}); install it, e.g. `pip install nvidia-nccl-cu13`", tried.join("; ")))
+        Err(format!(
+            "libnccl.so.2 not found (tried: {}; pip wheel folders searched: {folders}); install it, e.g. `pip install nvidia-nccl-cu13`",
+            tried.join("; ")
+        ))
     }
 
     /// "2.28.5"
     pub fn version_string(&self) -> String {
         let v = self.version;
         // NCCL_VERSION(X,Y,Z): X*10000 + Y*100 + Z from 2.9 on, X*1000 + Y*100 + Z before
-        if v >= 10000 { format!("{}.{}.{}", v / 10000, v / 100 % 100, v % 100) } else { format!("{}.{}.{}", v / 1000, v / 100 % 10, v % 100) }
+        if v >= 10000 {
+            format!("{}.{}.{}", v / 10000, v / 100 % 100, v % 100)
+        } else {
+            format!("{}.{}.{}", v / 1000, v / 100 % 10, v % 100)
+        }
     }
 
     /// `Ok` for success, else "NCCL <what>: <NCCL's words> (ncclResult_t N)".

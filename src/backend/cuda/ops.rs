@@ -151,7 +151,11 @@ pub fn reduce<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, op: ReduceOp, dims: &[usize
         let ds: Vec<usize> = (0..l.rank()).filter(|d| dims.contains(d) == red).collect();
         let shape: Vec<usize> = ds.iter().map(|&d| l.shape()[d]).collect();
         let strides: Vec<usize> = ds.iter().map(|&d| l.strides()[d]).collect();
-        if shape.is_empty() { Layout::new(vec![1], vec![0], offset) } else { Layout::new(shape, strides, offset) }
+        if shape.is_empty() {
+            Layout::new(vec![1], vec![0], offset)
+        } else {
+            Layout::new(shape, strides, offset)
+        }
     };
     let (kept, red) = (pick(false, l.offset()), pick(true, 0));
     let (n_out, n_red) = (check_u32(kept.elem_count())?, check_u32(red.elem_count())?);
@@ -401,7 +405,15 @@ pub fn channel_stats_backward<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, stats: &G::
 }
 
 /// Returns `(dx, dgamma, dbeta)`; `dy` has `x`'s layout.
-pub fn batch_norm_backward<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, dy: &G::Buf, mean: &G::Buf, invstd: &G::Buf, gamma: &G::Buf) -> Result<(G::Buf, G::Buf, G::Buf)> {
+pub fn batch_norm_backward<G: Gpu>(
+    g: &G,
+    x: &G::Buf,
+    l: &Layout,
+    dy: &G::Buf,
+    mean: &G::Buf,
+    invstd: &G::Buf,
+    gamma: &G::Buf,
+) -> Result<(G::Buf, G::Buf, G::Buf)> {
     let (off, [n, c, s]) = bn_dims(g, x, l, "batch_norm_backward")?;
     let dy_off = contiguous(g, dy, l, "batch_norm_backward")?;
     for (v, name) in [(mean, "mean"), (invstd, "invstd"), (gamma, "gamma")] {

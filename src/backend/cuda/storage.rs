@@ -22,10 +22,18 @@ pub trait GpuStorage: Sized + Send + Sync {
 type Buf<S> = <<S as GpuStorage>::G as Gpu>::Buf;
 
 impl<S: GpuStorage> BackendStorage for S {
-    fn device(&self) -> Device { self.gpu().device() }
-    fn dtype(&self) -> DType { self.gpu().dtype(self.buf()) }
-    fn len(&self) -> usize { self.gpu().len(self.buf()) }
-    fn to_cpu(&self) -> Result<CpuStorage> { self.gpu().download(self.buf()) }
+    fn device(&self) -> Device {
+        self.gpu().device()
+    }
+    fn dtype(&self) -> DType {
+        self.gpu().dtype(self.buf())
+    }
+    fn len(&self) -> usize {
+        self.gpu().len(self.buf())
+    }
+    fn to_cpu(&self) -> Result<CpuStorage> {
+        self.gpu().download(self.buf())
+    }
 
     fn to_dtype(&self, l: &Layout, dtype: DType) -> Result<Self> {
         if dtype == self.dtype() {
@@ -37,15 +45,27 @@ impl<S: GpuStorage> BackendStorage for S {
             g.upload(converted).map(S::wrap)
         })
     }
-    fn copy_strided(&self, l: &Layout) -> Result<Self> { ops::copy_strided(&self.gpu(), self.buf(), l).map(S::wrap) }
-    fn copy_into(&self, l: &Layout, dst: &mut Self, dst_l: &Layout) -> Result<()> { ops::copy_into(&self.gpu(), self.buf(), l, dst.buf_mut(), dst_l) }
-    fn unary(&self, l: &Layout, op: UnaryOp) -> Result<Self> { ops::unary(&self.gpu(), self.buf(), l, op).map(S::wrap) }
+    fn copy_strided(&self, l: &Layout) -> Result<Self> {
+        ops::copy_strided(&self.gpu(), self.buf(), l).map(S::wrap)
+    }
+    fn copy_into(&self, l: &Layout, dst: &mut Self, dst_l: &Layout) -> Result<()> {
+        ops::copy_into(&self.gpu(), self.buf(), l, dst.buf_mut(), dst_l)
+    }
+    fn unary(&self, l: &Layout, op: UnaryOp) -> Result<Self> {
+        ops::unary(&self.gpu(), self.buf(), l, op).map(S::wrap)
+    }
     fn binary(&self, l: &Layout, rhs: &Self, rhs_l: &Layout, op: BinaryOp) -> Result<Self> {
         ops::binary(&self.gpu(), self.buf(), l, rhs.buf(), rhs_l, op).map(S::wrap)
     }
-    fn reduce(&self, l: &Layout, op: ReduceOp, dims: &[usize]) -> Result<Self> { ops::reduce(&self.gpu(), self.buf(), l, op, dims).map(S::wrap) }
-    fn matmul(&self, l: &Layout, rhs: &Self, rhs_l: &Layout) -> Result<Self> { self.gpu().matmul(self.buf(), l, rhs.buf(), rhs_l).map(S::wrap) }
-    fn softmax_last(&self, l: &Layout, log: bool) -> Result<Self> { ops::softmax_last(&self.gpu(), self.buf(), l, log).map(S::wrap) }
+    fn reduce(&self, l: &Layout, op: ReduceOp, dims: &[usize]) -> Result<Self> {
+        ops::reduce(&self.gpu(), self.buf(), l, op, dims).map(S::wrap)
+    }
+    fn matmul(&self, l: &Layout, rhs: &Self, rhs_l: &Layout) -> Result<Self> {
+        self.gpu().matmul(self.buf(), l, rhs.buf(), rhs_l).map(S::wrap)
+    }
+    fn softmax_last(&self, l: &Layout, log: bool) -> Result<Self> {
+        ops::softmax_last(&self.gpu(), self.buf(), l, log).map(S::wrap)
+    }
     fn conv2d(&self, l: &Layout, w: &Self, w_l: &Layout, p: &Conv2dParams) -> Result<Self> {
         ops::conv2d(&self.gpu(), self.buf(), l, w.buf(), w_l, p).map(S::wrap)
     }
@@ -64,7 +84,9 @@ impl<S: GpuStorage> BackendStorage for S {
     fn gather_planes(&self, l: &Layout, idx: &Self, idx_l: &Layout) -> Result<Self> {
         ops::gather_planes(&self.gpu(), self.buf(), l, idx.buf(), idx_l).map(S::wrap)
     }
-    fn avg_pool2d(&self, l: &Layout, p: &Pool2dParams) -> Result<Self> { ops::avg_pool2d(&self.gpu(), self.buf(), l, p).map(S::wrap) }
+    fn avg_pool2d(&self, l: &Layout, p: &Pool2dParams) -> Result<Self> {
+        ops::avg_pool2d(&self.gpu(), self.buf(), l, p).map(S::wrap)
+    }
     fn avg_pool2d_backward(&self, l: &Layout, p: &Pool2dParams) -> Result<Self> {
         ops::avg_pool2d_backward(&self.gpu(), self.buf(), l, p).map(S::wrap)
     }
@@ -85,7 +107,9 @@ impl<S: GpuStorage> BackendStorage for S {
     fn channel_affine(&self, l: &Layout, scale: &Self, shift: &Self) -> Result<Self> {
         ops::channel_affine(&self.gpu(), self.buf(), l, scale.buf(), shift.buf()).map(S::wrap)
     }
-    fn channel_stats(&self, l: &Layout) -> Result<Self> { ops::channel_stats(&self.gpu(), self.buf(), l).map(S::wrap) }
+    fn channel_stats(&self, l: &Layout) -> Result<Self> {
+        ops::channel_stats(&self.gpu(), self.buf(), l).map(S::wrap)
+    }
     fn channel_stats_backward(&self, l: &Layout, stats: &Self, dstats: &Self) -> Result<Self> {
         ops::channel_stats_backward(&self.gpu(), self.buf(), l, stats.buf(), dstats.buf()).map(S::wrap)
     }
@@ -95,7 +119,9 @@ impl<S: GpuStorage> BackendStorage for S {
     fn spatial_attention_backward(&self, l: &Layout, f: &Self, f_l: &Layout, dy: &Self, dy_l: &Layout, stats: &Self, k: f32) -> Result<(Self, Self)> {
         attention::spatial_attention_backward(&self.gpu(), self.buf(), l, f.buf(), f_l, dy.buf(), dy_l, stats.buf(), k).map(|(a, f)| (S::wrap(a), S::wrap(f)))
     }
-    fn hoa_products(&self, l: &Layout, order: usize) -> Result<Self> { attention::hoa_products(&self.gpu(), self.buf(), l, order).map(S::wrap) }
+    fn hoa_products(&self, l: &Layout, order: usize) -> Result<Self> {
+        attention::hoa_products(&self.gpu(), self.buf(), l, order).map(S::wrap)
+    }
     fn hoa_products_backward(&self, l: &Layout, dh: &Self, dh_l: &Layout, order: usize) -> Result<Self> {
         attention::hoa_products_backward(&self.gpu(), self.buf(), l, dh.buf(), dh_l, order).map(S::wrap)
     }
@@ -131,7 +157,9 @@ impl<S: GpuStorage> BackendStorage for S {
 }
 
 /// kernels/conv.cu's im2col alone, for the benches.
-pub fn im2col<S: GpuStorage>(x: &S, l: &Layout, p: &Conv2dParams) -> Result<S> { ops::im2col_of(&x.gpu(), x.buf(), l, p).map(S::wrap) }
+pub fn im2col<S: GpuStorage>(x: &S, l: &Layout, p: &Conv2dParams) -> Result<S> {
+    ops::im2col_of(&x.gpu(), x.buf(), l, p).map(S::wrap)
+}
 
 /// Memory of a CUDA GPU.
 #[derive(Debug)]
@@ -139,17 +167,33 @@ pub struct CudaStorage(CudaBuf);
 
 impl CudaStorage {
     /// Copies a host buffer to `cuda:ordinal` (opening the device on first use).
-    pub fn from_cpu(cpu: &CpuStorage, ordinal: usize) -> Result<CudaStorage> { device::get(ordinal)?.upload(cpu).map(CudaStorage) }
+    pub fn from_cpu(cpu: &CpuStorage, ordinal: usize) -> Result<CudaStorage> {
+        device::get(ordinal)?.upload(cpu).map(CudaStorage)
+    }
     /// Zeros filled on the device, without a host buffer.
-    pub fn zeros(len: usize, dtype: DType, ordinal: usize) -> Result<CudaStorage> { device::get(ordinal)?.zeros(len, dtype).map(CudaStorage) }
-    pub(super) fn from_buf(b: CudaBuf) -> CudaStorage { CudaStorage(b) }
-    pub(super) fn buf_ref(&self) -> &CudaBuf { &self.0 }
+    pub fn zeros(len: usize, dtype: DType, ordinal: usize) -> Result<CudaStorage> {
+        device::get(ordinal)?.zeros(len, dtype).map(CudaStorage)
+    }
+    pub(super) fn from_buf(b: CudaBuf) -> CudaStorage {
+        CudaStorage(b)
+    }
+    pub(super) fn buf_ref(&self) -> &CudaBuf {
+        &self.0
+    }
 }
 
 impl GpuStorage for CudaStorage {
     type G = &'static device::CudaDev;
-    fn gpu(&self) -> Self::G { self.0.device() }
-    fn buf(&self) -> &CudaBuf { &self.0 }
-    fn buf_mut(&mut self) -> &mut CudaBuf { &mut self.0 }
-    fn wrap(b: CudaBuf) -> Self { CudaStorage(b) }
+    fn gpu(&self) -> Self::G {
+        self.0.device()
+    }
+    fn buf(&self) -> &CudaBuf {
+        &self.0
+    }
+    fn buf_mut(&mut self) -> &mut CudaBuf {
+        &mut self.0
+    }
+    fn wrap(b: CudaBuf) -> Self {
+        CudaStorage(b)
+    }
 }

@@ -26,7 +26,7 @@
 
 use super::config::Config;
 use super::generator::Generator;
-use super::loop_state::{Losses, Loop, SynthBatch};
+use super::loop_state::{Loop, Losses, SynthBatch};
 use crate::models::{Classifier, Features};
 use crate::nn::{Module, Slot};
 use crate::rng::Rng;
@@ -107,11 +107,15 @@ impl std::str::FromStr for Method {
 }
 
 impl std::fmt::Display for Method {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str(self.name()) }
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl serde::Serialize for Method {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> { s.serialize_str(self.name()) }
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
 }
 
 impl<'de> serde::Deserialize<'de> for Method {
@@ -123,7 +127,9 @@ impl<'de> serde::Deserialize<'de> for Method {
 }
 
 impl clap::ValueEnum for Method {
-    fn value_variants<'a>() -> &'a [Method] { Method::ALL }
+    fn value_variants<'a>() -> &'a [Method] {
+        Method::ALL
+    }
     fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
         Some(clap::builder::PossibleValue::new(self.name()).aliases(self.aliases().iter().copied()).help(self.about()))
     }
@@ -170,29 +176,43 @@ pub(crate) trait Recipe: DistillMethod + Sized + 'static {
 pub trait DistillMethod {
     /// Modules the student's optimiser trains with the student (MHAD, SFCL's head):
     /// `aux.*` in the checkpoint and in `Distiller::named_state`.
-    fn student_side(&self) -> &dyn Module { &NoModules }
+    fn student_side(&self) -> &dyn Module {
+        &NoModules
+    }
 
     /// Modules the generator's optimiser trains with the generator (a projection head
     /// the synthesis loss needs): `generator_side.*`.
-    fn generator_side(&self) -> &dyn Module { &NoModules }
+    fn generator_side(&self) -> &dyn Module {
+        &NoModules
+    }
 
     /// Modules of the method's own that no loop optimiser trains (an EMA copy of the
     /// generator, a memory bank held as buffers): `{name}.*`, broadcast from rank 0
     /// at the start, saved as `{name}.safetensors` in the checkpoint and loaded back.
-    fn own_modules(&self) -> Vec<(&'static str, &dyn Module)> { vec![] }
+    fn own_modules(&self) -> Vec<(&'static str, &dyn Module)> {
+        vec![]
+    }
 
     /// Writes any other state of the method's own into the checkpoint folder (rank 0).
-    fn save(&self, _dir: &Path) -> Result<()> { Ok(()) }
+    fn save(&self, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
 
     /// Reads back what `save` wrote.
-    fn restore(&mut self, _dir: &Path, _lp: &Loop) -> Result<()> { Ok(()) }
+    fn restore(&mut self, _dir: &Path, _lp: &Loop) -> Result<()> {
+        Ok(())
+    }
 
     /// Batches the image pool keeps (0: no pool, the student trains on fresh images).
-    fn pool_capacity(&self, cfg: &Config) -> usize { cfg.distill.pool_batches }
+    fn pool_capacity(&self, cfg: &Config) -> usize {
+        cfg.distill.pool_batches
+    }
 
     /// The synthesis phase of an iteration, returning the mean of each loss over its
     /// steps: by default `distill.g_steps` generator steps on `generator_loss`.
-    fn synthesize(&mut self, lp: &mut Loop) -> Result<Losses> { lp.generator_steps(self) }
+    fn synthesize(&mut self, lp: &mut Loop) -> Result<Losses> {
+        lp.generator_steps(self)
+    }
 
     /// The generator's loss on one synthesised batch, with its parts (`g_*`).
     fn generator_loss(&mut self, _lp: &mut Loop, _b: &SynthBatch) -> Result<(Tensor, Losses)> {
@@ -200,7 +220,9 @@ pub trait DistillMethod {
     }
 
     /// Called after each generator step with the gradients it applied.
-    fn after_generator_step(&mut self, _lp: &Loop, _grads: &Gradients) -> Result<()> { Ok(()) }
+    fn after_generator_step(&mut self, _lp: &Loop, _grads: &Gradients) -> Result<()> {
+        Ok(())
+    }
 
     /// This rank's share of the student's next batch: drawn from the pool when there
     /// is one, fresh generator output otherwise.
@@ -216,7 +238,9 @@ pub trait DistillMethod {
     fn student_loss(&self, lp: &Loop, t: &Features, s: &Features) -> Result<(Tensor, Losses)>;
 
     /// Images for the run's grids (this rank's share), `None` while there are none.
-    fn samples(&mut self, lp: &mut Loop) -> Result<Option<Tensor>> { lp.fresh_images(false).map(|(x, _)| Some(x)) }
+    fn samples(&mut self, lp: &mut Loop) -> Result<Option<Tensor>> {
+        lp.fresh_images(false).map(|(x, _)| Some(x))
+    }
 }
 
 /// The modules of a method that has none.
