@@ -197,6 +197,20 @@ impl Loop<'_> {
         Ok((loss, parts))
     }
 
+    /// The teacher's cross-entropy on the batch's target classes, as `g_ce` (DFQ's and
+    /// CMI's term): the conditional generator's own targets; an unconditional one cannot
+    /// aim at a class, so its CE (on random targets, drawn here) cannot fall.
+    pub fn target_ce(&mut self, b: &SynthBatch) -> Result<(Tensor, (&'static str, f32))> {
+        let k = b.teacher.logits.dims()[1];
+        let targets = match &b.targets {
+            Some(y) => y.clone(),
+            None => (0..b.images.dims()[0]).map(|_| self.rng.below(k) as u32).collect(),
+        };
+        let ce = b.teacher.logits.cross_entropy(&targets, 0.0)?;
+        let part = ("g_ce", ce.to_scalar()?);
+        Ok((ce, part))
+    }
+
     /// The student's KD term, KL(p_T || p_S) at `distill.tau_kd`, as `s_kd`.
     pub fn student_kd(&self, t: &Features, s: &Features) -> Result<(Tensor, Losses)> {
         let kd = s.logits.kd_loss(&t.logits, self.cfg.distill.tau_kd)?;

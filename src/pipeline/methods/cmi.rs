@@ -40,8 +40,6 @@ impl Default for CmiConfig {
     fn default() -> Self { CmiConfig { contrast_weight: 0.8, tau: 0.1, bank_size: 2048, head_hidden: 256, head_dim: 128, view_shift: 4 } }
 }
 
-/// The pool holds this many batches unless `distill.pool_batches` says otherwise.
-const POOL_BATCHES: usize = 32;
 
 /// The bank's file in a checkpoint folder.
 const BANK_FILE: &str = "cmi_bank.safetensors";
@@ -64,24 +62,14 @@ impl Recipe for Cmi {
 impl DistillMethod for Cmi {
     fn generator_side(&self) -> &dyn Module { &self.head }
 
-    fn pool_capacity(&self, cfg: &Config) -> usize {
-        match cfg.distill.pool_batches {
-            0 => POOL_BATCHES,
-            n => n,
-        }
-    }
+    fn pool_capacity(&self, cfg: &Config) -> usize { super::kept_pool_batches(cfg) }
 
     fn generator_loss(&mut self, lp: &mut Loop, b: &SynthBatch) -> Result<(Tensor, Losses)> {
         let cfg = lp.cfg;
         let c = &cfg.distill.cmi;
         let (mut loss, mut parts) = losses::bn_minus_kd(&b.teacher, &b.student, cfg.distill.alpha, cfg.distill.tau_gen)?;
-        let k = b.teacher.logits.dims()[1];
-        let targets = match &b.targets {
-            Some(y) => y.clone(),
-            None => (0..b.images.dims()[0]).map(|_| lp.rng.below(k) as u32).collect(),
-        };
-        let ce = b.teacher.logits.cross_entropy(&targets, 0.0)?;
-        parts.push(("g_ce", ce.to_scalar()?));
+        let (ce, part) = lp.target_ce(b)?;
+        parts.push(part);
         loss = loss.add(&ce)?;
         // the second view of every image, through the frozen teacher and the head
         let view = random_shift_flip(&b.raw, c.view_shift, &mut lp.rng)?;

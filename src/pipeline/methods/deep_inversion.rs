@@ -12,8 +12,6 @@ use crate::pipeline::loop_state::{check_finite, Accumulator, Losses, Loop};
 use crate::pipeline::losses;
 use crate::{Result, Tensor};
 
-/// The pool holds this many batches unless `distill.pool_batches` says otherwise.
-const POOL_BATCHES: usize = 32;
 
 pub struct DeepInversion;
 
@@ -23,12 +21,7 @@ impl Recipe for DeepInversion {
 }
 
 impl DistillMethod for DeepInversion {
-    fn pool_capacity(&self, cfg: &Config) -> usize {
-        match cfg.distill.pool_batches {
-            0 => POOL_BATCHES,
-            n => n,
-        }
-    }
+    fn pool_capacity(&self, cfg: &Config) -> usize { super::kept_pool_batches(cfg) }
 
     /// `2 * distill.g_steps` Adam steps on a fresh batch of pixels. On a rank, its share
     /// of the batch: the BN term is the global batch's, and each rank's pixels get their

@@ -19,15 +19,8 @@ impl DistillMethod for Dfq {
     fn generator_loss(&mut self, lp: &mut Loop, b: &SynthBatch) -> Result<(Tensor, Losses)> {
         let cfg = lp.cfg;
         let (loss, mut parts) = losses::bn_minus_kd(&b.teacher, &b.student, cfg.distill.alpha, cfg.distill.tau_gen)?;
-        // the conditional generator's own targets; an unconditional one cannot aim at a
-        // class, so its CE (on random targets) cannot fall
-        let k = b.teacher.logits.dims()[1];
-        let targets = match &b.targets {
-            Some(y) => y.clone(),
-            None => (0..b.images.dims()[0]).map(|_| lp.rng.below(k) as u32).collect(),
-        };
-        let ce = b.teacher.logits.cross_entropy(&targets, 0.0)?;
-        parts.push(("g_ce", ce.to_scalar()?));
+        let (ce, part) = lp.target_ce(b)?;
+        parts.push(part);
         Ok((loss.add(&ce)?, parts))
     }
 

@@ -135,6 +135,15 @@ impl clap::ValueEnum for Method {
     }
 }
 
+/// The pool of the methods that distil on kept synthesised batches (DeepInversion, ZSKD,
+/// CMI): this many batches unless `distill.pool_batches` says otherwise.
+pub(crate) fn kept_pool_batches(cfg: &Config) -> usize {
+    match cfg.distill.pool_batches {
+        0 => 32,
+        n => n,
+    }
+}
+
 /// How a method makes its images.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Synthesis {

@@ -31,8 +31,6 @@ impl Default for ZskdConfig {
     fn default() -> Self { ZskdConfig { temperature: 20.0, betas: vec![1.0, 0.1], lr: 0.05 } }
 }
 
-/// The pool holds this many batches unless `distill.pool_batches` says otherwise.
-const POOL_BATCHES: usize = 32;
 
 pub struct Zskd {
     similarity: ClassSimilarity,
@@ -44,12 +42,7 @@ impl Recipe for Zskd {
 }
 
 impl DistillMethod for Zskd {
-    fn pool_capacity(&self, cfg: &Config) -> usize {
-        match cfg.distill.pool_batches {
-            0 => POOL_BATCHES,
-            n => n,
-        }
-    }
+    fn pool_capacity(&self, cfg: &Config) -> usize { super::kept_pool_batches(cfg) }
 
     /// One batch of impressions (on a rank, its share): classes drawn uniformly, a soft
     /// target per image, `2 * distill.g_steps` Adam steps on the pixels; then pooled.
