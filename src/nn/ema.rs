@@ -21,14 +21,20 @@ pub fn ema_update(avg: &dyn Module, live: &dyn Module, momentum: f32) -> Result<
             if na != nl || ka != kl || ta.dims() != tl.dims() {
                 bail!("ema_update: `{na}` {:?} does not match the live module's `{nl}` {:?}", ta.dims(), tl.dims());
             }
-            // exactly `live` at momentum 0, not `0 * avg + live` (which keeps a NaN)
-            let next = if momentum == 0.0 { tl.clone() } else { ta.scale(momentum)?.add(&tl.scale(1.0 - momentum)?)? };
-            ta.assign(&next)?;
+            blend(ta, tl, momentum)?;
         }
         Ok(())
     })?;
     copy_counters(avg, live);
     Ok(())
+}
+
+/// `avg <- momentum * avg + (1 - momentum) * live` in place, on `avg`'s device: the one
+/// update rule of every moving average here (call it without a graph). Exactly `live`
+/// at momentum 0, not `0 * avg + live` (which keeps a NaN).
+pub(crate) fn blend(avg: &Tensor, live: &Tensor, momentum: f32) -> Result<()> {
+    let next = if momentum == 0.0 { live.clone() } else { avg.scale(momentum)?.add(&live.scale(1.0 - momentum)?)? };
+    avg.assign(&next)
 }
 
 /// Makes `dst` an exact copy of `src` (same architecture): weights, buffers, counters.

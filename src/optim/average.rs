@@ -4,15 +4,16 @@
 //! averaged model comes with statistics of its own recent past, without a pass over the
 //! data to recompute them.
 
-use crate::nn::Module;
-use crate::{bail, Result, Tensor};
+use crate::nn::{ema, Module};
+use crate::{bail, no_grad, Result, Tensor};
 
-/// The average of every parameter and buffer of one module, held on the host in f32.
+/// The average of every parameter and buffer of one module, held beside it on its
+/// device (updated by tensor ops, as `nn::ema`: no copy to the host per step).
 pub struct WeightAverage {
     decay: f32,
     updates: u64,
     /// Each tensor (the live one, written by `swap`), its state_dict name, and its average.
-    slots: Vec<(Tensor, String, Vec<f32>)>,
+    slots: Vec<(Tensor, String, Tensor)>,
 }
 
 impl WeightAverage {
@@ -21,7 +22,7 @@ impl WeightAverage {
         if !(0.0..1.0).contains(&decay) {
             bail!("the weight average's decay must lie in [0, 1), not {decay}");
         }
-        let slots = module.named_tensors().into_iter().map(|(name, t, _)| Ok((t.clone(), name, t.to_vec_f32()?))).collect::<Result<Vec<_>>>()?;
+        let slots = module.named_tensors().into_iter().map(|(name, t, _)| Ok((t.clone(), name, t.deep_copy()?))).collect::<Result<Vec<_>>>()?;
         Ok(WeightAverage { decay, updates: 0, slots })
     }
 
@@ -42,12 +43,7 @@ impl WeightAverage {
     /// `average = d * average + (1 - d) * live` for every tensor, `d` = `next_decay()`.
     pub fn update(&mut self) -> Result<()> {
         let d = self.next_decay();
-        for (t, _, avg) in &mut self.slots {
-            let live = t.to_vec_f32()?;
-            for (a, x) in avg.iter_mut().zip(live) {
-                *a = d * *a + (1.0 - d) * x;
-            }
-        }
+        no_grad(|| self.slots.iter().try_for_each(|(t, _, avg)| ema::blend(avg, t, d)))?;
         self.updates += 1;
         Ok(())
     }
@@ -55,17 +51,17 @@ impl WeightAverage {
     /// Exchanges the module's values with the average: afterwards the module holds the
     /// average and this holds what the module held (a second call swaps back).
     pub fn swap(&mut self) -> Result<()> {
-        for (t, _, avg) in &mut self.slots {
-            let live = t.to_vec_f32()?;
-            let held = std::mem::replace(avg, live);
-            t.assign(&Tensor::from_vec(held, t.dims(), t.device())?)?;
+        for (t, _, avg) in &self.slots {
+            let held = avg.deep_copy()?;
+            avg.assign(t)?;
+            t.assign(&held)?;
         }
         Ok(())
     }
 
-    /// The held values by state_dict name, in the module's order.
-    pub fn values(&self) -> impl Iterator<Item = (&str, &[f32])> {
-        self.slots.iter().map(|(_, n, v)| (n.as_str(), v.as_slice()))
+    /// The held values by state_dict name, in the module's order, on the host.
+    pub fn values(&self) -> Result<Vec<(&str, Vec<f32>)>> {
+        self.slots.iter().map(|(_, n, v)| Ok((n.as_str(), v.to_vec_f32()?))).collect()
     }
 }
 
@@ -115,18 +111,18 @@ mod tests {
             [hand(0.0, 10.0, 0.0, 0.0), hand(0.0, 0.0, 20.0, 0.0)],
             [hand(1.0, 2.0, 3.0, 1.0), hand(1.0, 4.0, 1.0, 1.0)],
         ];
-        let names: Vec<&str> = avg.values().map(|(n, _)| n).collect();
+        let names: Vec<&str> = avg.values().unwrap().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["weight", "bias", "running_mean", "running_var"]);
-        for ((_, got), want) in avg.values().zip(&want) {
+        for ((_, got), want) in avg.values().unwrap().into_iter().zip(&want) {
             for (g, w) in got.iter().zip(want) {
                 assert!((*g as f64 - w).abs() < 1e-5, "{got:?} vs {want:?}");
             }
         }
         let last = values(&bn);
-        let averaged: Vec<Vec<f32>> = avg.values().map(|(_, v)| v.to_vec()).collect();
+        let averaged: Vec<Vec<f32>> = avg.values().unwrap().into_iter().map(|(_, v)| v).collect();
         avg.swap().unwrap();
         assert_eq!(values(&bn), averaged);
-        assert_eq!(avg.values().map(|(_, v)| v.to_vec()).collect::<Vec<_>>(), last);
+        assert_eq!(avg.values().unwrap().into_iter().map(|(_, v)| v).collect::<Vec<_>>(), last);
         avg.swap().unwrap();
         assert_eq!(values(&bn), last);
     }

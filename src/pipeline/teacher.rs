@@ -16,7 +16,7 @@ pub struct Trained {
     /// The last epoch's training accuracy (%), of the weights as they trained.
     pub train_top1: f32,
     /// With `ema_decay` > 0 the model holds the average, and this the last weights
-    /// (`WeightAverage::values`); `None` without an average.
+    /// (`WeightAverage::swap` brings them back); `None` without an average.
     pub last: Option<WeightAverage>,
 }
 
