@@ -66,21 +66,17 @@ impl DistillMethod for Mad {
     fn student_batch(&mut self, lp: &mut Loop) -> Result<Tensor> {
         let n = lp.local_batch;
         let from_ema = ((n as f32 * lp.cfg.distill.mad.ema_share).round() as usize).min(n);
-        let live = match n - from_ema {
-            0 => None,
-            k => Some(no_grad(|| -> Result<Tensor> {
-                let g = lp.generator.as_ref().expect("mad has a generator");
-                let z = g.sample_z(k, &mut lp.rng, lp.device)?;
-                g.forward(&z.z, &mut Ctx::new(true))
-            })?),
+        // `k` images of `g` from fresh noise, none when `k` is 0
+        let device = lp.device;
+        let draw = |g: &Generator, k: usize, rng: &mut crate::rng::Rng| -> Result<Option<Tensor>> {
+            if k == 0 {
+                return Ok(None);
+            }
+            let z = g.sample_z(k, rng, device)?;
+            Ok(Some(no_grad(|| g.forward(&z.z, &mut Ctx::new(true)))?))
         };
-        let past = match from_ema {
-            0 => None,
-            k => Some(no_grad(|| -> Result<Tensor> {
-                let z = self.ema.sample_z(k, &mut lp.rng, lp.device)?;
-                self.ema.forward(&z.z, &mut Ctx::new(true))
-            })?),
-        };
+        let live = draw(lp.generator.as_ref().expect("mad has a generator"), n - from_ema, &mut lp.rng)?;
+        let past = draw(&self.ema, from_ema, &mut lp.rng)?;
         let parts: Vec<&Tensor> = live.iter().chain(past.iter()).collect();
         Ok(Tensor::cat(&parts, 0)?.detach())
     }
