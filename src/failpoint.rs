@@ -1,6 +1,7 @@
 //! Crash points for the crash test (tests/crash.rs): `DFKD_FAILPOINT=<name>:<n>` makes
 //! the process abort at the n-th time it reaches the point `name`, as a kill -9 there
-//! would. Unset (always, outside that test) a point costs one atomic load.
+//! would (or, at `rank<r>-iteration`, rank r's distillation fail with an error: the
+//! multi-process test's failing rank, tests/mpi.rs). Unset (always, outside that test) a point costs one atomic load.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;

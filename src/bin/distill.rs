@@ -93,6 +93,12 @@ struct DistillArgs {
     /// or threads on the CPU; each synthesises its share of distill.batch_size.
     #[arg(long, value_name = "N")]
     gpus: Option<usize>,
+    /// Run as one rank of a multi-process job started by an MPI launcher (`mpirun -n 8
+    /// distill --mpi ...`, `srun`): one process per rank, on `cuda:<local rank>` (from
+    /// the device's ordinal up) or the CPU. Needs a build with `--features mpi`
+    /// (docs/DATA_PARALLEL.md).
+    #[arg(long)]
+    mpi: bool,
     /// Run folder name under <workdir>/ (default: the method's name).
     #[arg(long)]
     run: Option<String>,
@@ -128,6 +134,7 @@ impl DistillArgs {
         let merged = DistillArgs {
             method: before.method.or(after.method),
             gpus: before.gpus.or(after.gpus),
+            mpi: before.mpi || after.mpi,
             run: before.run.clone().or(after.run.clone()),
             resume: before.resume || after.resume,
             overwrite: before.overwrite || after.overwrite,
@@ -144,6 +151,7 @@ impl DistillArgs {
         let flags = [
             ("--method", self.method.is_some()),
             ("--gpus", self.gpus.is_some()),
+            ("--mpi", self.mpi),
             ("--run", self.run.is_some()),
             ("--resume", self.resume),
             ("--overwrite", self.overwrite),
@@ -227,6 +235,77 @@ fn open_device(cfg: &Config) -> Result<Device> {
     Device::parse_user(&cfg.device)
 }
 
+fn run_dir(cfg: &Config, args: &DistillArgs, default_run: &str) -> PathBuf {
+    match &args.run {
+        Some(run) => cfg.workdir.join(run),
+        // the bare demo never replaces an earlier run: runs/demo, then demo-2, ...
+        None if default_run == "demo" => dfkd::pipeline::run_dir::first_free(&cfg.workdir, "demo"),
+        None => cfg.workdir.join(default_run.replace("{method}", cfg.distill.method.name())),
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+fn distill_mpi(_: &mut Config, _: &DistillArgs, _: &str) -> Result<()> {
+    Err(dfkd::Error::Msg(
+        "--mpi: this distill was built without MPI; build it with `cargo build --release --features mpi` (needs an MPI implementation, see docs/DATA_PARALLEL.md)".into(),
+    ))
+}
+
+/// This process's rank of an MPI job: from here on a failure prints this rank's
+/// message and aborts the whole job (`MPI_Abort`), so no rank waits for a dead one.
+#[cfg(feature = "mpi")]
+fn distill_mpi(cfg: &mut Config, args: &DistillArgs, default_run: &str) -> Result<()> {
+    use dfkd::parallel::{mpi::abort_job, Collective, MpiGroup, NcclGroup};
+    use std::sync::Arc;
+    let mpi = Arc::new(MpiGroup::init()?);
+    let place = mpi.place();
+    let result = (|| -> Result<()> {
+        if args.seeds.is_some() {
+            dfkd::bail!("--mpi runs one distillation: --seeds is not supported with it (launch one job per seed)");
+        }
+        if let Some(n) = args.gpus.filter(|&n| n != place.world) {
+            dfkd::bail!("--gpus {n} but the launcher started {} processes: with --mpi each process is one rank (leave --gpus out)", place.world);
+        }
+        if let Some(m) = args.method {
+            cfg.distill.method = m;
+        }
+        cfg.parallel.ranks = place.world;
+        cfg.validate()?;
+        // the run folder's name is decided once, by rank 0 (the demo's first free one)
+        let name = run_dir(cfg, args, default_run).to_string_lossy().into_owned();
+        let mut bytes = name.into_bytes();
+        bytes.resize(4096, 0);
+        let agreed = mpi.broadcast_bytes(&bytes, 0)?;
+        let run_dir = PathBuf::from(String::from_utf8_lossy(&agreed).trim_end_matches('\0').to_string());
+        let device = match cfg.device.parse::<Device>()? {
+            Device::Cuda(first) => Device::parse_user(&format!("cuda:{}", first + place.local_rank))?,
+            other => other,
+        };
+        let group: Arc<dyn Collective> = match device {
+            Device::Cuda(ordinal) => Arc::new(NcclGroup::from_mpi(&mpi, ordinal)?),
+            _ => mpi.clone(),
+        };
+        if place.rank == 0 {
+            eprintln!(
+                "dfkd: {} -> {} on {} ({}), {} ranks (MPI, {} on this machine), device {device} on rank 0",
+                cfg.teacher.arch, cfg.student.arch, cfg.data.dataset, cfg.distill.method, place.world, place.local_world
+            );
+        }
+        let opts = job::RunOptions { run_dir, resume: args.resume, overwrite: args.overwrite };
+        let fail = |why: &str| abort_job(place.rank, why);
+        if let Some(summary) = dfkd::parallel::run_process(group.clone(), fail, |_| job::run_job_process(cfg, device, &opts, group.clone()))? {
+            job::print_summary(&summary, summary.eval.models[0].per_class.len());
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        abort_job(place.rank, &e.to_string());
+    }
+    // MPI_Finalize (the communication thread ends) before the process exits
+    drop(mpi);
+    Ok(())
+}
+
 fn distill(cfg: &mut Config, device: Device, args: &DistillArgs, default_run: &str) -> Result<()> {
     if let Some(m) = args.method {
         cfg.distill.method = m;
@@ -235,12 +314,7 @@ fn distill(cfg: &mut Config, device: Device, args: &DistillArgs, default_run: &s
         cfg.parallel.ranks = n;
         cfg.validate()?;
     }
-    let run_dir = match &args.run {
-        Some(run) => cfg.workdir.join(run),
-        // the bare demo never replaces an earlier run: runs/demo, then demo-2, ...
-        None if default_run == "demo" => dfkd::pipeline::run_dir::first_free(&cfg.workdir, "demo"),
-        None => cfg.workdir.join(default_run.replace("{method}", cfg.distill.method.name())),
-    };
+    let run_dir = run_dir(cfg, args, default_run);
     let ranks = match cfg.parallel.ranks {
         1 => String::new(),
         n => format!(", {n} data-parallel ranks"),
@@ -276,6 +350,11 @@ fn main() {
 
 fn run(cli: Cli, args: &DistillArgs) -> Result<()> {
     let mut cfg = resolve(&cli.common)?;
+    if args.mpi {
+        // each rank opens its own device (`cuda:<local rank>`), not the configured one
+        let default_run = if cli.command.is_some() { "{method}" } else { "demo" };
+        return distill_mpi(&mut cfg, args, default_run);
+    }
     // only commands that compute open the device (`show-config --device cuda` works
     // without a GPU); make-data runs on the CPU whatever the config says
     let device = match cli.command {
@@ -397,7 +476,7 @@ mod tests {
     use clap::error::ErrorKind;
 
     /// Every run option, as a user writes it.
-    const OPTIONS: [&[&str]; 6] = [&["--method", "dafl"], &["--gpus", "2"], &["--run", "x"], &["--resume"], &["--overwrite"], &["--seeds", "0-2"]];
+    const OPTIONS: [&[&str]; 7] = [&["--method", "dafl"], &["--gpus", "2"], &["--mpi"], &["--run", "x"], &["--resume"], &["--overwrite"], &["--seeds", "0-2"]];
 
     fn resolved(args: &[&str]) -> std::result::Result<DistillArgs, clap::Error> {
         let cli = Cli::try_parse_from(std::iter::once("distill").chain(args.iter().copied()))?;

@@ -189,6 +189,52 @@ fn write_config(cfg: &Config, dir: &Path, resumed: bool) -> Result<()> {
 /// opened and agrees with the config.
 pub fn run_job(cfg: &Config, device: Device, opts: &RunOptions) -> Result<JobSummary> {
     let t0 = Instant::now();
+    let mut p = prepare_job(cfg, device, opts)?;
+    let ranks = cfg.parallel.ranks;
+    if ranks == 1 {
+        distill_rank(cfg, p.teacher.as_ref(), p.student.as_ref(), device, opts, Some((&mut p.log, &p.ds, &p.run)))?;
+    } else {
+        let devices = rank_devices(device, ranks)?;
+        let group: Vec<Arc<dyn Collective>> = match device {
+            Device::Cuda(first) => {
+                let ordinals: Vec<usize> = (first..first + ranks).collect();
+                NcclGroup::new(&ordinals)?.into_iter().map(|g| Arc::new(g) as Arc<dyn Collective>).collect()
+            }
+            _ => ThreadGroup::new(ranks).into_iter().map(|g| Arc::new(g) as Arc<dyn Collective>).collect(),
+        };
+        let Prepared { run, ds, log, teacher, teacher_path, student } = &mut p;
+        let leader_log = std::sync::Mutex::new(Some(log));
+        crate::parallel::run_group(group, |rank| {
+            let log = if rank == 0 { leader_log.lock().unwrap().take() } else { None };
+            if rank == 0 {
+                // rank 0 trains the job's own student, which is evaluated and saved below
+                return distill_rank(cfg, teacher.as_ref(), student.as_ref(), device, opts, log.map(|l| (l, &*ds, &*run)));
+            }
+            let dev = devices[rank];
+            let t = build(&cfg.teacher.arch, ds.num_classes(), cfg.teacher.small_stem, &mut Rng::new(0))?;
+            t.to_device(dev)?;
+            load_model(t.as_ref(), &*teacher_path)?;
+            let s = build(&cfg.student.arch, ds.num_classes(), cfg.student.small_stem, &mut cfg.distill_rng(2))?;
+            s.to_device(dev)?;
+            distill_rank(cfg, t.as_ref(), s.as_ref(), dev, opts, None)
+        })?;
+    }
+    finish_job(cfg, device, opts, p, t0)
+}
+
+/// What the job has made before distilling: on rank 0 (or the only process).
+struct Prepared {
+    run: RunDir,
+    ds: Dataset,
+    log: MetricsLog,
+    teacher: Box<dyn Classifier>,
+    teacher_path: PathBuf,
+    student: Box<dyn Classifier>,
+}
+
+/// The config validated, the run folder claimed (before anything is made or removed),
+/// the data set, the teacher and the student to distil into.
+fn prepare_job(cfg: &Config, device: Device, opts: &RunOptions) -> Result<Prepared> {
     cfg.validate()?;
     let run = open_run_dir(opts)?;
     if opts.resume && CheckpointDir::new(run.path()).existing().is_none() {
@@ -202,39 +248,17 @@ pub fn run_job(cfg: &Config, device: Device, opts: &RunOptions) -> Result<JobSum
         write_config(cfg, run.path(), false)?;
     }
     let mut log = MetricsLog::open(&opts.run_dir.join("metrics.jsonl"))?;
-    let size = cfg.data.image_size;
     let (teacher, teacher_path) = prepare_teacher(cfg, &ds, device, &mut log)?;
     let student = build(&cfg.student.arch, ds.num_classes(), cfg.student.small_stem, &mut cfg.distill_rng(2))?;
     student.to_device(device)?;
-    let ranks = cfg.parallel.ranks;
-    if ranks == 1 {
-        distill_rank(cfg, teacher.as_ref(), student.as_ref(), device, opts, Some(&mut log), &ds, &run)?;
-    } else {
-        let devices = rank_devices(device, ranks)?;
-        let group: Vec<Arc<dyn Collective>> = match device {
-            Device::Cuda(first) => {
-                let ordinals: Vec<usize> = (first..first + ranks).collect();
-                NcclGroup::new(&ordinals)?.into_iter().map(|g| Arc::new(g) as Arc<dyn Collective>).collect()
-            }
-            _ => ThreadGroup::new(ranks).into_iter().map(|g| Arc::new(g) as Arc<dyn Collective>).collect(),
-        };
-        let leader_log = std::sync::Mutex::new(Some(&mut log));
-        crate::parallel::run_group(group, |rank| {
-            let log = if rank == 0 { leader_log.lock().unwrap().take() } else { None };
-            if rank == 0 {
-                // rank 0 trains the job's own student, which is evaluated and saved below
-                return distill_rank(cfg, teacher.as_ref(), student.as_ref(), device, opts, log, &ds, &run);
-            }
-            let dev = devices[rank];
-            let t = build(&cfg.teacher.arch, ds.num_classes(), cfg.teacher.small_stem, &mut Rng::new(0))?;
-            t.to_device(dev)?;
-            load_model(t.as_ref(), &teacher_path)?;
-            let s = build(&cfg.student.arch, ds.num_classes(), cfg.student.small_stem, &mut cfg.distill_rng(2))?;
-            s.to_device(dev)?;
-            distill_rank(cfg, t.as_ref(), s.as_ref(), dev, opts, log, &ds, &run)
-        })?;
-    }
-    let eval = evaluate(&[teacher.as_ref(), student.as_ref()], &ds, size, EVAL_BATCH, device)?;
+    Ok(Prepared { run, ds, log, teacher, teacher_path, student })
+}
+
+/// Evaluates the distilled student beside its teacher, logs and saves it, draws the
+/// curves.
+fn finish_job(cfg: &Config, device: Device, opts: &RunOptions, p: Prepared, t0: Instant) -> Result<JobSummary> {
+    let Prepared { ds, mut log, teacher, student, .. } = p;
+    let eval = evaluate(&[teacher.as_ref(), student.as_ref()], &ds, cfg.data.image_size, EVAL_BATCH, device)?;
     let summary = JobSummary {
         teacher_top1: eval.models[0].top1,
         student_top1: eval.models[1].top1,
@@ -251,6 +275,42 @@ pub fn run_job(cfg: &Config, device: Device, opts: &RunOptions) -> Result<JobSum
     Ok(summary)
 }
 
+/// The job as this process's rank of a multi-process group (`mpirun ... distill
+/// --mpi`), `group` entered (`parallel::run_process`): every rank checks that all were
+/// started alike; rank 0 alone prepares the run (data set, teacher), writes, evaluates
+/// and returns the summary. The other ranks need neither the data set nor the teacher
+/// on their machine: the class count and the teacher's weights come from rank 0. They
+/// read the checkpoint when resuming, so the run folder must be one every rank sees.
+pub fn run_job_process(cfg: &Config, device: Device, opts: &RunOptions, group: Arc<dyn Collective>) -> Result<Option<JobSummary>> {
+    let t0 = Instant::now();
+    cfg.validate()?;
+    if cfg.parallel.ranks != group.world() {
+        bail!("parallel.ranks = {} but the job has {} processes: each process is one rank", cfg.parallel.ranks, group.world());
+    }
+    let agreed = format!("{}\nrun folder: {}\nresume: {}\noverwrite: {}\n", cfg.to_toml(), opts.run_dir.display(), opts.resume, opts.overwrite);
+    crate::parallel::check_same(group.as_ref(), "config and run options", agreed.as_bytes())?;
+    // rank 0 alone, outside the group (the teacher's BatchNorm must not wait for the others)
+    let mut prepared = if group.rank() == 0 { Some(crate::parallel::alone(|| prepare_job(cfg, device, opts))?) } else { None };
+    // the others wait here while rank 0 makes the data set and trains the teacher
+    let classes = prepared.as_ref().map_or(0, |p| p.ds.num_classes()) as f32;
+    let classes = group.broadcast(&crate::Tensor::from_slice(&[classes], &[1], Device::Cpu)?.to_device(device)?, 0)?.to_vec_f32()?[0] as usize;
+    match prepared.as_mut() {
+        Some(p) => {
+            crate::parallel::broadcast_module(p.teacher.as_ref(), &group)?;
+            distill_rank(cfg, p.teacher.as_ref(), p.student.as_ref(), device, opts, Some((&mut p.log, &p.ds, &p.run)))?;
+        }
+        None => {
+            let t = build(&cfg.teacher.arch, classes, cfg.teacher.small_stem, &mut Rng::new(0))?;
+            t.to_device(device)?;
+            crate::parallel::broadcast_module(t.as_ref(), &group)?;
+            let s = build(&cfg.student.arch, classes, cfg.student.small_stem, &mut cfg.distill_rng(2))?;
+            s.to_device(device)?;
+            distill_rank(cfg, t.as_ref(), s.as_ref(), device, opts, None)?;
+        }
+    }
+    prepared.map(|p| crate::parallel::alone(|| finish_job(cfg, device, opts, p, t0))).transpose()
+}
+
 /// One rank's distillation (the only one unless `parallel.ranks` > 1): rank 0, given
 /// the log, also resumes the log and config, evaluates, and writes checkpoints.
 #[allow(clippy::too_many_arguments)]
@@ -260,21 +320,32 @@ fn distill_rank(
     student: &dyn Classifier,
     device: Device,
     opts: &RunOptions,
-    mut log: Option<&mut MetricsLog>,
-    ds: &Dataset,
-    run: &RunDir,
+    leader: Option<(&mut MetricsLog, &Dataset, &RunDir)>,
 ) -> Result<()> {
     let mut distiller = Distiller::new(cfg, teacher, student, device)?;
-    if opts.resume {
-        distiller.resume(&CheckpointDir::new(&opts.run_dir))?;
-        if let Some(log) = log.as_deref_mut() {
-            eprintln!("resumed from iteration {}", distiller.iteration());
-            // the iterations after the checkpoint run again: their first records go
-            log.resume_after(distiller.iteration())?;
-            write_config(cfg, run.path(), true)?;
+    let (mut log, ds) = match leader {
+        Some((log, ds, run)) => {
+            if opts.resume {
+                distiller.resume(&CheckpointDir::new(&opts.run_dir))?;
+                eprintln!("resumed from iteration {}", distiller.iteration());
+                // the iterations after the checkpoint run again: their first records go
+                log.resume_after(distiller.iteration())?;
+                write_config(cfg, run.path(), true)?;
+            }
+            (Some(log), Some(ds))
         }
-    }
-    distill::run(&mut distiller, &opts.run_dir, false, log, |s| Ok(evaluate(&[s], ds, cfg.data.image_size, EVAL_BATCH, device)?.models[0].top1))
+        None => {
+            if opts.resume {
+                distiller.resume(&CheckpointDir::new(&opts.run_dir))?;
+            }
+            (None, None)
+        }
+    };
+    // only rank 0, the one given the data set, evaluates (`distill::run` asks the one given the log)
+    distill::run(&mut distiller, &opts.run_dir, false, log.take(), |s| match ds {
+        Some(ds) => Ok(evaluate(&[s], ds, cfg.data.image_size, EVAL_BATCH, device)?.models[0].top1),
+        None => bail!("only rank 0 evaluates"),
+    })
 }
 
 /// The device of each data-parallel rank: one GPU each from `device`'s ordinal up, or

@@ -2,9 +2,11 @@
 //! batch and agree on every weight, as PyTorch's DDP does.
 //!
 //! A `Collective` is one rank's handle on its group: all-reduce, broadcast and
-//! all-gather of tensors. Two implementations: `ThreadGroup` (ranks as threads of one
-//! process, any device: how CI tests every data-parallel path without a GPU) and
-//! `NcclGroup` (NCCL, one thread per GPU). On top of them: differentiable all-reduce
+//! all-gather of tensors. Implementations: `ThreadGroup` (ranks as threads of one
+//! process, any device: how CI tests every data-parallel path without a GPU),
+//! `NcclGroup` (NCCL, one thread per GPU, or one process per GPU bootstrapped by MPI)
+//! and, with the `mpi` feature, `MpiGroup` (one process per rank, CPU ranks'
+//! collectives over MPI, on as many machines as the launcher gives). On top of them: differentiable all-reduce
 //! and all-gather, synchronised BatchNorm and broadcasting a module's weights (`ops`),
 //! and gradient averaging in buckets overlapped with the backward pass (`buckets`).
 //!
@@ -22,16 +24,20 @@
 //! collective at all.
 
 mod buckets;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 mod nccl;
 mod ops;
 mod threads;
 
+#[cfg(feature = "mpi")]
+pub use self::mpi::{MpiGroup, MpiPlace};
 pub use buckets::{average_gradients, backward_averaged, GradientBuckets, DEFAULT_BUCKET_ELEMS};
 pub use nccl::NcclGroup;
 pub use ops::{all_gather, all_reduce_sum, broadcast_buffers, broadcast_module, global_batch_mean, global_channel_stats, global_channel_stats_many};
 pub use threads::{run_group, run_ranks, ThreadGroup};
 
-use crate::{Result, Tensor};
+use crate::{Error, Result, Tensor};
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 
@@ -110,10 +116,61 @@ pub fn enter(group: Arc<dyn Collective>) -> GroupGuard {
     GroupGuard(CURRENT.with(|c| c.borrow_mut().replace(group)))
 }
 
+/// Makes this thread belong to no group until the guard drops: what one rank computes
+/// alone (rank 0 training the teacher of a multi-process job) takes no collective.
+pub fn leave() -> GroupGuard {
+    GroupGuard(CURRENT.with(|c| c.borrow_mut().take()))
+}
+
+/// `f` computed by this rank alone (`leave`).
+pub fn alone<T>(f: impl FnOnce() -> T) -> T {
+    let _alone = leave();
+    f()
+}
+
 /// Restores the thread's previous group when dropped.
 pub struct GroupGuard(Option<Arc<dyn Collective>>);
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         CURRENT.with(|c| *c.borrow_mut() = self.0.take())
     }
+}
+
+/// Refuses to go on unless every rank of `group` passes the same `bytes` (`what`, a
+/// plural: the resolved config and run options): ranks launched with different configs would otherwise
+/// compute different steps, or wait in collectives the others never make. One
+/// all-gather of a 64-bit hash, carried as four exact 16-bit values.
+pub fn check_same(group: &dyn Collective, what: &str, bytes: &[u8]) -> Result<()> {
+    // FNV-1a: stable across builds and machines, unlike std's hasher
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let parts: Vec<f32> = (0..4).map(|i| ((hash >> (16 * i)) & 0xffff) as f32).collect();
+    let all = group.all_gather(&Tensor::from_slice(&parts, &[1, 4], crate::Device::Cpu)?)?.to_vec_f32()?;
+    let of = |rank: usize| all[4 * rank..4 * rank + 4].iter().enumerate().fold(0u64, |h, (i, &v)| h | ((v as u64) << (16 * i)));
+    match (1..group.world()).find(|&r| of(r) != of(0)) {
+        None => Ok(()),
+        Some(r) => Err(Error::Msg(format!(
+            "rank {r}'s {what} differ from rank 0's (hash {:016x}, rank 0: {:016x}): every rank must be started with the same config, flags and seed",
+            of(r),
+            of(0)
+        ))),
+    }
+}
+
+/// Runs `f` as this process's rank of a multi-process group (the group entered, as
+/// `run_group` does for threads). A failure, error or panic, goes to `fail` with the
+/// message: for MPI, which prints it with the rank and aborts the whole job, so the
+/// other processes never wait for this one.
+pub fn run_process<T>(group: Arc<dyn Collective>, fail: impl FnOnce(&str), f: impl FnOnce(usize) -> Result<T>) -> Result<T> {
+    let rank = group.rank();
+    let _in_group = enter(group.clone());
+    let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(rank))) {
+        Ok(r) => r,
+        Err(panic) => Err(Error::Msg(format!("rank {rank} panicked: {}", threads::panic_message(&*panic)))),
+    };
+    if let Err(e) = &r {
+        // a GPU group's own abort first (NCCL's pending calls stop), then the job's
+        group.abort(&e.to_string());
+        fail(&e.to_string());
+    }
+    r
 }

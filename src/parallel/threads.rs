@@ -308,7 +308,7 @@ pub fn run_group<T: Send>(group: Vec<Arc<dyn Collective>>, f: impl Fn(usize) -> 
     Ok(results.into_iter().map(|r| r.unwrap_or_else(|_| unreachable!("no rank failed"))).collect())
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+pub(super) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "(no message)".into())
 }
 

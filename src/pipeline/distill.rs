@@ -336,6 +336,10 @@ pub fn run(
     while distiller.iteration() < total {
         let (g, s) = distiller.iterate()?;
         let it = distiller.iteration();
+        if crate::failpoint::hit(&format!("rank{}-iteration", distiller.rank())) {
+            // the multi-process tests' failing rank (tests/mpi.rs): an error, as a lost GPU gives
+            bail!("failpoint: rank {} fails after iteration {it}", distiller.rank());
+        }
         let checkpoint = it.is_multiple_of(d.checkpoint_every) || it == total;
         if let (Some(log), Some(bar)) = (log.as_deref_mut(), &bar) {
             let mut record = json!({"phase": "distill", "iteration": it, "epoch": it as f32 / d.iterations_per_epoch as f32,

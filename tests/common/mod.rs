@@ -2,6 +2,8 @@
 //! gradient checker and the devices a test runs on (`for_each_device`).
 #![allow(dead_code)]
 
+pub mod dp;
+
 pub use dfkd::testing::assert_close;
 
 use dfkd::rng::Rng;

@@ -3,7 +3,9 @@
 //! one rank thread each (`ncclCommInitAll`): the ranks are the threads that
 //! `parallel::run_ranks` starts, every device is already opened by this process, and
 //! no rendezvous (a unique id passed through a file or the environment) is needed.
-//! Several nodes would need one process per node and `ncclCommInitRank`: not built.
+//! Across processes (and nodes), each process makes one communicator for its GPU with
+//! `ncclCommInitRank`, from a unique id that rank 0 makes (`unique_id`) and MPI
+//! carries to the others (`parallel::NcclGroup::from_mpi`).
 //!
 //! Each communicator queues its calls on a stream of its own, as PyTorch's NCCL
 //! process group does, so that a gradient bucket's all-reduce runs while the backward
@@ -117,6 +119,30 @@ pub fn init_all(ordinals: &[usize]) -> Result<NcclComms> {
     let world = ordinals.len();
     let comms = raw.into_iter().zip(devs).zip(streams).enumerate();
     Ok(NcclComms(comms.map(|(rank, ((raw, dev), stream))| NcclComm { raw, dev, stream, rank, world, aborted: AtomicBool::new(false) }).collect()))
+}
+
+/// A new `ncclUniqueId` (rank 0 of a multi-process communicator makes it).
+pub fn unique_id() -> Result<nccl_lib::UniqueId> {
+    let nccl = lib()?;
+    let mut id = nccl_lib::UniqueId([0; nccl_lib::UNIQUE_ID_BYTES]);
+    // SAFETY: writes one ncclUniqueId.
+    check("ncclGetUniqueId", unsafe { (nccl.get_unique_id)(&mut id) })?;
+    Ok(id)
+}
+
+/// This process's communicator of a group of `world` processes, as rank `rank`, on
+/// `cuda:ordinal`: every rank passes the same `id` (rank 0's `unique_id`), and the call
+/// returns once all of them have joined.
+pub fn init_rank(ordinal: usize, world: usize, rank: usize, id: nccl_lib::UniqueId) -> Result<NcclComms> {
+    let nccl = lib()?;
+    let dev = device::get(ordinal)?;
+    let stream = dev.new_stream()?;
+    // ncclCommInitRank makes its communicator on the thread's current device
+    dev.bind()?;
+    let mut raw = std::ptr::null_mut();
+    // SAFETY: writes one communicator; `id` is passed by value as nccl.h declares.
+    check("ncclCommInitRank", unsafe { (nccl.comm_init_rank)(&mut raw, world as i32, id, rank as i32) })?;
+    Ok(NcclComms(vec![NcclComm { raw, dev, stream, rank, world, aborted: AtomicBool::new(false) }]))
 }
 
 impl NcclComm {

@@ -19,6 +19,13 @@ pub type Status = c_int;
 pub const FLOAT32: c_int = 7;
 pub const SUM: c_int = 0;
 
+/// `ncclUniqueId`: the bytes rank 0 makes and every rank of a multi-process
+/// communicator passes to `ncclCommInitRank` (NCCL_UNIQUE_ID_BYTES).
+pub const UNIQUE_ID_BYTES: usize = 128;
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UniqueId(pub [u8; UNIQUE_ID_BYTES]);
+
 /// The names tried through the loader's search, then as files in the wheels' folders.
 pub const FILE_NAMES: &[&str] = &["libnccl.so.2", "libnccl.so"];
 
@@ -29,6 +36,9 @@ pub struct NcclLib {
     /// `ncclGetVersion`'s code, e.g. 22805 for 2.28.5.
     pub version: c_int,
     pub comm_init_all: unsafe extern "C" fn(*mut Comm, c_int, *const c_int) -> Status,
+    pub get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> Status,
+    /// `ncclCommInitRank(comm, nranks, id, rank)`: the id by value, as nccl.h declares it.
+    pub comm_init_rank: unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> Status,
     pub all_reduce: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> Status,
     pub broadcast: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> Status,
     pub all_gather: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, Comm, Stream) -> Status,
@@ -62,6 +72,8 @@ impl NcclLib {
             path: PathBuf::new(),
             version,
             comm_init_all: sym!("ncclCommInitAll"),
+            get_unique_id: sym!("ncclGetUniqueId"),
+            comm_init_rank: sym!("ncclCommInitRank"),
             all_reduce: sym!("ncclAllReduce"),
             broadcast: sym!("ncclBroadcast"),
             all_gather: sym!("ncclAllGather"),
