@@ -17,7 +17,7 @@ use common::dp::{generator_grads, largest, models, share, student_grads, to_host
 use common::{randn, tiny};
 use dfkd::checkpoint::load_tensors;
 use dfkd::commands::job::{self, RunOptions};
-use dfkd::models::{build, Classifier};
+use dfkd::models::build;
 use dfkd::parallel::run_ranks;
 use dfkd::pipeline::checkpoint_dir::CheckpointDir;
 use dfkd::pipeline::config::Config;

@@ -87,7 +87,7 @@ fn bits(named: Named) -> Vec<(String, Vec<u32>)> {
 }
 
 /// What one result holds: `(case, named tensors)`.
-fn case<'a>(results: &'a [(String, Vec<u32>)], prefix: &str) -> Vec<(String, Vec<u32>)> {
+fn case(results: &[(String, Vec<u32>)], prefix: &str) -> Vec<(String, Vec<u32>)> {
     results.iter().filter_map(|(n, v)| n.strip_prefix(prefix).map(|n| (n.to_string(), v.clone()))).collect()
 }
 
