@@ -139,7 +139,8 @@ fn every_method_runs_one_iteration() {
             let mut d = Distiller::new(&cfg, teacher.as_ref(), student.as_ref(), dev).unwrap();
             assert!(student.parameters().iter().all(|p| p.device() == dev), "{dev} {method}: the student was not moved");
             let (g, s) = d.iterate().unwrap_or_else(|e| panic!("{dev} {method}: {e}"));
-            assert!(!g.is_empty() && !s.is_empty(), "{dev} {method} reported no losses");
+            // the real-data ceiling synthesises nothing, so it has no synthesis losses
+            assert!(!s.is_empty() && (!g.is_empty() || method == Method::RealKd), "{dev} {method} reported no losses");
             assert!(g.iter().chain(&s).all(|(_, v)| v.is_finite()), "{dev} {method}: {g:?} {s:?}");
         }
     });
