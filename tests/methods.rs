@@ -1,5 +1,6 @@
 //! The methods that keep state of their own between steps: MAD's moving-average
-//! generator, CMI's memory bank and embedding head, ZSKD's impressions. Each one's
+//! generator, CMI's memory bank and embedding head, ZSKD's impressions, the real-data
+//! ceiling's place in the training images. Each one's
 //! distinctive mechanism is shown to act, and a run interrupted by a checkpoint goes
 //! on exactly as an uninterrupted one (the state is saved and restored whole).
 
@@ -94,13 +95,42 @@ fn cmi_fills_its_bank_and_its_contrast_falls() {
     let _ = std::fs::remove_dir_all(&w);
 }
 
+/// The real-data ceiling's student learns from the training split's images, in the
+/// order of a training loader shuffled by `distill.seed`: its first step's KD loss is
+/// the one computed here by hand on that loader's first batch.
+#[test]
+fn the_real_data_student_distils_on_the_training_images() {
+    use dfkd::data::{Loader, LoaderConfig};
+    let w = workdir("real-kd");
+    let mut c = cfg("real-kd", &w);
+    (c.distill.s_steps, c.distill.augment_shift, c.distill.seed) = (1, 0, 3);
+    let (t, s) = models();
+    let ds = dfkd::pipeline::data_set::open(&c).unwrap();
+    let b = Loader::new(&ds.train, LoaderConfig::train(&ds, c.distill.batch_size, c.data.image_size as u32, 3)).epoch(0).next().unwrap().unwrap();
+    let x = dfkd::Tensor::from_vec(b.images, &[b.n, 3, b.size, b.size], Device::Cpu).unwrap();
+    let want = s.logits(&x, true).unwrap().kd_loss(&t.logits(&x, false).unwrap(), c.distill.tau_kd).unwrap().to_scalar().unwrap();
+    let (t, s) = models();
+    let mut d = Distiller::new(&c, t.as_ref(), s.as_ref(), Device::Cpu).unwrap();
+    let (g, losses) = d.iterate().unwrap();
+    assert!(g.is_empty(), "nothing is synthesised: {g:?}");
+    assert_eq!(losses, vec![("s_kd", want)]);
+    // the grids show the real images it trained on
+    d.save_samples(&w.join("grid.png")).unwrap();
+    assert!(w.join("grid.png").exists());
+    let _ = std::fs::remove_dir_all(&w);
+}
+
 /// Two iterations straight, or one, a checkpoint, a fresh distiller resumed from it and
 /// one more: the same losses and the same bits of every weight, buffer and pooled image.
 #[test]
 fn the_stateful_methods_resume_exactly() {
-    for method in ["mad", "cmi", "zskd"] {
+    for method in ["mad", "cmi", "zskd", "real-kd"] {
         let w = workdir(&format!("resume-{method}"));
-        let c = cfg(method, &w);
+        let mut c = cfg(method, &w);
+        if method == "real-kd" {
+            // 80 training images are 10 batches of 8: the second iteration crosses an epoch
+            c.distill.s_steps = 6;
+        }
         let (want_losses, want_state) = run(&c, 2);
         let ckpt = CheckpointDir::new(&w.join("run"));
         {
@@ -116,8 +146,8 @@ fn the_stateful_methods_resume_exactly() {
         let got: Vec<(&str, f32)> = g.into_iter().chain(s2).collect();
         assert_eq!(got, want_losses[1], "{method}: the resumed iteration's losses");
         assert!(state(&d, "") == want_state, "{method}: the resumed run's state differs");
-        // MAD trains on fresh images; CMI and ZSKD on their pools, resumed whole
-        assert_eq!(d.pool_shard().is_empty(), method == "mad", "{method}: pool of {}", d.pool_shard().len());
+        // MAD trains on fresh images, the ceiling on real ones; CMI and ZSKD on their pools, resumed whole
+        assert_eq!(d.pool_shard().is_empty(), matches!(method, "mad" | "real-kd"), "{method}: pool of {}", d.pool_shard().len());
         let _ = std::fs::remove_dir_all(&w);
     }
 }

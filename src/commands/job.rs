@@ -9,6 +9,7 @@ use crate::models::{build, Classifier};
 use crate::parallel::{Collective, NcclGroup, ThreadGroup};
 use crate::pipeline::checkpoint_dir::CheckpointDir;
 use crate::pipeline::config::Config;
+use crate::pipeline::data_set;
 use crate::pipeline::distill::{self, Distiller};
 use crate::pipeline::eval::{evaluate, Evaluation};
 use crate::pipeline::report::{plot_panels, print_table, MetricsLog, Panel};
@@ -26,25 +27,12 @@ const EVAL_BATCH: usize = 128;
 
 /// Opens the configured data set, generating the synthetic one first if needed.
 pub fn prepare_data(cfg: &Config) -> Result<Dataset> {
-    let d = &cfg.data;
-    if d.dataset != "synthetic" {
-        return crate::data::open(Path::new(&d.dataset));
-    }
-    let spec = SyntheticSpec {
-        num_classes: d.num_classes,
-        train_per_class: d.train_per_class,
-        test_per_class: d.test_per_class,
-        image_size: d.image_size as u32,
-        seed: cfg.seed,
-        image_stream: 1,
-    };
-    let dir = cfg.workdir.join("data").join(format!("synthetic-birds-{}c-{}px-seed{}", d.num_classes, d.image_size, cfg.seed));
     let t0 = Instant::now();
-    let ds = synthetic::ensure(&spec, &dir)?;
+    let ds = data_set::open(cfg)?;
     eprintln!(
         "{:>14} {} ({} classes, {} train / {} test images) in {:.1}s",
         "data",
-        dir.display(),
+        ds.root.display(),
         ds.num_classes(),
         ds.train.len(),
         ds.test.len(),

@@ -2,6 +2,7 @@ pub mod attention;
 pub mod augment;
 pub mod checkpoint_dir;
 pub mod config;
+pub mod data_set;
 pub mod distill;
 pub mod eval;
 pub mod generator;

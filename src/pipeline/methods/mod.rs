@@ -78,6 +78,8 @@ methods! {
     Mad = "mad" => mad::Mad,
     /// DFQ's terms plus contrastive instance discrimination against a memory bank; the student distils on a pool
     Cmi = "cmi" => cmi::Cmi,
+    /// not data-free, the ceiling: KD from the teacher on the real training images, the same steps
+    RealKd = "real-kd" | "real_kd" | "real" => real_kd::RealKd,
 }
 
 pub use cmi::CmiConfig;
