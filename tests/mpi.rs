@@ -44,7 +44,8 @@ fn mpirun() -> Option<PathBuf> {
     if std::env::var("DFKD_REQUIRE_MPI").is_ok_and(|v| v == "1") {
         panic!("DFKD_REQUIRE_MPI=1 but the MPI tests cannot run: {why}");
     }
-    eprintln!("skipped: {why}");
+    // straight to the process's stderr, past the test harness's capture: a skip shows
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{}: skipped: {why}\n", std::thread::current().name().unwrap_or("mpi")).as_bytes());
     None
 }
 
