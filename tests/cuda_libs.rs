@@ -29,6 +29,9 @@ fn stub_library(path: &Path, soname: &str, source: &str) {
 const NCCL_STUB: &str = r#"
 int ncclGetVersion(int *v) { *v = 22805; return 0; }
 int ncclCommInitAll(void **c, int n, const int *d) { return 0; }
+typedef struct { char internal[128]; } ncclUniqueId;
+int ncclGetUniqueId(ncclUniqueId *id) { return 0; }
+int ncclCommInitRank(void **c, int n, ncclUniqueId id, int r) { return 0; }
 int ncclAllReduce(const void *s, void *r, unsigned long n, int t, int o, void *c, void *st) { return 0; }
 int ncclBroadcast(const void *s, void *r, unsigned long n, int t, int root, void *c, void *st) { return 0; }
 int ncclAllGather(const void *s, void *r, unsigned long n, int t, void *c, void *st) { return 0; }
