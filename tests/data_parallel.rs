@@ -349,6 +349,20 @@ fn nccl_binding_on_a_gpu() {
 }
 
 #[test]
+fn ranks_started_with_different_configs_are_refused_naming_the_rank() {
+    // what a multi-process job checks at start (tests/mpi.rs runs it across processes)
+    let same = run_ranks(3, |_| dfkd::parallel::check_same(dfkd::parallel::current().unwrap().as_ref(), "configs", b"seed = 1", Device::Cpu));
+    assert!(same.is_ok(), "{:?}", same.err());
+    let err = run_ranks(3, |rank| {
+        let cfg: &[u8] = if rank == 2 { b"seed = 2" } else { b"seed = 1" };
+        dfkd::parallel::check_same(dfkd::parallel::current().unwrap().as_ref(), "configs", cfg, Device::Cpu)
+    })
+    .expect_err("rank 2 differs")
+    .to_string();
+    assert!(err.starts_with("rank 2's configs differ from rank 0's"), "{err}");
+}
+
+#[test]
 fn a_rank_that_fails_mid_run_stops_the_others_with_its_message() {
     let mut cfg = tiny(&workdir("unused"));
     cfg.parallel.ranks = 2;

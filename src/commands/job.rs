@@ -276,7 +276,7 @@ pub fn run_job_process(cfg: &Config, device: Device, opts: &RunOptions, group: A
         bail!("parallel.ranks = {} but the job has {} processes: each process is one rank", cfg.parallel.ranks, group.world());
     }
     let agreed = format!("{}\nrun folder: {}\nresume: {}\noverwrite: {}\n", cfg.to_toml(), opts.run_dir.display(), opts.resume, opts.overwrite);
-    crate::parallel::check_same(group.as_ref(), "config and run options", agreed.as_bytes())?;
+    crate::parallel::check_same(group.as_ref(), "config and run options", agreed.as_bytes(), device)?;
     // rank 0 alone, outside the group (the teacher's BatchNorm must not wait for the others)
     let mut prepared = if group.rank() == 0 { Some(crate::parallel::alone(|| prepare_job(cfg, device, opts))?) } else { None };
     // the others wait here while rank 0 makes the data set and trains the teacher

@@ -139,12 +139,13 @@ impl Drop for GroupGuard {
 /// Refuses to go on unless every rank of `group` passes the same `bytes` (`what`, a
 /// plural: the resolved config and run options): ranks launched with different configs would otherwise
 /// compute different steps, or wait in collectives the others never make. One
-/// all-gather of a 64-bit hash, carried as four exact 16-bit values.
-pub fn check_same(group: &dyn Collective, what: &str, bytes: &[u8]) -> Result<()> {
+/// all-gather of a 64-bit hash, carried as four exact 16-bit values, on `device`.
+pub fn check_same(group: &dyn Collective, what: &str, bytes: &[u8], device: crate::Device) -> Result<()> {
     // FNV-1a: stable across builds and machines, unlike std's hasher
     let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
     let parts: Vec<f32> = (0..4).map(|i| ((hash >> (16 * i)) & 0xffff) as f32).collect();
-    let all = group.all_gather(&Tensor::from_slice(&parts, &[1, 4], crate::Device::Cpu)?)?.to_vec_f32()?;
+    // on the rank's device: an NCCL group carries GPU tensors only
+    let all = group.all_gather(&Tensor::from_slice(&parts, &[1, 4], crate::Device::Cpu)?.to_device(device)?)?.to_vec_f32()?;
     let of = |rank: usize| all[4 * rank..4 * rank + 4].iter().enumerate().fold(0u64, |h, (i, &v)| h | ((v as u64) << (16 * i)));
     match (1..group.world()).find(|&r| of(r) != of(0)) {
         None => Ok(()),
