@@ -286,6 +286,51 @@ fn an_averaged_teacher_is_the_saved_one_and_trains_as_the_plain_one() {
     std::fs::remove_dir_all(&w).unwrap();
 }
 
+/// `teacher.swa_epochs`: the teacher is the equal average of its last epochs' weights
+/// (the last weights kept beside it), and its BatchNorm statistics are the mean over
+/// one pass of the training data of the batch statistics the averaged weights produce,
+/// recomputed here independently from the saved teacher.
+#[test]
+fn a_weight_averaged_teacher_has_its_batch_norm_statistics_recomputed() {
+    use dfkd::data::{Loader, LoaderConfig};
+    use dfkd::nn::Module;
+    let w = workdir("swa");
+    let mut cfg = tiny(&w);
+    cfg.teacher.epochs = 3;
+    cfg.teacher.swa_epochs = 2;
+    cfg.teacher.swa_lr = 0.02;
+    let ds = job::prepare_data(&cfg).unwrap();
+    let mut log = dfkd::pipeline::report::MetricsLog::open(&w.join("metrics.jsonl")).unwrap();
+    let (averaged, path) = job::prepare_teacher(&cfg, &ds, Device::Cpu, &mut log).unwrap();
+    let load = |p: &std::path::Path| dfkd::commands::predict::load_classifier("resnet8", 10, true, p).unwrap();
+    let tensor = |m: &dyn Module, name: &str| m.named_tensors().into_iter().find(|(n, _, _)| n == name).unwrap().1.to_vec_f32().unwrap();
+    let last = load(&job::last_weights_path(&path));
+    assert_ne!(tensor(averaged.as_ref(), "conv1.weight"), tensor(last.as_ref(), "conv1.weight"), "the teacher is the average");
+    // the statistics: one pass in training mode over the loader's next epoch
+    let fresh = load(&path);
+    let loader = Loader::new(&ds.train, LoaderConfig::train(&ds, cfg.teacher.batch_size, cfg.data.image_size as u32, cfg.teacher.seed.unwrap_or(cfg.seed)));
+    let (mut mean, mut var, mut batches) = (vec![0f64; 16], vec![0f64; 16], 0);
+    for b in loader.epoch(cfg.teacher.epochs as u64) {
+        let b = b.unwrap();
+        let x = dfkd::Tensor::from_vec(b.images, &[b.n, 3, b.size, b.size], Device::Cpu).unwrap();
+        let input = &fresh.forward(&x, true).unwrap().bn_inputs[0];
+        let (m, v) = (input.mean(&[0, 2, 3], false).unwrap().to_vec_f32().unwrap(), input.var(&[0, 2, 3], false, true).unwrap().to_vec_f32().unwrap());
+        mean.iter_mut().zip(&m).for_each(|(a, b)| *a += *b as f64);
+        var.iter_mut().zip(&v).for_each(|(a, b)| *a += *b as f64);
+        batches += 1;
+    }
+    assert!(batches >= 2, "the recomputation averages several batches, got {batches}");
+    for (name, want) in [("bn1.running_mean", mean), ("bn1.running_var", var)] {
+        let got = tensor(averaged.as_ref(), name);
+        assert_eq!(got.len(), 16);
+        for (g, w) in got.iter().zip(&want) {
+            let w = w / batches as f64;
+            assert!((*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()), "{name}: {got:?} vs {want:?}");
+        }
+    }
+    std::fs::remove_dir_all(&w).unwrap();
+}
+
 /// `teacher.extra_train_per_class`: the teacher's training split grows by that many
 /// new images a class (none of them the data set's), the data set and its test split
 /// stay as they are, and the teacher's cache key follows the images it trained on.

@@ -303,9 +303,9 @@ fn run(cli: Cli, args: &DistillArgs) -> Result<()> {
                 ev.models[0].top1,
                 ev.models[0].top5
             );
-            // a teacher averaged over its training (`teacher.ema_decay`): its last weights too
+            // a teacher averaged over its training (`teacher.ema_decay`, `teacher.swa_epochs`): its last weights too
             let last = job::last_weights_path(&path);
-            if cfg.teacher.ema_decay > 0.0 && last.exists() {
+            if (cfg.teacher.ema_decay > 0.0 || cfg.teacher.swa_epochs > 0) && last.exists() {
                 let model = predict::load_classifier(&cfg.teacher.arch, ds.num_classes(), cfg.teacher.small_stem, &last)?;
                 model.to_device(device)?;
                 let ev = dfkd::pipeline::eval::evaluate(&[model.as_ref()], &ds, cfg.data.image_size, 128, device)?;

@@ -1,8 +1,9 @@
-//! An exponential moving average of a model's weights, kept beside the training and
-//! swapped in at the end (timm's `ModelEmaV2`, TensorFlow's `ExponentialMovingAverage`):
-//! every parameter *and* buffer (BatchNorm running statistics) is averaged, so the
-//! averaged model comes with statistics of its own recent past, without a pass over the
-//! data to recompute them.
+//! An average of a model's weights, kept beside the training and swapped in at the
+//! end: exponential and moving (timm's `ModelEmaV2`, TensorFlow's
+//! `ExponentialMovingAverage`), or equal over the snapshots given (stochastic weight
+//! averaging, PyTorch's `swa_utils.AveragedModel`). Every parameter *and* buffer
+//! (BatchNorm running statistics) is averaged; an equal average over distant snapshots
+//! then wants its statistics recomputed (`pipeline::teacher`).
 
 use crate::nn::{ema, Module};
 use crate::{bail, no_grad, Result, Tensor};
@@ -10,7 +11,8 @@ use crate::{bail, no_grad, Result, Tensor};
 /// The average of every parameter and buffer of one module, held beside it on its
 /// device (updated by tensor ops, as `nn::ema`: no copy to the host per step).
 pub struct WeightAverage {
-    decay: f32,
+    /// The exponential decay; `None`: an equal average of every update.
+    decay: Option<f32>,
     updates: u64,
     /// Each tensor (the live one, written by `swap`), its state_dict name, and its average.
     slots: Vec<(Tensor, String, Tensor)>,
@@ -22,6 +24,16 @@ impl WeightAverage {
         if !(0.0..1.0).contains(&decay) {
             bail!("the weight average's decay must lie in [0, 1), not {decay}");
         }
+        WeightAverage::start(module, Some(decay))
+    }
+
+    /// An equal average of the values at each `update` (the starting values count
+    /// only until the first update replaces them).
+    pub fn equal(module: &dyn Module) -> Result<WeightAverage> {
+        WeightAverage::start(module, None)
+    }
+
+    fn start(module: &dyn Module, decay: Option<f32>) -> Result<WeightAverage> {
         let slots = module.named_tensors().into_iter().map(|(name, t, _)| Ok((t.clone(), name, t.deep_copy()?))).collect::<Result<Vec<_>>>()?;
         Ok(WeightAverage { decay, updates: 0, slots })
     }
@@ -29,10 +41,13 @@ impl WeightAverage {
     /// The decay of the next update: `min(decay, (1 + k) / (10 + k))` after k updates
     /// (TensorFlow's `num_updates` warm-up), so early updates weigh the new weights
     /// heavily and the starting point is soon forgotten; over a short run the average
-    /// spans about its last tenth.
+    /// spans about its last tenth. An equal average: `k / (k + 1)`.
     pub fn next_decay(&self) -> f32 {
         let k = self.updates as f64;
-        (self.decay as f64).min((1.0 + k) / (10.0 + k)) as f32
+        match self.decay {
+            Some(decay) => (decay as f64).min((1.0 + k) / (10.0 + k)) as f32,
+            None => (k / (k + 1.0)) as f32,
+        }
     }
 
     /// Updates made so far.
@@ -125,6 +140,25 @@ mod tests {
         assert_eq!(avg.values().unwrap().into_iter().map(|(_, v)| v).collect::<Vec<_>>(), last);
         avg.swap().unwrap();
         assert_eq!(values(&bn), last);
+    }
+
+    /// The equal average of three snapshots is their mean (the starting values left out).
+    #[test]
+    fn an_equal_average_is_the_mean_of_the_updates() {
+        let bn = BatchNorm2d::new(2).unwrap();
+        set(&bn, [100.0, 100.0], [100.0, 100.0], [100.0, 100.0], [100.0, 100.0]);
+        let mut avg = WeightAverage::equal(&bn).unwrap();
+        for (i, x) in [[1.0, -2.0], [4.0, 0.5], [7.0, 3.0]].into_iter().enumerate() {
+            assert!((avg.next_decay() - i as f32 / (i as f32 + 1.0)).abs() < 1e-7);
+            set(&bn, x, [x[1], x[0]], [2.0 * x[0], 0.0], [x[0].abs(), 1.0]);
+            avg.update().unwrap();
+        }
+        let want = [[4.0, 0.5], [0.5, 4.0], [8.0, 0.0], [4.0, 1.0]];
+        for ((_, got), want) in avg.values().unwrap().into_iter().zip(&want) {
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
+            }
+        }
     }
 
     #[test]

@@ -107,6 +107,16 @@ pub struct TeacherConfig {
     /// teacher, drawn apart from the data set's (`job::teacher_training_set`); the
     /// data set itself, its test split included, is unchanged. 0: the data set's own.
     pub extra_train_per_class: usize,
+    /// Stochastic weight averaging (Izmailov et al. 2018, PyTorch's `swa_utils`): the
+    /// last `swa_epochs` epochs train at the constant rate `swa_lr` (the cosine anneals
+    /// from `lr` to it over the epochs before), the weights are averaged with equal
+    /// weight at the end of each of them, and the average, with BatchNorm statistics
+    /// recomputed over one pass of the training data, is the teacher. 0: off.
+    pub swa_epochs: usize,
+    pub swa_lr: f32,
+    /// torchvision's `zero_init_residual`: the last BatchNorm scale of every residual
+    /// block starts at 0, so each block starts as the identity (ResNets only).
+    pub zero_init_residual: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -293,6 +303,9 @@ impl Config {
                 // (docs/RESULTS.md, "The teacher is a draw").
                 ema_decay: 0.0,
                 extra_train_per_class: 0,
+                swa_epochs: 0,
+                swa_lr: 0.01,
+                zero_init_residual: false,
             },
             student: StudentConfig { arch: "resnet8".into(), small_stem: true, lr: 0.01, momentum: 0.9, weight_decay: 5e-4 },
             generator: GeneratorConfig {

@@ -81,6 +81,9 @@ impl Config {
             t.extra_train_per_class,
             "0 unless data.dataset = \"synthetic\" (extra images are drawn for the synthetic set only)",
         );
+        c.check(t.swa_epochs < t.epochs.max(1), "teacher.swa_epochs", t.swa_epochs, "fewer than teacher.epochs");
+        c.check(t.swa_epochs == 0 || t.ema_decay == 0.0, "teacher.swa_epochs", t.swa_epochs, "0 while teacher.ema_decay is on (one weight average at a time)");
+        c.finite_positive("teacher.swa_lr", t.swa_lr);
         let s = &self.student;
         c.arch("student.arch", &s.arch);
         c.finite_positive("student.lr", s.lr);
@@ -218,6 +221,8 @@ mod tests {
             ("student.arch=resnet9", "student.arch", "\"resnet9\""),
             ("teacher.epochs=0", "teacher.epochs", "0"),
             ("teacher.ema_decay=1", "teacher.ema_decay", "1.0"),
+            ("teacher.swa_epochs=30", "teacher.swa_epochs", "30"),
+            ("teacher.swa_lr=0", "teacher.swa_lr", "0.0"),
             ("distill.epochs=0", "distill.epochs", "0"),
             ("distill.method=nope", "distill.method", "\"nope\""),
             ("device=gpu", "device", "\"gpu\""),
