@@ -24,7 +24,7 @@
 //! 2. Make a folder `src/fused/<op>/` with `mod.rs` (a type implementing `FusedOp`: its
 //!    names, `VERSIONS`, and `cpu` and `gpu` for each `Pass`; then the `Tensor` method
 //!    with `from_op` and a backward closure that calls `op.backward`), `cpu.rs` and
-//!    `gpu.rs`, after `spatial_attention/`.
+//!    `gpu.rs`, modelled on `spatial_attention/`.
 //! 3. Register it: `pub mod <op>;` and one line in `OPS` below.
 //! 4. Check it: parity of every version with the CPU on the emulator
 //!    (tests/attention_parity.rs), the fused op against its composition of engine ops
