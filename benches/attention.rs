@@ -190,11 +190,11 @@ fn validate(case: &Case, dev: Device) {
     };
     let want = vals(Device::Cpu);
     for family in families(case.op) {
-        let versions = cuda::VERSIONS.iter().find(|(f, _)| f == family).unwrap().1;
+        let versions = dfkd::fused::versions(family).unwrap();
         for &v in versions {
-            cuda::force_version(family, Some(v)).unwrap();
+            dfkd::fused::force_version(family, Some(v)).unwrap();
             let got = vals(dev);
-            cuda::force_version(family, None).unwrap();
+            dfkd::fused::force_version(family, None).unwrap();
             let worst = got.iter().flatten().zip(want.iter().flatten()).map(|(g, w)| (g - w).abs() / (1e-5 + 1e-4 * w.abs())).fold(0f32, f32::max);
             let verdict = if worst <= 1.0 { "valid" } else { "MISMATCH" };
             let note = if dev == Device::CudaEmu { "; timing needs a GPU" } else { "" };
@@ -289,10 +289,10 @@ fn bench_cuda(c: &mut Criterion, case: &Case, dev: Device, ceiling: f64) {
     row("unfused composition", uf, ub, None);
     row("fused (defaults)", cuda::median_queued(0, &run_fwd(fused)), cuda::median_queued(0, &run_fwd_bwd(fused)), Some(ub));
     for family in families(case.op) {
-        for &v in cuda::VERSIONS.iter().find(|(f, _)| f == family).unwrap().1 {
-            cuda::force_version(family, Some(v)).unwrap();
+        for &v in dfkd::fused::versions(family).unwrap() {
+            dfkd::fused::force_version(family, Some(v)).unwrap();
             let (tf, tb) = (cuda::median_queued(0, &run_fwd(fused)), cuda::median_queued(0, &run_fwd_bwd(fused)));
-            cuda::force_version(family, None).unwrap();
+            dfkd::fused::force_version(family, None).unwrap();
             row(&format!("{family} v{v}"), tf, tb, Some(ub));
         }
     }

@@ -4,8 +4,8 @@
 //     backward  df = dy * (1 + k * w)
 //               da = k * w * (f * dy - sum_plane(w * f * dy))
 // w is recomputed from `a` and the saved stats in the backward pass, so nothing of
-// plane size is saved besides the op's inputs. Host code: src/backend/cuda/attention.rs;
-// CPU twin: src/backend/cpu/spatial_attention.rs. T is float or bf16_t (f32 math).
+// plane size is saved besides the op's inputs. Host code: src/fused/spatial_attention/gpu.rs;
+// CPU twin: src/fused/spatial_attention/cpu.rs. T is float or bf16_t (f32 math).
 //
 // Versions (llm.c style; all stay, the bench validates and times each):
 //   fwd v1  one block per plane, three passes over `a` (max, sum of exp, write).

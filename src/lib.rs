@@ -13,6 +13,7 @@ mod device;
 mod dtype;
 mod error;
 pub mod failpoint;
+pub mod fused;
 mod layout;
 pub mod profile;
 pub mod rng;

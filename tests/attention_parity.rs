@@ -2,7 +2,7 @@
 //! high_order_attention.cu, contrastive.cu, normalized_distance.cu) with the CPU
 //! backend's fused loops, which tests/attention_fused.rs checks against the
 //! compositions of engine ops. Every numbered version of every kernel runs
-//! (`cuda::force_version`), forward and backward, in f32 and bf16, on random non-zero
+//! (`fused::force_version`), forward and backward, in f32 and bf16, on random non-zero
 //! inputs at odd sizes, from views with an offset of 3 elements (which rules out the
 //! 4-wide paths) and of 4 (which allows them where the size does). Runs on `CudaEmu`
 //! (the kernels compiled as C++, so CI without a GPU runs them); `Cuda` joins once its
@@ -18,7 +18,12 @@
 
 mod common;
 use common::assert_close;
-use dfkd::backend::{cuda, BackendStorage, CpuStorage, Storage};
+use dfkd::backend::{BackendStorage, CpuStorage, Storage};
+use dfkd::fused::high_order_attention::{HoaCombine, HoaProducts};
+use dfkd::fused::normalized_distance::NormalizedDistance;
+use dfkd::fused::nt_xent::{ContrastiveNormalize, ContrastiveRows};
+use dfkd::fused::spatial_attention::SpatialAttention;
+use dfkd::fused::{self, whole, FusedOp};
 use dfkd::rng::Rng;
 use dfkd::{DType, Device, Layout};
 use half::bf16;
@@ -77,12 +82,12 @@ fn rel_tol(dtype: DType) -> f32 {
 /// Runs `f` once per version of `family` (and once with the default), comparing the
 /// device's outputs with the CPU's.
 fn each_version(family: &str, mut f: impl FnMut(&str)) {
-    let (_, versions) = cuda::VERSIONS.iter().find(|(n, _)| *n == family).unwrap();
+    let versions = fused::versions(family).unwrap();
     for &v in versions.iter() {
-        cuda::force_version(family, Some(v)).unwrap();
+        fused::force_version(family, Some(v)).unwrap();
         f(&format!("{family} v{v}"));
     }
-    cuda::force_version(family, None).unwrap();
+    fused::force_version(family, None).unwrap();
     f(&format!("{family} default"));
 }
 
@@ -99,22 +104,22 @@ fn spatial_attention_kernels() {
                 let (a, f, dy) = (randn(n, 1, 3.0), randn(n, 2, 1.0), randn(n, 3, 1.0));
                 let run = |d: Device| {
                     let ((a, la), (f, lf), (dy, ld)) = (input(d, &a, &shape, dtype), input(d, &f, &shape, dtype), input(d, &dy, &shape, dtype));
-                    let (y, stats) = a.spatial_attention(&la, &f, &lf, k).unwrap();
+                    let [y, stats] = SpatialAttention { k }.forward(&[(&a, &la), (&f, &lf)]).unwrap();
                     (y, stats, a, la, f, lf, dy, ld)
                 };
                 let cpu = run(Device::Cpu);
-                let (cda, cdf) = cpu.2.spatial_attention_backward(&cpu.3, &cpu.4, &cpu.5, &cpu.6, &cpu.7, &cpu.1, k).unwrap();
+                let [cda, cdf] = SpatialAttention { k }.backward(&[(&cpu.2, &cpu.3), (&cpu.4, &cpu.5), (&cpu.6, &cpu.7), (&cpu.1, &whole(&cpu.1))]).unwrap();
                 let gpu = run(dev);
                 let what = format!("{dev} {dtype:?} {shape:?} offset {offset}");
                 each_version("spatial_attention_fwd", |v| {
-                    let (y, stats) = gpu.2.spatial_attention(&gpu.3, &gpu.4, &gpu.5, k).unwrap();
+                    let [y, stats] = SpatialAttention { k }.forward(&[(&gpu.2, &gpu.3), (&gpu.4, &gpu.5)]).unwrap();
                     assert_eq!(y.dtype(), dtype);
                     assert_close(&values(&y), &values(&cpu.0), abs_tol(dtype), rel_tol(dtype), &format!("{what} {v} y"));
                     assert_close(&values(&stats), &values(&cpu.1), abs_tol(DType::F32), rel_tol(DType::F32), &format!("{what} {v} stats"));
                 });
                 each_version("spatial_attention_bwd", |v| {
                     // the device's own stats, as in training
-                    let (da, df) = gpu.2.spatial_attention_backward(&gpu.3, &gpu.4, &gpu.5, &gpu.6, &gpu.7, &gpu.1, k).unwrap();
+                    let [da, df] = SpatialAttention { k }.backward(&[(&gpu.2, &gpu.3), (&gpu.4, &gpu.5), (&gpu.6, &gpu.7), (&gpu.1, &whole(&gpu.1))]).unwrap();
                     assert_close(&values(&da), &values(&cda), abs_tol(dtype), rel_tol(dtype), &format!("{what} {v} da"));
                     assert_close(&values(&df), &values(&cdf), abs_tol(dtype), rel_tol(dtype), &format!("{what} {v} df"));
                 });
@@ -137,8 +142,8 @@ fn high_order_attention_kernels() {
                 let (z, dh) = (randn(zs.iter().product(), 4, 1.0), randn(hs.iter().product(), 5, 1.0));
                 let products = |d: Device| {
                     let ((z, lz), (dh, lh)) = (input(d, &z, &zs, dtype), input(d, &dh, &hs, dtype));
-                    let out = z.hoa_products(&lz, order).unwrap();
-                    let dz = z.hoa_products_backward(&lz, &dh, &lh, order).unwrap();
+                    let [out] = HoaProducts { order }.forward(&[(&z, &lz)]).unwrap();
+                    let [dz] = HoaProducts { order }.backward(&[(&z, &lz), (&dh, &lh)]).unwrap();
                     (values(&out), values(&dz))
                 };
                 let want = products(Device::Cpu);
@@ -149,8 +154,8 @@ fn high_order_attention_kernels() {
                 let (u, f, dy) = (randn(us.iter().product(), 6, 2.0), randn(fs.iter().product(), 7, 1.0), randn(fs.iter().product(), 8, 1.0));
                 let combine = |d: Device| {
                     let ((u, lu), (f, lf), (dy, ld)) = (input(d, &u, &us, dtype), input(d, &f, &fs, dtype), input(d, &dy, &fs, dtype));
-                    let y = u.hoa_combine(&lu, &f, &lf, order).unwrap();
-                    let (du, df) = u.hoa_combine_backward(&lu, &f, &lf, &dy, &ld, order).unwrap();
+                    let [y] = HoaCombine { order }.forward(&[(&u, &lu), (&f, &lf)]).unwrap();
+                    let [du, df] = HoaCombine { order }.backward(&[(&u, &lu), (&f, &lf), (&dy, &ld)]).unwrap();
                     [values(&y), values(&du), values(&df)]
                 };
                 let want = combine(Device::Cpu);
@@ -181,18 +186,20 @@ fn contrastive_kernels() {
                 let (s, dloss) = (randn(n * d, 10, 2.0), randn(n, 11, 1.0));
                 let run = |dev: Device| {
                     let ((t, lt), (s, ls)) = (input(dev, &t, &[n, d], dtype), input(dev, &s, &[n, d], dtype));
-                    let (z, norms) = t.contrastive_normalize(&lt, &s, &ls, 1e-12).unwrap();
+                    let normalize = ContrastiveNormalize { eps: 1e-12, dtype };
+                    let [z, norms] = normalize.forward(&[(&t, &lt), (&s, &ls)]).unwrap();
                     // the similarity GEMM on the CPU, so both sides see the same sim
                     let (zc, _) = input(Device::Cpu, &values(&z), &[2 * n, d], DType::F32);
                     let la = Layout::new(vec![1, n, d], vec![0, d, 1], OFFSET.get());
                     let lb = Layout::new(vec![1, d, 2 * n], vec![0, 1, d], OFFSET.get());
                     let sim = values(&zc.matmul(&la, &zc, &lb).unwrap());
                     let (sim_s, sim_l) = input(dev, &sim, &[n, 2 * n], DType::F32);
-                    let (loss, lse) = sim_s.contrastive_rows(&sim_l, tau).unwrap();
+                    let [loss, lse] = ContrastiveRows { tau }.forward(&[(&sim_s, &sim_l)]).unwrap();
                     let (g, gl) = input(dev, &dloss, &[n], DType::F32);
-                    let sym = sim_s.contrastive_sym(&sim_l, &lse, &g, &gl, tau).unwrap();
+                    let [sym] = ContrastiveRows { tau }.backward(&[(&sim_s, &sim_l), (&lse, &whole(&lse)), (&g, &gl)]).unwrap();
                     let dz = Storage::from_cpu(CpuStorage::F32(randn(2 * n * d, 12, 1.0)), dev).unwrap();
-                    let (dt, ds) = z.contrastive_normalize_backward(&Layout::contiguous(&[2 * n, d]), &norms, &dz, 1e-12, dtype).unwrap();
+                    let zl = Layout::contiguous(&[2 * n, d]);
+                    let [dt, ds] = normalize.backward(&[(&z, &zl), (&norms, &whole(&norms)), (&dz, &zl)]).unwrap();
                     assert_eq!((dt.dtype(), ds.dtype()), (dtype, dtype));
                     [z, norms, loss, lse, sym, dt, ds].map(|s| values(&s))
                 };
@@ -228,8 +235,9 @@ fn normalized_distance_kernels() {
                 let (b, g) = (randn(n * d, 21, 2.0), randn(n, 22, 1.0));
                 let run = |dev: Device| {
                     let ((a, la), (b, lb), (g, lg)) = (input(dev, &a, &[n, d], dtype), input(dev, &b, &[n, d], dtype), input(dev, &g, &[n], dtype));
-                    let (dist, stats) = a.normalized_distance(&la, &b, &lb, 1e-12).unwrap();
-                    let (da, db) = a.normalized_distance_backward(&la, &b, &lb, &stats, &g, &lg, 1e-12).unwrap();
+                    let op = NormalizedDistance { eps: 1e-12 };
+                    let [dist, stats] = op.forward(&[(&a, &la), (&b, &lb)]).unwrap();
+                    let [da, db] = op.backward(&[(&a, &la), (&b, &lb), (&stats, &whole(&stats)), (&g, &lg)]).unwrap();
                     assert_eq!((dist.dtype(), da.dtype(), db.dtype()), (dtype, dtype, dtype));
                     [dist, stats, da, db].map(|s| values(&s))
                 };

@@ -16,6 +16,8 @@ mod common;
 use common::assert_close;
 
 use dfkd::backend::{cuda, BackendStorage, BinaryOp, CpuStorage, ReduceOp, Storage, UnaryOp, UpdateRule};
+use dfkd::fused::channel_stats::ChannelStats;
+use dfkd::fused::{whole, FusedOp};
 use dfkd::rng::Rng;
 use dfkd::{DType, Device, Layout, Tensor};
 
@@ -447,8 +449,8 @@ fn channel_stats_kernels() {
     for dev in devices() {
         let run = |d: Device| {
             let (x, ds) = (on(d, &x), on(d, &dstats));
-            let stats = x.channel_stats(&l).unwrap();
-            let dx = x.channel_stats_backward(&l, &stats, &ds).unwrap();
+            let [stats] = ChannelStats.forward(&[(&x, &l)]).unwrap();
+            let [dx] = ChannelStats.backward(&[(&x, &l), (&stats, &whole(&stats)), (&ds, &whole(&ds))]).unwrap();
             // batch norm in evaluation mode: a scale and a shift per channel
             let y = x.channel_affine(&l, &on(d, &dstats[..7]), &on(d, &dstats[7..])).unwrap();
             [stats, dx, y].map(|s| values(&s))

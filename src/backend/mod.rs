@@ -1,7 +1,10 @@
-//! The backend seam. `BackendStorage` is everything a device must do; `Storage` is the
-//! enum over the devices' storages, and each of its methods checks the device once and
-//! dispatches. Tensor ops (`crate::ops`) only ever call `Storage`, so adding a device is
-//! adding a variant here and an implementation of the trait, nothing else.
+//! The backend seam. `BackendStorage` is everything a device must do: general
+//! primitives, none specific to one model or loss. `Storage` is the enum over the
+//! devices' storages, and each of its methods checks the device once and dispatches.
+//! Tensor ops (`crate::ops`) only ever call `Storage`, so adding a device is adding a
+//! variant here and an implementation of the trait, nothing else. Fused ops (SAM, MHA,
+//! the normalised distance, NT-Xent, the BN statistics) are not here: each is a type in
+//! `crate::fused` that `Storage::apply_fused` runs.
 //!
 //! Conventions for every method:
 //! - inputs come with their `Layout` (any strides unless a method says "contiguous");
@@ -10,7 +13,6 @@
 //! - ops with a parameter struct (`Conv2dParams`, `Pool2dParams`) have their geometry
 //!   checked here, once, by the struct's `check`: backends may assume it holds.
 
-pub mod attention;
 pub mod cpu;
 pub mod cuda;
 pub mod ops;
@@ -19,6 +21,7 @@ pub use cpu::CpuStorage;
 pub use cuda::{CudaStorage, EmuStorage};
 pub use ops::{BinaryOp, Conv2dParams, Pool2dParams, ReduceOp, UnaryOp, UpdateRule};
 
+use crate::fused::{FusedOp, Pass};
 use crate::{DType, Device, Layout, Result};
 
 /// What a device must implement. Methods mirror the primitive ops of `crate::ops`.
@@ -78,56 +81,9 @@ pub trait BackendStorage: Sized + Send + Sync {
     /// `x * scale[c] + shift[c]` over contiguous f32 `[n, c, ...]` (`scale`, `shift`: f32
     /// `[c]`): batch norm in evaluation mode, one pass.
     fn channel_affine(&self, l: &Layout, scale: &Self, shift: &Self) -> Result<Self>;
-    /// The batch statistics `batch_norm_train` normalises with, without normalising:
-    /// f32 `[2, c]`, per channel of contiguous `[n, c, ...]` the mean, then the biased
-    /// variance.
-    fn channel_stats(&self, l: &Layout) -> Result<Self>;
-    /// Returns dx given the saved `stats` and their gradient `dstats` (`[2, c]` each).
-    fn channel_stats_backward(&self, l: &Layout, stats: &Self, dstats: &Self) -> Result<Self>;
-
     /// One fused optimiser update, in place on contiguous buffers of the same length.
     /// `state` holds the rule's buffers (momentum; or Adam's m then v).
     fn optimizer_update(&mut self, grad: &Self, state: &mut [&mut Self], rule: UpdateRule) -> Result<()>;
-
-    // Fused attention (shape checks: `attention.rs`; math: kernels/spatial_attention.cu,
-    // high_order_attention.cu, contrastive.cu). Inputs contiguous, f32 or bf16 of one
-    // dtype; math in f32; outputs in the inputs' dtype unless a method says f32.
-    /// `self` = logits `a`, `f` the features, both `[n, c, h, w]`: `y = f + k * w * f`
-    /// with `w` the softmax of `a` over each plane. Returns `y` and, per plane,
-    /// `(max, 1/sum)` (f32 `[n * c * 2]`) for the backward pass.
-    fn spatial_attention(&self, l: &Layout, f: &Self, f_l: &Layout, k: f32) -> Result<(Self, Self)>;
-    /// Returns `(da, df)`; `dy` has the shape of `a` and `f`.
-    #[allow(clippy::too_many_arguments)]
-    fn spatial_attention_backward(&self, l: &Layout, f: &Self, f_l: &Layout, dy: &Self, dy_l: &Layout, stats: &Self, k: f32) -> Result<(Self, Self)>;
-    /// `self` = z `[n, R(R+1)/2 * c, ...]` (the stacked `W_{r,k}` outputs) -> h
-    /// `[n, R * c, ...]`, `h[r] = relu(prod_k z[r][k])`.
-    fn hoa_products(&self, l: &Layout, order: usize) -> Result<Self>;
-    /// Returns dz given dh.
-    fn hoa_products_backward(&self, l: &Layout, dh: &Self, dh_l: &Layout, order: usize) -> Result<Self>;
-    /// `self` = u `[n, R * c, ...]` (the `V_r` outputs), `f` `[n, c, ...]`:
-    /// `f * (1/R) sum_r sigmoid(u[r])`.
-    fn hoa_combine(&self, l: &Layout, f: &Self, f_l: &Layout, order: usize) -> Result<Self>;
-    /// Returns `(du, df)` given dy.
-    fn hoa_combine_backward(&self, l: &Layout, f: &Self, f_l: &Layout, dy: &Self, dy_l: &Layout, order: usize) -> Result<(Self, Self)>;
-    /// `self` = a, and b, `[n, ...]` each: per row, the squared distance of the rows
-    /// L2-normalised (`x / max(|x|, eps)`), `[n]` in the input dtype, and `[|a|, |b|,
-    /// a.b]` per row (f32 `[n, 3]`) for the backward pass (kernels/normalized_distance.cu).
-    fn normalized_distance(&self, l: &Layout, b: &Self, b_l: &Layout, eps: f32) -> Result<(Self, Self)>;
-    /// Returns `(da, db)` given the rows' gradient `g` `[n]`.
-    #[allow(clippy::too_many_arguments)]
-    fn normalized_distance_backward(&self, l: &Layout, b: &Self, b_l: &Layout, stats: &Self, g: &Self, g_l: &Layout, eps: f32) -> Result<(Self, Self)>;
-    /// `self` = t, and s, `[n, d]` each: returns `zhat = [t; s]` with rows divided by
-    /// `max(norm, eps)` (f32 `[2n, d]`) and the norms (f32 `[2n]`).
-    fn contrastive_normalize(&self, l: &Layout, s: &Self, s_l: &Layout, eps: f32) -> Result<(Self, Self)>;
-    /// `self` = zhat with layout `l` `[2n, d]`, `dzhat` the same: returns `(dt, ds)` in
-    /// `dtype`.
-    fn contrastive_normalize_backward(&self, l: &Layout, norms: &Self, dzhat: &Self, eps: f32, dtype: DType) -> Result<(Self, Self)>;
-    /// `self` = sim `[n, 2n]` (f32 dot products of zhat's first n rows with all 2n):
-    /// returns the NT-Xent loss of each anchor row and its log-sum-exp (f32 `[n]` each).
-    fn contrastive_rows(&self, l: &Layout, tau: f32) -> Result<(Self, Self)>;
-    /// `self` = sim: returns `S` (f32 `[2n, 2n]`) with `dzhat = S zhat`, given the
-    /// saved `lse` and the row losses' gradient `dloss`.
-    fn contrastive_sym(&self, l: &Layout, lse: &Self, dloss: &Self, dloss_l: &Layout, tau: f32) -> Result<Self>;
 }
 
 /// The storage of a tensor on some device.
@@ -321,93 +277,39 @@ impl Storage {
         let _timer = crate::profile::scope("channel_affine", self.device(), || format!("{:?}", l.shape()));
         same_device!("channel_affine", self, scale, shift => |x, a, b| Ok(x.channel_affine(l, a, b)?.into()))
     }
-    pub fn channel_stats(&self, l: &Layout) -> Result<Storage> {
-        let _timer = crate::profile::scope("channel_stats", self.device(), || format!("{:?}", l.shape()));
-        dispatch!(self, s => Ok(s.channel_stats(l)?.into()))
-    }
-    pub fn channel_stats_backward(&self, l: &Layout, stats: &Storage, dstats: &Storage) -> Result<Storage> {
-        let _timer = crate::profile::scope("channel_stats_backward", self.device(), || format!("{:?}", l.shape()));
-        same_device!("channel_stats_backward", self, stats, dstats => |x, s, ds| Ok(x.channel_stats_backward(l, s, ds)?.into()))
-    }
-    pub fn spatial_attention(&self, l: &Layout, f: &Storage, f_l: &Layout, k: f32) -> Result<(Storage, Storage)> {
-        let _timer = crate::profile::scope("spatial_attention", self.device(), || format!("{:?}", l.shape()));
-        same_device!("spatial_attention", self, f => |a, f| { let (y, s) = a.spatial_attention(l, f, f_l, k)?; Ok((y.into(), s.into())) })
-    }
-    #[allow(clippy::too_many_arguments)]
-    pub fn spatial_attention_backward(
-        &self,
-        l: &Layout,
-        f: &Storage,
-        f_l: &Layout,
-        dy: &Storage,
-        dy_l: &Layout,
-        stats: &Storage,
-        k: f32,
-    ) -> Result<(Storage, Storage)> {
-        let _timer = crate::profile::scope("spatial_attention_backward", self.device(), || format!("{:?}", l.shape()));
-        same_device!("spatial_attention_backward", self, f, dy, stats => |a, f, dy, st| {
-            let (da, df) = a.spatial_attention_backward(l, f, f_l, dy, dy_l, st, k)?;
-            Ok((da.into(), df.into()))
-        })
-    }
-    pub fn hoa_products(&self, l: &Layout, order: usize) -> Result<Storage> {
-        let _timer = crate::profile::scope("hoa_products", self.device(), || format!("{:?}", l.shape()));
-        dispatch!(self, s => Ok(s.hoa_products(l, order)?.into()))
-    }
-    pub fn hoa_products_backward(&self, l: &Layout, dh: &Storage, dh_l: &Layout, order: usize) -> Result<Storage> {
-        let _timer = crate::profile::scope("hoa_products_backward", self.device(), || format!("{:?}", l.shape()));
-        same_device!("hoa_products_backward", self, dh => |z, dh| Ok(z.hoa_products_backward(l, dh, dh_l, order)?.into()))
-    }
-    pub fn hoa_combine(&self, l: &Layout, f: &Storage, f_l: &Layout, order: usize) -> Result<Storage> {
-        let _timer = crate::profile::scope("hoa_combine", self.device(), || format!("{:?}", l.shape()));
-        same_device!("hoa_combine", self, f => |u, f| Ok(u.hoa_combine(l, f, f_l, order)?.into()))
-    }
-    pub fn hoa_combine_backward(&self, l: &Layout, f: &Storage, f_l: &Layout, dy: &Storage, dy_l: &Layout, order: usize) -> Result<(Storage, Storage)> {
-        let _timer = crate::profile::scope("hoa_combine_backward", self.device(), || format!("{:?}", l.shape()));
-        same_device!("hoa_combine_backward", self, f, dy => |u, f, dy| {
-            let (du, df) = u.hoa_combine_backward(l, f, f_l, dy, dy_l, order)?;
-            Ok((du.into(), df.into()))
-        })
-    }
-    pub fn normalized_distance(&self, l: &Layout, b: &Storage, b_l: &Layout, eps: f32) -> Result<(Storage, Storage)> {
-        let _timer = crate::profile::scope("normalized_distance", self.device(), || format!("{:?}", l.shape()));
-        same_device!("normalized_distance", self, b => |a, b| { let (d, s) = a.normalized_distance(l, b, b_l, eps)?; Ok((d.into(), s.into())) })
-    }
-    #[allow(clippy::too_many_arguments)]
-    pub fn normalized_distance_backward(
-        &self,
-        l: &Layout,
-        b: &Storage,
-        b_l: &Layout,
-        stats: &Storage,
-        g: &Storage,
-        g_l: &Layout,
-        eps: f32,
-    ) -> Result<(Storage, Storage)> {
-        let _timer = crate::profile::scope("normalized_distance_backward", self.device(), || format!("{:?}", l.shape()));
-        same_device!("normalized_distance_backward", self, b, stats, g => |a, b, st, g| {
-            let (da, db) = a.normalized_distance_backward(l, b, b_l, st, g, g_l, eps)?;
-            Ok((da.into(), db.into()))
-        })
-    }
-    pub fn contrastive_normalize(&self, l: &Layout, s: &Storage, s_l: &Layout, eps: f32) -> Result<(Storage, Storage)> {
-        let _timer = crate::profile::scope("contrastive_normalize", self.device(), || format!("{:?}", l.shape()));
-        same_device!("contrastive_normalize", self, s => |t, s| { let (z, n) = t.contrastive_normalize(l, s, s_l, eps)?; Ok((z.into(), n.into())) })
-    }
-    pub fn contrastive_normalize_backward(&self, l: &Layout, norms: &Storage, dzhat: &Storage, eps: f32, dtype: DType) -> Result<(Storage, Storage)> {
-        let _timer = crate::profile::scope("contrastive_normalize_backward", self.device(), || format!("{:?}", l.shape()));
-        same_device!("contrastive_normalize_backward", self, norms, dzhat => |z, n, g| {
-            let (dt, ds) = z.contrastive_normalize_backward(l, n, g, eps, dtype)?;
-            Ok((dt.into(), ds.into()))
-        })
-    }
-    pub fn contrastive_rows(&self, l: &Layout, tau: f32) -> Result<(Storage, Storage)> {
-        let _timer = crate::profile::scope("contrastive_rows", self.device(), || format!("{:?}", l.shape()));
-        dispatch!(self, s => { let (loss, lse) = s.contrastive_rows(l, tau)?; Ok((loss.into(), lse.into())) })
-    }
-    pub fn contrastive_sym(&self, l: &Layout, lse: &Storage, dloss: &Storage, dloss_l: &Layout, tau: f32) -> Result<Storage> {
-        let _timer = crate::profile::scope("contrastive_sym", self.device(), || format!("{:?}", l.shape()));
-        same_device!("contrastive_sym", self, lse, dloss => |s, lse, d| Ok(s.contrastive_sym(l, lse, d, dloss_l, tau)?.into()))
+    /// One pass of a fused op (`crate::fused`, as candle's `apply_op`) on the device its
+    /// operands share: the op's CPU reference on the CPU, its launch on the emulator or
+    /// a GPU. `N` is the number of results the pass returns.
+    pub fn apply_fused<O: FusedOp, const N: usize>(op: &O, pass: Pass, x: &[(&Storage, &Layout)]) -> Result<[Storage; N]> {
+        let name = match pass {
+            Pass::Forward => O::NAME,
+            Pass::Backward => O::BACKWARD_NAME,
+        };
+        let Some(&(first, l)) = x.first() else { crate::bail!("{name}: no operands") };
+        let device = first.device();
+        let _timer = crate::profile::scope(name, device, || format!("{:?}", l.shape()));
+        if let Some((s, _)) = x.iter().find(|(s, _)| s.device() != device) {
+            return Err(crate::Error::DeviceMismatch { op: name, lhs: device, rhs: s.device() });
+        }
+        macro_rules! operands {
+            ($v:ident) => {
+                x.iter()
+                    .map(|&(s, l)| match s {
+                        Storage::$v(s) => (s, l),
+                        _ => unreachable!("devices checked above"),
+                    })
+                    .collect::<Vec<_>>()
+            };
+        }
+        let out: Vec<Storage> = match first {
+            Storage::Cpu(_) => op.cpu(pass, &operands!(Cpu))?.into_iter().map(Storage::Cpu).collect(),
+            Storage::CudaEmu(_) => cuda::run_fused(op, pass, &operands!(CudaEmu))?.into_iter().map(Storage::CudaEmu).collect(),
+            Storage::Cuda(_) => cuda::run_fused(op, pass, &operands!(Cuda))?.into_iter().map(Storage::Cuda).collect(),
+        };
+        match <[Storage; N]>::try_from(out) {
+            Ok(out) => Ok(out),
+            Err(out) => crate::bail!("{name}: {} results where its callers take {N}", out.len()),
+        }
     }
     pub fn optimizer_update(&mut self, grad: &Storage, state: &mut [&mut Storage], rule: UpdateRule) -> Result<()> {
         let device = self.device();

@@ -3,7 +3,6 @@
 //! other tensor ops. The backward rule of every op is checked against finite
 //! differences in `tests/gradcheck.rs`.
 
-mod attention;
 mod conv;
 mod elementwise;
 mod loss;

@@ -80,27 +80,4 @@ impl Tensor {
             }
         }))
     }
-
-    /// Per-channel batch mean and biased variance of `[n, c, ...]` (no running update):
-    /// what DeepInversion's BN-statistics loss compares with the running statistics.
-    pub fn channel_stats(&self) -> Result<(Tensor, Tensor)> {
-        if self.rank() < 2 || self.dtype() != crate::DType::F32 {
-            // the composition: any dtype, and [n] vectors
-            let dims: Vec<usize> = (0..self.rank()).filter(|&d| d != 1).collect();
-            return Ok((self.mean(&dims, false)?, self.var(&dims, false, false)?));
-        }
-        // one fused op with both results as the rows of `[2, c]` (mean; var)
-        let x = self.contiguous()?;
-        let c = x.dims()[1];
-        let both = x.storage().channel_stats(x.layout())?;
-        let stats = super::from_op_saving_output(both, &[2, c], "channel_stats", &[&x], |stats| {
-            let x = x.clone();
-            move |g: &Tensor, _: &[bool]| {
-                let g = g.contiguous()?;
-                let dx = x.storage().channel_stats_backward(x.layout(), &stats.storage(), &g.storage())?;
-                Ok(vec![Some(Tensor::from_storage(dx, x.dims()))])
-            }
-        });
-        Ok((stats.narrow(0, 0, 1)?.reshape(&[c])?, stats.narrow(0, 1, 1)?.reshape(&[c])?))
-    }
 }

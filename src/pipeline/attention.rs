@@ -2,7 +2,7 @@
 //! ops (the reference that autograd differentiates; fused kernels are checked against
 //! these): spatial attention (SAM's last line), mixed high-order attention (MHA) and
 //! the contrastive similarity loss (SFCL's NT-Xent). The modules run the fused ops
-//! (`crate::ops::attention`) unless built with `fused = false`
+//! (`crate::fused`) unless built with `fused = false`
 //! (`distill.fused_attention`), which runs these compositions for comparison.
 
 use crate::nn::{BatchNorm2d, Conv2d, ConvTranspose2d, Ctx, Module, Slot};

@@ -45,10 +45,11 @@ multiversion! {
     }
 }
 
-/// Returns `[2, c]`: per channel the mean, then the biased variance. They are
-/// `forward_train`'s statistics without the normalisation (DFKD's BN-statistics loss
-/// compares them with the running ones), in two f64 passes where `mean` and `var` make
-/// about four float passes.
+/// The CPU reference of the fused op `fused::channel_stats`, kept here for the helpers
+/// it shares with `forward_train`. Returns `[2, c]`: per channel the mean, then the
+/// biased variance. They are `forward_train`'s statistics without the normalisation
+/// (DFKD's BN-statistics loss compares them with the running ones), in two f64 passes
+/// where `mean` and `var` make about four float passes.
 pub fn channel_stats(x: &[f32], shape: &[usize]) -> Result<Vec<f32>> {
     let (c, s, m) = dims(shape, x.len(), "channel_stats")?;
     let stats: Vec<(f64, f64)> = per_channel(c, x.len(), |ch| mean_var(x, c, s, m, ch));

@@ -2,24 +2,20 @@
 //! the default for users without a GPU, so hot paths are multithreaded (rayon) and GEMM
 //! goes through the `gemm` crate.
 
-mod batch_norm;
+pub(crate) mod batch_norm;
 pub(crate) mod buffers;
-mod contrastive;
 mod conv;
 mod conv1x1;
 mod conv3x3;
 mod conv3x3_s2;
 mod conv3x3_weight;
 mod elementwise;
-mod high_order_attention;
 mod matmul;
-mod normalized_distance;
 mod optim;
 mod pool;
 mod reduce;
-mod simd;
+pub(crate) mod simd;
 mod softmax;
-mod spatial_attention;
 mod winograd;
 
 pub use winograd::set_enabled as set_winograd;
@@ -234,50 +230,6 @@ impl BackendStorage for CpuStorage {
     fn channel_affine(&self, l: &Layout, scale: &Self, shift: &Self) -> Result<Self> {
         let op = "channel_affine";
         Ok(CpuStorage::F32(batch_norm::channel_affine(self.contiguous_f32(l, op)?, l.shape(), scale.f32(op)?, shift.f32(op)?)?))
-    }
-    fn channel_stats(&self, l: &Layout) -> Result<Self> {
-        Ok(CpuStorage::F32(batch_norm::channel_stats(self.contiguous_f32(l, "channel_stats")?, l.shape())?))
-    }
-    fn channel_stats_backward(&self, l: &Layout, stats: &Self, dstats: &Self) -> Result<Self> {
-        let op = "channel_stats_backward";
-        let x = self.contiguous_f32(l, op)?;
-        Ok(CpuStorage::F32(batch_norm::channel_stats_backward(x, l.shape(), stats.f32(op)?, dstats.f32(op)?)?))
-    }
-    fn spatial_attention(&self, l: &Layout, f: &Self, f_l: &Layout, k: f32) -> Result<(Self, Self)> {
-        spatial_attention::forward_storage(self, l, f, f_l, k)
-    }
-    fn spatial_attention_backward(&self, l: &Layout, f: &Self, f_l: &Layout, dy: &Self, dy_l: &Layout, stats: &Self, k: f32) -> Result<(Self, Self)> {
-        spatial_attention::backward_storage(self, l, f, f_l, dy, dy_l, stats, k)
-    }
-    fn hoa_products(&self, l: &Layout, order: usize) -> Result<Self> {
-        high_order_attention::products_storage(self, l, order)
-    }
-    fn hoa_products_backward(&self, l: &Layout, dh: &Self, dh_l: &Layout, order: usize) -> Result<Self> {
-        high_order_attention::products_backward_storage(self, l, dh, dh_l, order)
-    }
-    fn hoa_combine(&self, l: &Layout, f: &Self, f_l: &Layout, order: usize) -> Result<Self> {
-        high_order_attention::combine_storage(self, l, f, f_l, order)
-    }
-    fn hoa_combine_backward(&self, l: &Layout, f: &Self, f_l: &Layout, dy: &Self, dy_l: &Layout, order: usize) -> Result<(Self, Self)> {
-        high_order_attention::combine_backward_storage(self, l, f, f_l, dy, dy_l, order)
-    }
-    fn normalized_distance(&self, l: &Layout, b: &Self, b_l: &Layout, eps: f32) -> Result<(Self, Self)> {
-        normalized_distance::forward_storage(self, l, b, b_l, eps)
-    }
-    fn normalized_distance_backward(&self, l: &Layout, b: &Self, b_l: &Layout, stats: &Self, g: &Self, g_l: &Layout, eps: f32) -> Result<(Self, Self)> {
-        normalized_distance::backward_storage(self, l, b, b_l, stats, g, g_l, eps)
-    }
-    fn contrastive_normalize(&self, l: &Layout, s: &Self, s_l: &Layout, eps: f32) -> Result<(Self, Self)> {
-        contrastive::normalize_storage(self, l, s, s_l, eps)
-    }
-    fn contrastive_normalize_backward(&self, l: &Layout, norms: &Self, dzhat: &Self, eps: f32, dtype: DType) -> Result<(Self, Self)> {
-        contrastive::normalize_backward_storage(self, l, norms, dzhat, eps, dtype)
-    }
-    fn contrastive_rows(&self, l: &Layout, tau: f32) -> Result<(Self, Self)> {
-        contrastive::rows_storage(self, l, tau)
-    }
-    fn contrastive_sym(&self, l: &Layout, lse: &Self, dloss: &Self, dloss_l: &Layout, tau: f32) -> Result<Self> {
-        contrastive::sym_storage(self, l, lse, dloss, dloss_l, tau)
     }
     fn optimizer_update(&mut self, grad: &Self, state: &mut [&mut Self], rule: UpdateRule) -> Result<()> {
         let g = grad.f32("optimizer_update")?;

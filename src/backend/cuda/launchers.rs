@@ -101,7 +101,7 @@ impl<P: Params + 'static> Family<P> {
         Family { kernels }
     }
     /// Version `v` (`None`: the family is unversioned) for `dtype`. The callers pick
-    /// versions from `attention::VERSIONS` and dtypes the family has, so a miss is a bug.
+    /// versions from their op's `FusedOp::VERSIONS` and dtypes the family has, so a miss is a bug.
     pub fn get(&self, v: Option<u32>, dtype: DType) -> Kernel<P> {
         let found = self.kernels.iter().find(|(kv, kd, _)| *kv == v && *kd == dtype);
         found

@@ -1,6 +1,6 @@
 //! The CUDA backend: our kernels (kernels/*.cu) driven from one host implementation
-//! (`ops.rs`, and `attention.rs` for the fused attention kernels, written against the
-//! `Gpu` trait in `launch.rs`) on two devices:
+//! (`ops.rs`, and each fused op's `gpu.rs` in `crate::fused`, written against the `Gpu`
+//! trait in `launch.rs`) on two devices:
 //! - `Device::CudaEmu`: the kernels compiled as C++ and run on the CPU by the kernel
 //!   emulator (kernels/emu). Always available; it is how CI, which has no GPU, tests
 //!   every kernel against the CPU reference (tests/cuda_parity.rs).
@@ -48,7 +48,6 @@ macro_rules! fallback {
 
 // Bottom-up: each module uses only those above it.
 mod alloc;
-pub mod attention;
 mod cublas;
 mod device;
 mod emu;
@@ -66,11 +65,16 @@ mod signatures;
 mod storage;
 
 pub use alloc::AllocStats;
-pub use attention::{force_version, VERSIONS};
 pub use device::loaded_libraries;
 pub use emu::EmuStorage;
 pub use kernels::{embedded_fatbins, emulator_selftest, fatbin_report, nvrtc_compile_all, nvrtc_present};
 pub use storage::CudaStorage;
+
+// What the fused ops' launches (`crate::fused`, each op's gpu.rs) are written with.
+pub(crate) use launch::{check_u32, Gpu, LaunchCfg};
+pub(crate) use launchers::k::{self, family};
+pub(crate) use ops::{bn_dims, per_channel};
+pub(crate) use storage::run_fused;
 
 /// Whether libcuda loads. `Device::Cuda` needs it (and a GPU, `cuda_device`).
 pub fn cuda_driver_present() -> bool {

@@ -341,7 +341,7 @@ pub fn upsample_nearest2d_backward<G: Gpu>(g: &G, grad: &G::Buf, l: &Layout, (sh
 }
 
 /// `(n, c, spatial)` of a contiguous `[n, c, ...]` batch-norm input, and its offset.
-fn bn_dims<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, op: &'static str) -> Result<(usize, [u32; 3])> {
+pub(crate) fn bn_dims<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, op: &'static str) -> Result<(usize, [u32; 3])> {
     let off = contiguous(g, x, l, op)?;
     let shape = l.shape();
     if shape.len() < 2 || shape[0] * shape[2..].iter().product::<usize>() == 0 {
@@ -350,7 +350,7 @@ fn bn_dims<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, op: &'static str) -> Result<(u
     Ok((off, [shape[0] as u32, shape[1] as u32, shape[2..].iter().product::<usize>() as u32]))
 }
 
-fn per_channel<G: Gpu>(g: &G, v: &G::Buf, c: u32, name: &str) -> Result<()> {
+pub(crate) fn per_channel<G: Gpu>(g: &G, v: &G::Buf, c: u32, name: &str) -> Result<()> {
     if g.dtype(v) != DType::F32 || g.len(v) != c as usize {
         bail!("batch_norm: {name} must be {c} f32 values, got {} of {:?}", g.len(v), g.dtype(v));
     }
@@ -380,28 +380,6 @@ pub fn channel_affine<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, scale: &G::Buf, shi
     let args = (total, c, s, g.ptr(x, off), g.ptr(scale, 0), g.ptr(shift, 0), g.ptr_mut(&mut y, 0));
     k::channel_affine_f32.launch(g, LaunchCfg::elementwise(total), args)?;
     Ok(y)
-}
-
-/// `[2, c]`: per channel the mean, then the biased variance (kernels/batch_norm.cu).
-pub fn channel_stats<G: Gpu>(g: &G, x: &G::Buf, l: &Layout) -> Result<G::Buf> {
-    let (off, [n, c, s]) = bn_dims(g, x, l, "channel_stats")?;
-    let mut stats = g.alloc(2 * c as usize, DType::F32)?;
-    let args = (n, c, s, g.ptr(x, off), g.ptr_mut(&mut stats, 0));
-    k::channel_stats_f32.launch(g, LaunchCfg::rows(c, n * s), args)?;
-    Ok(stats)
-}
-
-/// `dx = dmean / m + dvar * 2 (x - mean) / m`, from the saved statistics and their
-/// gradient (`[2, c]` each).
-pub fn channel_stats_backward<G: Gpu>(g: &G, x: &G::Buf, l: &Layout, stats: &G::Buf, dstats: &G::Buf) -> Result<G::Buf> {
-    let (off, [n, c, s]) = bn_dims(g, x, l, "channel_stats_backward")?;
-    per_channel(g, stats, 2 * c, "channel statistics")?;
-    per_channel(g, dstats, 2 * c, "channel statistics' gradient")?;
-    let total = n * c * s;
-    let mut dx = g.alloc(total as usize, DType::F32)?;
-    let args = (total, c, s, n * s, g.ptr(x, off), g.ptr(stats, 0), g.ptr(dstats, 0), g.ptr_mut(&mut dx, 0));
-    k::channel_stats_bwd_f32.launch(g, LaunchCfg::elementwise(total), args)?;
-    Ok(dx)
 }
 
 /// Returns `(dx, dgamma, dbeta)`; `dy` has `x`'s layout.

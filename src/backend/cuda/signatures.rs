@@ -2,7 +2,6 @@
 //! each writes down separately: the `#[repr(C)]` twins' layouts, the kernels a GPU
 //! loads, and the versions of the fused kernels.
 
-use super::attention::VERSIONS;
 use super::kernels::{emu_params, EMU_KERNELS, MODULES};
 use super::launch::{check_signature, Arg, KernelLayout};
 use std::collections::{BTreeMap, BTreeSet};
@@ -92,8 +91,8 @@ fn versions_table_lists_exactly_the_kernels_versions() {
             defined.entry(family.to_string()).or_default().insert(v);
         }
     }
-    let listed: BTreeMap<String, BTreeSet<u32>> = VERSIONS.iter().map(|(f, vs)| (f.to_string(), vs.iter().copied().collect())).collect();
-    assert_eq!(listed, defined, "attention::VERSIONS and the versioned kernels of kernels/*.cu differ");
+    let listed: BTreeMap<String, BTreeSet<u32>> = crate::fused::families().map(|(f, vs)| (f.to_string(), vs.iter().copied().collect())).collect();
+    assert_eq!(listed, defined, "the registered fused ops' VERSIONS (fused::OPS) and the versioned kernels of kernels/*.cu differ");
 }
 
 #[test]

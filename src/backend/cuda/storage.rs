@@ -5,8 +5,9 @@
 
 use super::device::{self, CudaBuf};
 use super::launch::Gpu;
-use super::{attention, ops};
+use super::ops;
 use crate::backend::{BackendStorage, BinaryOp, Conv2dParams, CpuStorage, Pool2dParams, ReduceOp, UnaryOp, UpdateRule};
+use crate::fused::{FusedOp, Pass};
 use crate::{DType, Device, Layout, Result};
 
 /// A storage that is one buffer of a `Gpu`.
@@ -107,53 +108,19 @@ impl<S: GpuStorage> BackendStorage for S {
     fn channel_affine(&self, l: &Layout, scale: &Self, shift: &Self) -> Result<Self> {
         ops::channel_affine(&self.gpu(), self.buf(), l, scale.buf(), shift.buf()).map(S::wrap)
     }
-    fn channel_stats(&self, l: &Layout) -> Result<Self> {
-        ops::channel_stats(&self.gpu(), self.buf(), l).map(S::wrap)
-    }
-    fn channel_stats_backward(&self, l: &Layout, stats: &Self, dstats: &Self) -> Result<Self> {
-        ops::channel_stats_backward(&self.gpu(), self.buf(), l, stats.buf(), dstats.buf()).map(S::wrap)
-    }
-    fn spatial_attention(&self, l: &Layout, f: &Self, f_l: &Layout, k: f32) -> Result<(Self, Self)> {
-        attention::spatial_attention(&self.gpu(), self.buf(), l, f.buf(), f_l, k).map(|(y, s)| (S::wrap(y), S::wrap(s)))
-    }
-    fn spatial_attention_backward(&self, l: &Layout, f: &Self, f_l: &Layout, dy: &Self, dy_l: &Layout, stats: &Self, k: f32) -> Result<(Self, Self)> {
-        attention::spatial_attention_backward(&self.gpu(), self.buf(), l, f.buf(), f_l, dy.buf(), dy_l, stats.buf(), k).map(|(a, f)| (S::wrap(a), S::wrap(f)))
-    }
-    fn hoa_products(&self, l: &Layout, order: usize) -> Result<Self> {
-        attention::hoa_products(&self.gpu(), self.buf(), l, order).map(S::wrap)
-    }
-    fn hoa_products_backward(&self, l: &Layout, dh: &Self, dh_l: &Layout, order: usize) -> Result<Self> {
-        attention::hoa_products_backward(&self.gpu(), self.buf(), l, dh.buf(), dh_l, order).map(S::wrap)
-    }
-    fn hoa_combine(&self, l: &Layout, f: &Self, f_l: &Layout, order: usize) -> Result<Self> {
-        attention::hoa_combine(&self.gpu(), self.buf(), l, f.buf(), f_l, order).map(S::wrap)
-    }
-    fn hoa_combine_backward(&self, l: &Layout, f: &Self, f_l: &Layout, dy: &Self, dy_l: &Layout, order: usize) -> Result<(Self, Self)> {
-        attention::hoa_combine_backward(&self.gpu(), self.buf(), l, f.buf(), f_l, dy.buf(), dy_l, order).map(|(u, f)| (S::wrap(u), S::wrap(f)))
-    }
-    fn normalized_distance(&self, l: &Layout, b: &Self, b_l: &Layout, eps: f32) -> Result<(Self, Self)> {
-        attention::normalized_distance(&self.gpu(), self.buf(), l, b.buf(), b_l, eps).map(|(d, s)| (S::wrap(d), S::wrap(s)))
-    }
-    fn normalized_distance_backward(&self, l: &Layout, b: &Self, b_l: &Layout, stats: &Self, g: &Self, g_l: &Layout, eps: f32) -> Result<(Self, Self)> {
-        attention::normalized_distance_backward(&self.gpu(), self.buf(), l, b.buf(), b_l, stats.buf(), g.buf(), g_l, eps).map(|(a, b)| (S::wrap(a), S::wrap(b)))
-    }
-    fn contrastive_normalize(&self, l: &Layout, s: &Self, s_l: &Layout, eps: f32) -> Result<(Self, Self)> {
-        attention::contrastive_normalize(&self.gpu(), self.buf(), l, s.buf(), s_l, eps).map(|(z, n)| (S::wrap(z), S::wrap(n)))
-    }
-    fn contrastive_normalize_backward(&self, l: &Layout, norms: &Self, dzhat: &Self, eps: f32, dtype: DType) -> Result<(Self, Self)> {
-        attention::contrastive_normalize_backward(&self.gpu(), self.buf(), l, norms.buf(), dzhat.buf(), eps, dtype).map(|(t, s)| (S::wrap(t), S::wrap(s)))
-    }
-    fn contrastive_rows(&self, l: &Layout, tau: f32) -> Result<(Self, Self)> {
-        attention::contrastive_rows_fwd(&self.gpu(), self.buf(), l, tau).map(|(a, b)| (S::wrap(a), S::wrap(b)))
-    }
-    fn contrastive_sym(&self, l: &Layout, lse: &Self, dloss: &Self, dloss_l: &Layout, tau: f32) -> Result<Self> {
-        attention::contrastive_sym(&self.gpu(), self.buf(), l, lse.buf(), dloss.buf(), dloss_l, tau).map(S::wrap)
-    }
     fn optimizer_update(&mut self, grad: &Self, state: &mut [&mut Self], rule: UpdateRule) -> Result<()> {
         let g = self.gpu();
         let mut bufs: Vec<&mut Buf<S>> = state.iter_mut().map(|s| s.buf_mut()).collect();
         ops::optimizer_update(&g, self.buf_mut(), grad.buf(), &mut bufs, rule)
     }
+}
+
+/// One pass of a fused op (`crate::fused`) on the buffers of `x`, which the caller
+/// (`Storage::apply_fused`) has checked share a device; `x` is not empty.
+pub(crate) fn run_fused<S: GpuStorage, O: FusedOp>(op: &O, pass: Pass, x: &[(&S, &Layout)]) -> Result<Vec<S>> {
+    let g = x[0].0.gpu();
+    let bufs: Vec<(&Buf<S>, &Layout)> = x.iter().map(|&(s, l)| (s.buf(), l)).collect();
+    Ok(op.gpu(&g, pass, &bufs)?.into_iter().map(S::wrap).collect())
 }
 
 /// kernels/conv.cu's im2col alone, for the benches.

@@ -3,10 +3,10 @@
 //! d = 128 in the paper): plain loops on one thread, where what costs is the 2n^2
 //! exponentials: the vectorisable `simd::exp`, each computed once.
 
-use super::simd::{exp, fold_lanes, tree};
-use super::CpuStorage;
-use crate::backend::attention::{check_dtype, contiguous_start, contrastive_rows};
-use crate::backend::BackendStorage;
+use super::contrastive_rows;
+use crate::backend::cpu::simd::{exp, fold_lanes, tree};
+use crate::backend::{BackendStorage, CpuStorage};
+use crate::fused::{check_dtype, contiguous_start};
 use crate::{bail, DType, Layout, Result};
 
 /// `([t; s] / max(||row||, eps), ||row||)`.
@@ -99,6 +99,7 @@ pub fn normalize_backward_storage(
     l: &Layout,
     norms: &CpuStorage,
     dzhat: &CpuStorage,
+    dzhat_l: &Layout,
     eps: f32,
     dtype: DType,
 ) -> Result<(CpuStorage, CpuStorage)> {
@@ -106,7 +107,10 @@ pub fn normalize_backward_storage(
     let &[m, d] = l.shape() else { bail!("{op}: expected [2n, d], got {:?}", l.shape()) };
     check_dtype(op, &[dtype])?;
     let z = f32_rows(zhat, l, m * d, op)?;
-    let g = f32_rows(dzhat, l, m * d, op)?;
+    if dzhat_l.shape() != l.shape() {
+        bail!("{op}: gradient {:?} and zhat {:?} differ", dzhat_l.shape(), l.shape());
+    }
+    let g = f32_rows(dzhat, dzhat_l, m * d, op)?;
     let nr = f32_rows(norms, &Layout::contiguous(&[m]), m, op)?;
     let dx = normalize_backward(z, nr, g, d, eps);
     let half = m / 2 * d;

@@ -3,10 +3,11 @@
 //! samples; within a sample the positions go in blocks of `BLOCK` so that each order's
 //! passes over a block stay in L1.
 
-use super::simd::{multiversion, sigmoid};
-use super::{buffers, CpuStorage, PAR_THRESHOLD};
-use crate::backend::attention::{check_dtype, HighOrder};
-use crate::backend::BackendStorage;
+use super::HighOrder;
+use crate::backend::cpu::simd::{multiversion, sigmoid};
+use crate::backend::cpu::{buffers, PAR_THRESHOLD};
+use crate::backend::{BackendStorage, CpuStorage};
+use crate::fused::check_dtype;
 use crate::{bail, Layout, Result};
 use rayon::prelude::*;
 
@@ -147,7 +148,7 @@ pub fn combine_backward(u: &[f32], f: &[f32], dy: &[f32], g: HighOrder) -> (Vec<
     (du, df)
 }
 
-/// `BackendStorage::hoa_products` for CPU storages.
+/// The products' forward pass on CPU storages.
 pub fn products_storage(z: &CpuStorage, l: &Layout, order: usize) -> Result<CpuStorage> {
     let op = "hoa_products";
     let g = HighOrder::products(op, l, order)?;

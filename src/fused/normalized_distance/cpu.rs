@@ -3,10 +3,11 @@
 //! values long: threads take whole rows, and the three sums are f64 in 8 lanes, so the
 //! distance, a difference of terms near 1, keeps the digits the composition has.
 
-use super::simd::multiversion;
-use super::{buffers, CpuStorage, PAR_THRESHOLD};
-use crate::backend::attention::{check_dtype, distance_rows};
-use crate::backend::BackendStorage;
+use super::distance_rows;
+use crate::backend::cpu::simd::multiversion;
+use crate::backend::cpu::{buffers, PAR_THRESHOLD};
+use crate::backend::{BackendStorage, CpuStorage};
+use crate::fused::check_dtype;
 use crate::{bail, DType, Layout, Result};
 use rayon::prelude::*;
 
@@ -95,7 +96,7 @@ pub fn backward(a: &[f32], b: &[f32], stats: &[f32], g: &[f32], n: usize, d: usi
     (da, db)
 }
 
-/// `BackendStorage::normalized_distance` for CPU storages.
+/// The forward pass on CPU storages.
 pub fn forward_storage(a: &CpuStorage, l: &Layout, b: &CpuStorage, b_l: &Layout, eps: f32) -> Result<(CpuStorage, CpuStorage)> {
     let op = "normalized_distance";
     let (n, d) = distance_rows(op, l, b_l)?;
@@ -104,7 +105,7 @@ pub fn forward_storage(a: &CpuStorage, l: &Layout, b: &CpuStorage, b_l: &Layout,
     Ok((CpuStorage::from_f32_as(dist, dtype), CpuStorage::from_f32_as(stats, DType::F32)))
 }
 
-/// `BackendStorage::normalized_distance_backward` for CPU storages.
+/// The backward pass on CPU storages.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_storage(
     a: &CpuStorage,

@@ -3,10 +3,11 @@
 //! passes while it sits in L1/L2 (a 32x32 plane is 4 KiB, a 224x224 one 196 KiB), so
 //! memory sees each input read once and each output written once.
 
-use super::simd::{exp, fold_lanes, multiversion, tree, LANES};
-use super::{buffers, CpuStorage, PAR_THRESHOLD};
-use crate::backend::attention::{check_dtype, Planes};
-use crate::backend::BackendStorage;
+use super::Planes;
+use crate::backend::cpu::simd::{exp, fold_lanes, multiversion, tree, LANES};
+use crate::backend::cpu::{buffers, PAR_THRESHOLD};
+use crate::backend::{BackendStorage, CpuStorage};
+use crate::fused::check_dtype;
 use crate::{Layout, Result};
 use rayon::prelude::*;
 
@@ -120,7 +121,7 @@ pub fn backward(a: &[f32], f: &[f32], dy: &[f32], stats: &[f32], p: Planes, k: f
     (da, df)
 }
 
-/// `BackendStorage::spatial_attention` for CPU storages.
+/// The forward pass on CPU storages.
 pub fn forward_storage(a: &CpuStorage, l: &Layout, f: &CpuStorage, f_l: &Layout, k: f32) -> Result<(CpuStorage, CpuStorage)> {
     let op = "spatial_attention";
     let p = Planes::new(op, &[l, f_l])?;
@@ -129,7 +130,7 @@ pub fn forward_storage(a: &CpuStorage, l: &Layout, f: &CpuStorage, f_l: &Layout,
     Ok((CpuStorage::from_f32_as(y, dtype), CpuStorage::F32(stats)))
 }
 
-/// `BackendStorage::spatial_attention_backward` for CPU storages.
+/// The backward pass on CPU storages.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_storage(
     a: &CpuStorage,
