@@ -221,7 +221,7 @@ mod tests {
             ("student.arch=resnet9", "student.arch", "\"resnet9\""),
             ("teacher.epochs=0", "teacher.epochs", "0"),
             ("teacher.ema_decay=1", "teacher.ema_decay", "1.0"),
-            ("teacher.swa_epochs=30", "teacher.swa_epochs", "30"),
+            ("teacher.swa_epochs=1000", "teacher.swa_epochs", "1000"),
             ("teacher.swa_lr=0", "teacher.swa_lr", "0.0"),
             ("distill.epochs=0", "distill.epochs", "0"),
             ("distill.method=nope", "distill.method", "\"nope\""),
