@@ -286,9 +286,9 @@ impl Config {
                 arch: "resnet20".into(),
                 small_stem: true,
                 weights: None,
-                // Decision: 45 epochs. Paired on 16 teachers (seeds at 1 and 2 threads,
-                // SIMD kernels on and off) against 30: +3.3 ± 2.0 points, higher on 14;
-                // mean 96.2% (sd 1.8, lowest 91.2%) against 92.9% (sd 3.7, lowest 86.2%),
+                // Decision: 45 epochs. Paired on 21 teachers (10 seeds at 1 and 2 threads,
+                // one without SIMD kernels) against 30: +3.4 ± 1.7 points, higher on 17;
+                // mean 96.1% (sd 2.3, lowest 88.8%) against 92.7% (sd 4.3, lowest 82.0%),
                 // for 1.5x the teacher's time (docs/RESULTS.md, "The teacher is a draw").
                 epochs: 45,
                 batch_size: 64,
