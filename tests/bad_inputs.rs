@@ -313,25 +313,8 @@ fn a_second_process_on_a_held_run_folder_fails_at_once_naming_the_holder() {
 fn the_bare_demo_command_twice_keeps_both_runs() {
     let tmp = TempDir::new("demo");
     let w = tmp.0.to_str().unwrap();
-    let sets = [
-        "data.image_size=16",
-        "data.train_per_class=8",
-        "data.test_per_class=4",
-        "teacher.arch=resnet8",
-        "teacher.epochs=1",
-        "teacher.batch_size=16",
-        "generator.channels=[16,16,8,8,8]",
-        "distill.batch_size=8",
-        "distill.g_steps=1",
-        "distill.s_steps=1",
-        "distill.iterations_per_epoch=1",
-        "distill.epochs=1",
-        "distill.checkpoint_every=1",
-        "distill.proj_hidden=16",
-        "distill.proj_dim=8",
-    ];
     let mut args = vec!["--workdir", w, "--device", "cpu"];
-    for s in &sets {
+    for s in common::TINY_SETS {
         args.extend(["--set", s]);
     }
     let out = distill_bin(&args);

@@ -3,6 +3,9 @@
 //! refused unless resumed (finished seeds are then kept), and `summarize` compares
 //! sweeps on their common seeds.
 
+mod common;
+
+use common::TINY_SETS;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -14,29 +17,10 @@ fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
-/// The demo shrunk to seconds.
-const TINY: [&str; 15] = [
-    "data.image_size=16",
-    "data.train_per_class=8",
-    "data.test_per_class=4",
-    "teacher.arch=resnet8",
-    "teacher.epochs=1",
-    "teacher.batch_size=16",
-    "generator.channels=[16,16,8,8,8]",
-    "distill.batch_size=8",
-    "distill.g_steps=1",
-    "distill.s_steps=1",
-    "distill.iterations_per_epoch=1",
-    "distill.epochs=1",
-    "distill.checkpoint_every=1",
-    "distill.proj_hidden=16",
-    "distill.proj_dim=8",
-];
-
 fn sweep_args<'a>(work: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["--workdir", work, "--device", "cpu", "--run", "sweep"];
     args.extend_from_slice(extra);
-    for s in TINY {
+    for s in TINY_SETS {
         args.extend(["--set", s]);
     }
     args

@@ -9,6 +9,26 @@ pub use dfkd::testing::assert_close;
 use dfkd::rng::Rng;
 use dfkd::{Device, Result, Tensor};
 
+/// The demo shrunk to seconds, as `--set` values for the `distill` binary (one
+/// iteration of one generator and one student step).
+pub const TINY_SETS: [&str; 15] = [
+    "data.image_size=16",
+    "data.train_per_class=8",
+    "data.test_per_class=4",
+    "teacher.arch=resnet8",
+    "teacher.epochs=1",
+    "teacher.batch_size=16",
+    "generator.channels=[16,16,8,8,8]",
+    "distill.batch_size=8",
+    "distill.g_steps=1",
+    "distill.s_steps=1",
+    "distill.iterations_per_epoch=1",
+    "distill.epochs=1",
+    "distill.checkpoint_every=1",
+    "distill.proj_hidden=16",
+    "distill.proj_dim=8",
+];
+
 /// Random normal tensor (never zeros: a kernel that ignores its input must fail).
 pub fn randn(shape: &[usize], seed: u64) -> Tensor {
     Tensor::randn(shape, 0.0, 1.0, &mut Rng::new(seed), Device::Cpu).unwrap()
