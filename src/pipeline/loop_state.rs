@@ -20,7 +20,7 @@ pub use super::losses::Losses;
 pub struct SynthBatch {
     /// The generator's output.
     pub raw: Tensor,
-    /// `raw` as the networks saw it (augmented when `distill.augment_shift` > 0).
+    /// `raw` as the networks saw it (augmented by the method's `augment_shift`).
     pub images: Tensor,
     /// The frozen teacher's and student's features on `images`.
     pub teacher: Features,
@@ -79,10 +79,11 @@ impl Loop<'_> {
         Ok(losses.iter().zip(sum).map(|(&(n, _), s)| (n, s / g.world() as f32)).collect())
     }
 
-    /// The batch as the networks see it: randomly shifted and mirrored when
-    /// `distill.augment_shift` > 0, unchanged otherwise.
-    pub fn augment(&mut self, x: &Tensor) -> Result<Tensor> {
-        match self.cfg.distill.augment_shift {
+    /// The batch as the networks see it: each image randomly shifted by up to `shift`
+    /// pixels and mirrored half the time when `shift` > 0 (a method's
+    /// `DistillMethod::augment_shift`), unchanged otherwise.
+    pub fn augment(&mut self, x: &Tensor, shift: usize) -> Result<Tensor> {
+        match shift {
             0 => Ok(x.clone()),
             s => random_shift_flip(x, s, &mut self.rng),
         }
@@ -161,7 +162,7 @@ impl Loop<'_> {
             Some(g) => g.forward(z, &mut Ctx::new(true))?,
             None => bail!("{} optimises pixels: it has no generator to take a step on", self.cfg.distill.method),
         };
-        let images = self.augment(&raw)?;
+        let images = self.augment(&raw, m.augment_shift(self.cfg))?;
         let teacher = self.teacher.forward(&images, false)?;
         let student = self.student.forward_ctx(&images, &mut Ctx::new(!self.cfg.distill.gen_student_eval))?;
         let b = SynthBatch { raw, images, teacher, student, targets };
@@ -189,7 +190,7 @@ impl Loop<'_> {
     /// The student's loss on synthetic images `x` (and its side modules'), with its
     /// parts.
     pub(crate) fn student_loss<M: DistillMethod + ?Sized>(&mut self, m: &M, x: &Tensor) -> Result<(Tensor, Losses)> {
-        let x = self.augment(x)?;
+        let x = self.augment(x, m.augment_shift(self.cfg))?;
         let t = no_grad(|| self.teacher.forward(&x, false))?;
         let s = self.student.forward_ctx(&x, &mut Ctx::new(true))?;
         let (loss, parts) = m.student_loss(self, &t, &s)?;

@@ -219,6 +219,12 @@ pub trait DistillMethod {
         cfg.distill.pool_batches
     }
 
+    /// The largest shift of the random shift-and-mirror the networks see synthetic
+    /// images through (`distill.augment_shift`; 0: as they are).
+    fn augment_shift(&self, cfg: &Config) -> usize {
+        cfg.distill.augment_shift
+    }
+
     /// The synthesis phase of an iteration, returning the mean of each loss over its
     /// steps: by default `distill.g_steps` generator steps on `generator_loss`.
     fn synthesize(&mut self, lp: &mut Loop) -> Result<Losses> {

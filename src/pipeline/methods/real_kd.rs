@@ -68,6 +68,10 @@ impl RealKd {
 impl DistillMethod for RealKd {
     fn pool_capacity(&self, _cfg: &Config) -> usize { 0 }
 
+    /// Real images come augmented by the loader's training transforms, as the
+    /// teacher's did; the synthetic images' shift-and-mirror is not added on top.
+    fn augment_shift(&self, _cfg: &Config) -> usize { 0 }
+
     /// Nothing to synthesise.
     fn synthesize(&mut self, _lp: &mut Loop) -> Result<Losses> { Ok(vec![]) }
 
