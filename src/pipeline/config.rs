@@ -356,7 +356,12 @@ impl Config {
                 // teacher. The student's accuracy still climbs there: 80 iterations beat
                 // 40 on every seed tried (docs/RESULTS.md).
                 pool_batches: 0,
-                augment_shift: 0,
+                // Decision: the networks see synthetic images shifted by up to 4 px and
+                // mirrored half the time (CMI's and DeepInversion's practice; the paper
+                // is silent). Paired on 10 seeds with one 95.0% teacher: +16.9 ± 8.1 points
+                // of student top-1, higher on all 10 (0.37 -> 0.55 of the teacher); 8 px is as
+                // good, a pool is not (docs/RESULTS.md, "Levers for the student").
+                augment_shift: 4,
                 g_steps: 5,
                 s_steps: 15,
                 iterations_per_epoch: 4,
@@ -394,6 +399,8 @@ impl Config {
         c.distill.epochs = 200;
         c.distill.checkpoint_every = 50;
         c.distill.eval_every = 10;
+        // measured at the demo's 32 px only: the paper presets keep the paper's images
+        c.distill.augment_shift = 0;
         c
     }
 
