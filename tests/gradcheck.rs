@@ -135,6 +135,9 @@ fn pooling_and_upsampling() {
     let remap: Vec<u32> = (0..2 * 3 * 4 * 5).map(|i| ((i * 7 + i / 3) % 30) as u32).collect();
     let remap = Tensor::from_vec(remap, &[2, 3, 4, 5], Device::Cpu).unwrap();
     check1(randn(&[2, 3, 5, 6], 46), move |x| x.gather_planes(&remap.to_device(x.device())?));
+    // a random resized crop, shifted and mirrored: four gathers weighted per pixel (the
+    // same draws at every call)
+    check1(randn(&[2, 3, 6, 6], 47), |x| dfkd::pipeline::augment::random_crop_shift_flip(x, 0.3, 1, &mut dfkd::rng::Rng::new(8)));
     check1(randn(&[2, 3, 6, 7], 40), |x| x.avg_pool2d(2, 2, 0));
     check1(randn(&[2, 3, 7, 7], 41), |x| x.avg_pool2d(3, 2, 1));
     check1(randn(&[2, 3, 4, 4], 42), |x| x.adaptive_avg_pool2d(1));

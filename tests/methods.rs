@@ -98,13 +98,13 @@ fn cmi_fills_its_bank_and_its_contrast_falls() {
 /// The real-data ceiling's student learns from the training split's images, in the
 /// order of a training loader shuffled by `distill.seed`: its first step's KD loss is
 /// the one computed here by hand on that loader's first batch, which the synthetic
-/// images' shift-and-mirror (set here) leaves alone.
+/// images' crop, shift and mirror (set here) leave alone.
 #[test]
 fn the_real_data_student_distils_on_the_training_images() {
     use dfkd::data::{Loader, LoaderConfig};
     let w = workdir("real-kd");
     let mut c = cfg("real-kd", &w);
-    (c.distill.s_steps, c.distill.augment_shift, c.distill.seed) = (1, 4, 3);
+    (c.distill.s_steps, c.distill.augment_shift, c.distill.augment_scale, c.distill.seed) = (1, 4, 0.5, 3);
     let (t, s) = models();
     let ds = dfkd::pipeline::data_set::open(&c).unwrap();
     let b = Loader::new(&ds.train, LoaderConfig::train(&ds, c.distill.batch_size, c.data.image_size as u32, 3)).epoch(0).next().unwrap().unwrap();

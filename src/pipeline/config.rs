@@ -224,6 +224,10 @@ pub struct DistillConfig {
     /// by up to N pixels and mirrors half of them before the teacher and the student see
     /// it, in generator and student steps alike (see `pipeline::augment`).
     pub augment_shift: usize,
+    /// Decision: 1 (no crop). Below 1, each synthetic image is first cut to a random
+    /// crop of this much of its area or more and resized back (torchvision's
+    /// `RandomResizedCrop`), before the shift and the mirror.
+    pub augment_scale: f32,
     /// t generator steps then k student steps per iteration.
     pub g_steps: usize,
     pub s_steps: usize,
@@ -362,6 +366,7 @@ impl Config {
                 // of student top-1, higher on all 10 (0.37 -> 0.55 of the teacher); 8 px is as
                 // good, a pool is not (docs/RESULTS.md, "Levers for the student").
                 augment_shift: 4,
+                augment_scale: 1.0,
                 g_steps: 5,
                 s_steps: 15,
                 iterations_per_epoch: 4,

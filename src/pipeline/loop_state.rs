@@ -2,7 +2,7 @@
 //! steps methods share: the generator and student steps around a method's losses, the
 //! image pool, augmentation, and the gradients averaged over data-parallel ranks.
 
-use super::augment::random_shift_flip;
+use super::augment::Augment;
 use super::config::Config;
 use super::generator::Generator;
 use super::methods::DistillMethod;
@@ -20,7 +20,7 @@ pub use super::losses::Losses;
 pub struct SynthBatch {
     /// The generator's output.
     pub raw: Tensor,
-    /// `raw` as the networks saw it (augmented by the method's `augment_shift`).
+    /// `raw` as the networks saw it (augmented as the method's `augment` says).
     pub images: Tensor,
     /// The frozen teacher's and student's features on `images`.
     pub teacher: Features,
@@ -79,14 +79,10 @@ impl Loop<'_> {
         Ok(losses.iter().zip(sum).map(|(&(n, _), s)| (n, s / g.world() as f32)).collect())
     }
 
-    /// The batch as the networks see it: each image randomly shifted by up to `shift`
-    /// pixels and mirrored half the time when `shift` > 0 (a method's
-    /// `DistillMethod::augment_shift`), unchanged otherwise.
-    pub fn augment(&mut self, x: &Tensor, shift: usize) -> Result<Tensor> {
-        match shift {
-            0 => Ok(x.clone()),
-            s => random_shift_flip(x, s, &mut self.rng),
-        }
+    /// The batch as the networks see it: augmented as a method's
+    /// `DistillMethod::augment` says, with draws from the loop's stream.
+    pub fn augment(&mut self, x: &Tensor, how: Augment) -> Result<Tensor> {
+        how.apply(x, &mut self.rng)
     }
 
     /// A synthesised batch, with the class each image was asked to show when the
@@ -162,7 +158,7 @@ impl Loop<'_> {
             Some(g) => g.forward(z, &mut Ctx::new(true))?,
             None => bail!("{} optimises pixels: it has no generator to take a step on", self.cfg.distill.method),
         };
-        let images = self.augment(&raw, m.augment_shift(self.cfg))?;
+        let images = self.augment(&raw, m.augment(self.cfg))?;
         let teacher = self.teacher.forward(&images, false)?;
         let student = self.student.forward_ctx(&images, &mut Ctx::new(!self.cfg.distill.gen_student_eval))?;
         let b = SynthBatch { raw, images, teacher, student, targets };
@@ -190,7 +186,7 @@ impl Loop<'_> {
     /// The student's loss on synthetic images `x` (and its side modules'), with its
     /// parts.
     pub(crate) fn student_loss<M: DistillMethod + ?Sized>(&mut self, m: &M, x: &Tensor) -> Result<(Tensor, Losses)> {
-        let x = self.augment(x, m.augment_shift(self.cfg))?;
+        let x = self.augment(x, m.augment(self.cfg))?;
         let t = no_grad(|| self.teacher.forward(&x, false))?;
         let s = self.student.forward_ctx(&x, &mut Ctx::new(true))?;
         let (loss, parts) = m.student_loss(self, &t, &s)?;

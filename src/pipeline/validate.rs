@@ -123,6 +123,7 @@ impl Config {
         // batch norm in training mode needs two samples to have a variance
         c.check(k.batch_size >= 2, "distill.batch_size", k.batch_size, "at least 2");
         c.positive("distill.checkpoint_every", k.checkpoint_every);
+        c.check(k.augment_scale > 0.0 && k.augment_scale <= 1.0, "distill.augment_scale", k.augment_scale, "in (0, 1]: the smallest crop's share of the area");
         c.check(k.pool_batches == 0 || k.g_steps > 0, "distill.pool_batches", k.pool_batches, "0 when distill.g_steps = 0 (nothing fills the pool)");
         for (key, v) in [("distill.gen_target_ce", k.gen_target_ce), ("distill.gen_onehot", k.gen_onehot), ("distill.gen_balance", k.gen_balance)] {
             c.finite_non_negative(key, v);

@@ -33,11 +33,11 @@ impl DistillMethod for DeepInversion {
         let x = Tensor::randn(&[n, 3, s, s], 0.0, 1.0, &mut lp.rng, lp.device)?.to_var()?;
         let targets: Vec<u32> = (0..n).map(|_| lp.rng.below(k) as u32).collect();
         let mut opt = Optimizer::adam(vec![ParamGroup::new(vec![x.clone()], 0.0)], 0.05, 0.5, 0.99);
-        let shift = self.augment_shift(cfg);
+        let how = self.augment(cfg);
         lp.student.freeze(true)?;
         let mut acc = Accumulator::default();
         for _ in 0..2 * d.g_steps {
-            let xa = lp.augment(&x, shift)?;
+            let xa = lp.augment(&x, how)?;
             let t = lp.teacher.forward(&xa, false)?;
             let st = lp.student.forward_ctx(&xa, &mut Ctx::new(false))?;
             let (bn, ce) = (losses::bn_loss(&t)?, t.logits.cross_entropy(&targets, 0.0)?);

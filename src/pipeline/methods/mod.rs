@@ -24,6 +24,7 @@
 //! running statistics (`Features::bn_inputs`, `bn_running`), which BN-statistics terms
 //! (`losses::bn_loss`) read.
 
+use super::augment::Augment;
 use super::config::Config;
 use super::generator::Generator;
 use super::loop_state::{Loop, Losses, SynthBatch};
@@ -219,10 +220,10 @@ pub trait DistillMethod {
         cfg.distill.pool_batches
     }
 
-    /// The largest shift of the random shift-and-mirror the networks see synthetic
-    /// images through (`distill.augment_shift`; 0: as they are).
-    fn augment_shift(&self, cfg: &Config) -> usize {
-        cfg.distill.augment_shift
+    /// How the networks see synthetic images: cropped, shifted and mirrored at random
+    /// (`distill.augment_scale`, `distill.augment_shift`), or as they are.
+    fn augment(&self, cfg: &Config) -> Augment {
+        Augment::from_config(&cfg.distill)
     }
 
     /// The synthesis phase of an iteration, returning the mean of each loss over its

@@ -8,6 +8,7 @@
 use super::{DistillMethod, Recipe, Setup, Synthesis};
 use crate::data::loader::{Epoch, Loader, LoaderConfig};
 use crate::models::Features;
+use crate::pipeline::augment::Augment;
 use crate::pipeline::config::Config;
 use crate::pipeline::data_set;
 use crate::pipeline::loop_state::{Losses, Loop};
@@ -69,8 +70,8 @@ impl DistillMethod for RealKd {
     fn pool_capacity(&self, _cfg: &Config) -> usize { 0 }
 
     /// Real images come augmented by the loader's training transforms, as the
-    /// teacher's did; the synthetic images' shift-and-mirror is not added on top.
-    fn augment_shift(&self, _cfg: &Config) -> usize { 0 }
+    /// teacher's did; the synthetic images' augmentation is not added on top.
+    fn augment(&self, _cfg: &Config) -> Augment { Augment::NONE }
 
     /// Nothing to synthesise.
     fn synthesize(&mut self, _lp: &mut Loop) -> Result<Losses> { Ok(vec![]) }

@@ -56,10 +56,10 @@ impl DistillMethod for Zskd {
         let targets = self.similarity.sample_targets(&classes, beta, &mut lp.rng, lp.device)?;
         let x = Tensor::randn(&[n, 3, s, s], 0.0, 1.0, &mut lp.rng, lp.device)?.to_var()?;
         let mut opt = Optimizer::adam(vec![ParamGroup::new(vec![x.clone()], 0.0)], z.lr, 0.9, 0.999);
-        let shift = self.augment_shift(cfg);
+        let how = self.augment(cfg);
         let mut acc = Accumulator::default();
         for _ in 0..2 * cfg.distill.g_steps {
-            let t = lp.teacher.forward_ctx(&lp.augment(&x, shift)?, &mut Ctx::new(false))?;
+            let t = lp.teacher.forward_ctx(&lp.augment(&x, how)?, &mut Ctx::new(false))?;
             let mut loss = impression_loss(&t.logits, &targets, z.temperature)?;
             let parts = vec![("g_impression", loss.to_scalar()?)];
             check_finite(&parts, "zskd", lp.iteration)?;
